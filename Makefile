@@ -1,0 +1,48 @@
+# tokenprune-bench. `make demo` and `make test` are all a new user needs: both set up .venv first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+# torch + torchvision are installed as a matching pair first: PyPI's torchvision breaks
+# `import lmms_eval` beside a CPU-only torch build (see docs/footguns.md).
+ifeq ($(shell uname -m),aarch64)
+TORCH_PINS := torch==2.9.1 torchvision==0.24.1
+else
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: help install demo test test-gpu leaderboard list clean-venv
+
+help: ## show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -c "import lmms_eval, transformers, hydra, torch; print('environment ok: torch', torch.__version__, 'transformers', transformers.__version__)"
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project (idempotent)
+
+demo: install ## run the default job, the available methods at ratios 0.5/0.75/0.9, print the leaderboard
+	$(PY) -m bench run
+	$(PY) -m bench run -m method=random,pool ratio=0.5,0.75,0.9
+	$(PY) -m bench aggregate
+
+test: install ## run every test that needs no GPU (GPU tests skip themselves)
+	$(PY) -m pytest
+
+test-gpu: install ## run the GPU-marked tests (needs CUDA)
+	$(PY) -m pytest -m gpu
+
+leaderboard: install ## rebuild results/leaderboard.csv from the run records
+	$(PY) -m bench aggregate
+
+list: install ## list models, methods and benchmarks
+	$(PY) -m bench list
+
+clean-venv: ## remove .venv
+	rm -rf $(VENV)

@@ -1,0 +1,108 @@
+"""Leaderboard: a pure function of the run records (``results/runs/*/record.json``).
+
+``results/leaderboard.csv`` has one row per (model, method, ratio, benchmark); columns are documented
+in :data:`COLUMNS`. When several records share a key (other seeds, limits, batch sizes), the row
+comes from the record that measured accuracy on the full split, then the newest, then the largest
+run id, so the choice is deterministic.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.records import atomic_write_text, iter_records
+
+#: column -> meaning
+COLUMNS: dict[str, str] = {
+    "model": "model config name",
+    "method": "method config name",
+    "ratio": "nominal fraction of visual tokens removed",
+    "visual_tokens": "measured mean visual tokens reaching the LLM per sample",
+    "benchmark": "benchmark config name",
+    "metric": "primary metric of the benchmark",
+    "score": "value of the primary metric (null for efficiency-only runs)",
+    "retention_pct": "score / score of method=none on the same model, benchmark and sample count x 100",
+    "tflops_prefill": "measured TFLOPs of one sample's vision encoder + selection + LLM prefill",
+    "prefill_ms": "median time of that prefill (see `device` and the record's `timer`)",
+    "kv_cache_mb": "KV-cache size after one sample's prefill, MiB, read from the cache tensors",
+    "device": "where efficiency was measured",
+    "n_samples": "samples evaluated (smaller than the split when benchmark.limit was set)",
+    "run_id": "run id (results/runs/<run_id>/record.json)",
+}
+
+
+def leaderboard(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Build the leaderboard table from records (pure: same records, same table)."""
+    rows = []
+    for r in records:
+        if not r or r.get("status") != "completed":
+            continue
+        metric = r.get("primary_metric")
+        mval = (r.get("metrics") or {}).get(metric) or {}
+        eff = r.get("efficiency") or {}
+        kv = eff.get("kv_cache_bytes")
+        rows.append(
+            {
+                "model": r["model"],
+                "method": r["method"],
+                "ratio": float(r["ratio"]),
+                "visual_tokens": None if eff.get("visual_tokens_kept") is None else round(float(eff["visual_tokens_kept"]), 1),
+                "benchmark": r["benchmark"],
+                "metric": metric,
+                "score": mval.get("value"),
+                "retention_pct": None,
+                "tflops_prefill": None if eff.get("tflops_prefill") is None else round(float(eff["tflops_prefill"]), 6),
+                "prefill_ms": None if eff.get("prefill_ms") is None else round(float(eff["prefill_ms"]), 3),
+                "kv_cache_mb": None if kv is None else round(kv / 2**20, 4),
+                "device": eff.get("device"),
+                "n_samples": r.get("n_samples"),
+                "run_id": r["run_id"],
+                "_acc": bool(r.get("accuracy_measured")),
+                "_full": r.get("limit") is None,
+                "_hib": bool(mval.get("higher_is_better", True)),
+                "_when": r.get("finished_at") or "",
+            }
+        )
+    if not rows:
+        return pd.DataFrame(columns=list(COLUMNS))
+    df = pd.DataFrame(rows)
+    df = df.sort_values(["_acc", "_full", "_when", "run_id"]).groupby(["model", "method", "ratio", "benchmark"], as_index=False).tail(1)
+    base = df[df["method"] == "none"].set_index(["model", "benchmark"])
+    ret = []
+    for _, row in df.iterrows():
+        key = (row["model"], row["benchmark"])
+        b = base.loc[key] if key in base.index else None
+        ok = b is not None and row["score"] is not None and pd.notna(row["score"]) and pd.notna(b["score"]) and b["score"] and b["n_samples"] == row["n_samples"]
+        ret.append(round(100.0 * row["score"] / b["score"], 2) if ok else None)
+    df["retention_pct"] = ret
+    df["_rank"] = df.apply(lambda r: -r["score"] if (r["_hib"] and pd.notna(r["score"])) else (r["score"] if pd.notna(r["score"]) else float("inf")), axis=1)
+    df = df.sort_values(["model", "benchmark", "_rank", "method", "ratio"], kind="mergesort")
+    return df[list(COLUMNS)].reset_index(drop=True)
+
+
+def aggregate(results_dir: str | Path = "results", quiet: bool = False) -> pd.DataFrame:
+    """Rebuild ``<results_dir>/leaderboard.csv`` from the records; returns the table."""
+    results_dir = Path(results_dir)
+    pairs = iter_records(results_dir)
+    bad = [str(p) for p, r in pairs if r is None]
+    for p in bad:
+        print(f"[bench] warning: unreadable record skipped: {p}")
+    df = leaderboard([r for _, r in pairs if r is not None])
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    atomic_write_text(results_dir / "leaderboard.csv", buf.getvalue())
+    if not quiet:
+        print(format_table(df))
+        print(f"\n[bench] {len(df)} rows from {len(pairs)} records -> {results_dir / 'leaderboard.csv'}")
+    return df
+
+
+def format_table(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "(no completed runs yet: python -m bench run)"
+    show = df.drop(columns=["run_id"]).copy()
+    return show.to_string(index=False, na_rep="-", float_format=lambda x: f"{x:.4g}")

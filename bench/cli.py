@@ -1,0 +1,163 @@
+"""``python -m bench {run,list,aggregate}`` — a thin dispatcher.
+
+``run`` is a Hydra app (any ``key=value`` override, ``-m`` for sweeps); the others are plain argparse.
+Group names and ratios are checked before Hydra starts so that a typo exits with code 2 and a list of
+valid names, and nothing is written under ``results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import traceback
+from pathlib import Path
+
+from bench.errors import BenchError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "method", "benchmark", "measure", "logger")
+_FAILURES: list[str] = []
+
+USAGE = """usage: python -m bench <command> [args]
+
+commands:
+  run [key=value ...] [-m]   run model x method x ratio x benchmark (Hydra overrides; -m sweeps comma lists)
+                             e.g. python -m bench run method=random ratio=0.75
+                                  python -m bench run -m method=random,pool ratio=0.5,0.75,0.9
+  list [models|methods|benchmarks]
+                             what the config tree offers
+  aggregate [--results-dir DIR]
+                             rebuild DIR/leaderboard.csv from the run records and print it
+"""
+
+
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def describe(group: str, name: str) -> str:
+    """First comment line of a config file, for ``list``."""
+    for line in (CONF_DIR / group / f"{name}.yaml").read_text().splitlines():
+        if line.startswith("#") and not line.startswith("# @package"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def _split_values(value: str) -> list[str]:
+    m = re.fullmatch(r"\s*(choice|glob)\((.*)\)\s*", value)
+    if m:
+        if m.group(1) == "glob":
+            return []
+        value = m.group(2)
+    if value.startswith(("range(", "interval(", "[", "{", "${")):
+        return []
+    return [v.strip().strip("'\"") for v in value.split(",") if v.strip()]
+
+
+def check_overrides(args: list[str]) -> None:
+    """Exit 2 on unknown group names or out-of-range ratios in command-line overrides."""
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key in GROUPS:
+            valid = choices(key)
+            for v in _split_values(value):
+                if v not in valid:
+                    _die(f"unknown {key} {v!r}. Valid {key}s: {', '.join(valid)}")
+        elif key == "ratio":
+            for v in _split_values(value):
+                try:
+                    r = float(v)
+                except ValueError:
+                    _die(f"ratio must be a number in [0, 1) (the fraction of visual tokens removed), got {v!r}")
+                if not 0.0 <= r < 1.0:
+                    _die(f"ratio must be in [0, 1) (the fraction of visual tokens removed), got {v}")
+
+
+def _die(msg: str, code: int = 2) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _hydra_app():
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def app(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        from bench.runner import execute
+
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        try:
+            execute(resolved)
+        except BenchError as e:
+            _die(str(e), e.exit_code)
+        except Exception as e:  # noqa: BLE001
+            if not multirun:
+                raise
+            # a failed job leaves a `failed` record and must not stop the rest of the sweep
+            traceback.print_exc()
+            _FAILURES.append(f"{resolved['method']['name']} ratio={resolved['ratio']} on {resolved['benchmark']['name']}: {type(e).__name__}: {e}")
+
+    return app
+
+
+def cmd_run(args: list[str]) -> None:
+    check_overrides(args)
+    sys.argv = [sys.argv[0], *args]
+    _hydra_app()()
+    if _FAILURES:
+        print(f"[bench] {len(_FAILURES)} run(s) failed:", file=sys.stderr)
+        for f in _FAILURES:
+            print(f"  - {f}", file=sys.stderr)
+        sys.exit(1)
+
+
+def cmd_list(args: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench list", description="List models, methods and benchmarks from the config tree.")
+    p.add_argument("what", nargs="?", choices=["models", "methods", "benchmarks"], help="only this group")
+    ns = p.parse_args(args)
+    groups = {"models": "model", "methods": "method", "benchmarks": "benchmark"}
+    for title, group in groups.items():
+        if ns.what and ns.what != title:
+            continue
+        print(f"{title}:")
+        for name in choices(group):
+            print(f"  {name:<20} {describe(group, name)}")
+
+
+def cmd_aggregate(args: list[str]) -> None:
+    from bench.aggregate import aggregate
+
+    p = argparse.ArgumentParser(prog="python -m bench aggregate", description="Rebuild the leaderboard from run records.")
+    p.add_argument("--results-dir", default="results", help="directory holding runs/ (default: results)")
+    ns = p.parse_args(args)
+    if not (Path(ns.results_dir) / "runs").is_dir():
+        _die(f"no run records under {ns.results_dir}/runs (run `python -m bench run` first)")
+    aggregate(ns.results_dir)
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "ls": cmd_list, "aggregate": cmd_aggregate}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        _die(f"unknown command {cmd!r}\n{USAGE}")
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    try:
+        COMMANDS[cmd](rest)
+    except BenchError as e:
+        _die(str(e), e.exit_code)

@@ -1,0 +1,68 @@
+"""The efficiency pass of a run: one fixed sample, measured apart from the accuracy pass.
+
+What is measured and how (the record's ``efficiency`` keys, see ``bench/schema.py``):
+
+* ``tflops_prefill``: FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
+  convolutions and attention; 2 x multiply-adds) over the vision encoder, the method's selection and
+  the LLM prefill of one sample, / 1e12. Elementwise work (norms, softmax, activations) is not counted.
+* ``prefill_ms``: median (and IQR) over repeats, after warm-up, of the same region.
+* ``kv_cache_bytes``: summed from the K/V tensors of the cache right after that prefill.
+* ``peak_mem_bytes``: ``torch.cuda.max_memory_allocated`` across the pass (CUDA only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.measure.timing import time_fn
+from bench.models.llava import kv_cache_bytes
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+@torch.no_grad()
+def measure_efficiency(adapter, method, batch: dict[str, torch.Tensor], seeds: torch.Tensor, warmup: int = 1, repeats: int = 5) -> tuple[dict[str, Any], list[str]]:
+    """Measure one processed batch (normally a single sample); returns ``(efficiency, notes)``."""
+    device = adapter.device
+    notes: list[str] = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step():
+        prepared = adapter.prepare(batch, method, seeds)
+        return prepared, adapter.prefill(prepared)
+
+    with FlopCounterMode(display=False) as counter:
+        prepared, out = step()
+    flops = counter.get_total_flops()
+    per_layer = kv_cache_bytes(out.past_key_values)
+    del out
+    timing = time_fn(step, device, warmup=warmup, repeats=repeats)
+    peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    if peak is None:
+        notes.append("peak_mem_bytes is null: peak device memory is only measured on CUDA")
+    if device.type != "cuda":
+        notes.append("prefill_ms is CPU wall-clock time (time.perf_counter), not comparable with GPU numbers")
+    kept = float(sum(prepared.visual_tokens_kept)) / len(prepared.visual_tokens_kept)
+    eff = {
+        "tflops_prefill": flops / 1e12,
+        "prefill_ms": timing.median_ms,
+        "prefill_ms_iqr": timing.iqr_ms,
+        "timer": timing.timer,
+        "timing_repeats": timing.repeats,
+        "kv_cache_bytes": int(sum(per_layer)),
+        "kv_cache_bytes_per_layer": [int(x) for x in per_layer],
+        "peak_mem_bytes": peak,
+        "device": device_name(device),
+        "measured_batch_size": int(batch["input_ids"].shape[0]),
+        "measured_visual_tokens_kept": kept,
+    }
+    return eff, notes

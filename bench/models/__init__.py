@@ -1,0 +1,1 @@
+"""Model adapters: all access to transformers internals lives in this package."""

@@ -1,0 +1,370 @@
+"""LLaVA-1.5-style models through transformers' native ``LlavaForConditionalGeneration``.
+
+Pre-LLM pruning happens between the projector and the LLM: the adapter encodes the images
+(vision tower, feature layer, CLS dropped, projector — exactly ``LlavaModel.get_image_features``),
+lets the method pick or merge the ``N`` projected tokens, rebuilds every prompt with exactly that many
+image placeholder tokens, and scatters the kept features into the input embeddings, as
+``LlavaModel.forward`` does with the full set. The LLM therefore sees contiguous (renumbered)
+position ids, as in the official LLaVA code of every pre-LLM method (methods.md, section 0.2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.errors import ConfigError, CorruptFileError, IncompatibleMethodError, MissingWeightsError
+from bench.models.base import ModelAdapter, PreparedBatch
+from methods.base import PruningMethod, VisionContext
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device} was asked for, but CUDA is not available on this machine (use device=cpu or auto)")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ConfigError(f"model.dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def resolve_source(source: str) -> tuple[str, bool]:
+    """``bench:<name>`` -> the packaged asset directory; returns ``(path_or_hub_id, is_local)``."""
+    if source.startswith("bench:"):
+        return str(ASSETS / source.split(":", 1)[1]), True
+    p = Path(source).expanduser()
+    if p.exists() or source.startswith(("/", ".", "~")):
+        return str(p), True
+    return source, False
+
+
+def local_fingerprint(path: str) -> str:
+    """Content hash of a local model directory's config and weights (identifies retrained weights)."""
+    h = hashlib.sha256()
+    root = Path(path)
+    files = sorted([*root.glob("config.json"), *root.glob("*.safetensors"), *root.glob("tokenizer.json")])
+    if not files:
+        return "missing"
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def hub_fingerprint(repo_id: str) -> str:
+    """Commit of the locally cached snapshot of a hub repo, or ``"not-cached"``."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = try_to_load_from_cache(repo_id, "config.json")
+        if isinstance(cfg, str):
+            return Path(cfg).parent.name  # .../snapshots/<commit>/config.json
+    except Exception:  # noqa: BLE001 - a fingerprint is best-effort metadata, never fatal
+        pass
+    return "not-cached"
+
+
+class LlavaAdapter(ModelAdapter):
+    """Adapter for ``LlavaForConditionalGeneration`` (LLaVA-1.5 and the tiny embedded default).
+
+    Parameters
+    ----------
+    name : str
+        Model name used in records (``llava15_7b``).
+    source : str
+        Hugging Face repo id, a local directory, or ``bench:<asset>`` for a packaged model.
+    weights : {"pretrained", "random"}
+        ``random`` builds the architecture from its config with random weights, for
+        efficiency-only runs; such records carry no accuracy.
+    config_file : str, optional
+        ``bench:configs/<file>.json`` or a path: the architecture config used for ``weights=random``
+        when the source is not available locally.
+    dtype, attn_implementation, device : str
+        ``auto`` dtype is fp16 on CUDA and fp32 on CPU; attention defaults to SDPA.
+    download : bool
+        Allow fetching from the hub when weights are not cached (off by default: offline machines
+        would otherwise hang on network retries).
+    """
+
+    supported_stages = frozenset({"none", "pre_llm"})
+
+    def __init__(
+        self,
+        name: str,
+        source: str,
+        weights: str = "pretrained",
+        config_file: str | None = None,
+        dtype: str = "auto",
+        attn_implementation: str = "sdpa",
+        device: str = "auto",
+        download: bool = False,
+        **_: Any,
+    ) -> None:
+        if weights not in ("pretrained", "random"):
+            raise ConfigError(f"model.weights must be 'pretrained' or 'random', got {weights!r}")
+        self.name = name
+        self.source = source
+        self.weights = weights
+        self.config_file = config_file
+        self.attn_implementation = attn_implementation
+        self.download = download
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = None
+        self.processor = None
+
+    # ------------------------------------------------------------------ loading
+    def fingerprint(self) -> str:
+        """Identity of the weights (part of the run id, so retrained weights give new runs)."""
+        if self.weights == "random":
+            return "random-init"
+        path, local = resolve_source(self.source)
+        return local_fingerprint(path) if local else hub_fingerprint(path)
+
+    def _architecture_config(self):
+        from transformers import AutoConfig, LlavaConfig
+
+        path, local = resolve_source(self.source)
+        if local and (Path(path) / "config.json").exists():
+            return AutoConfig.from_pretrained(path)
+        if local and self.weights == "pretrained":
+            raise MissingWeightsError(self._no_local_weights(path))
+        if self.config_file:
+            cfile, _ = resolve_source(self.config_file)
+            try:
+                data = json.loads(Path(cfile).read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"model.config_file {self.config_file!r} not found at {cfile}") from None
+            except json.JSONDecodeError as e:
+                raise CorruptFileError(f"model.config_file {cfile} is not valid JSON: {e}") from None
+            return LlavaConfig(**data)
+        try:
+            return AutoConfig.from_pretrained(path, local_files_only=not self.download)
+        except OSError:
+            raise MissingWeightsError(
+                f"no architecture config for {self.source!r} is available offline; set model.config_file or download the model"
+            ) from None
+
+    def _no_local_weights(self, path: str) -> str:
+        hint = " The embedded model is rebuilt by `python scripts/train_tiny_llava.py`." if self.source.startswith("bench:") else ""
+        return f"model {self.name!r}: no weights at {path} (expected config.json and *.safetensors).{hint}"
+
+    def load(self) -> "LlavaAdapter":
+        """Load weights (or build random ones) and the processor. Idempotent."""
+        if self.model is not None:
+            return self
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        path, local = resolve_source(self.source)
+        if self.weights == "random":
+            config = self._architecture_config()
+            config.text_config._attn_implementation = self.attn_implementation
+            config.vision_config._attn_implementation = self.attn_implementation
+            config._attn_implementation = self.attn_implementation
+            prev = torch.get_default_dtype()
+            torch.set_default_dtype(self.dtype)
+            try:
+                with torch.device(self.device):
+                    self.model = LlavaForConditionalGeneration(config)
+            finally:
+                torch.set_default_dtype(prev)
+        else:
+            if local and not (Path(path) / "config.json").exists():
+                raise MissingWeightsError(self._no_local_weights(path))
+            try:
+                self.model = LlavaForConditionalGeneration.from_pretrained(
+                    path,
+                    dtype=self.dtype,
+                    attn_implementation=self.attn_implementation,
+                    local_files_only=not self.download,
+                ).to(self.device)
+            except OSError as e:
+                msg = str(e)
+                if local or "safetensors" in msg.lower() and "header" in msg.lower():
+                    raise CorruptFileError(f"model {self.name!r}: cannot read the weights at {path}: {msg.splitlines()[0]}") from None
+                raise MissingWeightsError(
+                    f"model {self.name!r}: weights for {path!r} are not in the local Hugging Face cache "
+                    f"(HF_HOME={_hf_home()}). Download them on a machine with network access with "
+                    f"`hf download {path}` (or `huggingface-cli download {path}`), point model.source at a local "
+                    f"directory, pass model.download=true to fetch them now, or run an efficiency-only "
+                    f"measurement with model.weights=random measure=efficiency."
+                ) from None
+            except Exception as e:  # safetensors raises its own error types on truncated files
+                if "safetensor" in type(e).__module__.lower() or "header" in str(e).lower():
+                    raise CorruptFileError(f"model {self.name!r}: cannot read the weights at {path}: {e}") from None
+                raise
+        self.model.eval()
+        try:
+            self.processor = AutoProcessor.from_pretrained(path, local_files_only=not self.download) if (local or self.weights == "pretrained") else None
+        except (OSError, ValueError) as e:
+            if self.weights == "pretrained":
+                raise MissingWeightsError(f"model {self.name!r}: cannot load the processor from {path}: {e}") from None
+            self.processor = None
+        if self.processor is not None:
+            self.processor.tokenizer.padding_side = "left"
+        return self
+
+    # --------------------------------------------------------------- geometry
+    @property
+    def config(self):
+        return self.model.config if self.model is not None else self._architecture_config()
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        vc = self.config.vision_config
+        side = vc.image_size // vc.patch_size
+        return (side, side)
+
+    @property
+    def has_cls(self) -> bool:
+        # CLIP-style towers prepend a class embedding; LLaVA's "default" strategy drops it from the
+        # features but it still exists inside the tower (CLS-attention methods need it).
+        return getattr(self.config.vision_config, "model_type", "") in ("clip_vision_model", "clip")
+
+    @property
+    def num_llm_layers(self) -> int:
+        return self.config.text_config.num_hidden_layers
+
+    @property
+    def image_token_id(self) -> int:
+        cfg = self.config
+        return getattr(cfg, "image_token_id", None) or cfg.image_token_index
+
+    @property
+    def pad_token_id(self) -> int:
+        if self.processor is not None and self.processor.tokenizer.pad_token_id is not None:
+            return self.processor.tokenizer.pad_token_id
+        pad = getattr(self.config, "pad_token_id", None) or getattr(self.config.text_config, "pad_token_id", None)
+        return 0 if pad is None else pad
+
+    def check_method(self, method: PruningMethod) -> None:
+        """Refuse methods this model cannot run (stage not implemented, missing CLS, ...)."""
+        if method.stage not in self.supported_stages:
+            raise IncompatibleMethodError(
+                f"method {method.name!r} prunes at stage {method.stage!r}, which {type(self).__name__} does not implement yet"
+            )
+        method.check_compatible(VisionContext(self.grid, self.has_cls, torch.zeros(1, dtype=torch.long)))
+
+    # --------------------------------------------------------------- forward
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` pixels -> ``(B, N, D_llm)`` projected visual tokens (CLS dropped)."""
+        cfg = self.model.config
+        out = self.model.model.get_image_features(
+            pixel_values=pixel_values.to(self.device, self.dtype),
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            return_dict=True,
+        )
+        feats = out.pooler_output
+        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+    def vision_context(self, sample_seeds: torch.Tensor) -> VisionContext:
+        return VisionContext(grid=self.grid, has_cls=self.has_cls, sample_seeds=sample_seeds)
+
+    @torch.no_grad()
+    def prepare(self, batch: dict[str, torch.Tensor], method: PruningMethod, sample_seeds: torch.Tensor) -> PreparedBatch:
+        """Apply a pre-LLM ``method`` to a processor batch (one image per sample, left padded).
+
+        ``batch`` holds ``input_ids``/``attention_mask`` ``(B, T)`` with ``N`` image tokens per sample
+        and ``pixel_values`` ``(B, 3, H, W)``.
+        """
+        ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
+        b = ids.shape[0]
+        n = self.grid[0] * self.grid[1]
+        feats = self.encode_images(batch["pixel_values"])
+        if feats.shape[1] != n:
+            raise IncompatibleMethodError(f"vision tower returned {feats.shape[1]} tokens, expected the {self.grid} grid")
+        sel = method.reduce(feats, self.vision_context(sample_seeds))
+        img = self.image_token_id
+        rows, kept = [], []
+        for i in range(b):
+            seq = ids[i][mask[i].bool()]
+            pos = (seq == img).nonzero().flatten()
+            if len(pos) != n or (len(pos) and pos[-1] - pos[0] + 1 != n):
+                raise ValueError(f"sample {i}: expected one image of {n} contiguous image tokens, found {len(pos)}")
+            k = int(sel.n_kept[i])
+            start = int(pos[0])
+            rows.append(torch.cat([seq[:start], torch.full((k,), img, dtype=seq.dtype), seq[start + n :]]))
+            kept.append(k)
+        t = max(len(r) for r in rows)
+        new_ids = torch.full((b, t), self.pad_token_id, dtype=ids.dtype)
+        new_mask = torch.zeros((b, t), dtype=mask.dtype)
+        for i, r in enumerate(rows):  # left padding, as the processor does
+            new_ids[i, t - len(r) :] = r
+            new_mask[i, t - len(r) :] = 1
+        new_ids, new_mask = new_ids.to(self.device), new_mask.to(self.device)
+        embeds = self.model.get_input_embeddings()(new_ids)
+        vis = torch.cat([sel.features[i, : kept[i]] for i in range(b)]).to(embeds.dtype)
+        slot = (new_ids == img) & new_mask.bool()
+        embeds = embeds.masked_scatter(slot.unsqueeze(-1), vis)
+        return PreparedBatch(new_ids, embeds, new_mask, [n] * b, kept)
+
+    def generate(self, prepared: PreparedBatch, max_new_tokens: int = 16, **gen_kwargs) -> torch.Tensor:
+        """Greedy generation from pruned inputs; returns ``(B, T_new)`` new token ids."""
+        tok = self.processor.tokenizer if self.processor is not None else None
+        out = self.model.generate(
+            input_ids=prepared.input_ids,
+            inputs_embeds=prepared.inputs_embeds,
+            attention_mask=prepared.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=tok.eos_token_id if tok is not None else None,
+            **gen_kwargs,
+        )
+        return out[:, prepared.input_ids.shape[1] :]
+
+    @torch.no_grad()
+    def prefill(self, prepared: PreparedBatch):
+        """One LLM prefill with the KV cache on; returns the model output (``past_key_values`` set).
+
+        Position ids follow ``generate``'s rule (cumulative sum of the attention mask), so the
+        measured prefill is the one generation runs.
+        """
+        pos = (prepared.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.model(
+            inputs_embeds=prepared.inputs_embeds,
+            attention_mask=prepared.attention_mask,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+
+
+def kv_cache_bytes(cache) -> list[int]:
+    """Bytes held by each layer's keys and values in a transformers cache, read from the tensors."""
+    layers = getattr(cache, "layers", None)
+    out = []
+    if layers is not None:
+        for layer in layers:
+            k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+            out.append(sum(t.numel() * t.element_size() for t in (k, v) if isinstance(t, torch.Tensor)))
+        return out
+    for k, v in cache:  # legacy tuple-of-tuples caches
+        out.append(k.numel() * k.element_size() + v.numel() * v.element_size())
+    return out
+
+
+def _hf_home() -> str:
+    import os
+
+    return os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))

@@ -1,0 +1,76 @@
+"""Run identity, run directories and atomic record files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+#: Top-level config keys that do not change a run's result, so not its identity.
+EXCLUDED_KEYS = ("results_dir", "overwrite", "logger", "hydra", "launcher", "local", "slurm", "paths", "wandb")
+
+
+def identity(config: dict[str, Any], fingerprints: dict[str, str]) -> dict[str, Any]:
+    """What defines a run: the resolved config minus runtime-only keys, plus content fingerprints."""
+    ident = {k: v for k, v in config.items() if k not in EXCLUDED_KEYS}
+    ident["_fingerprints"] = dict(sorted(fingerprints.items()))
+    return ident
+
+
+def run_id(config: dict[str, Any], fingerprints: dict[str, str]) -> str:
+    """``sha1`` of the sorted JSON of :func:`identity`, cut to 10 hex characters (dora-style)."""
+    blob = json.dumps(identity(config, fingerprints), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def run_dir(results_dir: str | Path, rid: str) -> Path:
+    return Path(results_dir) / "runs" / rid
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``.
+
+    A crash leaves either the old file or the new one, never a half-written file. Errors raise.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+
+
+def write_yaml(path: Path, obj: Any) -> None:
+    atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The record at ``path``, or ``None`` if it is unreadable (reported by the caller, never fatal)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def iter_records(results_dir: str | Path) -> list[tuple[Path, dict[str, Any] | None]]:
+    """All ``runs/*/record.json`` under ``results_dir``, sorted by path; unreadable ones as ``None``."""
+    root = Path(results_dir) / "runs"
+    return [(p, read_record(p)) for p in sorted(root.glob("*/record.json"))]

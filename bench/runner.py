@@ -1,0 +1,391 @@
+"""Execute one run: model x method x ratio x benchmark -> ``results/runs/<run_id>/record.json``.
+
+Order of work, chosen so that bad input never writes anything and a failed run never destroys a
+recorded one:
+
+1. validate the config and build the method (ratio and method options are checked here);
+2. compute the run id from the resolved config and content fingerprints; skip if already recorded;
+3. load the model (missing or corrupt weights fail here, before anything is written);
+4. accuracy pass through lmms-eval (``simple_evaluate`` with the project's model instance);
+5. efficiency pass on one fixed sample (``bench.measure.efficiency``);
+6. write ``samples.jsonl``, ``config.yaml`` and finally ``record.json``, each atomically, and refresh
+   the leaderboard. A run that fails after step 3 leaves a ``failed`` record, unless a completed
+   record of the same run id exists, which is kept untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.errors import BenchError, ConfigError
+from bench.records import read_record, run_dir, run_id, write_json, write_jsonl, write_yaml
+from bench.schema import SCHEMA_VERSION
+
+log = logging.getLogger("bench")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "conf"
+
+
+# ----------------------------------------------------------------------------- building blocks
+def build_method(cfg: dict[str, Any]):
+    """Instantiate ``cfg["method"]`` (a class in ``methods/``); validates the ratio."""
+    from hydra.utils import instantiate
+
+    mcfg = {k: v for k, v in cfg["method"].items() if k not in ("name", "description")}
+    try:
+        return instantiate(mcfg, _convert_="all")
+    except Exception as e:  # hydra wraps constructor errors in InstantiationException
+        cause = e
+        while cause.__cause__ is not None and not isinstance(cause, BenchError):
+            cause = cause.__cause__
+        if isinstance(cause, BenchError):
+            raise cause from None
+        raise ConfigError(f"cannot build method {cfg['method'].get('name')!r}: {e}") from None
+
+
+def build_adapter(cfg: dict[str, Any]):
+    """Instantiate the model adapter of ``cfg["model"]`` (weights are loaded later by ``load()``)."""
+    from hydra.utils import get_class
+
+    mcfg = dict(cfg["model"])
+    cls = get_class(mcfg.pop("_target_"))
+    return cls(**mcfg)
+
+
+def benchmark_fingerprint(bcfg: dict[str, Any]) -> str:
+    """Identity of the benchmark data: SynthVQA's generator version, or the lmms-eval release."""
+    if bcfg["task"] == "synthvqa":
+        from bench.synthvqa.generator import GENERATOR_VERSION
+
+        return f"synthvqa-gen{GENERATOR_VERSION}"
+    try:
+        from importlib.metadata import version
+
+        return f"lmms_eval-{version('lmms_eval')}:{bcfg['task']}"
+    except Exception:  # noqa: BLE001
+        return f"lmms_eval-unknown:{bcfg['task']}"
+
+
+def task_manager(bcfg: dict[str, Any]):
+    from lmms_eval.tasks import TaskManager
+
+    if bcfg["task"] == "synthvqa":
+        from bench.tasks.synthvqa import prepare_task_dir
+
+        return TaskManager(include_path=str(prepare_task_dir()), include_defaults=False, verbosity="ERROR")
+    # indexing every built-in task costs ~10 s; only paid when a built-in task is asked for
+    return TaskManager(verbosity="ERROR")
+
+
+def provenance(cfg: dict[str, Any], adapter, fingerprints: dict[str, str]) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(pkg: str) -> str | None:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        except Exception:  # noqa: BLE001 - not a git checkout (e.g. an installed wheel)
+            return None
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_sha": git("rev-parse", "HEAD"),
+        "git_dirty": None if dirty is None else bool(dirty),
+        "versions": {"torch": torch.__version__, "transformers": ver("transformers"), "lmms_eval": ver("lmms_eval"), "python": platform.python_version()},
+        "dtype": str(adapter.dtype).replace("torch.", ""),
+        "attn_implementation": adapter.attn_implementation,
+        "batch_size": int(cfg["benchmark"]["batch_size"]),
+        "model_fingerprint": fingerprints["model"],
+        "benchmark_fingerprint": fingerprints["benchmark"],
+        "date": _now(),
+        "hostname": socket.gethostname(),
+    }
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Checks that need no model: ratio range, required keys."""
+    ratio = cfg.get("ratio")
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise ConfigError(f"ratio must be a number in [0, 1) (the fraction of visual tokens removed), got {ratio!r}") from None
+    if not 0.0 <= r < 1.0:
+        raise ConfigError(f"ratio must be in [0, 1) (the fraction of visual tokens removed), got {r}")
+    for group in ("model", "method", "benchmark"):
+        if not isinstance(cfg.get(group), dict) or "name" not in cfg[group]:
+            raise ConfigError(f"config group {group!r} is missing or has no name")
+    bs = cfg["benchmark"].get("batch_size")
+    if not isinstance(bs, int) or bs < 1:
+        raise ConfigError(f"benchmark.batch_size must be a positive integer, got {bs!r}")
+    lim = cfg["benchmark"].get("limit")
+    if lim is not None and (not isinstance(lim, int) or lim < 1):
+        raise ConfigError(f"benchmark.limit must be null or a positive integer, got {lim!r}")
+
+
+# ----------------------------------------------------------------------------- passes
+def accuracy_pass(cfg: dict[str, Any], adapter, method, rid: str) -> dict[str, Any]:
+    """Run the benchmark through lmms-eval; returns metrics, samples and per-sample token counts."""
+    from lmms_eval.evaluator import simple_evaluate
+
+    from bench.lmms_model import TokenPruneLlava
+
+    bcfg = cfg["benchmark"]
+    task = bcfg["task"]
+    lm = TokenPruneLlava(adapter=adapter, method=method, batch_size=bcfg["batch_size"], seed=cfg["seed"])
+    # every setting that changes answers goes into model_args: lmms-eval's response cache keys on it
+    margs = {"run_id": rid, "model": cfg["model"]["name"], "method": cfg["method"]["name"], "ratio": cfg["ratio"], "seed": cfg["seed"]}
+    model_args = ",".join(f"{k}={v}" for k, v in margs.items())
+    results = simple_evaluate(
+        model=lm,
+        model_args=model_args,
+        tasks=[task],
+        limit=bcfg.get("limit"),
+        batch_size=bcfg["batch_size"],
+        task_manager=task_manager(bcfg),
+        log_samples=True,
+        use_cache=bcfg.get("use_cache"),
+        bootstrap_iters=int(bcfg.get("bootstrap_iters", 100)),
+        random_seed=cfg["seed"],
+        numpy_random_seed=cfg["seed"],
+        torch_random_seed=cfg["seed"],
+        datetime_str=_dt.datetime.now().strftime("%Y%m%d_%H%M%S_%f"),  # its default is frozen at import
+        verbosity="WARNING",
+        process_docs_parallel=1,
+    )
+    if results is None or task not in results.get("results", {}):
+        raise RuntimeError(f"lmms-eval returned no results for task {task!r}")
+    raw = results["results"][task]
+    hib = results.get("higher_is_better", {}).get(task, {})
+    metrics: dict[str, dict[str, Any]] = {}
+    for key, value in raw.items():
+        if "," not in key:
+            continue
+        name, _filter = key.split(",", 1)
+        if name.endswith("_stderr"):
+            continue
+        stderr = raw.get(f"{name}_stderr,{_filter}")
+        metrics[name] = {
+            "value": _num(value),
+            "stderr": _num(stderr),
+            "higher_is_better": bool(hib.get(name, True)),
+        }
+    comps = bcfg.get("metric_components")
+    if comps:  # e.g. MME total = perception + cognition, the number papers report
+        vals = [metrics.get(c, {}).get("value") for c in comps]
+        metrics[bcfg["metric"]] = {"value": None if None in vals else float(sum(vals)), "stderr": None, "higher_is_better": True}
+    if bcfg["metric"] not in metrics:
+        raise RuntimeError(f"task {task!r} reported no metric {bcfg['metric']!r} (it reported {sorted(metrics)})")
+    stats = {(s["task"], s["doc_id"]): s for s in lm.stats}
+    samples = []
+    for s in results.get("samples", {}).get(task, []):
+        st = stats.get((task, s.get("doc_id")), {})
+        resp = s.get("filtered_resps") or s.get("resps") or [None]
+        while isinstance(resp, list) and resp:
+            resp = resp[0]
+        row = {"doc_id": s.get("doc_id"), "target": s.get("target"), "prediction": resp, "visual_tokens_kept": st.get("visual_tokens_kept")}
+        for m in metrics:
+            if m in s and not isinstance(s[m], (dict, list)):
+                row[m] = s[m]
+            elif m in s and isinstance(s[m], dict) and "score" in s[m]:
+                row[m] = s[m]["score"]
+        samples.append(row)
+    split = results.get("configs", {}).get(task, {}).get("test_split")
+    return {"metrics": metrics, "samples": samples, "stats": lm.stats, "lm": lm, "split": split, "task": task}
+
+
+def probe_batch(adapter, acc: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """The fixed input of the efficiency pass: the benchmark's first sample, or a synthetic one.
+
+    Synthetic: a LLaVA-1.5-shaped prompt (35 text tokens, the image, 25 text tokens; 60 text tokens
+    as in methods.md's worked example) with seeded random token ids and pixels. Costs and latency do
+    not depend on the values, so methods compared on it see identical work.
+    """
+    if acc is not None and adapter.processor is not None and acc.get("split"):
+        lm = acc["lm"]
+        doc = lm.task_dict[acc["task"]][acc["split"]][0]
+        image = _first_image(doc)
+        if image is not None:
+            prompt = lm._prompt(str(doc.get("question", "What is shown in the image?")))
+            return dict(adapter.processor(images=[image.convert("RGB")], text=[prompt], return_tensors="pt", padding=True))
+    g = torch.Generator().manual_seed(0)
+    cfg = adapter.config
+    n = adapter.grid[0] * adapter.grid[1]
+    vocab = cfg.text_config.vocab_size
+    text = torch.randint(3, min(vocab, 32000), (60,), generator=g)
+    text[text == adapter.image_token_id] = 3
+    ids = torch.cat([text[:35], torch.full((n,), adapter.image_token_id), text[35:]]).unsqueeze(0)
+    side = cfg.vision_config.image_size
+    pix = torch.randn(1, 3, side, side, generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix}
+
+
+def _first_image(doc: Any):
+    from PIL import Image
+
+    if doc is None:
+        return None
+    for v in doc.values():
+        if isinstance(v, Image.Image):
+            return v
+        if isinstance(v, dict) and isinstance(v.get("bytes"), (bytes, bytearray)):
+            import io
+
+            return Image.open(io.BytesIO(v["bytes"]))
+    return None
+
+
+def _num(x: Any) -> float | None:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if f != f else f  # NaN -> null
+
+
+# ----------------------------------------------------------------------------- the run
+def execute(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run one fully resolved config; returns the record (existing one when skipped)."""
+    t0 = time.time()
+    validate(cfg)
+    method = build_method(cfg)
+    adapter = build_adapter(cfg)
+    adapter.check_method(method)
+    fingerprints = {"model": adapter.fingerprint(), "benchmark": benchmark_fingerprint(cfg["benchmark"])}
+    rid = run_id(cfg, fingerprints)
+    rdir = run_dir(cfg["results_dir"], rid)
+    existing = read_record(rdir / "record.json")
+    if existing is not None and existing.get("status") == "completed" and not cfg.get("overwrite", False):
+        log.info("run %s already recorded at %s; skipping (overwrite=true re-runs it)", rid, rdir)
+        print(f"[bench] skip {rid}: already recorded ({rdir / 'record.json'})")
+        return existing
+    adapter.load()  # missing/corrupt weights raise a BenchError here: nothing written yet
+
+    started = _now()
+    base = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": rid,
+        "model": cfg["model"]["name"],
+        "method": cfg["method"]["name"],
+        "ratio": float(cfg["ratio"]),
+        "benchmark": cfg["benchmark"]["name"],
+        "task": cfg["benchmark"]["task"],
+        "seed": int(cfg["seed"]),
+        "limit": cfg["benchmark"].get("limit"),
+        "primary_metric": cfg["benchmark"]["metric"],
+        "config": cfg,
+        "started_at": started,
+    }
+    try:
+        notes: list[str] = []
+        measure = cfg.get("measure", {})
+        do_acc = bool(measure.get("accuracy", True))
+        acc = None
+        if do_acc and adapter.weights == "random":
+            notes.append("accuracy not measured: random weights give meaningless answers")
+            do_acc = False
+        elif not do_acc:
+            notes.append("accuracy not measured: measure.accuracy=false (efficiency-only run)")
+        if do_acc:
+            acc = accuracy_pass(cfg, adapter, method, rid)
+        eff: dict[str, Any] = {k: None for k in ("tflops_prefill", "prefill_ms", "prefill_ms_iqr", "timer", "timing_repeats", "kv_cache_bytes", "kv_cache_bytes_per_layer", "peak_mem_bytes", "measured_batch_size")}
+        eff["device"] = "cpu" if adapter.device.type == "cpu" else torch.cuda.get_device_name(adapter.device)
+        if measure.get("efficiency", True):
+            from bench.measure.efficiency import measure_efficiency
+
+            batch = probe_batch(adapter, acc)
+            seeds = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long) + int(cfg["seed"])
+            e, n2 = measure_efficiency(adapter, method, batch, seeds, warmup=int(measure.get("warmup", 1)), repeats=int(measure.get("repeats", 5)))
+            eff.update(e)
+            notes += n2
+        else:
+            notes.append("efficiency not measured: measure.efficiency=false")
+        n_vis = adapter.grid[0] * adapter.grid[1]
+        if acc is not None and acc["stats"]:
+            kept = sum(s["visual_tokens_kept"] for s in acc["stats"]) / len(acc["stats"])
+        else:
+            kept = eff.pop("measured_visual_tokens_kept", None)
+        eff.pop("measured_visual_tokens_kept", None)
+        eff["visual_tokens_in"] = n_vis
+        eff["visual_tokens_kept"] = kept
+        # pre-LLM methods: every decoder layer sees the kept tokens
+        eff["visual_tokens_per_layer"] = None if kept is None else [kept] * adapter.num_llm_layers
+        eff["visual_tokens_layer_mean"] = kept
+        eff["budget_mode"] = "pre_llm_exact" if method.stage in ("none", "pre_llm") else cfg["method"].get("budget")
+        record = {
+            **base,
+            "status": "completed",
+            "accuracy_measured": acc is not None,
+            "n_samples": len(acc["samples"]) if acc else None,
+            "metrics": acc["metrics"] if acc else {},
+            "efficiency": eff,
+            "provenance": provenance(cfg, adapter, fingerprints),
+            "notes": notes,
+            "error": None,
+            "finished_at": _now(),
+            "wall_s": round(time.time() - t0, 2),
+        }
+        if acc is not None:
+            write_jsonl(rdir / "samples.jsonl", acc["samples"])
+        write_yaml(rdir / "config.yaml", cfg)
+        write_json(rdir / "record.json", record)
+    except BenchError:
+        raise
+    except Exception as e:
+        if existing is not None and existing.get("status") == "completed":
+            log.error("run %s failed; the completed record at %s is kept", rid, rdir)
+        else:
+            failed = {**base, "status": "failed", "metrics": {}, "accuracy_measured": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "finished_at": _now(), "wall_s": round(time.time() - t0, 2)}
+            try:
+                write_json(rdir / "record.json", failed)
+            except OSError:
+                log.exception("could not write the failed record")
+        raise
+    refresh_leaderboard(cfg["results_dir"])
+    _print_summary(record, rdir)
+    return record
+
+
+def refresh_leaderboard(results_dir: str) -> None:
+    from bench.aggregate import aggregate
+
+    try:
+        aggregate(results_dir, quiet=True)
+    except Exception:  # noqa: BLE001 - the record is safe; `python -m bench aggregate` can redo this
+        log.exception("leaderboard refresh failed; run `python -m bench aggregate`")
+
+
+def _print_summary(rec: dict[str, Any], rdir: Path) -> None:
+    m = rec["metrics"].get(rec["primary_metric"], {}).get("value") if rec["metrics"] else None
+    e = rec["efficiency"]
+    parts = [
+        f"run {rec['run_id']}",
+        f"{rec['model']} / {rec['method']} / ratio={rec['ratio']} / {rec['benchmark']}",
+        f"{rec['primary_metric']}={m:.4f}" if m is not None else "accuracy=n/a",
+        f"visual tokens {e['visual_tokens_kept']:.1f}/{e['visual_tokens_in']}" if e.get("visual_tokens_kept") is not None else "",
+        f"TFLOPs={e['tflops_prefill']:.4f}" if e.get("tflops_prefill") is not None else "",
+        f"prefill={e['prefill_ms']:.1f} ms ({e['timer']})" if e.get("prefill_ms") is not None else "",
+        f"{rec['wall_s']} s",
+    ]
+    print("[bench] " + " | ".join(p for p in parts if p))
+    print(f"[bench] record: {rdir / 'record.json'}")

@@ -1,0 +1,73 @@
+"""The run record: one ``record.json`` per run, the only input of aggregation.
+
+Every key is documented here; bump :data:`SCHEMA_VERSION` when a key changes meaning. A number that
+was not measured is ``null`` (with the reason in ``notes``), never a made-up value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypedDict
+
+SCHEMA_VERSION = 1
+
+
+class MetricValue(TypedDict):
+    value: float | None  # the metric as lmms-eval aggregates it (accuracy in [0, 1], MME score, ...)
+    stderr: float | None  # lmms-eval's bootstrap/analytic stderr when it reports one, else null
+    higher_is_better: bool  # from the task's metric_list
+
+
+class Efficiency(TypedDict):
+    visual_tokens_in: int | None  # visual tokens per image before pruning (576 for LLaVA-1.5)
+    visual_tokens_kept: float | None  # mean over evaluated samples of the visual tokens that reach the LLM
+    visual_tokens_per_layer: list[float] | None  # visual tokens entering each LLM decoder layer (mean over samples)
+    visual_tokens_layer_mean: float | None  # mean of the list above (the `layer_mean` budget convention)
+    budget_mode: str | None  # how the budget was counted: pre_llm methods are exact; in-LLM: layer_mean|after_prune|official
+    tflops_prefill: float | None  # measured FLOPs (2 x multiply-adds, torch FlopCounterMode) of one sample's vision encoder + selection + LLM prefill, / 1e12
+    prefill_ms: float | None  # median wall time of one sample's vision encoder + selection + LLM prefill
+    prefill_ms_iqr: float | None  # inter-quartile range of the repeats behind prefill_ms
+    timer: str | None  # "cuda_events" on GPU, "wall_clock" (time.perf_counter) on CPU
+    timing_repeats: int | None  # timed repeats after warm-up
+    kv_cache_bytes: int | None  # bytes of all K/V tensors in the cache after one sample's prefill, read from the tensors
+    kv_cache_bytes_per_layer: list[int] | None  # the same, per decoder layer
+    peak_mem_bytes: int | None  # torch.cuda.max_memory_allocated over the measurement pass; null on CPU
+    device: str | None  # "cpu" or the GPU name
+    measured_batch_size: int | None  # batch size of the measurement pass
+
+
+class Provenance(TypedDict):
+    git_sha: str | None  # commit of the harness that produced the record
+    git_dirty: bool | None  # uncommitted changes to tracked files at run time
+    versions: dict[str, str | None]  # torch, transformers, lmms_eval, python
+    dtype: str  # model dtype
+    attn_implementation: str  # attention backend of the LLM and vision tower
+    batch_size: int  # evaluation batch size
+    model_fingerprint: str  # content hash of local weights, hub snapshot commit, or "random-init"
+    benchmark_fingerprint: str  # e.g. the SynthVQA generator version
+    date: str  # ISO-8601 UTC time the record was written
+    hostname: str
+
+
+class Record(TypedDict, total=False):
+    schema_version: int
+    run_id: str  # sha1 of the identity (resolved config minus runtime-only keys + fingerprints), 10 hex chars
+    status: Literal["completed", "failed"]
+    model: str  # model config name (llava15_7b)
+    method: str  # method config name (divprune)
+    ratio: float  # nominal fraction of visual tokens removed
+    benchmark: str  # benchmark config name (gqa)
+    task: str  # the lmms-eval task it ran
+    seed: int
+    limit: int | None  # benchmark.limit: number of samples evaluated when not the full split
+    n_samples: int | None  # samples evaluated
+    primary_metric: str | None  # the metric the leaderboard ranks by
+    accuracy_measured: bool  # false for efficiency-only or random-weight runs (metrics is then {})
+    metrics: dict[str, MetricValue]
+    efficiency: Efficiency
+    provenance: Provenance
+    config: dict[str, Any]  # the fully resolved config the run used
+    notes: list[str]  # why a field is null, what is approximate
+    error: str | None  # for status == "failed": the exception, one line
+    started_at: str
+    finished_at: str
+    wall_s: float

@@ -1,0 +1,107 @@
+"""Bad input: a clear message, exit code 2, and nothing written under results/."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def nothing_written(results: Path) -> bool:
+    return not results.exists() or not any(results.rglob("*"))
+
+
+def test_help_and_list():
+    r = bench("--help")
+    assert r.returncode == 0 and "run" in r.stdout and "aggregate" in r.stdout
+    r = bench("list")
+    assert r.returncode == 0
+    for name in ("none", "random", "pool", "tiny_llava_synth", "llava15_7b", "synthvqa", "gqa"):
+        assert name in r.stdout
+
+
+def test_list_sees_a_new_yaml(tmp_path):
+    """Adding conf/method/x.yaml is all it takes to appear in `list`."""
+    f = ROOT / "conf" / "method" / "zz_probe_tmp.yaml"
+    f.write_text("# probe method for a test\nname: zz_probe_tmp\n_target_: methods.random.RandomPruning\nprune_ratio: ${ratio}\nseed: ${seed}\n")
+    try:
+        assert "zz_probe_tmp" in bench("list", "methods").stdout
+    finally:
+        f.unlink()
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("method=nope", "Valid methods: none"),
+        ("model=gpt5", "Valid models:"),
+        ("benchmark=imagenet", "Valid benchmarks:"),
+        ("ratio=1.0", "ratio must be in [0, 1)"),
+        ("ratio=-0.1", "ratio must be in [0, 1)"),
+        ("ratio=abc", "ratio must be a number"),
+    ],
+)
+def test_bad_names_and_ratios_exit_2(tmp_path, override, needle):
+    results = tmp_path / "results"
+    r = bench("run", override, f"results_dir={results}")
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert nothing_written(results)
+
+
+def test_sweep_with_one_bad_value_exits_2_before_running(tmp_path):
+    results = tmp_path / "results"
+    r = bench("run", "-m", "method=random,bogus", "ratio=0.5", f"results_dir={results}")
+    assert r.returncode == 2 and "bogus" in r.stderr
+    assert nothing_written(results)
+
+
+def test_none_with_ratio_exits_2(tmp_path):
+    results = tmp_path / "results"
+    r = bench("run", "method=none", "ratio=0.5", f"results_dir={results}")
+    assert r.returncode == 2 and "only runs at ratio=0" in r.stderr
+    assert nothing_written(results)
+
+
+def test_missing_weights_exit_2_with_instructions(tmp_path):
+    results = tmp_path / "results"
+    r = bench("run", "model=llava15_7b", "method=random", "ratio=0.5", f"results_dir={results}", "device=cpu")
+    assert r.returncode == 2, r.stderr
+    assert "hf download llava-hf/llava-1.5-7b-hf" in r.stderr and "model.weights=random" in r.stderr
+    assert nothing_written(results)
+    r = bench("run", f"model.source={tmp_path / 'no-such-dir'}", f"results_dir={results}")
+    assert r.returncode == 2 and "no weights at" in r.stderr
+    assert nothing_written(results)
+
+
+def test_corrupt_weights_exit_2(tmp_path, tiny_model_dir):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00garbage, not a safetensors file")
+    results = tmp_path / "results"
+    r = bench("run", f"model.source={broken}", f"results_dir={results}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "cannot read the weights" in r.stderr
+    assert nothing_written(results)
+
+
+def test_aggregate_without_records_exits_2(tmp_path):
+    r = bench("aggregate", "--results-dir", str(tmp_path / "empty"))
+    assert r.returncode == 2 and "no run records" in r.stderr
+
+
+def test_unknown_command_exits_2():
+    r = bench("frobnicate")
+    assert r.returncode == 2 and "unknown command" in r.stderr
