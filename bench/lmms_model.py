@@ -136,7 +136,7 @@ class TokenPruneLlava(lmms):
             until = gen_kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(gen_kwargs.pop("max_new_tokens", 128))
-            new_tokens = self.adapter.generate(prepared, max_new_tokens=max_new)
+            new_tokens = self.adapter.generate(prepared, max_new_tokens=max_new, method=self.method)
             texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
             for ctx, text, doc_id, task, k_in, k in zip(contexts, texts, doc_ids, tasks, prepared.visual_tokens_in, prepared.visual_tokens_kept):
                 text = first_line_cut(text, until).strip()

@@ -38,7 +38,7 @@ def measure_efficiency(adapter, method, batch: dict[str, torch.Tensor], seeds: t
 
     def step():
         prepared = adapter.prepare(batch, method, seeds)
-        return prepared, adapter.prefill(prepared)
+        return prepared, adapter.prefill(prepared, method)
 
     with FlopCounterMode(display=False) as counter:
         prepared, out = step()

@@ -104,6 +104,7 @@ class LlavaAdapter(ModelAdapter):
         would otherwise hang on network retries).
     """
 
+    # "in_vision" and "in_llm" are added when bench/models/vision_merge.py and llm_pruning.py exist
     supported_stages = frozenset({"none", "pre_llm"})
 
     def __init__(
@@ -265,8 +266,13 @@ class LlavaAdapter(ModelAdapter):
 
     # --------------------------------------------------------------- forward
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` pixels -> ``(B, N, D_llm)`` projected visual tokens (CLS dropped)."""
+    def encode_images(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
+        """``(B, 3, H, W)`` pixels -> ``(B, N, D_llm)`` projected visual tokens (CLS dropped).
+
+        With ``output_hidden_states`` returns ``(features, hidden_states)`` where ``hidden_states`` is
+        the vision tower's tuple of ``(B, 1 + N, D_vis)`` tensors (embeddings, then every layer's
+        output), from the same forward pass.
+        """
         cfg = self.model.config
         out = self.model.model.get_image_features(
             pixel_values=pixel_values.to(self.device, self.dtype),
@@ -275,10 +281,45 @@ class LlavaAdapter(ModelAdapter):
             return_dict=True,
         )
         feats = out.pooler_output
-        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        return (feats, out.hidden_states) if output_hidden_states else feats
 
-    def vision_context(self, sample_seeds: torch.Tensor) -> VisionContext:
-        return VisionContext(grid=self.grid, has_cls=self.has_cls, sample_seeds=sample_seeds)
+    def vision_context(self, sample_seeds: torch.Tensor, hidden_states=None, needs: frozenset[str] = frozenset()) -> VisionContext:
+        """The :class:`VisionContext` for a batch; ``extras`` serve what the method ``needs``.
+
+        Vision-tower quantities (CLS attention rows, keys, layer features) are computed by
+        ``bench.models.clip_extras.build_extras`` from the hidden states of the same forward pass.
+        """
+        extras = {}
+        if needs:
+            from bench.models.clip_extras import build_extras
+
+            extras = build_extras(self.model, hidden_states, needs)
+        return VisionContext(grid=self.grid, has_cls=self.has_cls, sample_seeds=sample_seeds, extras=extras)
+
+    def visual_selection(self, pixel_values: torch.Tensor, method: PruningMethod, sample_seeds: torch.Tensor):
+        """Run the vision side and the method: ``(B, 3, H, W)`` -> :class:`VisualSelection`.
+
+        ``in_vision`` methods (ToMe) merge inside the CLIP layers (``bench.models.vision_merge``);
+        ``in_llm`` methods keep every visual token here and prune inside the LLM instead.
+        """
+        from methods.base import VisualSelection
+
+        if method.stage == "in_vision":
+            from bench.models.vision_merge import encode_with_merging
+
+            return encode_with_merging(self, pixel_values, method, sample_seeds)
+        if method.needs:
+            feats, hidden = self.encode_images(pixel_values, output_hidden_states=True)
+        else:
+            feats, hidden = self.encode_images(pixel_values), None
+        n = self.grid[0] * self.grid[1]
+        if feats.shape[1] != n:
+            raise IncompatibleMethodError(f"vision tower returned {feats.shape[1]} tokens, expected the {self.grid} grid")
+        if method.stage == "in_llm":
+            b = feats.shape[0]
+            return VisualSelection(feats, torch.arange(n, device=feats.device).expand(b, n), torch.full((b,), n, dtype=torch.long))
+        return method.reduce(feats, self.vision_context(sample_seeds, hidden, method.needs))
 
     @torch.no_grad()
     def prepare(self, batch: dict[str, torch.Tensor], method: PruningMethod, sample_seeds: torch.Tensor) -> PreparedBatch:
@@ -290,10 +331,7 @@ class LlavaAdapter(ModelAdapter):
         ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
         b = ids.shape[0]
         n = self.grid[0] * self.grid[1]
-        feats = self.encode_images(batch["pixel_values"])
-        if feats.shape[1] != n:
-            raise IncompatibleMethodError(f"vision tower returned {feats.shape[1]} tokens, expected the {self.grid} grid")
-        sel = method.reduce(feats, self.vision_context(sample_seeds))
+        sel = self.visual_selection(batch["pixel_values"], method, sample_seeds)
         img = self.image_token_id
         rows, kept = [], []
         for i in range(b):
@@ -316,10 +354,31 @@ class LlavaAdapter(ModelAdapter):
         vis = torch.cat([sel.features[i, : kept[i]] for i in range(b)]).to(embeds.dtype)
         slot = (new_ids == img) & new_mask.bool()
         embeds = embeds.masked_scatter(slot.unsqueeze(-1), vis)
-        return PreparedBatch(new_ids, embeds, new_mask, [n] * b, kept)
+        # where each sample's image tokens sit in the padded sequence: in-LLM methods prune there
+        starts = [t - len(r) + int((r == img).nonzero()[0]) for r in rows]
+        spans = torch.tensor([[s0, s0 + k] for s0, k in zip(starts, kept)], dtype=torch.long)
+        return PreparedBatch(new_ids, embeds, new_mask, [n] * b, kept, extras={"image_spans": spans, "sample_seeds": sample_seeds})
 
-    def generate(self, prepared: PreparedBatch, max_new_tokens: int = 16, **gen_kwargs) -> torch.Tensor:
+    def llm_pruning(self, method: PruningMethod, prepared: PreparedBatch):
+        """Context manager that applies an ``in_llm`` method inside the decoder layers.
+
+        Hooks are installed on entry and removed in ``finally``; for other stages it does nothing.
+        Implemented in ``bench.models.llm_pruning`` (layer hooks: hidden states, positions, mask and
+        KV cache of later layers hold only the kept tokens).
+        """
+        import contextlib
+
+        if method.stage != "in_llm":
+            return contextlib.nullcontext(None)
+        from bench.models.llm_pruning import prune_in_llm
+
+        return prune_in_llm(self, method, prepared)
+
+    def generate(self, prepared: PreparedBatch, max_new_tokens: int = 16, method: PruningMethod | None = None, **gen_kwargs) -> torch.Tensor:
         """Greedy generation from pruned inputs; returns ``(B, T_new)`` new token ids."""
+        if method is not None and method.stage == "in_llm":
+            with self.llm_pruning(method, prepared):
+                return self.generate(prepared, max_new_tokens=max_new_tokens, **gen_kwargs)
         tok = self.processor.tokenizer if self.processor is not None else None
         out = self.model.generate(
             input_ids=prepared.input_ids,
@@ -334,12 +393,15 @@ class LlavaAdapter(ModelAdapter):
         return out[:, prepared.input_ids.shape[1] :]
 
     @torch.no_grad()
-    def prefill(self, prepared: PreparedBatch):
+    def prefill(self, prepared: PreparedBatch, method: PruningMethod | None = None):
         """One LLM prefill with the KV cache on; returns the model output (``past_key_values`` set).
 
         Position ids follow ``generate``'s rule (cumulative sum of the attention mask), so the
         measured prefill is the one generation runs.
         """
+        if method is not None and method.stage == "in_llm":
+            with self.llm_pruning(method, prepared):
+                return self.prefill(prepared)
         pos = (prepared.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return self.model(
             inputs_embeds=prepared.inputs_embeds,
