@@ -138,10 +138,19 @@ class TokenPruneLlava(lmms):
             max_new = int(gen_kwargs.pop("max_new_tokens", 128))
             new_tokens = self.adapter.generate(prepared, max_new_tokens=max_new, method=self.method)
             texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
-            for ctx, text, doc_id, task, k_in, k in zip(contexts, texts, doc_ids, tasks, prepared.visual_tokens_in, prepared.visual_tokens_kept):
+            per_layer = prepared.visual_tokens_per_layer(self.adapter.num_llm_layers)
+            for i, (ctx, text, doc_id, task) in enumerate(zip(contexts, texts, doc_ids, tasks)):
                 text = first_line_cut(text, until).strip()
                 res.append(text)
-                self.stats.append({"task": task, "doc_id": doc_id, "visual_tokens_in": k_in, "visual_tokens_kept": k})
+                self.stats.append(
+                    {
+                        "task": task,
+                        "doc_id": doc_id,
+                        "visual_tokens_in": prepared.visual_tokens_in[i],
+                        "visual_tokens_kept": prepared.visual_tokens_kept[i],
+                        "visual_tokens_per_layer": per_layer[i],
+                    }
+                )
                 self.cache_hook.add_partial("generate_until", (ctx, all_gen_kwargs[0]), text)
             pbar.update(len(chunk))
         pbar.close()

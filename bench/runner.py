@@ -203,7 +203,7 @@ def accuracy_pass(cfg: dict[str, Any], adapter, method, rid: str) -> dict[str, A
         resp = s.get("filtered_resps") or s.get("resps") or [None]
         while isinstance(resp, list) and resp:
             resp = resp[0]
-        row = {"doc_id": s.get("doc_id"), "target": s.get("target"), "prediction": resp, "visual_tokens_kept": st.get("visual_tokens_kept")}
+        row = {"doc_id": s.get("doc_id"), "target": s.get("target"), "prediction": resp, "visual_tokens_kept": st.get("visual_tokens_kept"), "visual_tokens_layer_mean": _mean(st.get("visual_tokens_per_layer"))}
         for m in metrics:
             if m in s and not isinstance(s[m], (dict, list)):
                 row[m] = s[m]
@@ -253,6 +253,10 @@ def _first_image(doc: Any):
 
             return Image.open(io.BytesIO(v["bytes"]))
     return None
+
+
+def _mean(xs: list[float] | None) -> float | None:
+    return None if not xs else round(sum(xs) / len(xs), 3)
 
 
 def _num(x: Any) -> float | None:
@@ -322,15 +326,18 @@ def execute(cfg: dict[str, Any]) -> dict[str, Any]:
             notes.append("efficiency not measured: measure.efficiency=false")
         n_vis = adapter.grid[0] * adapter.grid[1]
         if acc is not None and acc["stats"]:
-            kept = sum(s["visual_tokens_kept"] for s in acc["stats"]) / len(acc["stats"])
+            st = acc["stats"]
+            kept = sum(s["visual_tokens_kept"] for s in st) / len(st)
+            per_layer = [sum(col) / len(st) for col in zip(*(s["visual_tokens_per_layer"] for s in st))]
         else:
-            kept = eff.pop("measured_visual_tokens_kept", None)
+            kept = eff.get("measured_visual_tokens_kept")
+            per_layer = eff.get("measured_visual_tokens_per_layer")
         eff.pop("measured_visual_tokens_kept", None)
+        eff.pop("measured_visual_tokens_per_layer", None)
         eff["visual_tokens_in"] = n_vis
         eff["visual_tokens_kept"] = kept
-        # pre-LLM methods: every decoder layer sees the kept tokens
-        eff["visual_tokens_per_layer"] = None if kept is None else [kept] * adapter.num_llm_layers
-        eff["visual_tokens_layer_mean"] = kept
+        eff["visual_tokens_per_layer"] = [round(x, 3) for x in per_layer] if per_layer else None
+        eff["visual_tokens_layer_mean"] = round(sum(per_layer) / len(per_layer), 3) if per_layer else None
         eff["budget_mode"] = "pre_llm_exact" if method.stage in ("none", "pre_llm") else cfg["method"].get("budget")
         record = {
             **base,

@@ -52,6 +52,8 @@ def measure_efficiency(adapter, method, batch: dict[str, torch.Tensor], seeds: t
     if device.type != "cuda":
         notes.append("prefill_ms is CPU wall-clock time (time.perf_counter), not comparable with GPU numbers")
     kept = float(sum(prepared.visual_tokens_kept)) / len(prepared.visual_tokens_kept)
+    rows = prepared.visual_tokens_per_layer(adapter.num_llm_layers)
+    per_layer = [sum(c) / len(rows) for c in zip(*rows)]
     eff = {
         "tflops_prefill": flops / 1e12,
         "prefill_ms": timing.median_ms,
@@ -64,5 +66,6 @@ def measure_efficiency(adapter, method, batch: dict[str, torch.Tensor], seeds: t
         "device": device_name(device),
         "measured_batch_size": int(batch["input_ids"].shape[0]),
         "measured_visual_tokens_kept": kept,
+        "measured_visual_tokens_per_layer": per_layer,
     }
     return eff, notes

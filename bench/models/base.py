@@ -34,6 +34,17 @@ class PreparedBatch:
     visual_tokens_kept: list[int]
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def visual_tokens_per_layer(self, num_layers: int) -> list[list[int]]:
+        """Per sample, the visual tokens entering each LLM decoder layer.
+
+        In-LLM methods report it in ``extras["visual_tokens_per_layer"]`` (``(B, L)``); for pre-LLM
+        methods every layer sees the tokens that entered the LLM.
+        """
+        vpl = self.extras.get("visual_tokens_per_layer")
+        if vpl is not None:
+            return [[int(x) for x in row] for row in vpl.tolist()]
+        return [[int(k)] * num_layers for k in self.visual_tokens_kept]
+
 
 class ModelAdapter(abc.ABC):
     """Loads one model family and applies pruning methods to it.
