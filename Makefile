@@ -12,7 +12,7 @@ else
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: help install demo test test-gpu leaderboard list clean-venv
+.PHONY: help install slurm-deps demo test test-gpu leaderboard list clean-venv
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -32,7 +32,15 @@ demo: install ## run the default job, the available methods at ratios 0.5/0.75/0
 	$(PY) -m bench run -m method=random,pool ratio=0.5,0.75,0.9
 	$(PY) -m bench aggregate
 
-test: install ## run every test that needs no GPU (GPU tests skip themselves)
+# The test suite starts a real single-node Slurm cluster (scripts/slurm_localhost.sh): Debian's
+# slurmctld, slurmd and munge. Installed here when missing (needs root, as on CI and dev machines).
+slurm-deps: ## install Debian's slurm-wlm and munge if missing (for the Slurm tests)
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null; then echo "slurm present: $$(slurmctld -V)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null && echo "installed $$(slurmctld -V)"; \
+	else echo "warning: cannot install slurm-wlm/munge (not root or no apt-get); the Slurm test will fail with the reason"; fi
+
+test: install slurm-deps ## run every test that needs no GPU (GPU tests skip themselves), the real-Slurm sweep included
 	$(PY) -m pytest
 
 test-gpu: install ## run the GPU-marked tests (needs CUDA)

@@ -37,6 +37,11 @@ COLUMNS: dict[str, str] = {
 
 def leaderboard(records: list[dict[str, Any]]) -> pd.DataFrame:
     """Build the leaderboard table from records (pure: same records, same table)."""
+    return leaderboard_full(records)[list(COLUMNS)]
+
+
+def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """:func:`leaderboard` plus ``report_scale`` (multiplier to the units papers report)."""
     rows = []
     for r in records:
         if not r or r.get("status") != "completed":
@@ -64,11 +69,12 @@ def leaderboard(records: list[dict[str, Any]]) -> pd.DataFrame:
                 "_acc": bool(r.get("accuracy_measured")),
                 "_full": r.get("limit") is None,
                 "_hib": bool(mval.get("higher_is_better", True)),
+                "report_scale": float(((r.get("config") or {}).get("benchmark") or {}).get("report_scale", 1)),
                 "_when": r.get("finished_at") or "",
             }
         )
     if not rows:
-        return pd.DataFrame(columns=list(COLUMNS))
+        return pd.DataFrame(columns=[*COLUMNS, "report_scale"])
     df = pd.DataFrame(rows)
     df = df.sort_values(["_acc", "_full", "_when", "run_id"]).groupby(["model", "method", "ratio", "benchmark"], as_index=False).tail(1)
     base = df[df["method"] == "none"].set_index(["model", "benchmark"])
@@ -81,23 +87,41 @@ def leaderboard(records: list[dict[str, Any]]) -> pd.DataFrame:
     df["retention_pct"] = ret
     df["_rank"] = df.apply(lambda r: -r["score"] if (r["_hib"] and pd.notna(r["score"])) else (r["score"] if pd.notna(r["score"]) else float("inf")), axis=1)
     df = df.sort_values(["model", "benchmark", "_rank", "method", "ratio"], kind="mergesort")
-    return df[list(COLUMNS)].reset_index(drop=True)
+    return df[[*COLUMNS, "report_scale"]].reset_index(drop=True)
 
 
-def aggregate(results_dir: str | Path = "results", quiet: bool = False) -> pd.DataFrame:
-    """Rebuild ``<results_dir>/leaderboard.csv`` from the records; returns the table."""
+def aggregate(results_dir: str | Path = "results", quiet: bool = False, reports: bool = True, wandb: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Rebuild ``<results_dir>/leaderboard.csv`` (and, with ``reports``, tables and plots).
+
+    ``wandb``: a logger config (``conf/logger/wandb.yaml`` keys) to also log the leaderboard as W&B
+    Tables and the plots to one summary run.
+    """
     results_dir = Path(results_dir)
     pairs = iter_records(results_dir)
     bad = [str(p) for p, r in pairs if r is None]
     for p in bad:
         print(f"[bench] warning: unreadable record skipped: {p}")
-    df = leaderboard([r for _, r in pairs if r is not None])
+    full = leaderboard_full([r for _, r in pairs if r is not None])
+    df = full[list(COLUMNS)]
     buf = io.StringIO()
     df.to_csv(buf, index=False)
     atomic_write_text(results_dir / "leaderboard.csv", buf.getvalue())
+    written: dict[str, list[Path]] = {"tables": [], "plots": []}
+    if reports and not full.empty:
+        from bench.report import write_reports
+
+        written = write_reports(full, results_dir)
+    if wandb:
+        from bench.wandb_sink import log_summary
+
+        tables = {"leaderboard": df}
+        tables.update({p.stem: pd.read_csv(p) for p in written["tables"] if p.suffix == ".csv"})
+        log_summary(tables, written["plots"], wandb, group=wandb.get("group"))
     if not quiet:
         print(format_table(df))
         print(f"\n[bench] {len(df)} rows from {len(pairs)} records -> {results_dir / 'leaderboard.csv'}")
+        if written["tables"] or written["plots"]:
+            print(f"[bench] {len(written['tables'])} tables under {results_dir}/leaderboards and {results_dir}/tables, {len(written['plots'])} plots under {results_dir}/plots")
     return df
 
 

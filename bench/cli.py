@@ -17,8 +17,9 @@ from pathlib import Path
 from bench.errors import BenchError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "method", "benchmark", "measure", "logger")
+GROUPS = ("model", "method", "benchmark", "measure", "logger", "sweep")
 _FAILURES: list[str] = []
+_SKIPPED: list[str] = []
 
 USAGE = """usage: python -m bench <command> [args]
 
@@ -29,7 +30,11 @@ commands:
   list [models|methods|benchmarks]
                              what the config tree offers
   aggregate [--results-dir DIR]
-                             rebuild DIR/leaderboard.csv from the run records and print it
+                             rebuild DIR/leaderboard.csv, tables and plots from the run records
+  status [sweep overrides]   done / failed / running / missing runs of a sweep (e.g. +sweep=demo)
+
+sweeps on Slurm:            python -m bench run -m +sweep=paper_table hydra/launcher=slurm
+                             (partition/account/gpus in conf/local/default.yaml; scripts/sweep_slurm.sh)
 """
 
 
@@ -94,12 +99,24 @@ def _hydra_app():
 
         from bench.runner import execute
 
+        from bench.sweep import normalize_none
+
         resolved = OmegaConf.to_container(cfg, resolve=True)
         multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        if multirun and normalize_none(resolved):
+            print("[bench] method=none keeps every token: this sweep point is the ratio=0 run")
+        if isinstance(resolved.get("logger"), dict) and not resolved["logger"].get("group"):
+            # W&B groups a sweep's runs by its directory name (unique per submission)
+            resolved["logger"]["group"] = Path(HydraConfig.get().sweep.dir).name if multirun else "single-runs"
         try:
             execute(resolved)
         except BenchError as e:
-            _die(str(e), e.exit_code)
+            if not multirun:
+                _die(str(e), e.exit_code)
+            # in a sweep, one impossible combination (e.g. a method the model cannot run) must
+            # not stop the others; it is reported at the end and the exit code says so
+            print(f"error: {e}", file=sys.stderr)
+            _SKIPPED.append(f"{resolved['model']['name']} / {resolved['method']['name']} ratio={resolved['ratio']} / {resolved['benchmark']['name']}: {e}")
         except Exception as e:  # noqa: BLE001
             if not multirun:
                 raise
@@ -114,11 +131,17 @@ def cmd_run(args: list[str]) -> None:
     check_overrides(args)
     sys.argv = [sys.argv[0], *args]
     _hydra_app()()
+    if _SKIPPED:
+        print(f"[bench] {len(_SKIPPED)} combination(s) refused (nothing written for them):", file=sys.stderr)
+        for f in _SKIPPED:
+            print(f"  - {f}", file=sys.stderr)
     if _FAILURES:
         print(f"[bench] {len(_FAILURES)} run(s) failed:", file=sys.stderr)
         for f in _FAILURES:
             print(f"  - {f}", file=sys.stderr)
         sys.exit(1)
+    if _SKIPPED:
+        sys.exit(2)
 
 
 def cmd_list(args: list[str]) -> None:
@@ -134,18 +157,43 @@ def cmd_list(args: list[str]) -> None:
             print(f"  {name:<20} {describe(group, name)}")
 
 
+def cmd_status(args: list[str]) -> None:
+    if any(a in ("-h", "--help") for a in args):
+        print("usage: python -m bench status [sweep overrides ...]\n\n"
+              "Expands the sweep exactly as `python -m bench run -m <overrides>` would (presets: +sweep=demo,\n"
+              "+sweep=synth_curve, +sweep=paper_table) and reports each run: completed / failed / running /\n"
+              "killed (a running marker whose job is gone) / missing.")
+        return
+    check_overrides(args)
+    from bench.sweep import status
+
+    st = status(args)
+    width = max([len(r["method"]) for r in st["rows"]] + [6])
+    for r in st["rows"]:
+        err = f"  {r['error']}" if r["error"] and r["status"] in ("failed", "killed") else ""
+        print(f"  {r['status']:<9} {r['run_id']}  {r['model']:<16} {r['method']:<{width}} ratio={r['ratio']:<8} {r['benchmark']}{err}")
+    c = st["counts"]
+    done = c.get("completed", 0)
+    failed = c.get("failed", 0) + c.get("killed", 0) + c.get("corrupt", 0)
+    print(f"\n[bench] {st['total']} runs: {done} done, {failed} failed, {c.get('running', 0)} running, {c.get('missing', 0)} missing")
+
+
 def cmd_aggregate(args: list[str]) -> None:
     from bench.aggregate import aggregate
 
     p = argparse.ArgumentParser(prog="python -m bench aggregate", description="Rebuild the leaderboard from run records.")
     p.add_argument("--results-dir", default="results", help="directory holding runs/ (default: results)")
+    p.add_argument("--wandb", choices=["offline", "online"], help="also log the leaderboard and plots to a W&B summary run")
+    p.add_argument("--wandb-dir", default=".", help="W&B writes <dir>/wandb/ (default: .)")
+    p.add_argument("--wandb-group", default=None, help="W&B group of the summary run (e.g. the sweep's name)")
     ns = p.parse_args(args)
     if not (Path(ns.results_dir) / "runs").is_dir():
         _die(f"no run records under {ns.results_dir}/runs (run `python -m bench run` first)")
-    aggregate(ns.results_dir)
+    wb = {"name": "wandb", "mode": ns.wandb, "project": "tokenprune-bench", "dir": ns.wandb_dir, "group": ns.wandb_group} if ns.wandb else None
+    aggregate(ns.results_dir, wandb=wb)
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "ls": cmd_list, "aggregate": cmd_aggregate}
+COMMANDS = {"run": cmd_run, "list": cmd_list, "ls": cmd_list, "aggregate": cmd_aggregate, "status": cmd_status}
 
 
 def main(argv: list[str] | None = None) -> None:

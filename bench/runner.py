@@ -19,9 +19,11 @@ import datetime as _dt
 import logging
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -113,10 +115,24 @@ def provenance(cfg: dict[str, Any], adapter, fingerprints: dict[str, str]) -> di
         "attn_implementation": adapter.attn_implementation,
         "batch_size": int(cfg["benchmark"]["batch_size"]),
         "model_fingerprint": fingerprints["model"],
+        "weights_revision": adapter.weights_revision(),
         "benchmark_fingerprint": fingerprints["benchmark"],
         "date": _now(),
         "hostname": socket.gethostname(),
     }
+
+
+class RunKilled(BaseException):
+    """SIGTERM arrived (scancel, Slurm time limit, preemption): record the run as failed, then stop."""
+
+
+def _raise_killed(signum, frame):  # noqa: ARG001
+    raise RunKilled(f"killed by signal {signal.Signals(signum).name} (scancel, time limit or preemption)")
+
+
+def job_info() -> dict[str, Any]:
+    """Where the run executes: lets `bench status` tell a live run from one killed without a word."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID")}
 
 
 def _now() -> str:
@@ -300,6 +316,10 @@ def execute(cfg: dict[str, Any]) -> dict[str, Any]:
         "config": cfg,
         "started_at": started,
     }
+    if existing is None or existing.get("status") != "completed":
+        # a marker, so `bench status` can tell a job that died without a word (SIGKILL, OOM killer)
+        write_json(rdir / "record.json", {**base, "status": "running", "metrics": {}, "accuracy_measured": False, "error": None, "job": job_info()})
+    previous = signal.signal(signal.SIGTERM, _raise_killed) if threading.current_thread() is threading.main_thread() else None
     try:
         notes: list[str] = []
         measure = cfg.get("measure", {})
@@ -358,19 +378,31 @@ def execute(cfg: dict[str, Any]) -> dict[str, Any]:
         write_json(rdir / "record.json", record)
     except BenchError:
         raise
-    except Exception as e:
+    except (Exception, RunKilled) as e:
         if existing is not None and existing.get("status") == "completed":
             log.error("run %s failed; the completed record at %s is kept", rid, rdir)
         else:
-            failed = {**base, "status": "failed", "metrics": {}, "accuracy_measured": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "finished_at": _now(), "wall_s": round(time.time() - t0, 2)}
+            failed = {**base, "status": "failed", "metrics": {}, "accuracy_measured": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "job": job_info(), "finished_at": _now(), "wall_s": round(time.time() - t0, 2)}
             try:
                 write_json(rdir / "record.json", failed)
             except OSError:
                 log.exception("could not write the failed record")
+            _sink(failed, cfg)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    _sink(record, cfg)
     refresh_leaderboard(cfg["results_dir"])
     _print_summary(record, rdir)
     return record
+
+
+def _sink(record: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """Send a record to the configured experiment logger (W&B); never raises."""
+    from bench.wandb_sink import log_run
+
+    log_run(record, cfg.get("logger") or {})
 
 
 def refresh_leaderboard(results_dir: str) -> None:

@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from bench.measure.flops import analytic_prefill, counter, paper_convention
 from bench.measure.timing import time_fn
 from bench.models.llava import kv_cache_bytes
 
@@ -40,10 +40,10 @@ def measure_efficiency(adapter, method, batch: dict[str, torch.Tensor], seeds: t
         prepared = adapter.prepare(batch, method, seeds)
         return prepared, adapter.prefill(prepared, method)
 
-    with FlopCounterMode(display=False) as counter:
+    with counter() as c:
         prepared, out = step()
-    flops = counter.get_total_flops()
-    per_layer = kv_cache_bytes(out.past_key_values)
+    flops = c.get_total_flops()
+    kv_layers = kv_cache_bytes(out.past_key_values)
     del out
     timing = time_fn(step, device, warmup=warmup, repeats=repeats)
     peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
@@ -53,15 +53,22 @@ def measure_efficiency(adapter, method, batch: dict[str, torch.Tensor], seeds: t
         notes.append("prefill_ms is CPU wall-clock time (time.perf_counter), not comparable with GPU numbers")
     kept = float(sum(prepared.visual_tokens_kept)) / len(prepared.visual_tokens_kept)
     rows = prepared.visual_tokens_per_layer(adapter.num_llm_layers)
-    per_layer = [sum(c) / len(rows) for c in zip(*rows)]
+    per_layer = [sum(col) / len(rows) for col in zip(*rows)]
+    cfg = adapter.model.config
+    n_tokens = int(prepared.attention_mask[0].sum())
+    text_tokens = n_tokens - int(prepared.visual_tokens_kept[0])
+    analytic = analytic_prefill(cfg, text_tokens, rows[0], selection_flops=0)
+    paper = paper_convention(cfg, text_tokens, rows[0])
     eff = {
         "tflops_prefill": flops / 1e12,
+        "tflops_prefill_analytic_no_selection": analytic.total / 1e12,
+        "tflops_prefill_paper_convention": paper / 1e12,
         "prefill_ms": timing.median_ms,
         "prefill_ms_iqr": timing.iqr_ms,
         "timer": timing.timer,
         "timing_repeats": timing.repeats,
-        "kv_cache_bytes": int(sum(per_layer)),
-        "kv_cache_bytes_per_layer": [int(x) for x in per_layer],
+        "kv_cache_bytes": int(sum(kv_layers)),
+        "kv_cache_bytes_per_layer": [int(x) for x in kv_layers],
         "peak_mem_bytes": peak,
         "device": device_name(device),
         "measured_batch_size": int(batch["input_ids"].shape[0]),

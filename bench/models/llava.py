@@ -105,7 +105,7 @@ class LlavaAdapter(ModelAdapter):
     """
 
     # "in_vision" and "in_llm" are added when bench/models/vision_merge.py and llm_pruning.py exist
-    supported_stages = frozenset({"none", "pre_llm"})
+    supported_stages = frozenset({"none", "pre_llm", "in_llm"})
 
     def __init__(
         self,
@@ -134,7 +134,20 @@ class LlavaAdapter(ModelAdapter):
 
     # ------------------------------------------------------------------ loading
     def fingerprint(self) -> str:
-        """Identity of the weights (part of the run id, so retrained weights give new runs)."""
+        """Identity of the weights (part of the run id, so retrained weights give new runs).
+
+        Local directories (the embedded model) are hashed by content. Hub models are identified by
+        their repo id in the config, not by the cached snapshot, so a run id is the same on a login
+        node without weights and on the compute node that has them; the snapshot commit actually
+        used goes into the record's provenance (:meth:`weights_revision`).
+        """
+        if self.weights == "random":
+            return "random-init"
+        path, local = resolve_source(self.source)
+        return local_fingerprint(path) if local else "hub"
+
+    def weights_revision(self) -> str:
+        """Content hash (local) or snapshot commit (hub) of the weights actually loaded."""
         if self.weights == "random":
             return "random-init"
         path, local = resolve_source(self.source)

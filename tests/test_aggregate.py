@@ -1,0 +1,76 @@
+"""Aggregation is a pure function of records: tables, retention, reported gaps, Pareto fronts."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from bench.aggregate import COLUMNS, aggregate, leaderboard
+from bench.report import pareto_front, reported_gap
+
+
+def rec(method, ratio, score, tokens, run_id, bench="synthvqa", model="m", tflops=1.0, n=100, when="2026-01-01T00:00:00", limit=None, status="completed", scale=100):
+    return {
+        "status": status, "model": model, "method": method, "ratio": ratio, "benchmark": bench, "run_id": run_id,
+        "primary_metric": "exact_match", "accuracy_measured": score is not None, "n_samples": n, "limit": limit,
+        "metrics": {} if score is None else {"exact_match": {"value": score, "stderr": None, "higher_is_better": True}},
+        "efficiency": {"visual_tokens_kept": tokens, "tflops_prefill": tflops, "prefill_ms": 10 * tflops, "kv_cache_bytes": 2**20, "device": "cpu"},
+        "config": {"benchmark": {"report_scale": scale}}, "finished_at": when,
+    }
+
+
+RECORDS = [
+    rec("none", 0.0, 0.9, 576, "a0", tflops=2.0),
+    rec("random", 0.5, 0.72, 288, "a1", tflops=1.0),
+    rec("pool", 0.5, 0.81, 288, "a2", tflops=1.0),
+    rec("pool", 0.5, 0.10, 288, "a3", tflops=1.0, when="2027-01-01", limit=10, n=10),  # a limited run must not win
+    rec("random", 0.75, None, 144, "a4", tflops=0.5),  # efficiency-only
+    rec("random", 0.9, 0.5, 58, "a5", status="failed"),
+]
+
+
+def test_leaderboard_rows_retention_and_order():
+    df = leaderboard(RECORDS)
+    assert list(df.columns) == list(COLUMNS)
+    assert len(df) == 4  # failed dropped, duplicate key resolved
+    pool = df[df["method"] == "pool"].iloc[0]
+    assert pool["run_id"] == "a2" and abs(pool["retention_pct"] - 90.0) < 1e-9
+    assert df.iloc[0]["method"] == "none"  # ranked by score
+    eff_only = df[df["run_id"] == "a4"].iloc[0]
+    assert pd.isna(eff_only["score"]) and pd.isna(eff_only["retention_pct"])
+
+
+def test_leaderboard_is_pure_and_order_independent():
+    a = leaderboard(RECORDS).to_csv(index=False)
+    b = leaderboard(list(reversed(RECORDS))).to_csv(index=False)
+    assert a == b
+
+
+def test_aggregate_writes_reports_deterministically(tmp_path):
+    for r in RECORDS:
+        d = tmp_path / "runs" / r["run_id"]
+        d.mkdir(parents=True)
+        (d / "record.json").write_text(json.dumps(r))
+    (tmp_path / "runs" / "corrupt").mkdir()
+    (tmp_path / "runs" / "corrupt" / "record.json").write_text("{not json")
+    aggregate(tmp_path, quiet=True)
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".csv", ".md")}
+    assert (tmp_path / "leaderboard.csv") in files and (tmp_path / "tables" / "m.md") in files
+    assert list((tmp_path / "plots").glob("m__synthvqa__tflops.png"))
+    table = (tmp_path / "tables" / "m.md").read_text()
+    assert "| 576 | none |" in table and "| 288 | pool | 81.0 | 90.0 |" in table
+    aggregate(tmp_path, quiet=True)
+    assert files == {p: p.read_bytes() for p in files}, "aggregate must regenerate tables byte for byte"
+
+
+def test_reported_gap_matches_on_tokens_and_units():
+    df = leaderboard([dict(rec("none", 0.0, 0.62, 576, "b0", bench="gqa", model="llava15_7b"))]).assign(report_scale=100.0)
+    ref = pd.DataFrame([{"source": "S", "model": "llava15_7b", "method": "none", "visual_tokens": 576, "benchmark": "gqa", "score": 61.9, "note": ""}])
+    gap = reported_gap(df, ref)
+    assert len(gap) == 1 and abs(gap.loc[0, "gap"] - 0.1) < 1e-9 and gap.loc[0, "measured"] == 62.0
+
+
+def test_pareto_front():
+    pts = [(1.0, 50), (2.0, 60), (2.0, 55), (3.0, 58), (0.5, 40), (4.0, 70)]
+    assert pareto_front(pts) == [(0.5, 40), (1.0, 50), (2.0, 60), (4.0, 70)]
