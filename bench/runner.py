@@ -57,6 +57,28 @@ def build_method(cfg: dict[str, Any]):
         raise ConfigError(f"cannot build method {cfg['method'].get('name')!r}: {e}") from None
 
 
+_LOADED: dict[str, Any] = {}
+
+
+def _loaded(cfg: dict[str, Any], adapter):
+    """Load the adapter, reusing the one loaded for the previous run of an identical model config.
+
+    Sweeps executed in one process (multirun's basic launcher, the efficiency script) would otherwise
+    rebuild a 7B model for every point. Only one model is kept, so memory stays bounded.
+    """
+    import json
+
+    key = json.dumps(cfg["model"], sort_keys=True, default=str)
+    if key in _LOADED:
+        return _LOADED[key]
+    _LOADED.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    adapter.load()
+    _LOADED[key] = adapter
+    return adapter
+
+
 def build_adapter(cfg: dict[str, Any]):
     """Instantiate the model adapter of ``cfg["model"]`` (weights are loaded later by ``load()``)."""
     from hydra.utils import get_class
@@ -230,7 +252,27 @@ def accuracy_pass(cfg: dict[str, Any], adapter, method, rid: str) -> dict[str, A
     return {"metrics": metrics, "samples": samples, "stats": lm.stats, "lm": lm, "split": split, "task": task}
 
 
-def probe_batch(adapter, acc: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+def roofline(adapter, eff: dict[str, Any]) -> dict[str, Any]:
+    """Measured ceilings and the LLM-prefill floor: max(FLOPs / matmul peak, weight bytes / bandwidth)."""
+    from bench.measure.latency import measure_ceilings, roofline_ms
+
+    ceil = _CEILINGS.setdefault(str(adapter.device), measure_ceilings(adapter.device, adapter.dtype))
+    lm = adapter.model.model.language_model
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters()) + adapter.model.lm_head.weight.numel() * adapter.model.lm_head.weight.element_size()
+    llm_flops = eff.get("flops_llm_analytic")
+    return {
+        "matmul_tflops_per_s": None if ceil["matmul_flops_per_s"] is None else round(ceil["matmul_flops_per_s"] / 1e12, 2),
+        "copy_gb_per_s": None if ceil["copy_bytes_per_s"] is None else round(ceil["copy_bytes_per_s"] / 1e9, 1),
+        "llm_weight_bytes": int(weight_bytes),
+        "llm_prefill_flops": llm_flops,
+        "llm_prefill_floor_ms": None if llm_flops is None else roofline_ms(llm_flops, weight_bytes, ceil),
+    }
+
+
+_CEILINGS: dict[str, dict[str, float]] = {}
+
+
+def probe_batch(adapter, acc: dict[str, Any] | None, batch_size: int = 1) -> dict[str, torch.Tensor]:
     """The fixed input of the efficiency pass: the benchmark's first sample, or a synthetic one.
 
     Synthetic: a LLaVA-1.5-shaped prompt (35 text tokens, the image, 25 text tokens; 60 text tokens
@@ -243,16 +285,16 @@ def probe_batch(adapter, acc: dict[str, Any] | None) -> dict[str, torch.Tensor]:
         image = _first_image(doc)
         if image is not None:
             prompt = lm._prompt(str(doc.get("question", "What is shown in the image?")))
-            return dict(adapter.processor(images=[image.convert("RGB")], text=[prompt], return_tensors="pt", padding=True))
+            return dict(adapter.processor(images=[image.convert("RGB")] * batch_size, text=[prompt] * batch_size, return_tensors="pt", padding=True))
     g = torch.Generator().manual_seed(0)
     cfg = adapter.config
     n = adapter.grid[0] * adapter.grid[1]
     vocab = cfg.text_config.vocab_size
     text = torch.randint(3, min(vocab, 32000), (60,), generator=g)
     text[text == adapter.image_token_id] = 3
-    ids = torch.cat([text[:35], torch.full((n,), adapter.image_token_id), text[35:]]).unsqueeze(0)
+    ids = torch.cat([text[:35], torch.full((n,), adapter.image_token_id), text[35:]]).unsqueeze(0).repeat(batch_size, 1)
     side = cfg.vision_config.image_size
-    pix = torch.randn(1, 3, side, side, generator=g)
+    pix = torch.randn(1, 3, side, side, generator=g).repeat(batch_size, 1, 1, 1)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix}
 
 
@@ -299,7 +341,7 @@ def execute(cfg: dict[str, Any]) -> dict[str, Any]:
         log.info("run %s already recorded at %s; skipping (overwrite=true re-runs it)", rid, rdir)
         print(f"[bench] skip {rid}: already recorded ({rdir / 'record.json'})")
         return existing
-    adapter.load()  # missing/corrupt weights raise a BenchError here: nothing written yet
+    adapter = _loaded(cfg, adapter)  # missing/corrupt weights raise a BenchError here: nothing written yet
 
     started = _now()
     base = {
@@ -337,11 +379,18 @@ def execute(cfg: dict[str, Any]) -> dict[str, Any]:
         if measure.get("efficiency", True):
             from bench.measure.efficiency import measure_efficiency
 
-            batch = probe_batch(adapter, acc)
-            seeds = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long) + int(cfg["seed"])
+            batch = probe_batch(adapter, acc, batch_size=int(measure.get("batch_size", 1)))
+            seeds = torch.arange(batch["input_ids"].shape[0], dtype=torch.long) + int(cfg["seed"])
             e, n2 = measure_efficiency(adapter, method, batch, seeds, warmup=int(measure.get("warmup", 1)), repeats=int(measure.get("repeats", 5)))
             eff.update(e)
             notes += n2
+            if measure.get("stages", False):
+                from bench.measure.latency import stage_latencies
+
+                lat, n3 = stage_latencies(adapter, method, batch, seeds, warmup=int(measure.get("warmup", 1)), repeats=int(measure.get("repeats", 5)), modes=tuple(measure.get("modes", ["eager"])))
+                eff["latency"] = lat
+                eff["roofline"] = roofline(adapter, eff)
+                notes += n3
         else:
             notes.append("efficiency not measured: measure.efficiency=false")
         n_vis = adapter.grid[0] * adapter.grid[1]

@@ -23,7 +23,12 @@ class Efficiency(TypedDict):
     visual_tokens_per_layer: list[float] | None  # visual tokens entering each LLM decoder layer (mean over samples)
     visual_tokens_layer_mean: float | None  # mean of the list above (the `layer_mean` budget convention)
     budget_mode: str | None  # how the budget was counted: pre_llm methods are exact; in-LLM: layer_mean|after_prune|official
-    tflops_prefill: float | None  # measured FLOPs (2 x multiply-adds, torch FlopCounterMode) of one sample's vision encoder + selection + LLM prefill, / 1e12
+    tflops_prefill: float | None  # counted FLOPs (2 x multiply-adds, torch FlopCounterMode) per sample of vision encoder + selection + LLM prefill, / 1e12
+    tflops_prefill_analytic_no_selection: float | None  # bench.measure.flops's analytic model of the same forward, selection excluded
+    tflops_prefill_paper_convention: float | None  # FastV's 4nd^2 + 2n^2d + 2ndm per LLM layer (x2), as papers print it
+    flops_llm_analytic: int | None  # analytic FLOPs of the LLM prefill (+ lm_head) of the measured batch
+    latency: dict[str, dict[str, float | None]] | None  # measure.stages: {vision_encoder, selection, prefill_eager, prefill_graph, decode_step}: {median_ms, iqr_ms}
+    roofline: dict[str, float | None] | None  # measured matmul TFLOP/s and copy GB/s, LLM weight bytes, llm_prefill_floor_ms
     prefill_ms: float | None  # median wall time of one sample's vision encoder + selection + LLM prefill
     prefill_ms_iqr: float | None  # inter-quartile range of the repeats behind prefill_ms
     timer: str | None  # "cuda_events" on GPU, "wall_clock" (time.perf_counter) on CPU

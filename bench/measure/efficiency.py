@@ -4,7 +4,9 @@ What is measured and how (the record's ``efficiency`` keys, see ``bench/schema.p
 
 * ``tflops_prefill``: FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
   convolutions and attention; 2 x multiply-adds) over the vision encoder, the method's selection and
-  the LLM prefill of one sample, / 1e12. Elementwise work (norms, softmax, activations) is not counted.
+  the LLM prefill, per sample, / 1e12. Elementwise work (norms, softmax, activations) is not counted.
+  ``tflops_prefill_analytic_no_selection`` is ``bench.measure.flops``'s model of the same forward
+  without the selection, and ``tflops_prefill_paper_convention`` FastV's formula (LLM only).
 * ``prefill_ms``: median (and IQR) over repeats, after warm-up, of the same region.
 * ``kv_cache_bytes``: summed from the K/V tensors of the cache right after that prefill.
 * ``peak_mem_bytes``: ``torch.cuda.max_memory_allocated`` across the pass (CUDA only).
@@ -51,18 +53,20 @@ def measure_efficiency(adapter, method, batch: dict[str, torch.Tensor], seeds: t
         notes.append("peak_mem_bytes is null: peak device memory is only measured on CUDA")
     if device.type != "cuda":
         notes.append("prefill_ms is CPU wall-clock time (time.perf_counter), not comparable with GPU numbers")
-    kept = float(sum(prepared.visual_tokens_kept)) / len(prepared.visual_tokens_kept)
+    bsz = len(prepared.visual_tokens_kept)
+    kept = float(sum(prepared.visual_tokens_kept)) / bsz
     rows = prepared.visual_tokens_per_layer(adapter.num_llm_layers)
-    per_layer = [sum(col) / len(rows) for col in zip(*rows)]
+    per_layer = [sum(col) / bsz for col in zip(*rows)]
     cfg = adapter.model.config
-    n_tokens = int(prepared.attention_mask[0].sum())
-    text_tokens = n_tokens - int(prepared.visual_tokens_kept[0])
-    analytic = analytic_prefill(cfg, text_tokens, rows[0], selection_flops=0)
-    paper = paper_convention(cfg, text_tokens, rows[0])
+    # analytic model per sample (its own text length and per-layer visual tokens), summed over the batch
+    text = [int(prepared.attention_mask[i].sum()) - int(prepared.visual_tokens_kept[i]) for i in range(bsz)]
+    analytic = [analytic_prefill(cfg, text[i], rows[i]) for i in range(bsz)]
+    paper = sum(paper_convention(cfg, text[i], rows[i]) for i in range(bsz))
     eff = {
-        "tflops_prefill": flops / 1e12,
-        "tflops_prefill_analytic_no_selection": analytic.total / 1e12,
-        "tflops_prefill_paper_convention": paper / 1e12,
+        "tflops_prefill": flops / bsz / 1e12,
+        "tflops_prefill_analytic_no_selection": sum(a.total for a in analytic) / bsz / 1e12,
+        "tflops_prefill_paper_convention": paper / bsz / 1e12,
+        "flops_llm_analytic": sum(a.llm + a.lm_head for a in analytic),
         "prefill_ms": timing.median_ms,
         "prefill_ms_iqr": timing.iqr_ms,
         "timer": timing.timer,

@@ -105,7 +105,7 @@ class LlavaAdapter(ModelAdapter):
     """
 
     # "in_vision" and "in_llm" are added when bench/models/vision_merge.py and llm_pruning.py exist
-    supported_stages = frozenset({"none", "pre_llm", "in_llm"})
+    supported_stages = frozenset({"none", "pre_llm", "in_vision", "in_llm"})
 
     def __init__(
         self,
@@ -437,6 +437,19 @@ def kv_cache_bytes(cache) -> list[int]:
     for k, v in cache:  # legacy tuple-of-tuples caches
         out.append(k.numel() * k.element_size() + v.numel() * v.element_size())
     return out
+
+
+def cache_lengths(cache) -> list[int]:
+    """Keys held per layer (in-LLM pruning leaves later layers shorter)."""
+    return [int(layer.keys.shape[-2]) if isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.dim() == 4 else 0 for layer in cache.layers]
+
+
+def crop_cache(cache, lengths: list[int]) -> None:
+    """Cut each layer of a dynamic cache back to ``lengths`` (per layer, unlike ``DynamicCache.crop``)."""
+    for layer, n in zip(cache.layers, lengths):
+        if isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.dim() == 4:
+            layer.keys = layer.keys[..., :n, :]
+            layer.values = layer.values[..., :n, :]
 
 
 def _hf_home() -> str:
