@@ -97,7 +97,7 @@ def _hydra_app():
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        from bench.runner import execute
+        from bench.runner import RunKilled, execute
 
         from bench.sweep import normalize_none
 
@@ -108,6 +108,10 @@ def _hydra_app():
         if isinstance(resolved.get("logger"), dict) and not resolved["logger"].get("group"):
             # W&B groups a sweep's runs by its directory name (unique per submission)
             resolved["logger"]["group"] = Path(HydraConfig.get().sweep.dir).name if multirun else "single-runs"
+        # under a cluster launcher every job is its own process: a failure must reach the launcher
+        # (which reports it and fails the sweep); the local launcher runs jobs in this process and
+        # must carry on past a failed one
+        remote = "submitit" in str(HydraConfig.get().launcher.get("_target_", ""))
         try:
             execute(resolved)
         except BenchError as e:
@@ -116,9 +120,15 @@ def _hydra_app():
             # in a sweep, one impossible combination (e.g. a method the model cannot run) must
             # not stop the others; it is reported at the end and the exit code says so
             print(f"error: {e}", file=sys.stderr)
+            if remote:
+                raise
             _SKIPPED.append(f"{resolved['model']['name']} / {resolved['method']['name']} ratio={resolved['ratio']} / {resolved['benchmark']['name']}: {e}")
+        except RunKilled as e:
+            # a BaseException inside the run (so no library swallows it); as an ordinary exception
+            # here so that Hydra and submitit record the job as failed instead of losing it
+            raise RuntimeError(str(e)) from e
         except Exception as e:  # noqa: BLE001
-            if not multirun:
+            if not multirun or remote:
                 raise
             # a failed job leaves a `failed` record and must not stop the rest of the sweep
             traceback.print_exc()

@@ -15,6 +15,16 @@ import yaml
 EXCLUDED_KEYS = ("results_dir", "overwrite", "logger", "hydra", "launcher", "local", "slurm", "paths", "wandb")
 
 
+def canonicalize(config: dict[str, Any]) -> dict[str, Any]:
+    """Make equal settings hash equally: ``ratio=0`` (an int on the command line) is ``0.0``."""
+    for node in (config, config.get("method") or {}):
+        for key in ("ratio", "prune_ratio"):
+            v = node.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                node[key] = float(v)
+    return config
+
+
 def identity(config: dict[str, Any], fingerprints: dict[str, str]) -> dict[str, Any]:
     """What defines a run: the resolved config minus runtime-only keys, plus content fingerprints."""
     ident = {k: v for k, v in config.items() if k not in EXCLUDED_KEYS}

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from bench.errors import BenchError, ConfigError
-from bench.records import read_record, run_dir, run_id, write_json, write_jsonl, write_yaml
+from bench.records import canonicalize, read_record, run_dir, run_id, write_json, write_jsonl, write_yaml
 from bench.schema import SCHEMA_VERSION
 
 log = logging.getLogger("bench")
@@ -154,7 +154,47 @@ def _raise_killed(signum, frame):  # noqa: ARG001
 
 def job_info() -> dict[str, Any]:
     """Where the run executes: lets `bench status` tell a live run from one killed without a word."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID")}
+    env = os.environ
+    jid = env.get("SLURM_JOB_ID")
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        # array tasks are addressed as <array>_<task> by scancel/squeue
+        jid = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": jid}
+
+
+def claim(rdir: Path) -> bool:
+    """Atomically take the right to execute a run (``runs/<id>/.claim``, O_EXCL).
+
+    Two jobs of one run id (a resubmitted sweep while the first is still running, or ``none``
+    collapsed from several ratios) must not both execute it. A claim left by a job that is gone is
+    taken over.
+    """
+    import json
+
+    from bench.sweep import job_alive
+
+    rdir.mkdir(parents=True, exist_ok=True)
+    lock = rdir / ".claim"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            if holder and job_alive(holder) is False:
+                lock.unlink(missing_ok=True)
+                continue
+            return False
+        with os.fdopen(fd, "w") as fh:
+            json.dump(job_info(), fh)
+        return True
+    return False
+
+
+def release(rdir: Path) -> None:
+    (rdir / ".claim").unlink(missing_ok=True)
 
 
 def _now() -> str:
@@ -220,9 +260,9 @@ def accuracy_pass(cfg: dict[str, Any], adapter, method, rid: str) -> dict[str, A
         if "," not in key:
             continue
         name, _filter = key.split(",", 1)
-        if name.endswith("_stderr"):
+        if "_stderr" in name:  # lmms-eval 0.7 adds *_stderr, *_stderr_clt, *_stderr_clustered
             continue
-        stderr = raw.get(f"{name}_stderr,{_filter}")
+        stderr = next((raw[k] for k in (f"{name}_stderr,{_filter}", f"{name}_stderr_clt,{_filter}") if _num(raw.get(k)) is not None), None)
         metrics[name] = {
             "value": _num(value),
             "stderr": _num(stderr),
@@ -330,6 +370,7 @@ def execute(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run one fully resolved config; returns the record (existing one when skipped)."""
     t0 = time.time()
     validate(cfg)
+    canonicalize(cfg)
     method = build_method(cfg)
     adapter = build_adapter(cfg)
     adapter.check_method(method)
@@ -358,6 +399,14 @@ def execute(cfg: dict[str, Any]) -> dict[str, Any]:
         "config": cfg,
         "started_at": started,
     }
+    if not claim(rdir):
+        print(f"[bench] skip {rid}: being executed by another job ({rdir / '.claim'})")
+        return existing or {"run_id": rid, "status": "running"}
+    existing = read_record(rdir / "record.json")  # another job may have finished it meanwhile
+    if existing is not None and existing.get("status") == "completed" and not cfg.get("overwrite", False):
+        release(rdir)
+        print(f"[bench] skip {rid}: already recorded ({rdir / 'record.json'})")
+        return existing
     if existing is None or existing.get("status") != "completed":
         # a marker, so `bench status` can tell a job that died without a word (SIGKILL, OOM killer)
         write_json(rdir / "record.json", {**base, "status": "running", "metrics": {}, "accuracy_measured": False, "error": None, "job": job_info()})
@@ -439,6 +488,7 @@ def execute(cfg: dict[str, Any]) -> dict[str, Any]:
             _sink(failed, cfg)
         raise
     finally:
+        release(rdir)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     _sink(record, cfg)

@@ -76,6 +76,8 @@ def expand(args: list[str]) -> list[dict[str, Any]]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from bench.records import canonicalize
+
     preset = [a for a in args if a.startswith("+sweep=")]
     combos = sweep_overrides(args)
     out, seen = [], set()
@@ -83,6 +85,7 @@ def expand(args: list[str]) -> list[dict[str, Any]]:
         for combo in combos:
             cfg = OmegaConf.to_container(compose("config", overrides=preset + [c for c in combo if not c.startswith("+sweep=")]), resolve=True)
             normalize_none(cfg)
+            canonicalize(cfg)
             key = repr(sorted(cfg.items(), key=lambda kv: kv[0]))
             if key not in seen:
                 seen.add(key)

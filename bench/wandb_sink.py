@@ -97,6 +97,11 @@ def log_summary(tables: dict[str, Any], plots: list[Path], logger_cfg: dict[str,
         return None
 
 
+def _key(item) -> str:
+    # keys with "/" are stored as a nested key path
+    return item.key or "/".join(item.nested_key)
+
+
 def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
     """Read an offline run back with wandb's own datastore reader (used by tests and for checks).
 
@@ -123,13 +128,15 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
         out["record_types"].append(kind)
         if kind == "config":
             for item in rec.config.update:
-                out["config"][item.key] = json.loads(item.value_json)
+                out["config"][_key(item)] = json.loads(item.value_json)
         elif kind == "summary":
             for item in rec.summary.update:
-                out["summary"][item.key] = json.loads(item.value_json)
+                out["summary"][_key(item)] = json.loads(item.value_json)
         elif kind == "history":
-            out["history"].append({item.key: json.loads(item.value_json) for item in rec.history.item})
+            out["history"].append({_key(item): json.loads(item.value_json) for item in rec.history.item})
         elif kind == "run":
             out["group"] = rec.run.run_group
             out["name"] = rec.run.display_name
+            for item in rec.run.config.update:
+                out["config"][item.key] = json.loads(item.value_json)
     return out

@@ -27,6 +27,10 @@ done
 [[ $(id -u) == 0 ]] || { echo "error: starting slurmd needs root" >&2; exit 3; }
 
 host=$(hostname -s)
+# free ports, so several clusters (parallel test runs) never collide
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+ctld_port=${SLURM_TEST_CTLD_PORT:-$(free_port)}
+slurmd_port=${SLURM_TEST_SLURMD_PORT:-$(free_port)}
 cpus=$(nproc)
 mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
 mkdir -p "$dir/state" "$dir/spool" "$dir/log" "$dir/munge"
@@ -49,8 +53,8 @@ SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd.log
-SlurmctldPort=${SLURM_TEST_CTLD_PORT:-16817}
-SlurmdPort=${SLURM_TEST_SLURMD_PORT:-16818}
+SlurmctldPort=$ctld_port
+SlurmdPort=$slurmd_port
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/backfill

@@ -58,6 +58,10 @@ def test_run_id_is_stable_and_sensitive():
     # retrained weights or regenerated data change the identity
     assert a != run_id(resolved("method=random", "ratio=0.5"), {**fp, "model": "xyz"})
     assert a != run_id(resolved("method=random", "ratio=0.5"), {**fp, "benchmark": "synthvqa-gen2"})
+    # an int ratio on the command line is the same run as the float default
+    from bench.records import canonicalize
+
+    assert run_id(canonicalize(resolved("method=random", "ratio=0")), fp) == run_id(canonicalize(resolved("method=random")), fp)
     # where results go and whether to overwrite do not
     assert a == run_id(resolved("method=random", "ratio=0.5", "results_dir=/elsewhere", "overwrite=true"), fp)
 

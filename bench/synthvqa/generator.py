@@ -295,3 +295,44 @@ def words(text: str) -> list[str]:
     import re
 
     return re.findall(r"\w+|[^\w\s]+", text.lower())
+
+
+def scene_questions(objects: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """Every unambiguous (question, answer, qtype) about a scene, in the test split's answer ranges.
+
+    Used to ask several questions per training image; exist questions come as many "no" as "yes".
+    """
+    out: list[tuple[str, str, str]] = []
+    shapes = [o["shape"] for o in objects]
+    colors = [o["color"] for o in objects]
+    for s in SHAPES:
+        if shapes.count(s) == 1:
+            out.append((f"what color is the {s}?", colors[shapes.index(s)], "color"))
+        if 1 <= shapes.count(s) <= MAX_COUNT:
+            out.append((f"how many {PLURALS[s]} are there?", str(shapes.count(s)), "count"))
+    for c in COLORS:
+        if colors.count(c) == 1:
+            out.append((f"what shape is the {c} object?", shapes[colors.index(c)], "shape"))
+    pairs = [(o["shape"], o["color"]) for o in objects]
+    present = sorted(set(pairs))
+    absent = [(s, c) for s in SHAPES for c in COLORS if (s, c) not in present]
+    for i, (s, c) in enumerate(present):
+        out.append((f"is there a {c} {s}?", "yes", "exist"))
+        s2, c2 = absent[(i * 7 + len(objects)) % len(absent)]
+        out.append((f"is there a {c2} {s2}?", "no", "exist"))
+    uniq = [o for o in objects if pairs.count((o["shape"], o["color"])) == 1]
+    for a in uniq:
+        for b in uniq:
+            if a is b:
+                continue
+            ax, ay = (a["bbox"][0] + a["bbox"][2]) / 2, (a["bbox"][1] + a["bbox"][3]) / 2
+            bx, by = (b["bbox"][0] + b["bbox"][2]) / 2, (b["bbox"][1] + b["bbox"][3]) / 2
+            rels = []
+            if abs(ax - bx) >= MIN_SEP:
+                rels += [("left of", ax < bx), ("right of", ax > bx)]
+            if abs(ay - by) >= MIN_SEP:
+                rels += [("above", ay < by), ("below", ay > by)]
+            for rel, truth in rels:
+                q = f"is the {a['color']} {a['shape']} {rel} the {b['color']} {b['shape']}?"
+                out.append((q, "yes" if truth else "no", "position"))
+    return out

@@ -1,0 +1,117 @@
+"""A real single-node Slurm cluster: a SynthVQA sweep through Hydra's submitit launcher, a job
+killed mid-run, and a resubmission that completes the grid without duplicates or lost records.
+
+Part of `make test` (which installs Debian's slurm-wlm and munge). Where Slurm cannot be started,
+the test fails with the reason rather than skipping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "slurm_localhost.sh"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def slurm_env(tmp_path_factory):
+    missing = [b for b in ("slurmctld", "slurmd", "munged", "sbatch") if shutil.which(b) is None]
+    if missing:
+        pytest.fail(f"Slurm cannot be started: {', '.join(missing)} not installed (`make slurm-deps` installs Debian's slurm-wlm and munge)")
+    d = tmp_path_factory.mktemp("slurm")
+    r = subprocess.run([str(SCRIPT), "start", str(d)], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        subprocess.run([str(SCRIPT), "stop", str(d)], capture_output=True, timeout=60)
+        pytest.fail(f"Slurm cannot be started: {r.stdout}{r.stderr}")
+    env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf"), "PYTHONUNBUFFERED": "1"}
+    yield env
+    subprocess.run([str(SCRIPT), "stop", str(d)], capture_output=True, timeout=60)
+
+
+def bench(args, env, timeout=900):
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_records(results: Path) -> dict[str, dict]:
+    out = {}
+    for p in (results / "runs").glob("*/record.json"):
+        try:
+            out[p.parent.name] = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def test_slurm_sweep_kill_and_resume(slurm_env, tiny_model_dir, tmp_path):
+    results = tmp_path / "results"
+    sweep = ["method=none,random,pool", "ratio=0.5,0.9"]  # none collapses to ratio 0: 5 runs
+    common = [
+        "hydra/launcher=slurm",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        "+slurm.timeout_min=15",
+        "+slurm.cpus_per_task=1",
+        f"model.source={tiny_model_dir}",
+        "benchmark.limit=48",
+        "benchmark.batch_size=1",
+        f"results_dir={results}",
+        "logger=none",
+        "device=cpu",
+        "measure.repeats=2",
+    ]
+    status_args = ["status", *sweep, *[c for c in common if not c.startswith(("hydra", "+slurm"))]]
+    st = bench(status_args, slurm_env)
+    assert st.returncode == 0 and "5 runs: 0 done, 0 failed, 0 running, 5 missing" in st.stdout, st.stdout + st.stderr
+
+    # first submission; kill one job while it is running
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "-m", *sweep, *common], cwd=ROOT, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    deadline = time.time() + 600
+    while time.time() < deadline and killed is None and proc.poll() is None:
+        for rid, rec in read_records(results).items():
+            job = rec.get("job") or {}
+            # not `none`: its duplicate job (none collapses across ratios) could legitimately redo it
+            if rec.get("status") == "running" and job.get("slurm_job_id") and rec.get("method") != "none":
+                subprocess.run(["scancel", str(job["slurm_job_id"])], env=slurm_env, check=True)
+                killed = rid
+                break
+        time.sleep(0.5)
+    out, _ = proc.communicate(timeout=900)
+    assert killed is not None, "no job was seen running:\n" + out[-4000:]
+    assert proc.returncode != 0, "a killed job must make the sweep command fail"
+    recs = read_records(results)
+    assert recs[killed]["status"] == "failed" and "SIGTERM" in recs[killed]["error"], recs[killed]
+    assert sum(r["status"] == "completed" for r in recs.values()) == 4, {k: r["status"] for k, r in recs.items()}
+    completed_before = {rid: (results / "runs" / rid / "record.json").read_bytes() for rid, r in recs.items() if r["status"] == "completed"}
+    st = bench(status_args, slurm_env)
+    assert "5 runs: 4 done, 1 failed, 0 running, 0 missing" in st.stdout, st.stdout
+
+    # resubmission: only the failed run executes; nothing recorded is lost or duplicated
+    r = bench(["run", "-m", *sweep, *common], slurm_env)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    recs = read_records(results)
+    assert len(recs) == 5 and all(v["status"] == "completed" for v in recs.values())
+    for rid, blob in completed_before.items():
+        assert (results / "runs" / rid / "record.json").read_bytes() == blob, "a finished run was re-run"
+    st = bench(status_args, slurm_env)
+    assert "5 runs: 5 done, 0 failed, 0 running, 0 missing" in st.stdout, st.stdout
+    lb = (results / "leaderboard.csv").read_text().splitlines()
+    assert len(lb) == 1 + 5
+
+
+def test_status_reports_a_silently_killed_job(tmp_path):
+    """A `running` record whose process is gone (SIGKILL, OOM killer) counts as killed."""
+    from bench.sweep import job_alive
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert job_alive({"host": os.uname().nodename, "pid": dead.pid}) is False
+    assert job_alive({"host": os.uname().nodename, "pid": os.getpid()}) is True
