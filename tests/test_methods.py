@@ -23,9 +23,25 @@ def make(name: str, ratio: float, seed: int = 0):
     return instantiate(mcfg)
 
 
-def ctx(b: int, seeds=None) -> VisionContext:
+def ctx(b: int, seeds=None, vis=None, method=None) -> VisionContext:
+    """The plain context; methods that need vision-tower extras get tower-like ones derived from ``vis``
+    (``tests/reference_vision.synthetic_extras``: per sample, so batch = per-sample still holds)."""
     s = torch.arange(b) * 7919 + 13 if seeds is None else seeds
-    return VisionContext(grid=(24, 24), has_cls=True, sample_seeds=s)
+    extras = {}
+    if method is not None and method.needs:
+        from reference_vision import synthetic_extras  # tests/ is on sys.path (rootdir-less test modules)
+
+        extras = synthetic_extras(vis, method.needs)
+    return VisionContext(grid=(24, 24), has_cls=True, sample_seeds=s, extras=extras)
+
+
+def pre_llm_only(m) -> None:
+    # in-vision methods (ToMe) merge inside the tower, in-LLM methods inside the decoder: their own
+    # test files (test_vision_methods.py, test_llm_methods.py) run them there
+    if m.stage == "in_vision":
+        pytest.skip("in_vision method: covered through the tower in tests/test_vision_methods.py")
+    if m.stage == "in_llm":
+        pytest.skip("in_llm method: covered inside the LLM in tests/test_llm_methods.py")
 
 
 def cases():
@@ -45,7 +61,8 @@ def vis():
 @pytest.mark.parametrize("name,ratio", list(cases()))
 def test_shapes_counts_order(name, ratio, vis):
     m = make(name, ratio)
-    out = m.reduce(vis, ctx(2))
+    pre_llm_only(m)
+    out = m.reduce(vis, ctx(2, vis=vis, method=m))
     b, k, d = out.features.shape
     assert (b, d) == (2, 64)
     assert out.n_kept.tolist() == [k, k]
@@ -62,19 +79,22 @@ def test_shapes_counts_order(name, ratio, vis):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_ratio_zero_is_identity(name, vis):
-    out = make(name, 0.0).reduce(vis, ctx(2))
+    m = make(name, 0.0)
+    pre_llm_only(m)
+    out = m.reduce(vis, ctx(2, vis=vis, method=m))
     assert torch.equal(out.features, vis)
 
 
 @pytest.mark.parametrize("name,ratio", list(cases()))
 def test_deterministic_and_batch_equals_per_sample(name, ratio, vis):
     m = make(name, ratio)
+    pre_llm_only(m)
     seeds = torch.tensor([11, 22])
-    a = m.reduce(vis, ctx(2, seeds))
-    b = make(name, ratio).reduce(vis, ctx(2, seeds))
+    a = m.reduce(vis, ctx(2, seeds, vis, m))
+    b = make(name, ratio).reduce(vis, ctx(2, seeds, vis, m))
     assert torch.equal(a.features, b.features)
     for i in range(2):
-        one = m.reduce(vis[i : i + 1], ctx(1, seeds[i : i + 1]))
+        one = m.reduce(vis[i : i + 1], ctx(1, seeds[i : i + 1], vis[i : i + 1], m))
         assert torch.equal(one.features[0], a.features[i])
 
 

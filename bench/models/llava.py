@@ -292,6 +292,8 @@ class LlavaAdapter(ModelAdapter):
             vision_feature_layer=cfg.vision_feature_layer,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
             return_dict=True,
+            # transformers >= 5.2x records only the feature layer unless every hidden state is asked for
+            **({"output_hidden_states": True} if output_hidden_states else {}),
         )
         feats = out.pooler_output
         feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats

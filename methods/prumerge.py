@@ -1,0 +1,198 @@
+"""LLaVA-PruMerge and PruMerge+: adaptive CLS-attention pruning with key-similarity merging.
+
+Paper: https://arxiv.org/abs/2403.15388 (code: 42Shawn/LLaVA-PruMerge,
+``llava/model/multimodal_encoder/clip_encoder.py::token_prune_merge_advanced(_plus)``, ``outlier_dectection``).
+
+methods.md 1 and 1b: the official code hooks CLIP layer 23's ``q_proj``/``k_proj`` (the last layer;
+its input is the layer -2 features) and computes a *single-head* full-width attention
+``softmax(q k^T / sqrt(C))`` (``C`` = the feature width, 1024), CLS row, CLS column dropped. Kept tokens
+are the top-``L`` by that score, **in descending-score order** (not raster). Each kept token ``i``
+becomes ``x_i + sum_j w_j x_j`` over its 32 most key-similar other tokens (cosine of the layer-23
+keys, the kept and the pruned ones alike), ``w`` the unnormalised CLS weights; one extra token
+``sum_{pruned} w x`` is appended. Everything happens on the layer -2 features, then the projector.
+
+Budget (``budget`` field, recorded in the resolved config):
+
+* ``adaptive`` (the official mode): ``L = int(N * ratio)`` with ``ratio`` the share of IQR outliers
+  (``> Q3 + 1.5 IQR``, linear-interpolated percentiles as ``np.percentile``, here in float64) of
+  *each sample's* scores; ``prune_ratio`` is then ignored except that 0 reproduces the unpruned model.
+  PruMerge+ adds the spatial samples ``arange(0, N - 1, int(int(1 / ratio) / 3))`` not already kept.
+* ``fixed`` (for equal-ratio tables; the default here): the LLM sees exactly ``T = round(N(1 - prune_ratio))``
+  tokens: PruMerge keeps the top ``T - 1`` plus the extra token. PruMerge+ keeps the top
+  ``ceil((T - 1) / 2)`` and ``floor((T - 1) / 2)`` spatial samples taken at evenly spaced positions
+  (offset half a stride, as the official ``if_adaptive=False`` path) of the *not yet kept* tokens in
+  raster order, plus the extra token. The official fixed mode takes its stride samples from all tokens,
+  so tokens already in the top-k are kept twice and real tokens silently vanish; that defect is
+  corrected here.
+
+Official defects handled per sample (methods.md policy): the outlier ratio is computed over the whole
+batch flattened and PruMerge+'s "not already kept" filter uses the whole batch's indices (here: per
+sample); adaptive PruMerge+ crashes without outliers (here ``int(1 / ratio)`` is taken as ``N``, and
+the top-k part is empty) and for ``ratio > 1/3`` (stride 0; here the stride is at least 1).
+Adaptive outputs differ in length per sample: rows past ``n_kept`` are zero padding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from bench.errors import ConfigError
+from methods.base import PruningMethod, VisionContext, VisualSelection
+
+
+def prumerge_cls_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``(B, S, C)`` raw ``q_proj``/``k_proj`` outputs -> ``(B, S - 1)`` single-head CLS-row scores."""
+    c = q.shape[-1]
+    attn = torch.softmax((q[:, :1] @ k.transpose(-2, -1)) * c**-0.5, dim=-1)
+    return attn[:, 0, 1:]
+
+
+def outlier_ratio(scores: torch.Tensor) -> float:
+    """Share of ``(N,)`` scores above ``Q3 + 1.5 * IQR`` (linear percentiles)."""
+    v = scores.detach().float().double()
+    q1, q3 = torch.quantile(v, torch.tensor([0.25, 0.75], dtype=torch.float64, device=v.device)).tolist()
+    upper = q3 + 1.5 * (q3 - q1)
+    return int((v > upper).sum()) / v.numel()
+
+
+def merge_centres(feats: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor, idx: torch.Tensor, n_neighbors: int = 32) -> torch.Tensor:
+    """PruMerge's centre update and extra token.
+
+    Parameters
+    ----------
+    feats : torch.Tensor
+        ``(B, N, C)`` layer -2 patch features.
+    keys : torch.Tensor
+        ``(B, N, C)`` layer-23 keys of the patches (CLS row removed).
+    cls : torch.Tensor
+        ``(B, N)`` CLS-row scores (the merge weights).
+    idx : torch.LongTensor
+        ``(B, L)`` kept tokens, distinct, in output order.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, L + 1, C)``: ``x_i + sum_{j in nn32(i)} w_j x_j`` for each kept ``i``, then ``sum_{pruned} w x``.
+    """
+    b, n, c = feats.shape
+    l = idx.shape[1]
+    pruned = torch.ones(b, n, dtype=torch.bool, device=feats.device).scatter_(1, idx, False)
+    extra = ((cls * pruned.to(cls.dtype)).unsqueeze(1) @ feats.to(cls.dtype)).to(feats.dtype)
+    if l == 0:
+        return extra
+    kn = F.normalize(keys, p=2, dim=-1)
+    sim = kn.gather(1, idx.unsqueeze(-1).expand(-1, -1, c)) @ kn.transpose(1, 2)  # (B, L, N)
+    sim.scatter_(2, idx.unsqueeze(-1), float("-inf"))  # every token but itself is a candidate
+    nb = sim.topk(min(n_neighbors, n - 1), dim=2).indices
+    w = torch.zeros(b, l, n, dtype=feats.dtype, device=feats.device)
+    w.scatter_(2, nb, cls.gather(1, nb.flatten(1)).view_as(nb).to(feats.dtype))
+    centres = feats.gather(1, idx.unsqueeze(-1).expand(-1, -1, c)) + w @ feats
+    return torch.cat([centres, extra], dim=1)
+
+
+def spatial_fill(kept: torch.Tensor, n: int, count: int) -> torch.Tensor:
+    """``count`` evenly spaced (half-stride offset) tokens of those not in ``kept`` ``(B, L)``, raster order."""
+    b = kept.shape[0]
+    if count <= 0:
+        return kept.new_zeros(b, 0)
+    free = torch.ones(b, n, dtype=torch.bool, device=kept.device).scatter_(1, kept, False)
+    rest = (~free).to(torch.int8).sort(dim=1, stable=True).indices[:, : n - kept.shape[1]]
+    m = rest.shape[1]
+    pos = ((torch.arange(count, device=kept.device, dtype=torch.float64) + 0.5) * (m / count)).long().clamp(max=m - 1)
+    return rest[:, pos]
+
+
+def adaptive_plus_samples(top: torch.Tensor, ratio: float, n: int) -> torch.Tensor:
+    """PruMerge+'s spatial samples for one sample ``top`` ``(L,)``: ``arange(0, N-1, int(int(1/r)/3))`` minus ``top``."""
+    step_length = int(1 / ratio) if ratio > 0 else n
+    seq = torch.arange(0, n - 1, max(1, int(step_length / 3)), device=top.device)
+    return seq[~torch.isin(seq, top)]
+
+
+@dataclass
+class PruMerge(PruningMethod):
+    """LLaVA-PruMerge (see the module docstring).
+
+    Parameters
+    ----------
+    budget : {"fixed", "adaptive"}
+        ``fixed``: exactly ``round(N * (1 - prune_ratio))`` tokens; ``adaptive``: the official IQR budget.
+    attn_layer : int
+        CLIP layer whose ``q_proj``/``k_proj`` outputs score and match tokens (-1 = layer 23 of 24).
+    feature_layer : int
+        Layer whose output is merged (-2, LLaVA's feature layer).
+    n_neighbors : int
+        Tokens merged into each kept token (32).
+    """
+
+    budget: str = "fixed"
+    attn_layer: int = -1
+    feature_layer: int = -2
+    n_neighbors: int = 32
+
+    requires_cls: ClassVar[bool] = True
+    plus: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget not in ("fixed", "adaptive"):
+            raise ConfigError(f"{self.name}: budget must be 'fixed' or 'adaptive', got {self.budget!r}")
+
+    @property
+    def name(self) -> str:
+        return "prumerge_plus" if self.plus else "prumerge"
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({f"q_proj:{self.attn_layer}", f"k_proj:{self.attn_layer}", f"hidden:{self.feature_layer}", "projector"})
+
+    def kept_indices(self, cls: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
+        """Kept tokens in output order: ``(B, L)`` (fixed) or a list of ``(L_b,)`` (adaptive)."""
+        b, n = cls.shape
+        if self.budget == "fixed":
+            m = self.n_keep(n) - 1  # the extra summary token is part of the budget
+            n_top = math.ceil(m / 2) if self.plus else m
+            top = cls.topk(n_top, dim=1).indices
+            return torch.cat([top, spatial_fill(top, n, m - n_top)], dim=1) if self.plus else top
+        out = []
+        for i in range(b):
+            ratio = outlier_ratio(cls[i])
+            top = cls[i : i + 1].topk(int(n * ratio), dim=1).indices[0]
+            out.append(torch.cat([top, adaptive_plus_samples(top, ratio, n)]) if self.plus else top)
+        return out
+
+    def reduce(self, vis: torch.Tensor, ctx: VisionContext) -> VisualSelection:
+        b, n, _ = vis.shape
+        if self.prune_ratio == 0.0:
+            return VisualSelection(vis, torch.arange(n, device=vis.device).expand(b, n), torch.full((b,), n, dtype=torch.long))
+        self.check_compatible(ctx)
+        q, k = ctx.get(f"q_proj:{self.attn_layer}"), ctx.get(f"k_proj:{self.attn_layer}")
+        feats = ctx.get(f"hidden:{self.feature_layer}")[:, 1:]
+        if feats.shape[1] != n:
+            raise ValueError(f"{self.name}: layer features have {feats.shape[1]} patches, expected {n}")
+        cls = prumerge_cls_attention(q, k)
+        keys = k[:, 1:]
+        proj = ctx.get("projector")
+        idx = self.kept_indices(cls)
+        if isinstance(idx, torch.Tensor):
+            merged = merge_centres(feats, keys, cls, idx, int(self.n_neighbors))
+            out = proj(merged).to(vis.dtype)
+            return VisualSelection(out, None, torch.full((b,), out.shape[1], dtype=torch.long))
+        rows = [proj(merge_centres(feats[i : i + 1], keys[i : i + 1], cls[i : i + 1], ix.unsqueeze(0), int(self.n_neighbors)))[0] for i, ix in enumerate(idx)]
+        kmax = max(r.shape[0] for r in rows)
+        out = vis.new_zeros(b, kmax, rows[0].shape[-1])
+        for i, r in enumerate(rows):
+            out[i, : r.shape[0]] = r.to(vis.dtype)
+        return VisualSelection(out, None, torch.tensor([r.shape[0] for r in rows], dtype=torch.long))
+
+
+@dataclass
+class PruMergePlus(PruMerge):
+    """PruMerge+: PruMerge plus uniformly spread spatial samples (see the module docstring)."""
+
+    plus: ClassVar[bool] = True

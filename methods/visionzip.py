@@ -1,0 +1,139 @@
+"""VisionZip: dominant tokens by CLS attention plus contextual tokens merged by key similarity.
+
+Paper: https://arxiv.org/abs/2412.04467 (code: dvlab-research/VisionZip, ``visionzip/clip_encoder.py``,
+``visionzip/utils.py::CLIPAttention_forward``).
+
+methods.md 1 and 1b, at CLIP layer ``layer`` (-2, index 22 of 24):
+
+* *Dominant*: ``s = sum_heads A[:, :, CLS, 1:]``; the CLS token plus the top-``(D - 1)`` patches,
+  emitted in raster order (CLS first). ``D`` counts the CLS token: 192 = CLS + 161 + 30.
+* *Contextual*: the ``R = S - D`` remaining tokens (raster order) are compared by their head-averaged
+  layer keys (computed from that layer's input), L2-normalised. Targets are chosen *by position*: every
+  ``max(1, R // C)``-th remaining token, the first ``C`` of them. Every other token joins the target of
+  highest cosine (first-index ties, ``argmax``), and a contextual token is
+  ``h_target + mean(h_assigned)`` (target *plus* the mean, counts clamped at 1), on the layer's output.
+* *Output*: ``[dominant; contextual]`` through the projector (merging happens in the tower's space).
+
+Budget split: the official settings 162+30, 108+20, 54+10 all give ``C = T * 30 / 192``; for any budget
+``T`` this module uses ``C = round(T * contextual_share)`` and ``D = T - C`` unless ``dominant`` and
+``contextual`` are given explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from bench.errors import ConfigError
+from methods.base import PruningMethod, VisionContext, VisualSelection
+
+
+def visionzip_merge(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, dominant: int, contextual: int) -> torch.Tensor:
+    """The VisionZip rule on one layer's tensors.
+
+    Parameters
+    ----------
+    cls_attn : torch.Tensor
+        ``(B, H, S)`` per-head CLS-row attention probabilities, CLS column first.
+    keys : torch.Tensor
+        ``(B, S, d)`` head-averaged keys of the same layer.
+    hidden : torch.Tensor
+        ``(B, S, C)`` that layer's output (CLS row first).
+    dominant, contextual : int
+        ``D`` (CLS included, ``>= 1``) and ``C``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, D + C, C_vis)``: CLS and dominant patches in raster order, then the contextual tokens.
+    """
+    b, s, c = hidden.shape
+    dev = hidden.device
+    top = cls_attn.sum(dim=1)[:, 1:].topk(dominant - 1, dim=1).indices + 1
+    keep = torch.zeros(b, s, dtype=torch.bool, device=dev)
+    keep[:, 0] = True
+    keep.scatter_(1, top, True)
+    # stable sort of the mask lists kept tokens first, each group in raster order (the masked_select order)
+    order = (~keep).to(torch.int8).sort(dim=1, stable=True).indices
+    dom_idx, rem_idx = order[:, :dominant], order[:, dominant:]
+    dom = hidden.gather(1, dom_idx.unsqueeze(-1).expand(-1, -1, c))
+    if contextual <= 0:
+        return dom
+    r = s - dominant
+    metric = keys.gather(1, rem_idx.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    rem_h = hidden.gather(1, rem_idx.unsqueeze(-1).expand(-1, -1, c))
+    step = max(1, r // contextual)
+    tgt = torch.arange(0, r, step, device=dev)[:contextual]
+    is_tgt = torch.zeros(r, dtype=torch.bool, device=dev)
+    is_tgt[tgt] = True
+    oth = (~is_tgt).nonzero().flatten()
+    sim = torch.bmm(metric[:, oth], metric[:, tgt].transpose(1, 2))  # (B, R - C, C)
+    assign = sim.argmax(dim=2)  # (B, R - C): first index among ties
+    # scatter_add, not the official one-hot bmm: the same sums, but a batched bmm may add in another
+    # order than a single-sample one, and a sample's tokens must not depend on its batch neighbours
+    agg = torch.zeros(b, len(tgt), c, dtype=hidden.dtype, device=dev)
+    agg.scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, c), rem_h[:, oth])
+    counts = torch.zeros(b, len(tgt), dtype=hidden.dtype, device=dev).scatter_add_(1, assign, torch.ones_like(assign, dtype=hidden.dtype))
+    agg = agg / counts.clamp(min=1).unsqueeze(-1)
+    return torch.cat([dom, rem_h[:, tgt] + agg], dim=1)
+
+
+@dataclass
+class VisionZip(PruningMethod):
+    """VisionZip on LLaVA: ``T = round(N * (1 - prune_ratio))`` tokens = ``D`` dominant (CLS included) + ``C`` contextual.
+
+    Parameters
+    ----------
+    layer : int
+        CLIP layer for attention, keys and features (``-2``).
+    contextual_share : float
+        ``C / T`` when the counts are not given (``30 / 192``, the official split).
+    dominant, contextual : int or None
+        Explicit ``D`` and ``C`` (both or neither); they override the ratio.
+    """
+
+    layer: int = -2
+    contextual_share: float = 30 / 192
+    dominant: int | None = None
+    contextual: int | None = None
+
+    requires_cls: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.dominant is None) != (self.contextual is None):
+            raise ConfigError("visionzip: give both dominant and contextual, or neither")
+        if not 0.0 <= float(self.contextual_share) < 1.0:
+            raise ConfigError(f"visionzip: contextual_share must be in [0, 1), got {self.contextual_share}")
+
+    @property
+    def name(self) -> str:
+        return "visionzip"
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({f"cls_attn:{self.layer}", f"keys:{self.layer}", f"hidden:{self.layer}", "projector"})
+
+    def counts(self, n: int) -> tuple[int, int]:
+        """``(D, C)`` for ``n`` visual tokens."""
+        if self.dominant is not None:
+            return int(self.dominant), int(self.contextual)
+        t = self.n_keep(n)
+        c = min(int(round(t * float(self.contextual_share))), t - 1)
+        return t - c, c
+
+    def reduce(self, vis: torch.Tensor, ctx: VisionContext) -> VisualSelection:
+        b, n, _ = vis.shape
+        if self.prune_ratio == 0.0 and self.dominant is None:
+            return VisualSelection(vis, torch.arange(n, device=vis.device).expand(b, n), torch.full((b,), n, dtype=torch.long))
+        self.check_compatible(ctx)
+        d, c = self.counts(n)
+        hidden = ctx.get(f"hidden:{self.layer}")
+        if hidden.shape[1] != n + 1:
+            raise ValueError(f"visionzip: layer features have {hidden.shape[1]} rows, expected CLS + {n}")
+        merged = visionzip_merge(ctx.get(f"cls_attn:{self.layer}"), ctx.get(f"keys:{self.layer}"), hidden, d, c)
+        feats = ctx.get("projector")(merged).to(vis.dtype)
+        return VisualSelection(feats, None, torch.full((b,), d + c, dtype=torch.long))

@@ -1,0 +1,214 @@
+"""Plain, loop-style references of the vision-side rules, and synthetic tower extras for unit tests.
+
+Each reference is written from methods.md (sections 1 and 1b) and the official code's behaviour, one
+sample at a time with Python lists and loops, deliberately unlike the vectorised versions in
+``methods/``; ``tests/test_vision_methods.py`` checks that both agree on many random inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from methods.base import VisionContext
+
+
+# ----------------------------------------------------------------------------- synthetic extras
+def synthetic_extras(vis: torch.Tensor, needs, heads: int = 4, seed: int = 1234) -> dict:
+    """Tower-like extras derived from ``(B, N, D)`` projected features, one sample at a time.
+
+    The "layer features" are ``[mean(vis); vis]`` (a CLS row, then the patches), ``q``/``k`` fixed
+    random projections of them, the attention rows/means their softmax; the projector is the identity.
+    Every key is computed per sample, so a sample's extras do not depend on its batch neighbours.
+    """
+    b, n, d = vis.shape
+    g = torch.Generator().manual_seed(seed)
+    wq = torch.randn(d, d, generator=g, dtype=vis.dtype) / math.sqrt(d)
+    wk = torch.randn(d, d, generator=g, dtype=vis.dtype) / math.sqrt(d)
+    hd = d // heads
+
+    def per_sample(i):
+        h = torch.cat([vis[i].mean(0, keepdim=True), vis[i]])  # (S, D)
+        q, k = h @ wq, h @ wk
+        qh, kh = q.view(-1, heads, hd).transpose(0, 1), k.view(-1, heads, hd).transpose(0, 1)
+        p = torch.softmax(qh @ kh.transpose(-1, -2) * hd**-0.5, dim=-1)  # (H, S, S)
+        return {"hidden": h, "q_proj": q, "k_proj": k, "keys": k.view(-1, heads, hd).mean(1), "cls_attn": p[:, 0], "attn_colmean": p.mean(0).mean(0)}
+
+    rows = [per_sample(i) for i in range(b)]
+    out = {}
+    for key in needs:
+        if key == "projector":
+            out[key] = lambda: (lambda x: x)
+            continue
+        kind = key.split(":")[0]
+        out[key] = (lambda kind=kind: torch.stack([r[kind] for r in rows]))
+    return out
+
+
+def random_extras(b: int, n: int = 576, d: int = 64, heads: int = 4, gen: torch.Generator | None = None, peaked: bool = True) -> dict:
+    """Random tower tensors of the real token count (``S = 1 + n``), as plain tensors per kind."""
+    g = gen or torch.Generator().manual_seed(0)
+    s = n + 1
+    hidden = torch.randn(b, s, d, generator=g)
+    logits = torch.randn(b, heads, s, s, generator=g) * (3.0 if peaked else 1.0)
+    p = torch.softmax(logits, dim=-1)
+    k = torch.randn(b, s, d, generator=g)
+    q = torch.randn(b, s, d, generator=g) * 0.3
+    return {"hidden": hidden, "cls_attn": p[:, :, 0], "attn_colmean": p.mean(1).mean(1), "keys": torch.randn(b, s, d // heads, generator=g), "q_proj": q, "k_proj": k}
+
+
+def ctx_from(tensors: dict, needs, grid=(24, 24), has_cls=True, b: int | None = None) -> VisionContext:
+    """A :class:`VisionContext` serving ``tensors`` (kind -> tensor) under every key of ``needs``."""
+    extras = {}
+    for key in needs:
+        if key == "projector":
+            extras[key] = lambda: (lambda x: x)
+        else:
+            extras[key] = (lambda t=tensors[key.split(":")[0]]: t)
+    bb = b if b is not None else next(iter(tensors.values())).shape[0]
+    return VisionContext(grid=grid, has_cls=has_cls, sample_seeds=torch.arange(bb), extras=extras)
+
+
+def argsort_desc(values: list[float]) -> list[int]:
+    """Indices by descending value, first index first among ties (Python's stable sort)."""
+    return sorted(range(len(values)), key=lambda j: -values[j])
+
+
+# ----------------------------------------------------------------------------- references
+def ref_fastervlm(cls_attn: torch.Tensor, k: int) -> list[int]:
+    """``cls_attn`` ``(H, S)`` -> sorted kept patch indices."""
+    h, s = cls_attn.shape
+    score = [sum(float(cls_attn[i, j]) for i in range(h)) / h for j in range(1, s)]
+    return sorted(argsort_desc(score)[:k])
+
+
+def ref_divprune(x: torch.Tensor, k: int) -> list[int]:
+    """The official loop: index the selected rows of ``D = 1 - cos`` and take their column minimum."""
+    xn = x / x.norm(dim=1, keepdim=True)
+    dist = 1.0 - xn @ xn.t()
+    picks: list[int] = []
+    for i in range(k):
+        if i == 0:
+            scores = dist.topk(2, dim=0, largest=False).values[1]
+        else:
+            scores = dist[torch.tensor(picks)].min(dim=0).values
+        picks.append(int(torch.argmax(scores)))
+    return sorted(picks)
+
+
+def ref_vispruner(score: torch.Tensor, feats: torch.Tensor, t: int, ratio: float, step: int = 8) -> list[int]:
+    n_imp = int(t * ratio)
+    n_div = t - n_imp
+    order = argsort_desc(score.tolist())
+    imp, res = order[:n_imp], order[n_imp:]
+    xn = feats / feats.norm(dim=-1, keepdim=True)
+    while True:
+        r = min(step, len(res) - n_div)
+        if r <= 0:
+            break
+        evens, odds = res[0::2], res[1::2]
+        sim = xn[evens] @ xn[odds].t()
+        best = [float(sim[i].max()) for i in range(len(evens))]
+        survivors = [evens[i] for i in argsort_desc(best)[r:]]
+        res = survivors + odds
+    return sorted(imp + res)
+
+
+def ref_hiprune(shallow: torch.Tensor, deep: torch.Tensor, t: int, alpha: float, width: int) -> list[int]:
+    n = len(shallow)
+    n_anchor = round(t * alpha / 5)
+    anchors = argsort_desc(shallow.tolist())[:n_anchor]
+    buf = set()
+    for a in anchors:
+        for c in (a, a - 1, a + 1, a - width, a + width):
+            buf.add(min(max(c, 0), n - 1))
+    ranked = [j for j in argsort_desc(deep.tolist()) if j not in buf]
+    return sorted(buf | set(ranked[: t - len(buf)]))
+
+
+def ref_visionzip(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, dominant: int, contextual: int) -> torch.Tensor:
+    """``(H, S)``, ``(S, d)``, ``(S, C)`` -> ``(D + C, C)``."""
+    s = hidden.shape[0]
+    score = cls_attn.sum(0)[1:].tolist()
+    dom = sorted([0] + [j + 1 for j in argsort_desc(score)[: dominant - 1]])
+    rest = [j for j in range(s) if j not in set(dom)]
+    out = [hidden[j] for j in dom]
+    if contextual <= 0:
+        return torch.stack(out)
+    step = max(1, len(rest) // contextual)
+    tpos = list(range(0, len(rest), step))[:contextual]
+    targets = [rest[p] for p in tpos]
+    others = [rest[p] for p in range(len(rest)) if p not in set(tpos)]
+    kn = {j: keys[j] / keys[j].norm() for j in rest}
+    groups: dict[int, list[int]] = {t: [] for t in targets}
+    for j in others:
+        sims = [float(kn[j] @ kn[t]) for t in targets]
+        groups[targets[max(range(len(targets)), key=lambda i: (sims[i], -i))]].append(j)
+    for t in targets:
+        g = groups[t]
+        mean = torch.stack([hidden[j] for j in g]).sum(0) / len(g) if g else torch.zeros_like(hidden[t])
+        out.append(hidden[t] + mean)
+    return torch.stack(out)
+
+
+def ref_prumerge(feats: torch.Tensor, q: torch.Tensor, k: torch.Tensor, kept: list[int], n_neighbors: int = 32) -> torch.Tensor:
+    """The official per-token loop: ``rest`` = the other kept tokens (in kept order), then the pruned ones."""
+    n, c = feats.shape
+    attn = torch.softmax((q @ k.t()) * c**-0.5, dim=-1)[0, 1:]
+    keys = F.normalize(k[1:], p=2, dim=-1)
+    pruned = [j for j in range(n) if j not in set(kept)]
+    out = []
+    for i, ti in enumerate(kept):
+        rest = kept[:i] + kept[i + 1 :] + pruned
+        sims = (keys[ti : ti + 1] @ keys[rest].t())[0]
+        nb = sims.topk(n_neighbors).indices.tolist()
+        acc = sum(attn[rest[j]] * feats[rest[j]] for j in nb)
+        out.append(feats[ti] + acc)
+    out.append(sum(attn[j] * feats[j] for j in pruned) if pruned else torch.zeros(c))
+    return torch.stack(out)
+
+
+def ref_prumerge_cls(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    c = q.shape[-1]
+    return torch.softmax((q @ k.t()) * c**-0.5, dim=-1)[0, 1:]
+
+
+def ref_outlier_ratio(scores: torch.Tensor) -> float:
+    import numpy as np
+
+    a = scores.double().numpy()
+    q1, q3 = np.percentile(a, 25), np.percentile(a, 75)
+    return float((a > q3 + 1.5 * (q3 - q1)).sum()) / len(a)
+
+
+def ref_tome_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, class_token: bool = True):
+    """One ToMe merge of one sample, with explicit loops: ``(T, C)``, ``(T, 1)``, ``(T, d)`` -> merged ``x``, ``size``."""
+    t = x.shape[0]
+    r = min(r, (t - (1 if class_token else 0)) // 2)
+    if r <= 0:
+        return x * size / size, size
+    mn = metric / metric.norm(dim=-1, keepdim=True)
+    a_ids, b_ids = list(range(0, t, 2)), list(range(1, t, 2))
+    best, best_j = [], []
+    for ai in a_ids:
+        sims = [float(mn[ai] @ mn[bj]) for bj in b_ids]
+        if class_token and ai == 0:
+            sims = [-math.inf] * len(b_ids)
+        j = max(range(len(sims)), key=lambda q: (sims[q], -q))
+        best.append(sims[j])
+        best_j.append(j)
+    order = argsort_desc(best)
+    src = order[:r]
+    unm = sorted(order[r:]) if class_token else order[r:]
+    xs, ss = x * size, size
+    dst_x = [xs[bj].clone() for bj in b_ids]
+    dst_s = [ss[bj].clone() for bj in b_ids]
+    for i in src:
+        dst_x[best_j[i]] = dst_x[best_j[i]] + xs[a_ids[i]]
+        dst_s[best_j[i]] = dst_s[best_j[i]] + ss[a_ids[i]]
+    new_x = [xs[a_ids[i]] for i in unm] + dst_x
+    new_s = [ss[a_ids[i]] for i in unm] + dst_s
+    nx, ns = torch.stack(new_x), torch.stack(new_s)
+    return nx / ns, ns

@@ -1,0 +1,419 @@
+"""Vision-side methods (FasterVLM, VisionZip, DivPrune, VisPruner, HiPrune, PruMerge/+, ToMe), CPU.
+
+* fast vectorised rules == the plain loop-style references of ``tests/reference_vision.py`` on many
+  random inputs of the real shapes (576 tokens, 24x24 grid, CLS): exact kept index sets, merged
+  features allclose;
+* the tower extras of ``bench.models.clip_extras`` == eager ``output_attentions`` / hooks on a tiny CLIP;
+* ToMe: schedule, matching and the merging encoder against references;
+* end to end: every method prepares and generates on a tiny random LLaVA at ratio 0.5;
+* ``scripts/bench_selection.py`` runs on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from reference_vision import (
+    ctx_from,
+    random_extras,
+    ref_divprune,
+    ref_fastervlm,
+    ref_hiprune,
+    ref_outlier_ratio,
+    ref_prumerge,
+    ref_tome_merge,
+    ref_vispruner,
+    ref_visionzip,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RATIOS = [0.5, 2 / 3, 0.75, 0.9]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- fast == reference
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_fastervlm_matches_reference(ratio):
+    from methods.fastervlm import FasterVLM
+
+    m = FasterVLM(prune_ratio=ratio)
+    for seed in range(6):
+        t = random_extras(2, gen=gen(seed))
+        idx = m.select(torch.zeros(2, 576, 8), ctx_from(t, m.needs))
+        for b in range(2):
+            assert idx[b].tolist() == ref_fastervlm(t["cls_attn"][b], m.n_keep(576))
+
+
+@pytest.mark.parametrize("ratio", [0.75, 0.9])
+def test_divprune_matches_reference(ratio):
+    from methods.divprune import DivPrune
+
+    m = DivPrune(prune_ratio=ratio, backend="torch")
+    for seed in range(2):
+        x = torch.randn(2, 576, 32, generator=gen(seed))
+        idx = m.select(x, ctx_from({}, frozenset(), b=2))
+        for b in range(2):
+            assert idx[b].tolist() == ref_divprune(x[b], m.n_keep(576))
+
+
+def test_divprune_triton_kernel_equals_torch_loop():
+    """The one-launch Triton kernel, run by Triton's CPU interpreter, picks what the torch loop picks."""
+    pytest.importorskip("triton")
+    code = (
+        "import torch\n"
+        "from methods.divprune import cosine_distance, greedy_maxmin_torch, greedy_maxmin_triton\n"
+        "x = torch.randn(2, 576, 16, generator=torch.Generator().manual_seed(0))\n"
+        "d = cosine_distance(x)\n"
+        "a = greedy_maxmin_torch(d, 12); b = greedy_maxmin_triton(d, 12)\n"
+        "assert torch.equal(a, b), (a, b)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0 and ("interpret" in r.stderr.lower() and "not" in r.stderr.lower() or "No module named" in r.stderr):
+        pytest.skip(f"Triton interpreter unavailable: {r.stderr.splitlines()[-1:]}")
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("ratio,important", [(0.75, 0.5), (0.8889, 0.75), (0.9, 0.55)])
+def test_vispruner_matches_reference(ratio, important):
+    # (0.9, 0.55): T = 58, int(58 * 0.55) = 31 is odd -- the official code crashes there
+    from methods.vispruner import VisPruner
+
+    m = VisPruner(prune_ratio=ratio, important_ratio=important)
+    for seed in range(1):
+        t = random_extras(2, d=32, gen=gen(seed))
+        idx = m.select(torch.zeros(2, 576, 8), ctx_from(t, m.needs))
+        for b in range(2):
+            ref = ref_vispruner(t["cls_attn"][b].mean(0)[1:], t["hidden"][b, 1:], m.n_keep(576), important)
+            assert idx[b].tolist() == ref
+
+
+@pytest.mark.parametrize("ratio", [0.0 + 1e-9, 0.5, 2 / 3, 0.9, 0.97])
+def test_hiprune_matches_reference(ratio):
+    from methods.hiprune import HiPrune
+
+    m = HiPrune(prune_ratio=ratio)
+    for seed in range(6):
+        t = random_extras(2, gen=gen(seed))
+        # the two layers get different maps: a second random draw for the object layer
+        t2 = random_extras(2, gen=gen(100 + seed))
+        needs = sorted(m.needs)
+        extras = {needs[0]: (lambda: t2["attn_colmean"]), needs[1]: (lambda: t["attn_colmean"])}
+        from methods.base import VisionContext
+
+        ctx = VisionContext((24, 24), True, torch.arange(2), extras)
+        obj_key = f"attn_colmean:8@24"
+        shallow = extras[obj_key]()[:, 1:]
+        deep = extras["attn_colmean:-2"]()[:, 1:]
+        idx = m.select(torch.zeros(2, 576, 8), ctx)
+        for b in range(2):
+            ref = ref_hiprune(shallow[b], deep[b], m.n_keep(576), 0.1, 24)
+            assert idx[b].tolist() == ref
+            assert len(set(ref)) == m.n_keep(576)
+
+
+def test_hiprune_clamps_and_wraps_like_official():
+    from methods.hiprune import hiprune_select
+
+    shallow = torch.zeros(1, 576)
+    shallow[0, 5] = 1.0  # anchor in row 0: its -24 neighbour clamps to token 0
+    deep = torch.linspace(0, 1, 576).unsqueeze(0)
+    idx = hiprune_select(shallow, deep, 250, 0.1, 24)[0].tolist()  # round(250 * 0.1 / 5) = 5 anchors
+    assert {0, 4, 5, 6, 29} <= set(idx) and len(idx) == 250
+
+
+@pytest.mark.parametrize("ratio", [0.5, 2 / 3, 0.75, 0.9])
+def test_visionzip_matches_reference(ratio):
+    from methods.visionzip import VisionZip
+
+    m = VisionZip(prune_ratio=ratio)
+    d, c = m.counts(576)
+    assert d + c == m.n_keep(576)
+    for seed in range(4):
+        t = random_extras(2, gen=gen(seed))
+        out = m.reduce(torch.zeros(2, 576, 64), ctx_from(t, m.needs))
+        assert out.features.shape == (2, d + c, 64) and out.kept_index is None
+        for b in range(2):
+            ref = ref_visionzip(t["cls_attn"][b], t["keys"][b], t["hidden"][b], d, c)
+            torch.testing.assert_close(out.features[b], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_visionzip_official_splits():
+    from methods.visionzip import VisionZip
+
+    assert VisionZip(prune_ratio=1 - 192 / 576).counts(576) == (162, 30)
+    assert VisionZip(prune_ratio=1 - 128 / 576).counts(576) == (108, 20)
+    assert VisionZip(prune_ratio=1 - 64 / 576).counts(576) == (54, 10)
+
+
+@pytest.mark.parametrize("plus", [False, True])
+@pytest.mark.parametrize("budget,ratio", [("fixed", 0.9), ("adaptive", 0.5)])
+def test_prumerge_matches_reference(plus, budget, ratio):
+    from methods.prumerge import PruMerge, PruMergePlus, adaptive_plus_samples
+
+    m = (PruMergePlus if plus else PruMerge)(prune_ratio=ratio, budget=budget)
+    for seed in range(2 if budget == "fixed" else 1):
+        t = random_extras(2, d=48, gen=gen(seed))
+        t["q_proj"] = t["q_proj"] * 12  # peaked attention: a realistic handful of IQR outliers
+        out = m.reduce(torch.zeros(2, 576, 48), ctx_from(t, m.needs))
+        if budget == "fixed":
+            assert out.n_kept.tolist() == [m.n_keep(576)] * 2
+        for b in range(2):
+            q, k, feats = t["q_proj"][b], t["k_proj"][b], t["hidden"][b, 1:]
+            c = feats.shape[-1]
+            cls = torch.softmax((q @ k.t()) * c**-0.5, dim=-1)[0, 1:]
+            if budget == "fixed":
+                mm = m.n_keep(576) - 1
+                n_top = -(-mm // 2) if plus else mm
+                kept = cls.topk(n_top).indices.tolist()
+                if plus:  # evenly spaced over the not-yet-kept tokens, half-stride offset
+                    rest = [j for j in range(576) if j not in set(kept)]
+                    n_sp = mm - n_top
+                    kept += [rest[min(len(rest) - 1, int((i + 0.5) * len(rest) / n_sp))] for i in range(n_sp)]
+            else:
+                ratio_b = ref_outlier_ratio(cls)
+                kept = cls.topk(int(576 * ratio_b)).indices.tolist()
+                if plus:
+                    kept += adaptive_plus_samples(torch.tensor(kept, dtype=torch.long), ratio_b, 576).tolist()
+                assert int(out.n_kept[b]) == len(kept) + 1
+            ref = ref_prumerge(feats, q, k, kept)
+            torch.testing.assert_close(out.features[b, : len(kept) + 1], ref, rtol=1e-4, atol=1e-4)
+            assert not out.features[b, len(kept) + 1 :].any()
+
+
+def test_prumerge_plus_adaptive_samples_match_official_formula():
+    from methods.prumerge import adaptive_plus_samples
+
+    top = torch.tensor([0, 7, 100])
+    got = adaptive_plus_samples(top, 32 / 576, 576)  # int(1 / r) = 18 -> stride 6, arange(0, 575, 6)
+    assert got.tolist() == [x for x in range(0, 575, 6) if x not in (0, 7, 100)]
+
+
+# ----------------------------------------------------------------------------- ToMe
+def test_tome_schedule_lands_on_budget():
+    from methods.tome import tome_schedule
+
+    assert tome_schedule(576, 192, 23, True) == [17] * 16 + [16] * 7
+    assert tome_schedule(576, 128, 23, True) == [20] * 11 + [19] * 12
+    assert tome_schedule(576, 64, 23, True) == [23] * 6 + [22] * 17
+    for keep in (29, 58, 200, 575):
+        assert 576 - sum(tome_schedule(576, keep, 23, True)) == keep
+    from bench.errors import ConfigError
+
+    with pytest.raises(ConfigError):  # at most half the tokens merge per block
+        tome_schedule(576, 1, 23, True)
+
+
+@pytest.mark.parametrize("r,class_token", [(0, True), (1, True), (17, True), (200, True), (300, True), (23, False)])
+def test_tome_matching_matches_reference(r, class_token):
+    from methods.tome import bipartite_soft_matching, merge_wavg
+
+    for seed in range(3):
+        g = gen(seed)
+        x = torch.randn(2, 300, 16, generator=g)
+        metric = torch.randn(2, 300, 8, generator=g)
+        size = torch.randint(1, 4, (2, 300, 1), generator=g).float()
+        merge, _ = bipartite_soft_matching(metric, r, class_token)
+        y, s = merge_wavg(merge, x, size)
+        for b in range(2):
+            ry, rs = ref_tome_merge(x[b], size[b], metric[b], r, class_token)
+            torch.testing.assert_close(y[b], ry, rtol=1e-5, atol=1e-5)
+            assert torch.equal(s[b], rs)
+        if class_token:
+            assert torch.equal(y[:, 0], (x * size / size)[:, 0])  # CLS untouched, row 0
+
+
+# ----------------------------------------------------------------------------- on a tiny CLIP / LLaVA
+SIZES = {"vision_hidden": 32, "vision_layers": 4, "vision_heads": 2, "vision_mlp": 64, "text_hidden": 64, "text_layers": 2, "text_heads": 2, "text_mlp": 128}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from bench.tiny_llava import build_model, build_processor
+
+    model = build_model(SIZES, seed=0)
+    g = gen(3)
+    with torch.no_grad():  # larger vision weights than the 0.02 init: attention far from uniform
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "vision_tower" in name:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5 * 2.0)
+    path = tmp_path_factory.mktemp("tiny-vision")
+    model.save_pretrained(path)
+    build_processor().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_dir):
+    from bench.models.llava import LlavaAdapter
+
+    return LlavaAdapter("tiny", str(tiny_dir), device="cpu", dtype="float32").load()
+
+
+@pytest.fixture(scope="module")
+def batch(adapter):
+    import numpy as np
+    from PIL import Image
+
+    from bench.tiny_llava import prompt_text
+
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8)) for _ in range(2)]
+    return adapter.processor(images=imgs, text=[prompt_text("what color is it"), prompt_text("how many")], return_tensors="pt", padding=True)
+
+
+def test_extras_equal_eager_attentions(tiny_dir, batch):
+    from transformers import LlavaForConditionalGeneration
+
+    from bench.models.clip_extras import build_extras, vision_model
+
+    eager = LlavaForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    sdpa = LlavaForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="sdpa").eval()
+    px = batch["pixel_values"]
+    with torch.no_grad():
+        ref = eager.model.vision_tower(px, output_attentions=True, output_hidden_states=True, return_dict=True)
+        out = sdpa.model.vision_tower(px, output_hidden_states=True, return_dict=True)
+        cap = {}
+        layer = vision_model(sdpa).encoder.layers[-2].self_attn
+        hk = layer.k_proj.register_forward_hook(lambda m, i, o: cap.__setitem__("k", o))
+        hq = layer.q_proj.register_forward_hook(lambda m, i, o: cap.__setitem__("q", o))
+        sdpa.model.vision_tower(px, output_hidden_states=True, return_dict=True)
+        hk.remove(), hq.remove()
+        n = len(ref.attentions)
+        keys = [f"{k}:{i}" for i in range(-n, n) for k in ("cls_attn", "attn_colmean")] + ["keys:-2", "q_proj:-2", "k_proj:-2", "hidden:-2"]
+        ex = build_extras(sdpa, out.hidden_states, keys)
+        for li in range(-n, n):
+            a = ref.attentions[li]
+            torch.testing.assert_close(ex[f"cls_attn:{li}"](), a[:, :, 0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ex[f"attn_colmean:{li}"](), a.mean(1).mean(1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ex["k_proj:-2"](), cap["k"])
+        torch.testing.assert_close(ex["q_proj:-2"](), cap["q"])
+        torch.testing.assert_close(ex["keys:-2"](), cap["k"].view(*cap["k"].shape[:2], layer.num_heads, -1).mean(2))
+        assert torch.equal(ex["hidden:-2"](), out.hidden_states[-2])
+        assert (ex["cls_attn:-2"]()[:, :, 1:].max(-1).values > 5 / 577).all(), "attention should be far from uniform"
+
+
+def test_scaled_layer_keys():
+    from bench.models.clip_extras import parse_key, resolve_layer
+
+    assert parse_key("attn_colmean:8@24") == ("attn_colmean", 8, 24)
+    assert resolve_layer(8, 24, 24) == 8 and resolve_layer(8, 24, 6) == 2 and resolve_layer(-2, 24, 6) == -2
+
+
+def _reference_tome_encoder(model, px, schedule):
+    """ToMe in the tower, one sample at a time with the loop-style merge."""
+    from bench.models.clip_extras import vision_model
+
+    vm = vision_model(model)
+    outs = []
+    for b in range(px.shape[0]):
+        x = vm.pre_layrnorm(vm.embeddings(px[b : b + 1]))[0]
+        size = torch.ones(x.shape[0], 1)
+        for layer, r in zip(vm.encoder.layers, schedule):
+            at = layer.self_attn
+            h = layer.layer_norm1(x)
+            t = h.shape[0]
+            q = at.q_proj(h).view(t, at.num_heads, -1).transpose(0, 1)
+            k = at.k_proj(h).view(t, at.num_heads, -1).transpose(0, 1)
+            v = at.v_proj(h).view(t, at.num_heads, -1).transpose(0, 1)
+            p = torch.softmax(q @ k.transpose(-1, -2) * at.scale + size.log()[:, 0], dim=-1)
+            x = x + at.out_proj((p @ v).transpose(0, 1).reshape(t, -1))
+            x, size = ref_tome_merge(x, size, k.mean(0), r, True)
+            x = x + layer.mlp(layer.layer_norm2(x))
+        outs.append(x)
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_tome_encoder_matches_reference(adapter, batch, ratio):
+    from bench.models.vision_merge import encode_with_merging, feature_block_count, merging_encoder
+    from methods.tome import ToMe
+
+    m = ToMe(prune_ratio=ratio)
+    sched = m.schedule(576, feature_block_count(adapter.model), True)
+    assert len(sched) == 3 and 576 - sum(sched) == m.n_keep(576)
+    px = batch["pixel_values"]
+    with torch.no_grad():
+        fast = merging_encoder(adapter.model, px, sched)
+        ref = _reference_tome_encoder(adapter.model, px, sched)
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+        sel = encode_with_merging(adapter, px, m, torch.arange(2))
+        assert sel.features.shape[1] == m.n_keep(576) and sel.kept_index is None
+        one = encode_with_merging(adapter, px[1:], m, torch.arange(1))
+        torch.testing.assert_close(one.features[0], sel.features[1], rtol=1e-5, atol=1e-5)
+        zero = encode_with_merging(adapter, px, ToMe(prune_ratio=0.0), torch.arange(2))
+        assert torch.equal(zero.features, adapter.encode_images(px))
+
+
+ALL = ["fastervlm", "visionzip", "divprune", "vispruner", "hiprune", "prumerge", "prumerge_plus", "tome"]
+
+
+def _make(name, ratio, **kw):
+    import importlib
+
+    mod, cls = {
+        "fastervlm": ("fastervlm", "FasterVLM"), "visionzip": ("visionzip", "VisionZip"), "divprune": ("divprune", "DivPrune"),
+        "vispruner": ("vispruner", "VisPruner"), "hiprune": ("hiprune", "HiPrune"), "prumerge": ("prumerge", "PruMerge"),
+        "prumerge_plus": ("prumerge", "PruMergePlus"), "tome": ("tome", "ToMe"),
+    }[name]
+    return getattr(importlib.import_module(f"methods.{mod}"), cls)(prune_ratio=ratio, **kw)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_end_to_end_prepare_generate(adapter, batch, name):
+    m = _make(name, 0.5)
+    adapter.check_method(m)
+    seeds = torch.tensor([5, 6])
+    prepared = adapter.prepare(batch, m, seeds)
+    assert prepared.visual_tokens_kept == [m.n_keep(576)] * 2
+    out = adapter.generate(prepared, max_new_tokens=3, method=m)
+    assert out.shape[0] == 2
+    if name != "tome":  # batch = per sample on the real tower (selection methods: exact)
+        one = adapter.prepare({k: v[1:] for k, v in batch.items()}, m, seeds[1:])
+        n1 = one.visual_tokens_kept[0]
+        tok = prepared.inputs_embeds[1][prepared.input_ids[1] == adapter.image_token_id]
+        tok1 = one.inputs_embeds[0][one.input_ids[0] == adapter.image_token_id]
+        assert tok.shape[0] == n1
+        torch.testing.assert_close(tok, tok1, rtol=1e-5, atol=1e-5)
+
+
+def test_prumerge_adaptive_end_to_end(adapter, batch):
+    m = _make("prumerge", 0.5, budget="adaptive")
+    p = adapter.prepare(batch, m, torch.tensor([1, 2]))
+    assert all(1 <= k <= 577 for k in p.visual_tokens_kept)
+
+
+def test_cls_methods_refuse_towers_without_cls():
+    from bench.errors import IncompatibleMethodError
+    from methods.base import VisionContext
+
+    for name in ("fastervlm", "visionzip", "vispruner", "prumerge", "prumerge_plus"):
+        with pytest.raises(IncompatibleMethodError):
+            _make(name, 0.5).check_compatible(VisionContext((24, 24), False, torch.zeros(1)))
+
+
+def test_bench_selection_script_runs_on_cpu(tmp_path):
+    out = tmp_path / "sel.csv"
+    r = subprocess.run(
+        [sys.executable, "scripts/bench_selection.py", "--device", "cpu", "--repeats", "3", "--tower", "tiny", "--batches", "1", "--kept", "192", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    import csv
+
+    rows = list(csv.DictReader(out.open()))
+    assert {row["method"] for row in rows} >= set(ALL)
+    # ToMe's row is (merging encoder - plain encoder): negative when merging saves more tower time
+    # than it costs, which is the point of ToMe; every other row is a plain duration
+    assert all(float(row["median_ms"]) >= 0 for row in rows if row["method"] != "tome")
+    assert all(row["median_ms"] not in ("", "nan") for row in rows)
