@@ -1,0 +1,89 @@
+"""PyramidDrop (Xing et al., CVPR'25, https://arxiv.org/abs/2410.17247): multi-stage in-LLM pruning.
+
+Official code: ``Cooperx521/PyramidDrop``, ``llava/model/modeling_llama_pdrop.py``
+(``pdrop_forward``, ``pdrop_rank_drop``). What it does (``shared/docs/methods.md`` 1 and 1b):
+
+* after layers ``ℓ = 8, 16, 24`` (``layer_list``; the pruning happens before layer ``ℓ`` runs), the
+  hidden states go through layer ``ℓ``'s ``input_layernorm``, ``q_proj``/``k_proj`` and RoPE on the
+  current (renumbered) positions, and one query row is scored: the **last instruction token**'s
+  ``softmax(q K^T / sqrt(d) + causal)``, head-mean, restricted to the image tokens;
+* stage ``s`` keeps ``int(N * λ^s)`` of the original ``N`` image tokens (``λ = 0.5``: 288/144/72),
+  top-k, sorted; positions are renumbered, and shifted by the dropped count during decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from methods.fastv import topk_sorted, view_scores
+from methods.inllm import InLLMMethod, Stage, StageOut, StageView, per_layer_counts, scale_layer, solve_monotone
+
+
+def pdrop_counts(n: int, lam: float, n_stages: int) -> list[int]:
+    """Official per-stage counts ``int(N * λ^s)``, ``s = 1..n_stages`` (at least 1)."""
+    return [max(1, int(round(n * lam**s, 9))) for s in range(1, n_stages + 1)]
+
+
+@dataclass
+class PyramidDrop(InLLMMethod):
+    """PyramidDrop: drop ``1 - λ`` of the image tokens at each stage, ranked by the last token's attention.
+
+    Parameters
+    ----------
+    layer_list : list[int]
+        Pruning layers (before these layers run), for a ``ref_layers``-deep LLM.
+    lambda_ : float
+        Per-stage keep ratio λ; stage ``s`` keeps ``int(N λ^s)``. Used as-is with ``budget: official``.
+    budget : str
+        ``layer_mean`` (default): λ solved so the mean over layers equals ``round(N (1 - ratio))``;
+        ``after_prune``: the first stage keeps ``round(N (1 - ratio))`` and λ = that / N;
+        ``official``: the configured λ (the ratio is then not used; the default gives a mean of 270).
+    renumber_positions : bool
+        Official: renumber (True).
+    """
+
+    layer_list: list[int] = field(default_factory=lambda: [8, 16, 24])
+    lambda_: float = 0.5
+    renumber_positions: bool = True
+
+    @property
+    def name(self) -> str:
+        return "pdrop"
+
+    def layers_for(self, n_layers: int) -> list[int]:
+        return [scale_layer(x, n_layers, self.ref_layers) for x in self.layer_list]
+
+    def schedule_lambda(self, n_vis: int, n_layers: int) -> float:
+        layers = self.layers_for(n_layers)
+        if self.budget == "official":
+            return float(self.lambda_)
+        target = self.target(n_vis)
+        if self.budget == "after_prune":
+            return target / n_vis
+
+        def mean(lam: float) -> float:
+            counts = pdrop_counts(n_vis, lam, len(layers))
+            return sum(per_layer_counts(list(zip(layers, counts)), n_vis, n_layers)) / n_layers
+
+        lam = solve_monotone(mean, target, 0.0, 1.0)
+        self._warn_infeasible(mean(lam), target, n_layers)
+        return lam
+
+    def plan(self, n_vis: int, n_layers: int) -> list[Stage]:
+        if self.prune_ratio == 0.0 and self.budget != "official":
+            return []
+        layers = self.layers_for(n_layers)
+        lam = self.schedule_lambda(n_vis, n_layers)
+        counts = pdrop_counts(n_vis, lam, len(layers))
+        if self.budget == "after_prune":
+            counts[0] = self.target(n_vis)
+        counts = [min(c, n_vis) for c in counts]
+        for i in range(1, len(counts)):
+            counts[i] = min(counts[i], counts[i - 1])
+        return [Stage(layer, c, self.renumber_positions) for layer, c in zip(layers, counts)]
+
+    def prune(self, i: int, stage: Stage, view: StageView) -> StageOut:
+        attn, _ = view.attn_rows(stage.layer, "last")  # layer ℓ's own projections on its input
+        return StageOut(topk_sorted(view_scores(view, attn[:, :, -1]), stage.n_keep))

@@ -1,0 +1,280 @@
+"""SparseVLM (Zhang et al., ICML'25, https://arxiv.org/abs/2410.04417): text-guided in-LLM sparsification.
+
+Official code: ``Gumpest/SparseVLMs``, ``llava/model/language_model/modelling_sparse_llama.py``
+(``LlamaDynamicvitModel.forward``), ``score.py::attn_postprocess_topk`` and
+``utils.py::cluster_and_merge``. What v1.5 does (``shared/docs/methods.md`` 1 and 1b):
+
+* *raters*: on the LLM input embeddings, ``m = softmax_text(V T^T).mean(over visual)``; the text
+  tokens (every token after the image) with ``m > mean(m)`` rate the visual tokens;
+* at the scoring layers ``2, 6, 15`` the layer runs on the full sequence; its attention (head mean)
+  from the rater rows to the current visual block, averaged over raters, scores the visual tokens,
+  and the layer's *output* keeps ``topk(min(k_s, n_vis - 1))`` of them (sorted) — so layers
+  ``3, 7, 16`` are the pruned ones here (``Stage.layer`` = scoring layer + 1);
+* *recycling*: of the dropped tokens, the top ``int(0.3 * n_dropped) + 1`` by score are clustered
+  (DPC-kNN, ``int(n / 10) + 1`` clusters, density jitter ``1e-6 * rand`` seeded per sample from the
+  run seed) and the cluster means are placed right after the kept visual tokens; they are visual
+  tokens of the next stages (scored, kept or dropped like the others);
+* positions are renumbered (``arange``); the KV cache of later layers holds only the kept tokens.
+
+Counts: official "192" keeps 300/200/110 selected + 9/4/3 merged -> 309/204/113 (32-layer mean 206.5).
+
+SparseVLM 2.0 (``version: "2.0"``) keeps the original position ids, divides the rater attention by
+the attention that RoPE alone would give (``softmax(rope(1)·rope(1)^T/sqrt(d))``), averages only the
+14 heads with the most text->visual attention, and does not merge. The official 2.0 code was not in
+the reference index; this branch follows ``methods.md``'s description (documented reconstruction).
+
+Attention rows are recomputed under SDPA from the scoring layer's captured q/k (only the text rows
+after the image), never the full ``T x T`` map the official "sdpa" class materializes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from bench.errors import ConfigError
+from methods.inllm import InLLMMethod, Stage, StageOut, StageView, per_layer_counts, scale_layer, solve_monotone
+
+#: official selected counts per stage, by budget (v1.5 / v2.0)
+SCHEDULES = {
+    "1.5": {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)},
+    "2.0": {192: (300, 200, 118), 128: (238, 108, 60), 64: (66, 34, 20)},
+}
+
+
+def merge_counts(n_vis: int, k: int) -> tuple[int, int]:
+    """``(candidates, clusters)`` recycled when ``k`` of ``n_vis`` tokens are selected (official formulas)."""
+    dropped = n_vis - k
+    if dropped <= 0:
+        return 0, 0
+    cand = int(dropped * 0.3) + 1
+    return cand, int(cand / 10) + 1
+
+
+def stage_counts(selected: list[int], n_vis: int, merge: bool) -> list[tuple[int, int, int]]:
+    """Per stage ``(selected, candidates, clusters)``; selection is capped at ``n_vis - 1`` as officially."""
+    out, v = [], n_vis
+    for s in selected:
+        k = max(1, min(int(s), v - 1))
+        cand, c = merge_counts(v, k) if merge else (0, 0)
+        out.append((k, cand, c))
+        v = k + c
+    return out
+
+
+def text_raters(embeds: torch.Tensor, vis_start: torch.Tensor, n_vis: int, n_text: int, uniform_start: int | None = None) -> torch.Tensor:
+    """SparseVLM's raters: ``(B, Q)`` bool over the last ``Q = n_text`` positions (text after the image).
+
+    ``m = softmax_text(V T^T).mean(visual)``; a rater has ``m > mean(m)`` over the sample's own text.
+    Positions of the last ``Q`` that lie before a (left padded) sample's text are never raters.
+    ``uniform_start``: the (host) image start shared by every sample, if any (a slice, not a gather).
+    """
+    b, t, _ = embeds.shape
+    dev = embeds.device
+    if uniform_start is not None:
+        v = embeds.narrow(1, uniform_start, n_vis)
+        text_valid = None
+    else:
+        idx = vis_start.view(-1, 1) + torch.arange(n_vis, device=dev).view(1, -1)
+        v = embeds.gather(1, idx.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+        text_valid = torch.arange(t - n_text, t, device=dev).view(1, -1) >= (vis_start + n_vis).view(-1, 1)
+    txt = embeds[:, t - n_text :]
+    logits = v @ txt.transpose(1, 2)  # (B, N, Q)
+    if text_valid is not None:
+        logits = logits.masked_fill(~text_valid.unsqueeze(1), float("-inf"))
+    m = logits.softmax(2).mean(1)  # (B, Q)
+    if text_valid is None:
+        return m > m.mean(1, keepdim=True)
+    mean = (m * text_valid).sum(1, keepdim=True) / text_valid.sum(1, keepdim=True)
+    return (m > mean) & text_valid
+
+
+def cluster_and_merge(x: torch.Tensor, n_clusters: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """DPC-kNN clustering of ``x`` ``(B, M, C)`` into ``n_clusters`` means, as the official ``cluster_and_merge``.
+
+    ``noise`` ``(B, M)`` in ``[0, 1)`` is the density jitter (scaled by ``1e-6``); ``None``: no jitter.
+    Clusters are ordered by their centre's score (``topk`` order).
+    """
+    b, m, c = x.shape
+    dist = torch.cdist(x.float(), x.float(), compute_mode="donot_use_mm_for_euclid_dist").to(x.dtype) / (c**0.5)
+    nearest = dist.topk(n_clusters, dim=-1, largest=False).values
+    density = (-(nearest**2).mean(-1)).exp()
+    if noise is not None:
+        density = density + noise.to(density.dtype) * 1e-6
+    higher = (density[:, None, :] > density[:, :, None]).to(x.dtype)
+    dist_max = dist.flatten(1).max(-1).values.view(b, 1, 1)
+    parent_dist = (dist * higher + dist_max * (1 - higher)).min(-1).values
+    centres = (parent_dist * density).topk(n_clusters, dim=-1).indices  # (B, c)
+    assign = dist.gather(1, centres.unsqueeze(-1).expand(-1, -1, m)).argmin(1)  # (B, M)
+    assign.scatter_(1, centres, torch.arange(n_clusters, device=x.device).view(1, -1).expand(b, -1))
+    onehot = x.new_zeros(b, m, n_clusters).scatter_(2, assign.unsqueeze(-1), 1.0)  # (B, M, c), no device sync
+    weight = 1.0 / (onehot.sum(1) + 1e-6)  # (B, c)
+    return (onehot * weight.unsqueeze(1)).transpose(1, 2) @ x
+
+
+def rope_only_bias(cos: torch.Tensor, sin: torch.Tensor, q_first: int, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``softmax(rope(1)_q · rope(1)_k^T * scaling)`` over the allowed keys: ``(B, 1, Q, T)`` (SparseVLM 2.0)."""
+    ones = cos + torch.cat((-sin[..., : sin.shape[-1] // 2], sin[..., sin.shape[-1] // 2 :]), dim=-1)  # rope(1) = cos + rot(1)*sin
+    logits = (ones[:, q_first:] @ ones.transpose(1, 2)).unsqueeze(1) * scaling
+    logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+    return torch.softmax(logits, dim=-1, dtype=torch.float32)
+
+
+@dataclass
+class SparseVLM(InLLMMethod):
+    """SparseVLM: rater-guided selection at three LLM layers, with token recycling (v1.5).
+
+    Parameters
+    ----------
+    version : {"1.5", "2.0"}
+        ``"1.5"`` (default): renumbered positions, recycling. ``"2.0"``: original ids, RoPE-bias
+        division, top ``n_heads`` heads, no merging.
+    scoring_layers : list[int]
+        Layers whose attention scores the tokens; their outputs are pruned (for ``ref_layers`` = 32).
+    budget : str
+        ``official``: the published schedule of the budget ``B = round(N (1 - ratio))`` (192/128/64;
+        other budgets scale the nearest published one by ``B / B_ref``); ``layer_mean`` (default):
+        the nearest published shape scaled so the mean over layers (merged tokens included) is ``B``;
+        ``after_prune``: the same shape scaled so the count after the first pruned layer is ``B``.
+    merge : bool or None
+        Recycling on/off (``None``: on for 1.5, off for 2.0).
+    n_heads : int
+        Heads kept by 2.0's head selection.
+    """
+
+    version: str = "1.5"
+    scoring_layers: list[int] = None  # type: ignore[assignment]
+    merge: bool | None = None
+    n_heads: int = 14
+    renumber_positions: bool | None = None
+
+    capture_offsets: ClassVar[tuple[int, ...]] = (-1,)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.version = str(self.version)
+        if self.version not in SCHEDULES:
+            raise ConfigError(f"sparsevlm: version must be '1.5' or '2.0', got {self.version!r}")
+        if self.scoring_layers is None:
+            self.scoring_layers = [2, 6, 15]
+        self.scoring_layers = [int(x) for x in self.scoring_layers]
+
+    @property
+    def name(self) -> str:
+        return "sparsevlm"
+
+    @property
+    def merging(self) -> bool:
+        return (self.version == "1.5") if self.merge is None else bool(self.merge)
+
+    @property
+    def renumber(self) -> bool:
+        return (self.version == "1.5") if self.renumber_positions is None else bool(self.renumber_positions)
+
+    def layers_for(self, n_layers: int) -> list[int]:
+        """Pruned layers (scoring layer + 1), scaled for the model depth."""
+        return [min(scale_layer(x, n_layers, self.ref_layers) + 1, n_layers - 1) for x in self.scoring_layers]
+
+    # -------------------------------------------------------------- schedule
+    def _shape(self, target: int, n_vis: int) -> tuple[int, tuple[int, ...]]:
+        table = SCHEDULES[self.version]
+        ref_b = min(table, key=lambda x: (abs(x * n_vis / 576 - target), x))
+        return ref_b, table[ref_b]
+
+    def selected_counts(self, n_vis: int, n_layers: int) -> list[int]:
+        target = self.target(n_vis)
+        ref_b, shape = self._shape(target, n_vis)
+        scale_n = n_vis / 576
+        if self.budget == "official":
+            if round(ref_b * scale_n) == target:
+                return [max(1, round(s * scale_n)) for s in shape]
+            return [max(1, round(s * target / ref_b)) for s in shape]
+        layers = self.layers_for(n_layers)
+
+        def counts(alpha: float) -> list[tuple[int, int, int]]:
+            return stage_counts([max(1, round(s * scale_n * alpha)) for s in shape], n_vis, self.merging)
+
+        if self.budget == "after_prune":
+            def first(alpha: float) -> float:
+                k, _, c = counts(alpha)[0]
+                return k + c
+            alpha = solve_monotone(first, target, 0.0, n_vis / shape[0])
+        else:
+            def mean(alpha: float) -> float:
+                per = [(layer, k + c) for layer, (k, _, c) in zip(layers, counts(alpha))]
+                return sum(per_layer_counts(per, n_vis, n_layers)) / n_layers
+            alpha = solve_monotone(mean, target, 0.0, n_vis / min(shape))
+            per = [(layer, k + c) for layer, (k, _, c) in zip(layers, counts(alpha))]
+            self._warn_infeasible(sum(per_layer_counts(per, n_vis, n_layers)) / n_layers, target, n_layers)
+        return [k for k, _, _ in counts(alpha)]
+
+    def plan(self, n_vis: int, n_layers: int) -> list[Stage]:
+        if self.prune_ratio == 0.0:
+            return []
+        layers = self.layers_for(n_layers)
+        sel = self.selected_counts(n_vis, n_layers)
+        out = []
+        for layer, (k, _, c) in zip(layers, stage_counts(sel, n_vis, self.merging)):
+            out.append(Stage(layer, k + c, self.renumber, n_select=k))
+        return out
+
+    def runtime_setup(self, plan: list[Stage], prepared, device) -> dict:
+        """Density jitter per stage, seeded per sample from its seed (``1e-6 * rand`` in the official code)."""
+        if not self.merging:
+            return {}
+        seeds = prepared.extras.get("sample_seeds", torch.zeros(prepared.input_ids.shape[0], dtype=torch.long))
+        counts = stage_counts([s.n_selected for s in plan], prepared.extras["image_spans"][0, 1].item()
+                              - prepared.extras["image_spans"][0, 0].item(), True)
+        noise = {}
+        g = torch.Generator(device="cpu")
+        for i, (_, cand, _) in enumerate(counts):
+            rows = []
+            for s in seeds.tolist():
+                g.manual_seed(int(s) * 1009 + i)
+                rows.append(torch.rand(cand, generator=g))
+            noise[i] = torch.stack(rows).to(device)
+        return {"noise": noise}
+
+    # -------------------------------------------------------------- selection
+    def scores(self, view: StageView, layer: int) -> torch.Tensor:
+        """``(B, n_vis)`` rater-averaged head-mean attention of ``layer`` to the current visual block."""
+        raters = view.state.get("sparsevlm_raters")
+        attn, q_valid = view.attn_rows(layer, "after_image")  # (B, H, Q, T)
+        if raters is None:
+            e = view.input_embeds()
+            n0 = e.shape[1] - (view.hidden.shape[1] - view.n_vis)  # original visual count (stage 0: n_vis)
+            raters = text_raters(e, view.vis_start, n0, attn.shape[2], view.vis_start_min if view.uniform_start else None)
+            view.state["sparsevlm_raters"] = raters
+        w = raters.to(torch.float32)
+        if self.version == "2.0":
+            return self._scores_v2(view, layer, attn, w)
+        a = view.visual(attn.mean(1), dim=-1).float()  # (B, Q, n)
+        return (a * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+
+    def _scores_v2(self, view, layer, attn, w):
+        b, h, q, t = attn.shape
+        _, _, (cos, sin), _ = view._qk(layer)
+        cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+        allowed = view._s.static[("allowed", "after_image")]
+        scaling = getattr(view._attn_module(layer), "scaling", cos.shape[-1] ** -0.5)
+        bias = rope_only_bias(cos.float(), sin.float(), t - q, allowed, scaling)
+        a = view.visual(attn.float() / bias.clamp(min=1e-12), dim=-1)  # (B, H, Q, n)
+        per_head = (a * w.view(b, 1, q, 1)).sum((2, 3))  # (B, H) text->visual attention
+        heads = per_head.topk(min(self.n_heads, h), dim=1).indices
+        a = a.gather(1, heads.view(b, -1, 1, 1).expand(-1, -1, q, a.shape[-1])).mean(1)
+        return (a * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+
+    def prune(self, i: int, stage: Stage, view: StageView) -> StageOut:
+        s = self.scores(view, stage.layer - 1)
+        k = stage.n_selected
+        m = stage.n_keep - k
+        if m <= 0:
+            return StageOut(s.topk(k, dim=1).indices.sort(dim=1).values)
+        cand, _ = merge_counts(view.n_vis, k)
+        top = s.topk(k + cand, dim=1).indices  # kept, then the recycled candidates by descending score
+        keep = top[:, :k].sort(dim=1).values
+        x = view.visual(view.hidden).gather(1, top[:, k:].unsqueeze(-1).expand(-1, -1, view.hidden.shape[-1]))
+        noise = view.static.get("noise", {}).get(i)
+        return StageOut(keep, cluster_and_merge(x, m, noise))

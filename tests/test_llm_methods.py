@@ -1,0 +1,434 @@
+"""In-LLM methods (FastV, PyramidDrop, DART, SparseVLM, TransPrune) on tiny random-config LLaVA models, CPU.
+
+* recomputed attention rows (SDPA model) == eager ``output_attentions`` rows;
+* oracle: the hooked, KV-cached forward/generate == a reference in which the dropped tokens are
+  physically removed from the pruning layer on (same position ids), run layer by layer without cache;
+* ratio 0 == the unpruned model, exactly; batch outputs == per-sample outputs;
+* selections == plain loop-style references of each rule on random inputs (exact indices).
+
+The tiny LLM has 8 layers; the methods' layer indices (given for 32 layers) are scaled by 8/32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+SIZES = {"vision_hidden": 32, "vision_layers": 2, "vision_heads": 2, "vision_mlp": 64,
+         "text_hidden": 64, "text_layers": 8, "text_heads": 4, "text_mlp": 128}
+QUESTIONS = ["what color is the big circle", "how many", "is there a red square left of the blue circle"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from bench.tiny_llava import build_model, build_processor
+
+    model = build_model(SIZES, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # larger weights than the 0.02 init: attention and logits far from uniform
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and ("language_model" in name or "lm_head" in name or "projector" in name):
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]) * 1.5)
+    path = tmp_path_factory.mktemp("tiny-llava-8l")
+    model.save_pretrained(path)
+    build_processor().save_pretrained(path)
+    return path
+
+
+def _adapter(path, attn="sdpa"):
+    from bench.models.llava import LlavaAdapter
+
+    ad = LlavaAdapter("tiny8", str(path), device="cpu", dtype="float32", attn_implementation=attn).load()
+    ad.supported_stages = ad.supported_stages | {"in_llm"}
+    return ad
+
+
+@pytest.fixture(scope="module")
+def sdpa(tiny_dir):
+    return _adapter(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def batch(sdpa):
+    from PIL import Image
+
+    from bench.tiny_llava import prompt_text
+
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8)) for _ in QUESTIONS]
+    return sdpa.processor(images=imgs, text=[prompt_text(q) for q in QUESTIONS], return_tensors="pt", padding=True)
+
+
+SEEDS = torch.tensor([11, 22, 33])
+
+
+def _single(batch, i):
+    keep = batch["attention_mask"][i].bool()
+    return {"input_ids": batch["input_ids"][i : i + 1, keep], "attention_mask": batch["attention_mask"][i : i + 1, keep],
+            "pixel_values": batch["pixel_values"][i : i + 1]}
+
+
+def _methods(ratio=0.75, budget="after_prune"):
+    from methods.dart import DART
+    from methods.fastv import FastV
+    from methods.pdrop import PyramidDrop
+    from methods.sparsevlm import SparseVLM
+    from methods.transprune import TransPrune
+
+    return {
+        "fastv": FastV(prune_ratio=ratio, budget=budget),
+        "dart": DART(prune_ratio=ratio, budget=budget),
+        "pdrop": PyramidDrop(prune_ratio=ratio, budget=budget),
+        "sparsevlm": SparseVLM(prune_ratio=ratio, budget=budget),
+        "sparsevlm2": SparseVLM(prune_ratio=ratio, budget=budget, version="2.0"),
+        "transprune": TransPrune(prune_ratio=ratio, budget=budget),
+    }
+
+
+METHOD_NAMES = ["fastv", "dart", "pdrop", "sparsevlm", "transprune"]
+
+
+# ------------------------------------------------------------------------------ reference forward
+def _reference_logits(ad, embeds, stages, renumber):
+    """Batch-1, unpadded: run the decoder layer by layer; at each stage physically drop tokens."""
+    lm = ad.model.model.language_model
+    t = embeds.shape[1]
+    h = embeds
+    pos = torch.arange(t)
+    ident = torch.arange(t)  # original token index of each row, -1 for none
+    vis0 = stages["span"]
+    by_layer = {}
+    for st in stages["stages"]:
+        by_layer.setdefault(st["layer"], []).append(st)
+    n_vis = vis0[1] - vis0[0]
+    for layer_i, layer in enumerate(lm.layers):
+        for st in by_layer.get(layer_i, []):
+            # the visual block is rows [vis0[0], vis0[0] + n_vis): keep rows kept_rel, then the merged tokens
+            rel = st["kept_rel"][0]
+            s0 = vis0[0]
+            merged = st.get("merged")
+            m = 0 if merged is None else merged.shape[1]
+            parts_h = [h[:, :s0], h[:, s0 + rel]] + ([merged[:1].to(h.dtype)] if m else []) + [h[:, s0 + n_vis :]]
+            parts_p = [pos[:s0], pos[s0 + rel]] + ([pos[s0].repeat(m)] if m else []) + [pos[s0 + n_vis :]]
+            h, pos = torch.cat(parts_h, 1), torch.cat(parts_p)
+            n_vis = len(rel) + m
+            if renumber:
+                pos = torch.arange(h.shape[1])
+        pe = lm.rotary_emb(h, pos.view(1, -1))
+        out = layer(h, attention_mask=None, position_ids=pos.view(1, -1), past_key_values=None, use_cache=False, position_embeddings=pe)
+        h = out[0] if isinstance(out, tuple) else out
+    return ad.model.lm_head(lm.norm(h))
+
+
+def _reference_generate(ad, prepared, stages, renumber, steps):
+    emb = prepared.inputs_embeds
+    toks = []
+    for _ in range(steps):
+        logits = _reference_logits(ad, emb, stages, renumber)
+        nxt = logits[0, -1].argmax()
+        toks.append(int(nxt))
+        emb = torch.cat([emb, ad.model.get_input_embeddings()(nxt.view(1, 1))], dim=1)
+    return toks
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES + ["sparsevlm2"])
+def test_oracle_physical_removal(name, sdpa, batch):
+    m = _methods()[name]
+    b1 = _single(batch, 2)
+    prepared = sdpa.prepare(b1, m, SEEDS[2:])
+    with torch.no_grad():
+        out = sdpa.prefill(prepared, m)
+        stages = {"span": prepared.extras["image_spans"][0].tolist(), "stages": prepared.extras["llm_stages"]}
+        assert stages["stages"], "the method did not prune"
+        ref = _reference_logits(sdpa, prepared.inputs_embeds, stages, m.plan(576, 8)[0].renumber)
+        torch.testing.assert_close(out.logits[0, -1], ref[0, -1], atol=1e-4, rtol=1e-4)
+        gen = sdpa.generate(prepared, max_new_tokens=6, method=m)[0].tolist()
+        ref_gen = _reference_generate(sdpa, prepared, stages, m.plan(576, 8)[0].renumber, 6)
+    assert gen == ref_gen
+    counts = prepared.extras["visual_tokens_per_layer"][0].tolist()
+    plan = m.plan(576, 8)
+    assert counts[plan[0].layer - 1] == 576 and counts[-1] == plan[-1].n_keep
+
+
+def test_ratio_zero_is_unpruned(sdpa, batch):
+    """Ratio 0: no stage, no hook; outputs are the unpruned model's, exactly (decode checked once)."""
+    ms = _methods(ratio=0.0, budget="layer_mean")
+    prepared = sdpa.prepare(batch, ms["fastv"], SEEDS)
+    with torch.no_grad():
+        b = sdpa.prefill(prepared).logits
+        for name in METHOD_NAMES + ["sparsevlm2"]:
+            m = ms[name]
+            assert m.plan(576, 8) == []
+            assert torch.equal(sdpa.prefill(prepared, m).logits, b)
+            assert prepared.extras["visual_tokens_per_layer"].eq(576).all()
+        assert torch.equal(sdpa.generate(prepared, 3, method=ms["sparsevlm"]), sdpa.generate(prepared, 3))
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_batch_equals_per_sample(name, sdpa, batch):
+    m = _methods(ratio=0.5)[name]
+    prepared = sdpa.prepare(batch, m, SEEDS)
+    with torch.no_grad():
+        logits = sdpa.prefill(prepared, m).logits
+        kept = [s["kept_index"] for s in prepared.extras["llm_stages"]]
+        gen = sdpa.generate(prepared, 4, method=m)
+        for i in range(len(QUESTIONS)):
+            p1 = sdpa.prepare(_single(batch, i), m, SEEDS[i : i + 1])
+            l1 = sdpa.prefill(p1, m).logits
+            torch.testing.assert_close(logits[i, -1], l1[0, -1], atol=1e-4, rtol=1e-4)
+            for s, k in zip(p1.extras["llm_stages"], kept):
+                assert torch.equal(s["kept_index"][0], k[i])
+            single = sdpa.generate(p1, 4, method=m)[0].tolist()
+            assert gen[i].tolist()[: len(single)] == single  # the batch pads after a sample's EOS
+
+
+def test_attention_rows_match_eager(tiny_dir, sdpa, batch):
+    """Rows a method recomputes under SDPA equal eager ``output_attentions`` rows (padded batch)."""
+    from methods.fastv import FastV
+
+    eager = _adapter(tiny_dir, "eager")
+    rec = {}
+
+    @dataclass
+    class Spy(FastV):
+        def prune(self, i, stage, view):
+            rec["prev_last"] = view.attn_rows(stage.layer - 1, "last")
+            rec["cur_after"] = view.attn_rows(stage.layer, "after_image")
+            rec["prev_after"] = view.attn_rows(stage.layer - 1, "after_image")
+            rec["span"] = (view.vis_start.clone(), view.n_vis)
+            return super().prune(i, stage, view)
+
+    m = Spy(prune_ratio=0.5, budget="after_prune", k_layer=12)  # K = 3 in 8 layers
+    k = m.plan(576, 8)[0].layer
+    prepared = sdpa.prepare(batch, m, SEEDS)
+    with torch.no_grad():
+        sdpa.prefill(prepared, m)
+        pos = (prepared.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        att = eager.model(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
+                          position_ids=pos, output_attentions=True).attentions
+    rows, _ = rec["prev_last"]
+    torch.testing.assert_close(rows[:, :, 0], att[k - 1][:, :, -1], atol=1e-5, rtol=1e-4)
+    rows, qv = rec["cur_after"]
+    t = att[k].shape[-1]
+    n_q = rows.shape[2]
+    ref = att[k][:, :, t - n_q :]
+    for b in range(rows.shape[0]):
+        torch.testing.assert_close(rows[b][:, qv[b]], ref[b][:, qv[b]], atol=1e-5, rtol=1e-4)
+    rows, qv = rec["prev_after"]  # SparseVLM's rater rows: captured q/k of layer K-1
+    ref = att[k - 1][:, :, t - rows.shape[2] :]
+    for b in range(rows.shape[0]):
+        torch.testing.assert_close(rows[b][:, qv[b]], ref[b][:, qv[b]], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ selection references
+def _loop_fastv(attn, start, n, k):
+    out = []
+    for b in range(attn.shape[0]):
+        s = attn[b].mean(0)[start[b] : start[b] + n]
+        out.append(sorted(s.topk(k).indices.tolist()))
+    return out
+
+
+def test_fastv_selection_matches_loop():
+    from methods.fastv import fastv_scores, topk_sorted
+
+    g = torch.Generator().manual_seed(0)
+    attn = torch.rand(3, 8, 700, generator=g).softmax(-1)
+    start = torch.tensor([35, 40, 52])
+    got = topk_sorted(fastv_scores(attn, start, 576), 64)
+    assert got.tolist() == _loop_fastv(attn, start, 576, 64)
+
+
+def _loop_dart(keys, hidden, start, n, pi, pt, topk_per):
+    """Per-sample transcription of the official rule (sets, list order, L1 norms, -cos topk)."""
+    res = []
+    for b in range(keys.shape[0]):
+        s = int(start[b])
+        kn = keys[b].abs().sum(-1)
+        img = (kn[s : s + n].topk(pi).indices + s).tolist()
+        txt = (kn[s + n :].topk(pt).indices + s + n).tolist()
+        chosen = set(img + txt)
+        valid = set(range(s, s + n))
+        valid.difference_update(img)
+        for item in list(set(img + txt)):
+            vl = sorted(valid)
+            cos = -torch.nn.functional.cosine_similarity(hidden[b, item], hidden[b, vl], dim=-1)
+            top = [vl[j] for j in cos.topk(topk_per).indices.tolist()]
+            chosen.update(top)
+            valid.difference_update(top)
+        chosen.difference_update(txt)
+        res.append(sorted(i - s for i in chosen))
+    return res
+
+
+def test_dart_selection_matches_loop():
+    from methods.dart import dart_select
+
+    g = torch.Generator().manual_seed(0)
+    t, n = 680, 576
+    keys = torch.randn(2, t, 64, generator=g)
+    hidden = torch.randn(2, t, 32, generator=g)
+    start = torch.tensor([35, 35])
+    valid = torch.ones(2, t, dtype=torch.bool)
+    got = dart_select(keys, hidden, valid, start, n, 4, 4, [24] * 8)
+    assert got.shape == (2, 196)
+    assert got.tolist() == _loop_dart(keys, hidden, start, n, 4, 4, 24)
+    # left padding: the same sample shifted right by 5 pads gives the same selection
+    pad = 5
+    keys_p = torch.cat([torch.zeros(2, pad, 64), keys], 1)
+    hid_p = torch.cat([torch.zeros(2, pad, 32), hidden], 1)
+    valid_p = torch.cat([torch.zeros(2, pad, dtype=torch.bool), valid], 1)
+    got_p = dart_select(keys_p, hid_p, valid_p, start + pad, n, 4, 4, [24] * 8)
+    assert torch.equal(got, got_p)
+
+
+def test_dart_pivot_order_is_python_set_order():
+    from methods.dart import pivot_order
+
+    img, txt = [300, 40, 575, 100], [620, 612, 700, 650]
+    assert pivot_order(img, txt) == list(set(img + txt))
+
+
+def test_budgets_and_schedules():
+    from methods.dart import DART
+    from methods.fastv import FastV
+    from methods.pdrop import PyramidDrop
+
+    assert [s.n_keep for s in DART(prune_ratio=1 - 192 / 576, budget="official").plan(576, 32)] == [196]
+    assert [s.n_keep for s in DART(prune_ratio=1 - 64 / 576, budget="official").plan(576, 32)] == [68]
+    assert [s.n_keep for s in DART(prune_ratio=1 - 192 / 576, budget="after_prune").plan(576, 32)] == [192]
+    st = FastV(prune_ratio=1 - 192 / 576).plan(576, 32)
+    assert st[0].layer == 2 and st[0].n_keep == 166 and not st[0].renumber  # (32*192 - 2*576) / 30
+    pd = PyramidDrop(prune_ratio=0.5, budget="official").plan(576, 32)
+    assert [(s.layer, s.n_keep) for s in pd] == [(8, 288), (16, 144), (24, 72)] and pd[0].renumber
+    pd = PyramidDrop(prune_ratio=1 - 192 / 576).plan(576, 32)
+    mean = (8 * 576 + sum(8 * s.n_keep for s in pd)) / 32
+    assert abs(mean - 192) <= 1.0
+    assert [s.layer for s in PyramidDrop(prune_ratio=0.5).plan(576, 8)] == [2, 4, 6]
+
+
+# ---- SparseVLM: a per-sample transcription of the official rule on random inputs
+def _loop_cluster(x, c, noise):
+    """Official ``cluster_and_merge`` for one sample (explicit pairwise distances, index_add merge)."""
+    n, d = x.shape
+    dist = (x[:, None] - x[None]).norm(dim=-1) / d**0.5
+    dn = dist.topk(c, dim=-1, largest=False).values
+    dens = (-(dn**2).mean(-1)).exp() + noise * 1e-6
+    mask = (dens[None, :] > dens[:, None]).to(x.dtype)
+    dmax = dist.max()
+    par = (dist * mask + dmax * (1 - mask)).min(-1).values
+    centres = (par * dens).topk(c).indices
+    assign = dist[centres].argmin(0)
+    assign[centres] = torch.arange(c)
+    out = torch.zeros(c, d)
+    cnt = torch.zeros(c).index_add_(0, assign, torch.ones(n)) + 1e-6
+    out.index_add_(0, assign, x / cnt[assign, None])
+    return out
+
+
+def _loop_sparsevlm(attn_full, embeds, hidden, s0, n, k, noise):
+    """Official steps for one sample: raters, head-mean rows, topk mask, top-30% dropped, cluster."""
+    t = embeds.shape[0]
+    mvt = (embeds[s0 : s0 + n] @ embeds[s0 + n :].T).softmax(1).mean(0)
+    raters = torch.where(mvt > mvt.mean())[0] + s0 + n
+    rel = attn_full.mean(0)[raters][:, s0 : s0 + n].mean(0)
+    keep = sorted(rel.topk(min(k, n - 1)).indices.tolist())
+    dropped = [j for j in range(n) if j not in set(keep)]
+    cand_n = int(len(dropped) * 0.3) + 1
+    cand = rel[dropped].topk(cand_n).indices
+    x = hidden[s0 + torch.tensor(dropped)[cand]]
+    return keep, _loop_cluster(x, int(cand_n / 10) + 1, noise)
+
+
+class _FakeView:
+    def __init__(self, attn_rows, embeds, hidden, s0, n, noise):
+        b, t = hidden.shape[:2]
+        self.hidden, self.n_vis, self.layer = hidden, n, 3
+        self.vis_start = torch.full((b,), s0)
+        self.valid = torch.ones(b, t, dtype=torch.bool)
+        self.state, self.static = {}, {"noise": {0: noise}}
+        self.uniform_start, self.vis_start_min = True, s0
+        self._rows, self._embeds = attn_rows, embeds
+
+    def attn_rows(self, layer, queries):
+        return self._rows, torch.ones(self._rows.shape[0], self._rows.shape[2], dtype=torch.bool)
+
+    def input_embeds(self):
+        return self._embeds
+
+    def visual(self, x, dim=1):
+        return x.narrow(dim, self.vis_start_min, self.n_vis)
+
+
+def test_sparsevlm_selection_matches_loop():
+    from methods.inllm import Stage
+    from methods.sparsevlm import SparseVLM, merge_counts
+
+    g = torch.Generator().manual_seed(0)
+    b, h, s0, n, t = 2, 4, 35, 576, 640
+    attn = torch.rand(b, h, t, t, generator=g).softmax(-1)
+    embeds = torch.randn(b, t, 32, generator=g)
+    hidden = torch.randn(b, t, 32, generator=g)
+    k = 300
+    cand, c = merge_counts(n, k)
+    noise = torch.rand(b, cand, generator=g)
+    view = _FakeView(attn[:, :, s0 + n :], embeds, hidden, s0, n, noise)
+    out = SparseVLM(prune_ratio=0.5).prune(0, Stage(3, k + c, True, n_select=k), view)
+    for i in range(b):
+        keep, merged = _loop_sparsevlm(attn[i], embeds[i], hidden[i], s0, n, k, noise[i])
+        assert out.keep[i].tolist() == keep
+        torch.testing.assert_close(out.extra[i], merged, atol=1e-5, rtol=1e-5)
+
+
+def test_transprune_scores_match_loop():
+    from methods.transprune import transition_weight
+
+    g = torch.Generator().manual_seed(0)
+    a, o = torch.randn(2, 50, 16, generator=g), torch.randn(2, 50, 16, generator=g)
+    got = transition_weight(a, o, torch.ones(2, 50, dtype=torch.bool))
+    for i in range(2):  # official compute_transf_weight, batch 1
+        ratio = o[i].norm(dim=-1) / a[i].norm(dim=-1)
+        e = torch.exp(1 - torch.nn.functional.cosine_similarity(a[i], o[i], dim=-1))
+        torch.testing.assert_close(got[i], ratio * e / e.sum(), atol=1e-6, rtol=1e-5)
+
+
+def test_new_method_budgets():
+    from methods.sparsevlm import SparseVLM
+    from methods.transprune import TransPrune
+
+    def mean(plan, n=576, layers=32):
+        c = [n] * layers
+        for s in plan:
+            for j in range(s.layer, layers):
+                c[j] = s.n_keep
+        return sum(c) / layers
+
+    p = SparseVLM(prune_ratio=1 - 192 / 576, budget="official").plan(576, 32)
+    assert [(s.layer, s.n_keep) for s in p] == [(3, 309), (7, 204), (16, 113)] and mean(p) == 206.5 and p[0].renumber
+    assert abs(mean(SparseVLM(prune_ratio=1 - 128 / 576, budget="official").plan(576, 32)) - 145.4) < 0.1
+    assert abs(mean(SparseVLM(prune_ratio=1 - 64 / 576, budget="official").plan(576, 32)) - 82.3) < 0.1
+    assert abs(mean(SparseVLM(prune_ratio=1 - 192 / 576).plan(576, 32)) - 192) <= 1.0
+    assert SparseVLM(prune_ratio=1 - 192 / 576, budget="after_prune").plan(576, 32)[0].n_keep == 192
+    v2 = SparseVLM(prune_ratio=1 - 192 / 576, budget="official", version="2.0").plan(576, 32)
+    assert [s.n_keep for s in v2] == [300, 200, 118] and not v2[0].renumber
+    tp = TransPrune(prune_ratio=0.5, budget="official").plan(576, 32)
+    assert [(s.layer, s.n_keep) for s in tp] == [(7, 504), (9, 360), (12, 72)] and mean(tp) == 236.25
+    assert abs(mean(TransPrune(prune_ratio=1 - 192 / 576).plan(576, 32)) - 192) <= 1.0
+    assert TransPrune(prune_ratio=1 - 192 / 576, budget="after_prune").plan(576, 32)[0].n_keep == 192
+
+
+def test_overhead_script_smoke(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "o.csv"
+    r = subprocess.run([sys.executable, "scripts/bench_inllm_overhead.py", "--tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0",
+                        "--batches", "1", "--methods", "transprune", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("method,batch,prefill_ms,overhead_ms,overhead_pct")
+    assert len(lines) > 1
