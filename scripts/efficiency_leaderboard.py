@@ -86,32 +86,39 @@ def row(rec: dict, kept_nominal: int, driver: str | None) -> dict:
 
 
 def plot(df, path: Path) -> None:
+    """Prefill latency (eager, CUDA graph) and TFLOPs vs visual tokens, batch 1 and 16.
+
+    x is the mean number of visual tokens entering the LLM layers, so in-LLM methods (which keep
+    all 576 for their first layers) sit where their compute is; the dashed line is the roofline
+    floor of the LLM prefill.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    b1 = df[df["batch"] == 1]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5), dpi=110)
-    for method, g in sorted(b1.groupby("method"), key=lambda kv: kv[0]):
-        g = g.sort_values("visual_tokens")
-        mk = dict(marker="*", markersize=12, linestyle="none") if method == "none" else dict(marker="o", markersize=4)
-        axes[0].plot(g["visual_tokens"], g["prefill_eager_ms"], label=method, **mk)
-        axes[1].plot(g["visual_tokens"], g["prefill_graph_ms"], label=method, **mk)
-        axes[2].plot(g["visual_tokens"], g["tflops_prefill_counted"], label=method, **mk)
-    floor = b1.dropna(subset=["llm_prefill_floor_ms"]).sort_values("visual_tokens")
-    for ax in axes[:2]:
-        ax.plot(floor["visual_tokens"], floor["llm_prefill_floor_ms"], "k--", linewidth=1, label="roofline floor (LLM)")
-        ax.set_xlabel("visual tokens kept (mean over LLM layers for in-LLM methods: see CSV)")
-    axes[0].set_ylabel("prefill ms (batch 1)")
-    axes[0].set_title("eager prefill (vision + selection + LLM)")
-    axes[1].set_title("LLM prefill, CUDA-graph replay")
-    axes[2].set_title("prefill TFLOPs per sample (counted)")
-    axes[2].set_xlabel("visual tokens kept")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[2].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"LLaVA-1.5-7B shapes, random weights, {df['gpu'].iloc[0]}, fp16, SDPA, batch 1")
+    batches = sorted(df["batch"].unique())
+    fig, axes = plt.subplots(len(batches), 3, figsize=(17, 4.6 * len(batches)), dpi=110, squeeze=False)
+    for row, batch in zip(axes, batches):
+        d = df[df["batch"] == batch]
+        for method, g in sorted(d.groupby("method"), key=lambda kv: kv[0]):
+            g = g.sort_values("visual_tokens_layer_mean")
+            mk = dict(marker="*", markersize=12, linestyle="none") if method == "none" else dict(marker="o", markersize=4)
+            for ax, col in zip(row, ("prefill_eager_ms", "prefill_graph_ms", "tflops_prefill_counted")):
+                if g[col].notna().any():
+                    ax.plot(g["visual_tokens_layer_mean"], g[col], label=method, **mk)
+        floor = d[d["method"].isin(["none", "pool"])].sort_values("visual_tokens_layer_mean")
+        for ax in row[:2]:
+            ax.plot(floor["visual_tokens_layer_mean"], floor["llm_prefill_floor_ms"], "k--", linewidth=1, label="roofline floor")
+            ax.set_ylabel(f"ms per forward (batch {batch})")
+        row[0].set_title(f"LLM prefill, eager (batch {batch})")
+        row[1].set_title(f"LLM prefill, CUDA-graph replay (batch {batch}; in-LLM hooks not capturable)")
+        row[2].set_title("prefill TFLOPs per sample (counted: vision + selection + LLM)")
+        for ax in row:
+            ax.set_xlabel("visual tokens entering the LLM layers (mean)")
+            ax.grid(alpha=0.3)
+    axes[0][2].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"LLaVA-1.5-7B shapes, random weights, {df['gpu'].iloc[0]}, fp16, SDPA")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, metadata={"Software": None})

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from bench.measure.timing import Timing, time_fn
-from bench.models.llava import cache_lengths, crop_cache
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype = torch.float16) -> dict[str, float]:
@@ -62,7 +61,6 @@ class GraphPrefill:
         self.embeds = prepared.inputs_embeds.clone()
         self.mask = prepared.attention_mask.clone()
         self.pos = (self.mask.long().cumsum(-1) - 1).clamp(min=0)
-        self.ctx = adapter.llm_pruning(method, prepared)
 
         def fwd():
             return lm(inputs_embeds=self.embeds, attention_mask=self.mask, position_ids=self.pos, use_cache=False, logits_to_keep=1).logits
@@ -70,7 +68,9 @@ class GraphPrefill:
         self.fwd = fwd
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with self.ctx, torch.cuda.stream(stream):
+        # in-LLM hooks run (as GPU kernels) during capture; replays re-execute those kernels, so the
+        # hooks need not stay installed afterwards
+        with adapter.llm_pruning(method, prepared), torch.cuda.stream(stream):
             for _ in range(warmup):
                 fwd()
             torch.cuda.current_stream().wait_stream(stream)
@@ -111,28 +111,32 @@ def stage_latencies(adapter, method, batch: dict[str, torch.Tensor], seeds: torc
         else:
             try:
                 g = GraphPrefill(adapter, prepared, method)
-                with g.ctx:
-                    out["prefill_graph"] = _t(time_fn(g.replay, device, warmup, repeats))
+                out["prefill_graph"] = _t(time_fn(g.replay, device, warmup, repeats))
                 del g
             except Exception as e:  # noqa: BLE001 - a method whose hooks sync with the host cannot be captured
                 out["prefill_graph"] = _t(None)
                 notes.append(f"prefill_graph is null: capture failed ({type(e).__name__}: {str(e)[:160]})")
-    # one decode step after the (pruned) prefill, with the KV cache; in-LLM hooks stay installed
-    # so the step attends over exactly the pruned prefix
+    # decode steps after the (pruned) prefill, with the KV cache; in-LLM hooks stay installed so
+    # every step attends over exactly the pruned prefix. Steps advance like generation does (each
+    # one a new position), warm-up steps first; the median step is reported.
     with adapter.llm_pruning(method, prepared):
         first = adapter.prefill(prepared)
         cache = first.past_key_values
-        next_tok = first.logits[:, -1:].argmax(-1)
-        mask = torch.cat([prepared.attention_mask, torch.ones_like(next_tok)], dim=1)
-        pos = prepared.attention_mask.long().sum(-1, keepdim=True)
-        lengths = cache_lengths(cache)
-
-        def decode_step():
-            crop_cache(cache, lengths)  # every repeat decodes the same position
-            return adapter.model(input_ids=next_tok, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-
+        tok = first.logits[:, -1:].argmax(-1)
+        mask = prepared.attention_mask
+        pos = mask.long().sum(-1, keepdim=True) - 1
+        times: list[float] = []
         try:
-            out["decode_step"] = _t(time_fn(decode_step, device, warmup, repeats))
+            for step in range(warmup + repeats):
+                mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
+                pos = pos + 1
+                t = time_fn(lambda: adapter.model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True), device, warmup=0, repeats=1)
+                if step >= warmup:
+                    times.append(t.median_ms)
+            import statistics
+
+            q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+            out["decode_step"] = {"median_ms": round(statistics.median(times), 4), "iqr_ms": round(q[2] - q[0], 4)}
         except Exception as e:  # noqa: BLE001
             out["decode_step"] = _t(None)
             notes.append(f"decode_step is null: {type(e).__name__}: {str(e)[:160]}")
