@@ -25,7 +25,7 @@ COLUMNS: dict[str, str] = {
     "benchmark": "benchmark config name",
     "metric": "primary metric of the benchmark",
     "score": "value of the primary metric (null for efficiency-only runs)",
-    "retention_pct": "score / score of method=none on the same model, benchmark and sample count x 100",
+    "retention_pct": "score / score of method=none on the same model, benchmark and number of samples x 100",
     "tflops_prefill": "measured TFLOPs of one sample's vision encoder + selection + LLM prefill",
     "prefill_ms": "median time of that prefill (see `device` and the record's `timer`)",
     "kv_cache_mb": "KV-cache size after one sample's prefill, MiB, read from the cache tensors",
@@ -76,14 +76,17 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=[*COLUMNS, "report_scale"])
     df = pd.DataFrame(rows)
+    # baselines: every completed `none` record with a score, by (model, benchmark, n_samples), so a
+    # subset run is compared with the unpruned run on the same subset (newest wins on ties)
+    base: dict[tuple, float] = {}
+    for _, b in df[(df["method"] == "none") & df["score"].notna()].sort_values(["_when", "run_id"]).iterrows():
+        base[(b["model"], b["benchmark"], b["n_samples"])] = b["score"]
     df = df.sort_values(["_acc", "_full", "_when", "run_id"]).groupby(["model", "method", "ratio", "benchmark"], as_index=False).tail(1)
-    base = df[df["method"] == "none"].set_index(["model", "benchmark"])
     ret = []
     for _, row in df.iterrows():
-        key = (row["model"], row["benchmark"])
-        b = base.loc[key] if key in base.index else None
-        ok = b is not None and row["score"] is not None and pd.notna(row["score"]) and pd.notna(b["score"]) and b["score"] and b["n_samples"] == row["n_samples"]
-        ret.append(round(100.0 * row["score"] / b["score"], 2) if ok else None)
+        b = base.get((row["model"], row["benchmark"], row["n_samples"]))
+        ok = b is not None and b != 0 and pd.notna(row["score"])
+        ret.append(round(100.0 * row["score"] / b, 2) if ok else None)
     df["retention_pct"] = ret
     df["_rank"] = df.apply(lambda r: -r["score"] if (r["_hib"] and pd.notna(r["score"])) else (r["score"] if pd.notna(r["score"]) else float("inf")), axis=1)
     df = df.sort_values(["model", "benchmark", "_rank", "method", "ratio"], kind="mergesort")

@@ -41,6 +41,13 @@ def test_leaderboard_rows_retention_and_order():
     assert pd.isna(eff_only["score"]) and pd.isna(eff_only["retention_pct"])
 
 
+def test_retention_uses_the_baseline_on_the_same_samples():
+    recs = [rec("none", 0.0, 0.9, 576, "c0", n=1000), rec("none", 0.0, 0.8, 576, "c1", n=200, limit=200), rec("pool", 0.5, 0.6, 288, "c2", n=200, limit=200)]
+    df = leaderboard(recs)
+    assert df[df["method"] == "none"].iloc[0]["run_id"] == "c0"  # the full split is shown
+    assert abs(df[df["method"] == "pool"].iloc[0]["retention_pct"] - 75.0) < 1e-9  # vs the 200-sample baseline
+
+
 def test_leaderboard_is_pure_and_order_independent():
     a = leaderboard(RECORDS).to_csv(index=False)
     b = leaderboard(list(reversed(RECORDS))).to_csv(index=False)
