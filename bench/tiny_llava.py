@@ -48,7 +48,7 @@ CHAT_TEMPLATE = (
 DEFAULT_SIZES: dict[str, int] = {
     "vision_hidden": 64,
     "vision_layers": 6,
-    "vision_heads": 2,
+    "vision_heads": 4,
     "vision_mlp": 256,
     "text_hidden": 128,
     "text_layers": 3,
