@@ -38,9 +38,9 @@ METHODS = ["fastv", "pdrop", "sparsevlm", "dart", "transprune"]
 
 
 def build(args):
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaConfig
 
-    from bench.models.llava import LlavaAdapter
+    from bench.models.llava import LlavaAdapter, build_random_llava
 
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -51,15 +51,7 @@ def build(args):
                                "text_hidden": 64, "text_layers": 8, "text_heads": 4, "text_mlp": 128})
     else:
         config = LlavaConfig(**json.loads((ROOT / "bench/assets/configs/llava-1.5-7b-hf.json").read_text()))
-    for c in (config, config.text_config, config.vision_config):
-        c._attn_implementation = "sdpa"
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(prev)
+    model = build_random_llava(config, device, dtype)
     ad = LlavaAdapter("llava15_7b_random" if not args.tiny else "tiny", "unused", weights="random",
                       device=str(device), dtype="float16" if dtype == torch.float16 else "float32")
     ad.model = model

@@ -24,7 +24,6 @@ import csv
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,7 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.measure.timing import time_fn  # noqa: E402
 from bench.models.clip_extras import build_extras  # noqa: E402
+from bench.models.llava import build_random_llava  # noqa: E402
 from methods.base import VisionContext  # noqa: E402
 from methods.divprune import DivPrune  # noqa: E402
 from methods.fastervlm import FasterVLM  # noqa: E402
@@ -66,7 +67,7 @@ def variants(ratio: float, device: str):
 
 
 def build(tower: str, device: torch.device, dtype: torch.dtype):
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaConfig
 
     if tower == "tiny":
         from bench.tiny_llava import build_config
@@ -76,16 +77,7 @@ def build(tower: str, device: torch.device, dtype: torch.dtype):
         data = json.loads((ROOT / "bench/assets/configs/llava-1.5-7b-hf.json").read_text())
         data["text_config"]["num_hidden_layers"] = 1  # the LLM is not used here
         cfg = LlavaConfig(**data)
-    for c in (cfg, cfg.text_config, cfg.vision_config):
-        c._attn_implementation = "sdpa"
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(cfg).eval()
-    finally:
-        torch.set_default_dtype(prev)
-    return model
+    return build_random_llava(cfg, device, dtype)
 
 
 class Adapter:
@@ -106,24 +98,7 @@ class Adapter:
 
 
 def timer(fn, device, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(repeats):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    return time_fn(fn, device, warmup=warmup, repeats=repeats).samples_ms
 
 
 def quart(v: list[float]) -> tuple[float, float, float]:

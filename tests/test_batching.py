@@ -1,4 +1,5 @@
-"""Batched evaluation gives the same answers: predictions at batch 8 equal batch 1 (CPU, fp32).
+"""Batched evaluation gives the same answers: predictions at batch 8 equal batch 1 (CPU, fp32),
+and every method at ratio 0 gives exactly the unpruned predictions.
 
 Runs the project's lmms-eval model (`TokenPruneLlava.generate_until`: length-grouped batches, left
 padding, per-sample pruning) on SynthVQA test questions with the embedded default model, for every
@@ -62,6 +63,7 @@ def build(name, ratio):
 
 
 CASES = [(m, r) for m in METHODS for r in (0.0, 0.5, 0.9) if not (m == "none" and r)]
+_UNPRUNED: dict[str, list[str]] = {}
 
 
 @pytest.mark.slow
@@ -82,3 +84,8 @@ def test_batch8_equals_batch1(setup, name, ratio):
     kept1 = {s["doc_id"]: s["visual_tokens_kept"] for s in stats1}
     kept8 = {s["doc_id"]: s["visual_tokens_kept"] for s in stats8}
     assert kept1 == kept8
+    if ratio == 0.0:
+        # ratio 0 reproduces the unpruned model exactly, whatever the method
+        if "ref" not in _UNPRUNED:
+            _UNPRUNED["ref"] = predictions(adapter, build("none", 0.0), docs, 8)[0]
+        assert eight == _UNPRUNED["ref"], f"{name} at ratio 0 changes predictions"

@@ -116,3 +116,22 @@ def test_wandb_offline_run_is_written_and_readable(tiny_model_dir, tmp_path):
     summ = [read_offline_run(p) for p in runs]
     keys = [k for s in summ for k in s["summary"]]
     assert "table/leaderboard/_type" in keys and any(k.startswith("plot/") for k in keys)
+
+
+def test_efficiency_only_run_with_random_weights(tiny_model_dir, tmp_path):
+    """`model.weights=random measure=efficiency`: no dataset, no accuracy, every efficiency field set."""
+    results = tmp_path / "results"
+    r = bench("run", f"model.source={tiny_model_dir}", "model.weights=random", "measure=efficiency", "method=pool", "ratio=0.75", "measure.repeats=2", "measure.warmup=1", f"results_dir={results}", "logger=none", "device=cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (rec,) = records(results)
+    assert rec["accuracy_measured"] is False and rec["metrics"] == {} and rec["n_samples"] is None
+    assert any("random weights" in n or "efficiency-only" in n for n in rec["notes"])
+    e = rec["efficiency"]
+    assert e["visual_tokens_kept"] == 144 and e["tflops_prefill"] > 0
+    assert abs(e["tflops_prefill"] - e["tflops_prefill_analytic_no_selection"]) <= 0.01 * e["tflops_prefill"]
+    for stage in ("vision_encoder", "selection", "prefill_eager", "decode_step"):
+        assert e["latency"][stage]["median_ms"] > 0, stage
+    assert e["latency"]["prefill_graph"]["median_ms"] is None and any("CUDA graphs need a GPU" in n for n in rec["notes"])
+    assert rec["provenance"]["model_fingerprint"] == "random-init"
+    lb = (results / "leaderboard.csv").read_text().splitlines()
+    assert len(lb) == 2 and ",pool,0.75,144.0,synthvqa,exact_match,," in lb[1]

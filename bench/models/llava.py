@@ -189,17 +189,7 @@ class LlavaAdapter(ModelAdapter):
 
         path, local = resolve_source(self.source)
         if self.weights == "random":
-            config = self._architecture_config()
-            config.text_config._attn_implementation = self.attn_implementation
-            config.vision_config._attn_implementation = self.attn_implementation
-            config._attn_implementation = self.attn_implementation
-            prev = torch.get_default_dtype()
-            torch.set_default_dtype(self.dtype)
-            try:
-                with torch.device(self.device):
-                    self.model = LlavaForConditionalGeneration(config)
-            finally:
-                torch.set_default_dtype(prev)
+            self.model = build_random_llava(self._architecture_config(), self.device, self.dtype, self.attn_implementation)
         else:
             if local and not (Path(path) / "config.json").exists():
                 raise MissingWeightsError(self._no_local_weights(path))
@@ -425,6 +415,25 @@ class LlavaAdapter(ModelAdapter):
             use_cache=True,
             logits_to_keep=1,
         )
+
+
+def build_random_llava(config, device, dtype: torch.dtype, attn_implementation: str = "sdpa"):
+    """The real architecture of ``config`` with random weights, built directly on ``device`` in ``dtype``.
+
+    Compute cost, latency and KV-cache size do not depend on weight values, so efficiency measured
+    on it is real; accuracy is not (records say so).
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = attn_implementation
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(prev)
 
 
 def kv_cache_bytes(cache) -> list[int]:
