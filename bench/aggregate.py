@@ -21,7 +21,7 @@ COLUMNS: dict[str, str] = {
     "model": "model config name",
     "method": "method config name",
     "ratio": "nominal fraction of visual tokens removed",
-    "visual_tokens": "measured mean visual tokens reaching the LLM per sample",
+    "visual_tokens": "measured visual tokens per sample, averaged over the LLM's layers (= tokens kept for pre-LLM methods)",
     "benchmark": "benchmark config name",
     "metric": "primary metric of the benchmark",
     "score": "value of the primary metric (null for efficiency-only runs)",
@@ -55,7 +55,7 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
                 "model": r["model"],
                 "method": r["method"],
                 "ratio": float(r["ratio"]),
-                "visual_tokens": None if eff.get("visual_tokens_kept") is None else round(float(eff["visual_tokens_kept"]), 1),
+                "visual_tokens": _tokens(eff),
                 "benchmark": r["benchmark"],
                 "metric": metric,
                 "score": mval.get("value"),
@@ -68,6 +68,8 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
                 "run_id": r["run_id"],
                 "_acc": bool(r.get("accuracy_measured")),
                 "_full": r.get("limit") is None,
+                # per-sample efficiency columns come from a batch-1 measurement when there is one
+                "_b1": eff.get("measured_batch_size") in (None, 1),
                 "_hib": bool(mval.get("higher_is_better", True)),
                 "report_scale": float(((r.get("config") or {}).get("benchmark") or {}).get("report_scale", 1)),
                 "_when": r.get("finished_at") or "",
@@ -81,7 +83,7 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
     base: dict[tuple, float] = {}
     for _, b in df[(df["method"] == "none") & df["score"].notna()].sort_values(["_when", "run_id"]).iterrows():
         base[(b["model"], b["benchmark"], b["n_samples"])] = b["score"]
-    df = df.sort_values(["_acc", "_full", "_when", "run_id"]).groupby(["model", "method", "ratio", "benchmark"], as_index=False).tail(1)
+    df = df.sort_values(["_acc", "_full", "_b1", "_when", "run_id"]).groupby(["model", "method", "ratio", "benchmark"], as_index=False).tail(1)
     ret = []
     for _, row in df.iterrows():
         b = base.get((row["model"], row["benchmark"], row["n_samples"]))
@@ -91,6 +93,13 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
     df["_rank"] = df.apply(lambda r: -r["score"] if (r["_hib"] and pd.notna(r["score"])) else (r["score"] if pd.notna(r["score"]) else float("inf")), axis=1)
     df = df.sort_values(["model", "benchmark", "_rank", "method", "ratio"], kind="mergesort")
     return df[[*COLUMNS, "report_scale"]].reset_index(drop=True)
+
+
+def _tokens(eff: dict[str, Any]) -> float | None:
+    v = eff.get("visual_tokens_layer_mean")
+    if v is None:
+        v = eff.get("visual_tokens_kept")
+    return None if v is None else round(float(v), 1)
 
 
 def aggregate(results_dir: str | Path = "results", quiet: bool = False, reports: bool = True, wandb: dict[str, Any] | None = None) -> pd.DataFrame:
