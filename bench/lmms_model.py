@@ -101,9 +101,9 @@ class TokenPruneLlava(lmms):
         return 1
 
     def _prompt(self, context: str) -> str:
-        proc = self.adapter.processor
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": context.replace("<image>", "").strip()}]}]
-        return proc.apply_chat_template(messages, add_generation_prompt=True)
+        from bench.models.llava import chat_prompt
+
+        return chat_prompt(self.adapter.processor, context.replace("<image>", "").strip())
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         proc = self.adapter.processor

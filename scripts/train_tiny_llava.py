@@ -54,6 +54,7 @@ from bench.synthvqa.generator import (  # noqa: E402
     make_example,
     scene_questions,
 )
+from bench.models.llava import chat_prompt  # noqa: E402
 import bench.synthvqa.generator as _generator  # noqa: E402
 import bench.tiny_llava as _tiny  # noqa: E402
 from bench.tiny_llava import (  # noqa: E402
@@ -533,13 +534,7 @@ def eval_harness(model, processor, examples, device, bs):
     preds = []
     for i in range(0, len(examples), bs):
         chunk = examples[i : i + bs]
-        prompts = [
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e["question"] + POST_PROMPT}]}],
-                add_generation_prompt=True,
-            )
-            for e in chunk
-        ]
+        prompts = [chat_prompt(processor, e["question"] + POST_PROMPT) for e in chunk]
         inputs = processor(images=[e["image"] for e in chunk], text=prompts, return_tensors="pt", padding=True)
         inputs = {k: v.to(device) for k, v in inputs.items()}
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bench.synthvqa.generator import POST_PROMPT, VOCAB, generate_examples, words
+from bench.models.llava import chat_prompt
 from bench.tiny_llava import TINY_LLAVA_PATH, build_processor, build_tokenizer, prompt_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,13 +61,7 @@ def test_shipped_assets_answer(shipped):
     assert cfg.vision_feature_layer == -2 and cfg.vision_feature_select_strategy == "default"
     ex = generate_examples("test", 4, 0)
     proc.tokenizer.padding_side = "left"
-    prompts = [
-        proc.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e["question"] + POST_PROMPT}]}],
-            add_generation_prompt=True,
-        )
-        for e in ex
-    ]
+    prompts = [chat_prompt(proc, e["question"] + POST_PROMPT) for e in ex]
     inputs = proc(images=[e["image"] for e in ex], text=prompts, return_tensors="pt", padding=True)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False)

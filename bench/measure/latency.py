@@ -15,7 +15,6 @@ with ``perf_counter`` (labelled ``wall_clock``) and graph mode is unavailable (n
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -142,6 +141,3 @@ def stage_latencies(adapter, method, batch: dict[str, torch.Tensor], seeds: torc
             notes.append(f"decode_step is null: {type(e).__name__}: {str(e)[:160]}")
     return out, notes
 
-
-def timing_dict(t: Timing) -> dict[str, Any]:
-    return asdict(t)

@@ -417,6 +417,13 @@ class LlavaAdapter(ModelAdapter):
         )
 
 
+def chat_prompt(processor, text: str) -> str:
+    """One image followed by ``text`` in a user turn, rendered with the processor's chat template and
+    the generation prompt (LLaVA-1.5: ``USER: <image>\n{text} ASSISTANT:``)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
 def build_random_llava(config, device, dtype: torch.dtype, attn_implementation: str = "sdpa"):
     """The real architecture of ``config`` with random weights, built directly on ``device`` in ``dtype``.
 
@@ -448,19 +455,6 @@ def kv_cache_bytes(cache) -> list[int]:
     for k, v in cache:  # legacy tuple-of-tuples caches
         out.append(k.numel() * k.element_size() + v.numel() * v.element_size())
     return out
-
-
-def cache_lengths(cache) -> list[int]:
-    """Keys held per layer (in-LLM pruning leaves later layers shorter)."""
-    return [int(layer.keys.shape[-2]) if isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.dim() == 4 else 0 for layer in cache.layers]
-
-
-def crop_cache(cache, lengths: list[int]) -> None:
-    """Cut each layer of a dynamic cache back to ``lengths`` (per layer, unlike ``DynamicCache.crop``)."""
-    for layer, n in zip(cache.layers, lengths):
-        if isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.dim() == 4:
-            layer.keys = layer.keys[..., :n, :]
-            layer.values = layer.values[..., :n, :]
 
 
 def _hf_home() -> str:
