@@ -105,6 +105,10 @@ class PruningMethod:
     needs: ClassVar[frozenset[str]] = frozenset()
     #: Whether the method needs a CLS token in the vision tower.
     requires_cls: ClassVar[bool] = False
+    #: Whether :meth:`reduce` (with the extras it asks for) is CUDA-graph capturable: no host sync,
+    #: output shapes independent of values, deterministic, ``ctx.sample_seeds`` unused (a graph would
+    #: freeze it). Adapters may then replay it through :class:`CudaGraphCache`.
+    graph_safe: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         try:
@@ -168,3 +172,63 @@ class PruningMethod:
         from dataclasses import asdict
 
         return {"method": self.name, **asdict(self)}
+
+
+class CudaGraphCache:
+    """Opt-in CUDA-graph replay of a pure tensor function (a method's selection, a merging tower).
+
+    At batch 1 a selection is a few dozen tiny kernels, so its eager cost is Python dispatch and
+    launch latency, not GPU work; replaying a captured graph removes both. ``fn(*tensors)`` must be
+    capturable: no host synchronisation (``.item()``, ``.tolist()``, ``nonzero``, boolean-mask
+    indexing), no output shape that depends on values, no CPU tensor read inside. Its result may be
+    a tensor, ``None`` or a (nested) tuple/list of those; CPU tensors in it are returned as captured
+    (they must be constants, e.g. ``n_kept`` of a fixed budget).
+
+    One graph per input signature (shape, stride, dtype, device of every argument). A call copies
+    its arguments into the graph's static inputs, replays, and returns clones of the static outputs
+    (so a later replay never overwrites a result the caller holds). The replay runs the very kernels
+    that the eager call runs, in the same order, so outputs are bit-identical to ``fn``'s eager result
+    as long as ``fn`` is deterministic (no float atomics).
+    """
+
+    def __init__(self, fn: Callable[..., Any], warmup: int = 2) -> None:
+        self.fn = fn
+        self.warmup = warmup
+        self.graphs: dict[tuple, tuple[list[torch.Tensor], Any, Any]] = {}
+
+    @staticmethod
+    def signature(args: tuple[torch.Tensor, ...]) -> tuple:
+        return tuple((tuple(a.shape), a.stride(), a.dtype, a.device) for a in args)
+
+    @torch.no_grad()
+    def capture(self, args: tuple[torch.Tensor, ...]):
+        static = [a.clone() for a in args]
+        side = torch.cuda.Stream(device=static[0].device)
+        side.wait_stream(torch.cuda.current_stream(static[0].device))
+        with torch.cuda.stream(side):  # warm-up (lazy init, Triton compilation, cuBLAS handles) off the capture
+            for _ in range(self.warmup):
+                self.fn(*static)
+        torch.cuda.current_stream(static[0].device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.fn(*static)
+        entry = (static, graph, out)
+        self.graphs[self.signature(args)] = entry
+        return entry
+
+    @torch.no_grad()
+    def __call__(self, *args: torch.Tensor):
+        entry = self.graphs.get(self.signature(args)) or self.capture(args)
+        static, graph, out = entry
+        for s, a in zip(static, args):
+            s.copy_(a)
+        graph.replay()
+        return _clone_outputs(out)
+
+
+def _clone_outputs(out):
+    if isinstance(out, torch.Tensor):
+        return out.clone() if out.is_cuda else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_clone_outputs(o) for o in out)
+    return out

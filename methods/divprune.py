@@ -19,6 +19,7 @@ available (``backend="auto"``) the whole loop runs in one kernel launch (one pro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -111,6 +112,8 @@ class DivPrune(PruningMethod):
     """
 
     backend: str = "auto"
+
+    graph_safe: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

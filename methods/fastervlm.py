@@ -35,6 +35,7 @@ class FasterVLM(PruningMethod):
     layer: int = -2
 
     requires_cls: ClassVar[bool] = True
+    graph_safe: ClassVar[bool] = True
 
     @property
     def name(self) -> str:

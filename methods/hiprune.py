@@ -17,6 +17,7 @@ and ``.cuda()`` is hard-coded (here the tensors stay on their device).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -67,6 +68,8 @@ class HiPrune(PruningMethod):
     object_layer: int = 9
     deep_layer: int = -2
     ref_layers: int = 24
+
+    graph_safe: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -30,6 +30,10 @@ batch flattened and PruMerge+'s "not already kept" filter uses the whole batch's
 sample); adaptive PruMerge+ crashes without outliers (here ``int(1 / ratio)`` is taken as ``N``, and
 the top-k part is empty) and for ``ratio > 1/3`` (stride 0; here the stride is at least 1).
 Adaptive outputs differ in length per sample: rows past ``n_kept`` are zero padding.
+
+CUDA graphs: the fixed budget is capturable (``graph_safe``) and the adapter replays it from a graph;
+the adaptive budget reads each sample's outlier count on the host and its output length depends on
+the values, so it always runs eager.
 """
 
 from __future__ import annotations
@@ -146,6 +150,12 @@ class PruMerge(PruningMethod):
     @property
     def name(self) -> str:
         return "prumerge_plus" if self.plus else "prumerge"
+
+    @property
+    def graph_safe(self) -> bool:  # type: ignore[override]
+        """Fixed budgets are CUDA-graph capturable; the adaptive budget reads each sample's IQR
+        outlier count on the host and has a value-dependent output length, so it stays eager."""
+        return self.budget == "fixed"
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]

@@ -14,6 +14,10 @@ tokens, then B); at most half of the non-CLS tokens merge per block; ``r = 0`` s
 ``round(N * (1 - prune_ratio))``: 576 -> 192 is ``[17] * 16 + [16] * 7``, -> 128 ``[20] * 11 + [19] * 12``,
 -> 64 ``[23] * 6 + [22] * 17``. An explicit ``r`` (int or per-block list) may be configured instead.
 
+The merge adds the sources into their destinations with a one-hot GEMM instead of ToMe's
+``scatter_reduce`` (a float atomic add on CUDA, whose summation order changes from run to run): the same
+sums, deterministic, so the merging tower can be replayed from a CUDA graph with bit-identical output.
+
 This module holds the pure tensor functions and the schedule; the block loop that calls them inside
 the tower is ``bench.models.vision_merge.encode_with_merging`` (``stage = "in_vision"``).
 """
@@ -53,13 +57,22 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool) -> 
     dst_idx = node_idx.unsqueeze(-1).gather(1, src_idx)
     if class_token:
         unm_idx = unm_idx.sort(dim=1).values
+    # the scatter-add of the sources into their destinations as a one-hot GEMM: ToMe's scatter_reduce
+    # is a float atomic add on CUDA, whose order (and so rounding) changes from run to run
+    one_hot = torch.zeros(metric.shape[0], t // 2, r, dtype=metric.dtype, device=metric.device)
+    one_hot.scatter_(1, dst_idx.transpose(1, 2), 1.0)
 
     def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         src, dst = x[:, ::2], x[:, 1::2]
         n, t1, c = src.shape
         unm = src.gather(1, unm_idx.expand(n, t1 - r, c))
         src = src.gather(1, src_idx.expand(n, r, c))
-        dst = dst.scatter_reduce(1, dst_idx.expand(n, r, c), src, reduce=mode)
+        oh = one_hot.to(x.dtype)
+        dst = torch.baddbmm(dst, oh, src)
+        if mode == "mean":  # scatter_reduce's "mean" counts the destination itself
+            dst = dst / (1 + oh.sum(dim=2, keepdim=True))
+        elif mode != "sum":
+            raise ValueError(f"tome merge mode must be 'sum' or 'mean', got {mode!r}")
         return torch.cat([unm, dst], dim=1)
 
     return merge, r

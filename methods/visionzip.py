@@ -66,17 +66,22 @@ def visionzip_merge(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Te
     metric = metric / metric.norm(dim=-1, keepdim=True)
     rem_h = hidden.gather(1, rem_idx.unsqueeze(-1).expand(-1, -1, c))
     step = max(1, r // contextual)
-    tgt = torch.arange(0, r, step, device=dev)[:contextual]
-    is_tgt = torch.zeros(r, dtype=torch.bool, device=dev)
-    is_tgt[tgt] = True
-    oth = (~is_tgt).nonzero().flatten()
+    n_t = len(range(0, r, step)[:contextual])
+    tgt = torch.arange(n_t, device=dev) * step
+    # the non-target positions in order, in closed form (no data-dependent nonzero, so no host sync):
+    # the first n_t blocks of `step` positions each lose their first, the tail after them is whole
+    i = torch.arange(r - n_t, device=dev)
+    oth = i + n_t if step == 1 else torch.where(i < n_t * (step - 1), i // (step - 1) * step + i % (step - 1) + 1, i + n_t)
     sim = torch.bmm(metric[:, oth], metric[:, tgt].transpose(1, 2))  # (B, R - C, C)
     assign = sim.argmax(dim=2)  # (B, R - C): first index among ties
-    # scatter_add, not the official one-hot bmm: the same sums, but a batched bmm may add in another
-    # order than a single-sample one, and a sample's tokens must not depend on its batch neighbours
-    agg = torch.zeros(b, len(tgt), c, dtype=hidden.dtype, device=dev)
-    agg.scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, c), rem_h[:, oth])
-    counts = torch.zeros(b, len(tgt), dtype=hidden.dtype, device=dev).scatter_add_(1, assign, torch.ones_like(assign, dtype=hidden.dtype))
+    # the official one-hot matmul, deterministic on CUDA (a float scatter_add there is an atomic add
+    # whose order changes from run to run); one GEMM per sample, because a batched GEMM may pick another
+    # kernel, and so another summation order, for another batch size: a sample's tokens must not depend
+    # on its batch neighbours
+    one_hot = torch.zeros(b, n_t, r - n_t, dtype=hidden.dtype, device=dev).scatter_(1, assign.unsqueeze(1), 1.0)
+    rem_o = rem_h[:, oth]
+    agg = torch.stack([one_hot[i] @ rem_o[i] for i in range(b)])
+    counts = one_hot.sum(dim=2)  # integers, exact in any float type at these sizes
     agg = agg / counts.clamp(min=1).unsqueeze(-1)
     return torch.cat([dom, rem_h[:, tgt] + agg], dim=1)
 
@@ -101,6 +106,7 @@ class VisionZip(PruningMethod):
     contextual: int | None = None
 
     requires_cls: ClassVar[bool] = True
+    graph_safe: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

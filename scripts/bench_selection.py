@@ -1,26 +1,40 @@
-"""Time every vision-side method's selection work on a GPU (or CPU) and write a CSV.
+"""Time every vision-side method's selection work, eager and CUDA-graph replay, and write a CSV.
 
 What is timed ("selection"): everything a method costs on top of the plain LLaVA vision encode,
 given that encode's outputs (projected features + the tower's hidden states): building the extras it
 asks for (CLS-attention rows, keys, q/k recomputed from one layer's input) and ``method.reduce``
 (selection, merging, projector on merged tokens). The vision tower forward itself is excluded.
-ToMe merges inside the tower, so its row is ``median(merging encoder) - median(plain encoder)``,
-both from pixels to projected features (p25/p75 of the difference are the quartile differences).
+
+Modes (column ``mode``):
+
+* ``eager``: the Python calls as the adapter makes them without graphs;
+* ``graph``: ``bench.models.clip_extras.GraphedSelection``, what the adapter runs on CUDA: copy the
+  inputs into the captured graph's static buffers, replay, clone the outputs (all three timed). The
+  column ``matches_eager`` says whether the replayed outputs were bit-identical to the eager ones.
+  Methods that are not graph safe (PruMerge's adaptive budget: its length depends on the values) get
+  an empty graph row saying why.
+
+ToMe merges inside the tower, so it has two rows per mode: ``tome`` is its own overhead, the 23
+per-block bipartite matchings + size-weighted merges run on the inputs recorded from a merging
+forward (``bench.models.vision_merge.merge_step``); ``tome[tower-plain]`` is ``median(merging tower)
+- median(plain tower)``, both from pixels to projected features (negative when the smaller token
+count saves more than the merging costs); the note gives both absolute medians.
 
 Real CLIP ViT-L/14-336 + LLaVA-1.5 projector shapes with random weights (``--tower llava15``, fp16 on
-CUDA); ``--tower tiny`` uses the small test tower (CPU smoke test). Timing: CUDA events (or
-``perf_counter`` on CPU), ``--warmup`` untimed calls, median of ``--repeats`` calls.
+CUDA); ``--tower tiny`` uses a small test tower. Timing: CUDA events (``perf_counter`` on CPU),
+``--warmup`` untimed calls, median of ``--repeats`` calls. ``--smoke`` is a quick CPU check.
 
 Usage::
 
-    python scripts/bench_selection.py --device cuda --out results/selection_overhead.csv
-    python scripts/bench_selection.py --device cpu --repeats 3 --tower tiny --batches 1 --kept 64
+    python scripts/bench_selection.py --out results/selection_overhead.csv
+    python scripts/bench_selection.py --smoke --out /tmp/sel.csv
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import statistics
 import sys
@@ -32,9 +46,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.measure.timing import time_fn  # noqa: E402
-from bench.models.clip_extras import build_extras  # noqa: E402
+from bench.models.clip_extras import GraphedSelection, build_extras  # noqa: E402
 from bench.models.llava import build_random_llava  # noqa: E402
-from methods.base import VisionContext  # noqa: E402
+from bench.models.vision_merge import feature_block_count, merge_step, merged_features, merging_encoder  # noqa: E402
+from methods.base import CudaGraphCache, VisionContext  # noqa: E402
 from methods.divprune import DivPrune  # noqa: E402
 from methods.fastervlm import FasterVLM  # noqa: E402
 from methods.hiprune import HiPrune  # noqa: E402
@@ -44,19 +59,20 @@ from methods.visionzip import VisionZip  # noqa: E402
 from methods.vispruner import VisPruner  # noqa: E402
 
 TINY = {"vision_hidden": 32, "vision_layers": 4, "vision_heads": 2, "vision_mlp": 64, "text_hidden": 64, "text_layers": 1, "text_heads": 2, "text_mlp": 128}
+FIELDS = ["method", "mode", "batch", "kept", "median_ms", "per_image_ms", "p25_ms", "p75_ms", "matches_eager", "gpu", "torch", "dtype", "note"]
 
 
 def variants(ratio: float, device: str):
-    """(label, method) pairs timed for one budget."""
+    """(label, method) pairs timed for one budget; unlabelled backends are the configs' defaults."""
     out = [
         ("fastervlm", FasterVLM(prune_ratio=ratio)),
         ("visionzip", VisionZip(prune_ratio=ratio)),
-        ("divprune", DivPrune(prune_ratio=ratio, backend="torch")),
-    ]
-    if device == "cuda":
-        out.append(("divprune[triton]", DivPrune(prune_ratio=ratio, backend="triton")))
-    out += [
+        ("divprune", DivPrune(prune_ratio=ratio)),
         ("vispruner", VisPruner(prune_ratio=ratio)),
+    ]
+    if device == "cuda":  # "auto" is Triton there; the batched-torch rounds for comparison
+        out += [("divprune[torch]", DivPrune(prune_ratio=ratio, backend="torch")), ("vispruner[torch]", VisPruner(prune_ratio=ratio, backend="torch"))]
+    out += [
         ("hiprune", HiPrune(prune_ratio=ratio)),
         ("prumerge", PruMerge(prune_ratio=ratio)),
         ("prumerge_plus", PruMergePlus(prune_ratio=ratio)),
@@ -81,7 +97,7 @@ def build(tower: str, device: torch.device, dtype: torch.dtype):
 
 
 class Adapter:
-    """The slice of ``LlavaAdapter`` that ``encode_with_merging`` uses, around a bare model."""
+    """The slice of ``LlavaAdapter`` that the selection and merging paths use, around a bare model."""
 
     def __init__(self, model, device, dtype):
         self.model, self.device, self.dtype = model, device, dtype
@@ -97,10 +113,6 @@ class Adapter:
         return (feats, out.hidden_states) if output_hidden_states else feats
 
 
-def timer(fn, device, warmup: int, repeats: int) -> list[float]:
-    return time_fn(fn, device, warmup=warmup, repeats=repeats).samples_ms
-
-
 def quart(v: list[float]) -> tuple[float, float, float]:
     if len(v) < 2:
         return v[0], v[0], v[0]
@@ -108,77 +120,157 @@ def quart(v: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(v), q[2]
 
 
+def same(a, b) -> bool:
+    """Bit-identical (tensors, ``None`` or tuples of them)."""
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--tower", choices=["llava15", "tiny"], default="llava15")
-    ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--kept", default="192,128,64")
-    ap.add_argument("--repeats", type=int, default=100)
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--tower", choices=["llava15", "tiny"], default=None, help="default: llava15 (tiny with --smoke)")
+    ap.add_argument("--batches", default=None, help="default: 1,16 (1,2 with --smoke)")
+    ap.add_argument("--kept", default=None, help="default: 192,128,64 (192 with --smoke)")
+    ap.add_argument("--repeats", type=int, default=None, help="default: 100 (3 with --smoke)")
     ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--modes", default="eager,graph", help="graph needs CUDA; ignored on CPU")
     ap.add_argument("--methods", default="", help="comma-separated labels to time (default: all)")
+    ap.add_argument("--smoke", action="store_true", help="quick check: tiny tower, few repeats, CPU unless --device says otherwise")
     ap.add_argument("--out", default=str(ROOT / "results/selection_overhead.csv"))
     args = ap.parse_args()
 
-    device = torch.device(args.device)
+    smoke = args.smoke
+    device = torch.device(args.device or ("cpu" if smoke or not torch.cuda.is_available() else "cuda"))
+    tower = args.tower or ("tiny" if smoke else "llava15")
+    batches = [int(x) for x in (args.batches or ("1,2" if smoke else "1,16")).split(",")]
+    kept_list = [int(x) for x in (args.kept or ("192" if smoke else "192,128,64")).split(",")]
+    repeats = args.repeats or (3 if smoke else 100)
+    warmup = args.warmup if args.warmup is not None else (1 if smoke or device.type != "cuda" else 10)
+    modes = [m for m in args.modes.split(",") if m and (m == "eager" or device.type == "cuda")]
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    warmup = args.warmup if args.warmup is not None else (10 if device.type == "cuda" else 1)
+    only = {m for m in args.methods.split(",") if m}
+
     torch.manual_seed(0)
-    model = build(args.tower, device, dtype)
+    model = build(tower, device, dtype)
     ad = Adapter(model, device, dtype)
     n = ad.grid[0] * ad.grid[1]
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    only = {m for m in args.methods.split(",") if m}
-    rows = []
-    for b in [int(x) for x in args.batches.split(",")]:
-        px = torch.randn(b, 3, 336, 336, device=device, dtype=dtype)
+    base = {"gpu": gpu, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", "")}
+    rows: list[dict] = []
+
+    def timed(fn) -> tuple[float, float, float]:
+        return quart(time_fn(fn, device, warmup=warmup, repeats=repeats).samples_ms)
+
+    def emit(label, mode, b, kept, q=None, note="", matches=""):
+        row = {"method": label, "mode": mode, "batch": b, "kept": kept, "median_ms": "", "per_image_ms": "", "p25_ms": "", "p75_ms": "", "matches_eager": matches, **base, "note": note}
+        if q is not None:
+            p25, med, p75 = q
+            row.update(median_ms=f"{med:.4f}", per_image_ms=f"{med / b:.4f}", p25_ms=f"{p25:.4f}", p75_ms=f"{p75:.4f}")
+            print(f"{label:20s} {mode:5s} B={b:<3d} kept={kept:<4d} median {med:8.3f} ms  per image {med / b:7.3f} ms  [{p25:.3f}, {p75:.3f}] {matches}", flush=True)
+        else:
+            print(f"{label:20s} {mode:5s} B={b:<3d} kept={kept:<4d} -- {note}", flush=True)
+        rows.append(row)
+
+    def release():
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    for b in batches:
+        px = torch.randn(b, 3, ad.grid[0] * model.config.vision_config.patch_size, ad.grid[1] * model.config.vision_config.patch_size, device=device, dtype=dtype)
         with torch.no_grad():
             feats, hidden = ad.encode_images(px, output_hidden_states=True)
-            plain = None
-            for kept in [int(x) for x in args.kept.split(",")]:
+            plain = {}
+            for kept in kept_list:
                 ratio = 1 - kept / n
                 for label, m in variants(ratio, device.type):
                     if only and label not in only:
                         continue
-                    note = "extras+reduce given tower outputs"
-                    try:
-                        if m.stage == "in_vision":
-                            from bench.models.vision_merge import encode_with_merging
-
-                            if plain is None:
-                                plain = timer(lambda: ad.encode_images(px), device, warmup, args.repeats)
-                            merged = timer(lambda: encode_with_merging(ad, px, m, torch.arange(b)), device, warmup, args.repeats)
-                            p25, med, p75 = (x - y for x, y in zip(quart(merged), quart(plain)))
-                            note = f"merging encoder minus plain encoder (plain median {quart(plain)[1]:.3f} ms)"
-                        else:
-                            seeds = torch.arange(b)
-
-                            def run(m=m):
-                                ctx = VisionContext(ad.grid, True, seeds, build_extras(model, hidden, m.needs))
-                                return m.reduce(feats, ctx)
-
-                            sel = run()
-                            got = int(sel.n_kept.max())
-                            if m.name == "prumerge" and getattr(m, "budget", "") == "adaptive":
-                                note += f"; adaptive budget, kept {sel.n_kept.tolist()[:4]}"
-                            elif got != kept:
-                                note += f"; kept {got}"
-                            p25, med, p75 = quart(timer(run, device, warmup, args.repeats))
-                    except Exception as e:  # a failing variant must not lose the other rows
-                        print(f"{label} B={b} kept={kept}: FAILED {type(e).__name__}: {e}", flush=True)
-                        rows.append({"method": label, "batch": b, "kept": kept, "median_ms": "", "per_image_ms": "", "p25_ms": "", "p75_ms": "", "gpu": gpu, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "note": f"failed: {type(e).__name__}: {e}"[:200]})
-                        continue
-                    row = {"method": label, "batch": b, "kept": kept, "median_ms": f"{med:.4f}", "per_image_ms": f"{med / b:.4f}", "p25_ms": f"{p25:.4f}", "p75_ms": f"{p75:.4f}", "gpu": gpu, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "note": note}
-                    rows.append(row)
-                    print(f"{label:20s} B={b:<3d} kept={kept:<4d} median {med:8.3f} ms  per image {med / b:7.3f} ms  [{p25:.3f}, {p75:.3f}]", flush=True)
+                    for mode in modes:
+                        try:
+                            if m.stage == "in_vision":
+                                tome_rows(m, mode, b, kept, px, ad, plain, timed, emit)
+                            else:
+                                selection_row(label, m, mode, b, kept, feats, hidden, ad, timed, emit)
+                        except Exception as e:  # a failing variant must not lose the other rows
+                            print(f"{label} {mode} B={b} kept={kept}: FAILED {type(e).__name__}: {e}", flush=True)
+                            emit(label, mode, b, kept, note=f"failed: {type(e).__name__}: {e}"[:200])
+                        release()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {out} ({len(rows)} rows)")
     return 0
+
+
+def selection_row(label, m, mode, b, kept, feats, hidden, ad, timed, emit):
+    seeds = torch.arange(b)
+
+    def eager():
+        ctx = VisionContext(ad.grid, True, seeds, build_extras(ad.model, hidden, m.needs))
+        return m.reduce(feats, ctx)
+
+    note = "extras+reduce given tower outputs"
+    ref = eager()
+    if m.name == "prumerge" and getattr(m, "budget", "") == "adaptive":
+        note += f"; adaptive budget, kept {ref.n_kept.tolist()[:4]}"
+    elif int(ref.n_kept.max()) != kept:
+        note += f"; kept {int(ref.n_kept.max())}"
+    if mode == "eager":
+        emit(label, mode, b, kept, timed(eager), note)
+        return
+    if not m.graph_safe:
+        emit(label, mode, b, kept, note="not measured: not CUDA-graph capturable (value-dependent output length, host-side IQR budget); eager only")
+        return
+    g = GraphedSelection(ad.model, m, ad.grid, True)
+    got = g(feats, hidden)
+    matches = same((got.features, got.kept_index, got.n_kept), (ref.features, ref.kept_index, ref.n_kept))
+    emit(label, mode, b, kept, timed(lambda: g(feats, hidden)), note + "; graph replay incl. input copies and output clones", str(matches).lower())
+
+
+def tome_rows(m, mode, b, kept, px, ad, plain, timed, emit):
+    model = ad.model
+    sched = m.schedule(ad.grid[0] * ad.grid[1], feature_block_count(model), True)
+    trace: list = []
+    merging_encoder(model, px, sched, bool(m.prop_attn), trace=trace)
+    ins = [t for step in trace for t in step[:3] if t is not None]
+    layout = [(step[1] is not None, step[3]) for step in trace]
+
+    def merges(*tensors):
+        out, it = [], iter(tensors)
+        for has_size, r in layout:
+            x = next(it)
+            size = next(it) if has_size else None
+            out.append(merge_step(x, size, next(it), r, True)[0])
+        return tuple(out)
+
+    def tower():
+        return merged_features(model, px, sched, bool(m.prop_attn))
+
+    if mode == "eager":
+        own = timed(lambda: merges(*ins))
+        plain_fn, tower_fn, matches = (lambda: ad.encode_images(px)), tower, ""
+    else:
+        g_merge, g_tower, g_plain = CudaGraphCache(merges), CudaGraphCache(lambda p: merged_features(model, p, sched, bool(m.prop_attn))), CudaGraphCache(lambda p: ad.encode_images(p))
+        matches = str(same(g_merge(*ins), merges(*ins)) and same(g_tower(px), tower())).lower()
+        graph = g_merge.graphs[g_merge.signature(tuple(ins))][1]
+        own = timed(graph.replay)  # the inputs already sit in the static buffers: 23 copies would be timed otherwise
+        plain_fn, tower_fn = (lambda: g_plain(px)), (lambda: g_tower(px))
+    note = f"matching + merge of the {len(sched)} blocks on recorded block inputs" + ("; replay only" if mode == "graph" else "")
+    emit("tome", mode, b, kept, own, note, matches)
+    key = (mode, b)
+    if key not in plain:
+        plain[key] = timed(plain_fn)
+    merged = timed(tower_fn)
+    diff = tuple(x - y for x, y in zip(merged, plain[key]))
+    emit("tome[tower-plain]", mode, b, kept, diff, f"merging tower minus plain tower, pixels to projected features (merging median {merged[1]:.3f} ms, plain median {plain[key][1]:.3f} ms)", matches)
 
 
 if __name__ == "__main__":

@@ -104,13 +104,14 @@ def ref_vispruner(score: torch.Tensor, feats: torch.Tensor, t: int, ratio: float
     order = argsort_desc(score.tolist())
     imp, res = order[:n_imp], order[n_imp:]
     xn = feats / feats.norm(dim=-1, keepdim=True)
+    full = xn @ xn.t()  # every pair's cosine once; a round reads its (even, odd) entries
     while True:
         r = min(step, len(res) - n_div)
         if r <= 0:
             break
         evens, odds = res[0::2], res[1::2]
-        sim = xn[evens] @ xn[odds].t()
-        best = [float(sim[i].max()) for i in range(len(evens))]
+        cols = torch.tensor(odds)
+        best = [float(full[e, cols].max()) for e in evens]
         survivors = [evens[i] for i in argsort_desc(best)[r:]]
         res = survivors + odds
     return sorted(imp + res)

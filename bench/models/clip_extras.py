@@ -157,3 +157,50 @@ def build_extras(model, hidden_states, needs) -> dict[str, Callable[[], object]]
         return get
 
     return {key: make(key) for key in needs}
+
+
+def hidden_indices(model, needs) -> list[int]:
+    """Indices into the tower's ``hidden_states`` that :func:`build_extras` reads for ``needs``, ascending."""
+    n_layers = len(vision_model(model).encoder.layers)
+    out = set()
+    for key in needs:
+        kind, li, ref = parse_key(key)
+        if kind == "projector":
+            continue
+        i = resolve_layer(li, ref, n_layers)
+        if not -n_layers <= i < n_layers:
+            raise IncompatibleMethodError(f"vision layer {i} does not exist in a {n_layers}-layer tower")
+        out.add(i % n_layers + (1 if kind == "hidden" else 0))
+    return sorted(out)
+
+
+class GraphedSelection:
+    """A pre-LLM method's extras + ``reduce`` on CUDA, replayed from captured CUDA graphs.
+
+    Only for methods with ``graph_safe`` (deterministic, no host sync, value-independent output
+    shapes, ``ctx.sample_seeds`` unused). The graph's inputs are the projected features and only the
+    hidden states the method's extras read (:func:`hidden_indices`); outputs are bit-identical to
+    ``method.reduce(feats, VisionContext(..., build_extras(model, hidden_states, method.needs)))``.
+    """
+
+    def __init__(self, model, method, grid: tuple[int, int], has_cls: bool) -> None:
+        from methods.base import CudaGraphCache, VisionContext
+
+        if not method.graph_safe:
+            raise ValueError(f"method {method.name!r} is not CUDA-graph safe")
+        self.method = method
+        self.index = hidden_indices(model, method.needs)
+
+        def fn(feats, *hs):
+            hidden = dict(zip(self.index, hs))
+            ctx = VisionContext(grid, has_cls, torch.zeros(feats.shape[0], dtype=torch.long), build_extras(model, hidden, method.needs))
+            sel = method.reduce(feats, ctx)
+            return sel.features, sel.kept_index, sel.n_kept
+
+        self.cache = CudaGraphCache(fn)
+
+    def __call__(self, feats: torch.Tensor, hidden_states):
+        from methods.base import VisualSelection
+
+        f, k, n = self.cache(feats, *[hidden_states[i] for i in self.index])
+        return VisualSelection(f, k, n)

@@ -106,6 +106,9 @@ class LlavaAdapter(ModelAdapter):
 
     # "in_vision" and "in_llm" are added when bench/models/vision_merge.py and llm_pruning.py exist
     supported_stages = frozenset({"none", "pre_llm", "in_vision", "in_llm"})
+    #: Replay ``graph_safe`` selections (and ToMe's merging tower) from CUDA graphs on CUDA: the same
+    #: kernels, bit-identical outputs, without batch-1 launch overhead (``clip_extras.GraphedSelection``).
+    selection_graphs = True
 
     def __init__(
         self,
@@ -313,7 +316,7 @@ class LlavaAdapter(ModelAdapter):
         if method.stage == "in_vision":
             from bench.models.vision_merge import encode_with_merging
 
-            return encode_with_merging(self, pixel_values, method, sample_seeds)
+            return encode_with_merging(self, pixel_values, method, sample_seeds, graphs=self._graphs_on())
         if method.needs:
             feats, hidden = self.encode_images(pixel_values, output_hidden_states=True)
         else:
@@ -324,7 +327,18 @@ class LlavaAdapter(ModelAdapter):
         if method.stage == "in_llm":
             b = feats.shape[0]
             return VisualSelection(feats, torch.arange(n, device=feats.device).expand(b, n), torch.full((b,), n, dtype=torch.long))
+        if self._graphs_on() and method.graph_safe and method.prune_ratio > 0:
+            from bench.models.clip_extras import GraphedSelection
+
+            key = (type(method).__name__, repr(method.describe()))
+            cache = self.__dict__.setdefault("_graph_cache", {})
+            if key not in cache:
+                cache[key] = GraphedSelection(self.model, method, self.grid, self.has_cls)
+            return cache[key](feats, hidden)
         return method.reduce(feats, self.vision_context(sample_seeds, hidden, method.needs))
+
+    def _graphs_on(self) -> bool:
+        return self.selection_graphs and self.device.type == "cuda"
 
     @torch.no_grad()
     def prepare(self, batch: dict[str, torch.Tensor], method: PruningMethod, sample_seeds: torch.Tensor) -> PreparedBatch:

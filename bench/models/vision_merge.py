@@ -3,17 +3,24 @@
 ``encode_with_merging`` re-runs the CLIP encoder blocks itself, up to LLaVA's feature layer, so that
 tokens can be merged between a block's attention and its MLP and the attention can carry ToMe's
 ``log(size)`` bias. Each block applies exactly the module's own ``layer_norm1``/projections/
-``out_proj``/``layer_norm2``/``mlp``; the attention is transformers' eager formula (``q k^T * scale``,
-float32 softmax, cast back) plus the bias. The blocks past the feature layer are not run (LLaVA does
-not use them). Then the CLS row is dropped (``default`` strategy) and the projector applied.
+``out_proj``/``layer_norm2``/``mlp``; the attention is ``scaled_dot_product_attention`` with the
+``log(size)`` bias as an additive float mask (``(B, 1, 1, T)``, broadcast over heads and queries), so
+the fused SDPA kernels run instead of materialising the ``T x T`` probabilities. The blocks past the
+feature layer are not run (LLaVA does not use them). Then the CLS row is dropped (``default``
+strategy) and the projector applied.
+
+Every step is free of host synchronisation and its shapes follow from the schedule alone, so the
+whole merging tower is CUDA-graph capturable; on CUDA the adapter replays it from a graph
+(``graphs=True``), with bit-identical outputs (the merge is deterministic: no float atomics).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from bench.models.clip_extras import tower_has_cls, vision_model
-from methods.base import VisualSelection
+from methods.base import CudaGraphCache, VisualSelection
 from methods.tome import bipartite_soft_matching, merge_wavg
 
 
@@ -25,12 +32,17 @@ def _attention(layer, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch
     q = attn.q_proj(x).view(shape).transpose(1, 2)
     k = attn.k_proj(x).view(shape).transpose(1, 2)
     v = attn.v_proj(x).view(shape).transpose(1, 2)
-    w = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
-    if size is not None:
-        w = w + size.log()[:, None, None, :, 0]
-    p = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
-    o = torch.matmul(p, v).transpose(1, 2).reshape(b, t, -1)
-    return attn.out_proj(o), k.mean(dim=1)
+    bias = None if size is None else size.log()[:, None, None, :, 0].to(q.dtype)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+    return attn.out_proj(o.transpose(1, 2).reshape(b, t, -1)), k.mean(dim=1)
+
+
+def merge_step(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor, r: int, class_token: bool):
+    """ToMe's per-block matching + size-weighted merge: ``(B, T, C)`` -> ``(B, T - r, C)`` and sizes."""
+    merge, _ = bipartite_soft_matching(metric, r, class_token)
+    if size is not None or r > 0:  # ToMe's merge_wavg with r = 0 still rescales by size / size
+        x, size = merge_wavg(merge, x, size)
+    return x, size
 
 
 def feature_block_count(model) -> int:
@@ -43,8 +55,12 @@ def feature_block_count(model) -> int:
 
 
 @torch.no_grad()
-def merging_encoder(model, pixel_values: torch.Tensor, schedule: list[int], prop_attn: bool = True) -> torch.Tensor:
-    """``(B, 3, H, W)`` -> ``(B, 1 + T, C)`` feature-layer states after ToMe merging (CLS row 0)."""
+def merging_encoder(model, pixel_values: torch.Tensor, schedule: list[int], prop_attn: bool = True, trace: list | None = None) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> ``(B, 1 + T, C)`` feature-layer states after ToMe merging (CLS row 0).
+
+    ``trace``, when given, receives each block's merge inputs ``(x, size, metric, r)`` (for timing the
+    matching + merge alone).
+    """
     vm = vision_model(model)
     cls_token = tower_has_cls(model)
     x = vm.pre_layrnorm(vm.embeddings(pixel_values))
@@ -52,16 +68,27 @@ def merging_encoder(model, pixel_values: torch.Tensor, schedule: list[int], prop
     for layer, r in zip(vm.encoder.layers[: len(schedule)], schedule):
         a, metric = _attention(layer, layer.layer_norm1(x), size if prop_attn else None)
         x = x + a
-        merge, _ = bipartite_soft_matching(metric, r, cls_token)
-        if size is not None or r > 0:  # ToMe's merge_wavg with r = 0 still rescales by size / size
-            x, size = merge_wavg(merge, x, size)
+        if trace is not None:
+            trace.append((x, size, metric, r))
+        x, size = merge_step(x, size, metric, r, cls_token)
         x = x + layer.mlp(layer.layer_norm2(x))
     return x
 
 
+def merged_features(model, pixel_values: torch.Tensor, schedule: list[int], prop_attn: bool = True) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> ``(B, T, D_llm)``: the merging tower, the feature-select strategy, the projector."""
+    x = merging_encoder(model, pixel_values, schedule, prop_attn)
+    if tower_has_cls(model) and model.config.vision_feature_select_strategy == "default":
+        x = x[:, 1:]
+    return model.model.multi_modal_projector(x)
+
+
 @torch.no_grad()
-def encode_with_merging(adapter, pixel_values: torch.Tensor, method, sample_seeds: torch.Tensor) -> VisualSelection:
-    """Run ``method`` (ToMe) inside the tower: ``(B, 3, H, W)`` -> :class:`VisualSelection` ``(B, T, D_llm)``."""
+def encode_with_merging(adapter, pixel_values: torch.Tensor, method, sample_seeds: torch.Tensor, graphs: bool = False) -> VisualSelection:
+    """Run ``method`` (ToMe) inside the tower: ``(B, 3, H, W)`` -> :class:`VisualSelection` ``(B, T, D_llm)``.
+
+    ``graphs``: replay the merging tower from a CUDA graph cached on the adapter (CUDA only).
+    """
     model = adapter.model
     px = pixel_values.to(adapter.device, adapter.dtype)
     b = px.shape[0]
@@ -69,10 +96,14 @@ def encode_with_merging(adapter, pixel_values: torch.Tensor, method, sample_seed
     if method.prune_ratio == 0.0 and method.r is None:
         feats = adapter.encode_images(px)  # the unpruned path, bit for bit
         return VisualSelection(feats, torch.arange(n, device=feats.device).expand(b, n), torch.full((b,), n, dtype=torch.long))
-    has_cls = tower_has_cls(model)
-    sched = method.schedule(n, feature_block_count(model), has_cls)
-    x = merging_encoder(model, px, sched, bool(method.prop_attn))
-    if has_cls and model.config.vision_feature_select_strategy == "default":
-        x = x[:, 1:]
-    feats = model.model.multi_modal_projector(x)
+    sched = method.schedule(n, feature_block_count(model), tower_has_cls(model))
+    prop = bool(method.prop_attn)
+    if graphs and px.is_cuda:
+        cache = adapter.__dict__.setdefault("_graph_cache", {})
+        key = ("merging_tower", tuple(sched), prop)
+        if key not in cache:
+            cache[key] = CudaGraphCache(lambda p: merged_features(model, p, sched, prop))
+        feats = cache[key](px)
+    else:
+        feats = merged_features(model, px, sched, prop)
     return VisualSelection(feats, None, torch.full((b,), feats.shape[1], dtype=torch.long))
