@@ -24,7 +24,9 @@ class Efficiency(TypedDict):
     visual_tokens_layer_mean: float | None  # mean of the list above (the `layer_mean` budget convention)
     budget_mode: str | None  # how the budget was counted: pre_llm methods are exact; in-LLM: layer_mean|after_prune|official
     tflops_prefill: float | None  # counted FLOPs (2 x multiply-adds, torch FlopCounterMode) per sample of vision encoder + selection + LLM prefill, / 1e12
-    tflops_prefill_analytic_no_selection: float | None  # bench.measure.flops's analytic model of the same forward, selection excluded
+    tflops_prefill_analytic: float | None  # bench.measure.flops's analytic model of the same forward per sample, the method's scoring/selection matrix products included (tests: equals tflops_prefill within 1%); null when the method has no selection formula
+    tflops_selection_analytic: float | None  # the selection part of tflops_prefill_analytic (recomputed attention rows, similarity matrices, re-projection of merged tokens); null as above
+    tflops_prefill_analytic_no_selection: float | None  # tflops_prefill_analytic minus the selection part (vision incl. ToMe's merged blocks, projector, LLM, lm_head)
     tflops_prefill_paper_convention: float | None  # FastV's 4nd^2 + 2n^2d + 2ndm per LLM layer (x2), as papers print it
     flops_llm_analytic: int | None  # analytic FLOPs of the LLM prefill (+ lm_head) of the measured batch
     latency: dict[str, dict[str, float | None]] | None  # measure.stages: {vision_encoder, selection, prefill_eager, prefill_graph, decode_step}: {median_ms, iqr_ms}

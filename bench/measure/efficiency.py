@@ -5,8 +5,11 @@ What is measured and how (the record's ``efficiency`` keys, see ``bench/schema.p
 * ``tflops_prefill``: FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
   convolutions and attention; 2 x multiply-adds) over the vision encoder, the method's selection and
   the LLM prefill, per sample, / 1e12. Elementwise work (norms, softmax, activations) is not counted.
-  ``tflops_prefill_analytic_no_selection`` is ``bench.measure.flops``'s model of the same forward
-  without the selection, and ``tflops_prefill_paper_convention`` FastV's formula (LLM only).
+  ``tflops_prefill_analytic`` is ``bench.measure.flops``'s model of the same forward (the method's
+  own scoring/selection matrix products included; ``tests/test_flops.py`` checks it against the
+  counter for every method), ``tflops_selection_analytic`` that selection part alone,
+  ``tflops_prefill_analytic_no_selection`` the rest, and ``tflops_prefill_paper_convention`` FastV's
+  formula (LLM only).
 * ``prefill_ms``: median (and IQR) over repeats, after warm-up, of the same region.
 * ``kv_cache_bytes``: summed from the K/V tensors of the cache right after that prefill.
 * ``peak_mem_bytes``: ``torch.cuda.max_memory_allocated`` across the pass (CUDA only).
@@ -18,7 +21,12 @@ from typing import Any
 
 import torch
 
-from bench.measure.flops import analytic_prefill, counter, paper_convention
+from bench.measure.flops import (
+    NoSelectionFormula,
+    analytic_batch,
+    counter,
+    paper_convention,
+)
 from bench.measure.timing import time_fn
 from bench.models.llava import kv_cache_bytes
 
@@ -42,8 +50,19 @@ def measure_efficiency(adapter, method, batch: dict[str, torch.Tensor], seeds: t
         prepared = adapter.prepare(batch, method, seeds)
         return prepared, adapter.prefill(prepared, method)
 
-    with counter() as c:
-        prepared, out = step()
+    # counted eagerly: a CUDA-graph replay of the selection (``adapter.selection_graphs``) runs its
+    # kernels without dispatching them, so the counter would miss them (or count the capture's warm-up)
+    had_own = "selection_graphs" in vars(adapter)
+    own = vars(adapter).get("selection_graphs")
+    adapter.selection_graphs = False
+    try:
+        with counter() as c:
+            prepared, out = step()
+    finally:
+        if had_own:
+            adapter.selection_graphs = own
+        else:
+            del adapter.selection_graphs
     flops = c.get_total_flops()
     kv_layers = kv_cache_bytes(out.past_key_values)
     del out
@@ -58,15 +77,24 @@ def measure_efficiency(adapter, method, batch: dict[str, torch.Tensor], seeds: t
     rows = prepared.visual_tokens_per_layer(adapter.num_llm_layers)
     per_layer = [sum(col) / bsz for col in zip(*rows)]
     cfg = adapter.model.config
-    # analytic model per sample (its own text length and per-layer visual tokens), summed over the batch
+    # the analytic model of the batch as run (rows at the padded length), per sample below
+    try:
+        analytic = analytic_batch(cfg, method, prepared)
+        selection = analytic.selection
+    except NoSelectionFormula as e:
+        analytic, selection = analytic_batch(cfg, method, prepared, with_selection=False), None
+        notes.append(f"tflops_prefill_analytic and tflops_selection_analytic are null: {e}")
+    # the papers' convention per sample on its own (unpadded) text length
     text = [int(prepared.attention_mask[i].sum()) - int(prepared.visual_tokens_kept[i]) for i in range(bsz)]
-    analytic = [analytic_prefill(cfg, text[i], rows[i]) for i in range(bsz)]
     paper = sum(paper_convention(cfg, text[i], rows[i]) for i in range(bsz))
+    no_selection = analytic.total - analytic.selection
     eff = {
         "tflops_prefill": flops / bsz / 1e12,
-        "tflops_prefill_analytic_no_selection": sum(a.total for a in analytic) / bsz / 1e12,
+        "tflops_prefill_analytic": None if selection is None else analytic.total / bsz / 1e12,
+        "tflops_selection_analytic": None if selection is None else selection / bsz / 1e12,
+        "tflops_prefill_analytic_no_selection": no_selection / bsz / 1e12,
         "tflops_prefill_paper_convention": paper / bsz / 1e12,
-        "flops_llm_analytic": sum(a.llm + a.lm_head for a in analytic),
+        "flops_llm_analytic": analytic.llm + analytic.lm_head,
         "prefill_ms": timing.median_ms,
         "prefill_ms_iqr": timing.iqr_ms,
         "timer": timing.timer,

@@ -1,21 +1,38 @@
 """FLOPs: counted (``FlopCounterMode``) and analytic (per architecture, following the tokens that
-are actually present at every layer).
+are actually present at every layer, plus each method's own scoring and selection work).
 
 All numbers are FLOPs = 2 x multiply-adds, counting matrix products only (projections, attention's
 ``QK^T`` and ``AV`` over the full square, as SDPA computes it, MLPs, the patch-embedding convolution,
-``lm_head``) — the same operations ``torch.utils.flop_counter`` counts, so the two can be compared
-exactly. Norms, softmax, activations and RoPE are not counted by either.
+``lm_head``, and the matrix products a method runs to score or merge tokens) — the same operations
+``torch.utils.flop_counter`` counts, so the two can be compared exactly. Norms, softmax, activations,
+RoPE, top-k/sorting and other elementwise work are counted by neither.
+
+Selection (:func:`selection_flops`, one formula per method in ``_SELECTION``, dispatched on
+``method.name``): recomputed CLIP ``q_proj``/``k_proj`` and CLS-row or full attention maps
+(FasterVLM, VisionZip, VisPruner, HiPrune, PruMerge), DivPrune's ``N x N`` cosine matrix, VisPruner's
+de-duplication rounds, VisionZip's key similarity and the projector run again on merged tokens,
+PruMerge's key similarity and neighbour merge, ToMe's bipartite similarity in every block (its
+shrinking token counts are in the vision part), and for in-LLM methods the attention rows recomputed
+from q/k at each stage (FastV, PyramidDrop, SparseVLM, TransPrune: with the ``k_proj``/``q_proj`` of
+the layer when it has not run yet), SparseVLM's rater matrix and cluster means. Work that is
+elementwise in the implementation is left out by both counts (a few MFLOPs at LLaVA-1.5-7B shapes
+against TFLOPs): DART's cosine to its 8 pivots (``2 * 8 * N * d``), SparseVLM's ``cdist`` of the
+recycling candidates, TransPrune's token-transition norms, DivPrune's greedy min-updates.
 
 ``paper_convention`` gives the number most papers print instead (FastV section 4.2, reused by DART,
 DivPrune and VisionZip): ``4nd^2 + 2n^2d + 2ndm`` multiply-adds per LLM layer, LLM only, with a
 2-matrix MLP. It under-counts LLaMA's 3-matrix SwiGLU MLP and omits the vision tower, the projector,
 ``lm_head`` and selection; it is reported so published numbers can be compared.
+
+fvcore (``fvcore.nn.FlopCountAnalysis``) is the second counter the tests compare against: it counts
+one multiply-add as one "flop" (so its numbers are half of these) and skips ops it has no handle for
+(SDPA among them); ``tests/test_flops.py`` states what is compared.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch.utils import flop_counter as _fc
@@ -72,15 +89,21 @@ class Breakdown:
         return {"vision": self.vision, "projector": self.projector, "selection": self.selection, "llm": self.llm, "lm_head": self.lm_head, "total": self.total}
 
 
-def _vision_flops(vc, tokens_per_layer: Sequence[int] | None = None) -> int:
-    """CLIP tower: patch embedding + every encoder layer (HF runs all of them, feature layer or not)."""
+def _vision_flops(vc, tokens_per_layer: Sequence[int | tuple[int, int]] | None = None) -> int:
+    """CLIP tower: patch embedding + encoder layers (HF runs all of them, feature layer or not).
+
+    ``tokens_per_layer`` lists the layers that run, each as a token count or as ``(attention tokens,
+    MLP tokens)`` when a layer merges between its attention and its MLP (ToMe); default: every layer
+    on the full ``1 + N`` tokens.
+    """
     d, m = vc.hidden_size, vc.intermediate_size
     grid = (vc.image_size // vc.patch_size) ** 2
     macs = grid * vc.num_channels * vc.patch_size**2 * d
     n_layers = vc.num_hidden_layers
     tokens = list(tokens_per_layer) if tokens_per_layer is not None else [grid + 1] * n_layers
-    for n in tokens:
-        macs += 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+    for entry in tokens:
+        n, n_mlp = entry if isinstance(entry, tuple) else (entry, entry)
+        macs += 4 * n * d * d + 2 * n * n * d + 2 * n_mlp * d * m
     return 2 * macs
 
 
@@ -97,7 +120,7 @@ def _llm_layer_macs(tc, s: int, ctx: int | None = None) -> int:
     return proj + attn + mlp
 
 
-def analytic_prefill(config, text_tokens: int, visual_per_layer: Sequence[int], n_visual_in: int | None = None, selection_flops: int = 0, logits_positions: int = 1, vision_tokens_per_layer: Sequence[int] | None = None) -> Breakdown:
+def analytic_prefill(config, text_tokens: int, visual_per_layer: Sequence[int], n_visual_in: int | None = None, selection_flops: int = 0, logits_positions: int = 1, vision_tokens_per_layer: Sequence[int | tuple[int, int]] | None = None) -> Breakdown:
     """FLOPs of one sample's prefill for a LLaVA-style config.
 
     Parameters
@@ -113,8 +136,9 @@ def analytic_prefill(config, text_tokens: int, visual_per_layer: Sequence[int], 
         The method's own scoring/selection cost.
     logits_positions : int
         Positions ``lm_head`` is applied to (1 in generation's prefill).
-    vision_tokens_per_layer : sequence of int, optional
-        Tokens in each CLIP layer when a method merges inside the tower (ToMe).
+    vision_tokens_per_layer : sequence of int or (int, int), optional
+        The CLIP layers that run and their tokens, when a method merges inside the tower (ToMe):
+        see :func:`vision_blocks`.
     """
     vc, tc = config.vision_config, config.text_config
     grid = (vc.image_size // vc.patch_size) ** 2
@@ -151,3 +175,312 @@ def paper_convention(config, text_tokens: int, visual_per_layer: Sequence[int]) 
         n = text_tokens + int(v)
         total += 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
     return 2 * total
+
+
+# ----------------------------------------------------------------------------------- selection
+class NoSelectionFormula(NotImplementedError):
+    """A method has no entry in ``_SELECTION``: its analytic FLOPs cannot be computed (yet)."""
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What a selection formula needs to know about one batch (all host ints).
+
+    Attributes
+    ----------
+    batch : int
+        Samples in the batch.
+    n_visual : int
+        ``N`` visual tokens per image out of the vision tower (576 for LLaVA-1.5).
+    kept : tuple[int, ...]
+        Visual tokens per sample that reached the LLM (rows of merged tokens included).
+    seq_len : int
+        Padded length of the LLM input (every row is computed at this length).
+    vis_start : int
+        First visual position of the earliest-starting sample (in-LLM query rows are a suffix from
+        there, as ``bench.models.llm_pruning`` takes them).
+    """
+
+    batch: int
+    n_visual: int
+    kept: tuple[int, ...]
+    seq_len: int
+    vis_start: int
+
+    @classmethod
+    def of(cls, config, prepared) -> Shapes:
+        vc = config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2
+        spans = prepared.extras.get("image_spans")
+        start = int(spans[:, 0].min()) if spans is not None else 0
+        return cls(len(prepared.visual_tokens_kept), n, tuple(int(k) for k in prepared.visual_tokens_kept), int(prepared.attention_mask.shape[1]), start)
+
+
+def _has_cls(vc) -> bool:
+    return getattr(vc, "model_type", "") in ("clip_vision_model", "clip")
+
+
+def _projector_per_token(config) -> int:
+    vc, tc = config.vision_config, config.text_config
+    return 2 * (vc.hidden_size * tc.hidden_size + tc.hidden_size * tc.hidden_size)
+
+
+def _head_dims(tc) -> tuple[int, int, int]:
+    """``(D, q_dim, kv_dim)`` of the LLM's attention."""
+    d = tc.hidden_size
+    head_dim = getattr(tc, "head_dim", None) or d // tc.num_attention_heads
+    return d, tc.num_attention_heads * head_dim, tc.num_key_value_heads * head_dim
+
+
+def feature_blocks(config) -> int:
+    """CLIP blocks up to and including LLaVA's feature layer (what the in-tower merging path runs)."""
+    n = config.vision_config.num_hidden_layers
+    return config.vision_feature_layer % (n + 1)
+
+
+def _tome_blocks(config, method) -> list[tuple[int, int]] | None:
+    """``(tokens at attention, tokens after the merge)`` per block ToMe runs; ``None``: unmerged path."""
+    if method.prune_ratio == 0.0 and getattr(method, "r", None) is None:
+        return None
+    vc = config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    cls_token = _has_cls(vc)
+    t = n + int(cls_token)
+    out = []
+    for r in method.schedule(n, feature_blocks(config), cls_token):
+        r_eff = max(0, min(int(r), (t - int(cls_token)) // 2))
+        out.append((t, t - r_eff))
+        t -= r_eff
+    return out
+
+
+def vision_blocks(config, method) -> list[tuple[int, int]] | None:
+    """Tokens per CLIP layer for ``analytic_prefill``'s ``vision_tokens_per_layer`` (``None``: all layers, full)."""
+    return _tome_blocks(config, method) if method.stage == "in_vision" else None
+
+
+def _vision_extras(config, needs) -> int:
+    """Per image: ``bench.models.clip_extras`` recomputing ``q_proj``/``k_proj`` of each named layer
+    (once per layer), the CLS attention row and/or the full attention map."""
+    from bench.models.clip_extras import parse_key, resolve_layer
+
+    vc = config.vision_config
+    d, n_layers = vc.hidden_size, vc.num_hidden_layers
+    s = (vc.image_size // vc.patch_size) ** 2 + int(_has_cls(vc))
+    qk, cls_rows, full = set(), set(), set()
+    for key in needs:
+        kind, layer, ref = parse_key(key)
+        if kind in ("projector", "hidden"):
+            continue
+        i = resolve_layer(layer, ref, n_layers) % n_layers
+        qk.add(i)
+        if kind == "cls_attn":
+            cls_rows.add(i)
+        elif kind == "attn_colmean":
+            full.add(i)
+    return len(qk) * 2 * (2 * s * d * d) + len(cls_rows) * 2 * s * d + len(full) * 2 * s * s * d
+
+
+_SELECTION: dict[str, Callable[[object, object, Shapes], int]] = {}
+
+
+def _formula(*names: str):
+    def register(fn):
+        for name in names:
+            _SELECTION[name] = fn
+        return fn
+
+    return register
+
+
+@_formula("none", "random", "pool")
+def _free(config, method, sh: Shapes) -> int:
+    """No matrix products: a seeded permutation, or average pooling."""
+    return 0
+
+
+@_formula("fastervlm", "hiprune")
+def _attention_scored(config, method, sh: Shapes) -> int:
+    """CLS-row (FasterVLM) or full attention maps (HiPrune) recomputed from the named CLIP layers."""
+    if method.prune_ratio == 0.0:
+        return 0
+    return sh.batch * _vision_extras(config, method.needs)
+
+
+@_formula("divprune")
+def _divprune(config, method, sh: Shapes) -> int:
+    """``N x N`` cosine matrix of the projected tokens (``bmm`` of ``D``-wide rows)."""
+    if method.prune_ratio == 0.0:
+        return 0
+    return sh.batch * 2 * sh.n_visual * sh.n_visual * config.text_config.hidden_size
+
+
+@_formula("vispruner")
+def _vispruner(config, method, sh: Shapes) -> int:
+    """CLS row, and the cosine matrix of all ``N`` patch features (one GEMM whose entries every
+    de-duplication round then indexes, ``methods/vispruner.py``; the official code runs one smaller
+    GEMM per round instead)."""
+    if method.prune_ratio == 0.0:
+        return 0
+    d = config.vision_config.hidden_size
+    return sh.batch * (_vision_extras(config, method.needs) + 2 * sh.n_visual * sh.n_visual * d)
+
+
+@_formula("visionzip")
+def _visionzip(config, method, sh: Shapes) -> int:
+    """CLS row and keys of the layer, contextual-token similarity and merge, the projector on the ``D + C`` tokens."""
+    if method.prune_ratio == 0.0 and method.dominant is None:
+        return 0
+    vc = config.vision_config
+    head_dim = vc.hidden_size // vc.num_attention_heads
+    dom, ctxn = method.counts(sh.n_visual)
+    total = _vision_extras(config, method.needs) + (dom + ctxn) * _projector_per_token(config)
+    if ctxn > 0:
+        r = sh.n_visual + int(_has_cls(vc)) - dom
+        step = max(1, r // ctxn)
+        n_tgt = min(ctxn, -(-r // step))
+        # key cosine of the others to the targets, then their one-hot assignment sums (a bmm)
+        total += 2 * (r - n_tgt) * n_tgt * head_dim + 2 * n_tgt * (r - n_tgt) * vc.hidden_size
+    return sh.batch * total
+
+
+@_formula("prumerge", "prumerge_plus")
+def _prumerge(config, method, sh: Shapes) -> int:
+    """Layer ``attn_layer``'s q/k, the single-head CLS row, the extra token, key similarity of the ``L``
+    kept tokens to all ``N``, their neighbour merge (``(L x N) @ (N x C)``) and the projector on ``L + 1``."""
+    if method.prune_ratio == 0.0:
+        return 0
+    d = config.vision_config.hidden_size
+    n = sh.n_visual
+    s = n + int(_has_cls(config.vision_config))
+    total = 0
+    for kept in sh.kept:  # adaptive budgets differ per sample; L = kept - 1 (the extra token)
+        l = kept - 1
+        total += 2 * s * d + 2 * n * d + (4 * l * n * d if l > 0 else 0) + kept * _projector_per_token(config)
+    return sh.batch * _vision_extras(config, {f"q_proj:{method.attn_layer}"}) + total
+
+
+@_formula("tome")
+def _tome(config, method, sh: Shapes) -> int:
+    """In every merging block: bipartite matching, ``ceil(T/2) x floor(T/2)`` cosine on head-averaged
+    keys, and the size-weighted merge of the ``r`` sources into their destinations, a one-hot
+    ``(floor(T/2) x r) @ (r x C)`` GEMM for the features and one for the sizes (``C = 1``)."""
+    blocks = _tome_blocks(config, method)
+    if blocks is None:
+        return 0
+    vc = config.vision_config
+    head_dim = vc.hidden_size // vc.num_attention_heads
+    total = 0
+    for t, t_out in blocks:
+        r = t - t_out
+        if r > 0:
+            total += 2 * ((t + 1) // 2) * (t // 2) * head_dim + 2 * (t // 2) * r * (vc.hidden_size + 1)
+    return sh.batch * total
+
+
+def _llm_stages(config, method, sh: Shapes):
+    """Yield ``(index, stage, sequence length before it, visual tokens before it)`` in execution order."""
+    n_layers = config.text_config.num_hidden_layers
+    plan = list(method.plan(sh.n_visual, n_layers))
+    n_vis = sh.n_visual
+    for i, st in sorted(enumerate(plan), key=lambda x: (x[1].layer, x[0])):
+        yield i, st, sh.seq_len - sh.n_visual + n_vis, n_vis
+        n_vis = st.n_keep
+
+
+def _rows_cost(config, t: int, rows: int, projected: bool) -> int:
+    """Attention rows recomputed for ``rows`` queries over ``t`` keys; ``projected``: the layer's
+    ``k_proj`` (all ``t``) and ``q_proj`` (the rows) are run again on its input."""
+    d, q_dim, kv_dim = _head_dims(config.text_config)
+    cost = 2 * q_dim * rows * t
+    if projected:
+        cost += 2 * t * d * kv_dim + 2 * rows * d * q_dim
+    return cost
+
+
+@_formula("fastv")
+def _fastv(config, method, sh: Shapes) -> int:
+    """Last token's row at layer ``K-1`` from its captured q/k (``K = 0``: random, free)."""
+    return sh.batch * sum(_rows_cost(config, t, 1, False) for _, st, t, _ in _llm_stages(config, method, sh) if st.layer > 0)
+
+
+@_formula("pdrop")
+def _pdrop(config, method, sh: Shapes) -> int:
+    """Last token's row at each stage's layer, with that layer's k/q projections run on its input."""
+    return sh.batch * sum(_rows_cost(config, t, 1, True) for _, _, t, _ in _llm_stages(config, method, sh))
+
+
+@_formula("dart")
+def _dart(config, method, sh: Shapes) -> int:
+    """Keys come from the captured ``k_proj``; the pivot cosines are elementwise (see the module doc)."""
+    return 0
+
+
+def _after_image_rows(sh: Shapes) -> int:
+    return sh.seq_len - sh.vis_start - sh.n_visual
+
+
+@_formula("transprune")
+def _transprune(config, method, sh: Shapes) -> int:
+    """Rows of every token after the image at each stage's layer (k/q projections run again)."""
+    q = _after_image_rows(sh)
+    return sh.batch * sum(_rows_cost(config, t, q, True) for _, _, t, _ in _llm_stages(config, method, sh))
+
+
+@_formula("sparsevlm")
+def _sparsevlm(config, method, sh: Shapes) -> int:
+    """Rater matrix ``V T^T`` (once), rows after the image from the captured q/k at each stage,
+    v2.0's RoPE-only bias, and the recycled candidates' cluster means (``(c x M) @ (M x D)``)."""
+    from methods.sparsevlm import merge_counts
+
+    d, _, _ = _head_dims(config.text_config)
+    tc = config.text_config
+    head_dim = getattr(tc, "head_dim", None) or d // tc.num_attention_heads
+    q = _after_image_rows(sh)
+    total = 0
+    for j, (_, st, t, n_vis) in enumerate(_llm_stages(config, method, sh)):
+        if j == 0:
+            total += 2 * sh.n_visual * q * d
+        total += _rows_cost(config, t, q, False)
+        if method.version == "2.0":
+            total += 2 * q * head_dim * t
+        m = st.n_keep - st.n_selected
+        if m > 0:
+            cand, _ = merge_counts(n_vis, st.n_selected)
+            total += 2 * m * cand * d
+    return sh.batch * total
+
+
+def selection_flops(config, method, shapes: Shapes) -> int:
+    """The method's own scoring/selection matrix products for the whole batch (see the module doc).
+
+    Raises :class:`NoSelectionFormula` for a method without a formula, so that a new method is not
+    silently reported without its selection cost.
+    """
+    fn = _SELECTION.get(method.name)
+    if fn is None:
+        raise NoSelectionFormula(f"no selection-FLOPs formula for method {method.name!r}: add one to bench/measure/flops.py (_SELECTION)")
+    return int(fn(config, method, shapes))
+
+
+def analytic_batch(config, method, prepared, with_selection: bool = True) -> Breakdown:
+    """Analytic FLOPs of ``adapter.prepare`` + ``adapter.prefill`` for one prepared batch, summed over
+    its samples (``per_llm_layer`` too). Every row is computed at the padded length, as the model runs
+    it (padding positions cost like text); ``lm_head`` runs on the last position only.
+    ``with_selection=False`` leaves ``selection`` at 0 (for a method without a formula)."""
+    sh = Shapes.of(config, prepared)
+    n_layers = config.text_config.num_hidden_layers
+    rows = prepared.visual_tokens_per_layer(n_layers)
+    blocks = vision_blocks(config, method)
+    out = Breakdown(per_llm_layer=[0] * n_layers)
+    for i in range(sh.batch):
+        kept = sh.kept[i]
+        part = analytic_prefill(config, sh.seq_len - kept, rows[i], n_visual_in=kept if blocks is not None else sh.n_visual, vision_tokens_per_layer=blocks)
+        out.vision += part.vision
+        out.projector += part.projector
+        out.llm += part.llm
+        out.lm_head += part.lm_head
+        out.per_llm_layer = [a + b for a, b in zip(out.per_llm_layer, part.per_llm_layer)]
+    if with_selection:
+        out.selection = selection_flops(config, method, sh)
+    return out
