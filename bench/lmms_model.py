@@ -10,6 +10,7 @@ share cached answers.
 from __future__ import annotations
 
 import json
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,16 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 MODEL_ID = "tokenprune"
+
+#: ``batch_size=auto`` off CUDA: CPU memory is rarely the limit there and throughput stops growing
+#: beyond a few tens of samples per forward; 16 keeps the per-batch latency of a 7B model bearable.
+AUTO_CPU_BATCH = 16
+#: ``batch_size=auto`` never exceeds this (unless ``max_batch_size`` says otherwise): beyond it a
+#: 7B model's decode is compute-bound on an H100 and larger batches only add padding and latency.
+AUTO_MAX_BATCH = 64
+#: Share of the free GPU memory (after the model) that ``auto`` plans to fill: the probe's linear
+#: extrapolation misses allocator fragmentation and prompts longer than the probed one.
+AUTO_MEMORY_FRACTION = 0.8
 
 
 def manifest():
@@ -52,9 +63,12 @@ class TokenPruneLlava(lmms):
         A loaded adapter. When constructed by lmms-eval from ``model_args`` instead, ``run_config``
         points to a resolved run config (JSON) from which adapter and method are instantiated.
     method : PruningMethod, optional
-    batch_size : int
+    batch_size : int or "auto"
         Requests per forward; requests are grouped by prompt length (lmms-eval's ``Collator``), left
-        padded, and every sample is pruned on its own.
+        padded, and every sample is pruned on its own. ``auto`` is resolved at the first
+        ``generate_until`` (:meth:`resolve_batch_size`); ``self.batch_size`` then holds the number.
+    max_batch_size : int, optional
+        Upper bound for ``auto`` (default :data:`AUTO_MAX_BATCH`).
     seed : int
         Run seed (per-sample seeds for random methods derive from it).
     """
@@ -85,8 +99,22 @@ class TokenPruneLlava(lmms):
         self.adapter = adapter
         self.method = method
         self.seed = int(seed)
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 1
-        self.stats: list[dict[str, Any]] = []  # per sample: doc_id, visual tokens in/kept
+        self.batch_size_setting: int | str = batch_size
+        if str(batch_size).strip().lower() == "auto":
+            self.batch_size: int | None = None  # resolved at the first generate_until
+        else:
+            try:
+                self.batch_size = int(batch_size)
+            except (TypeError, ValueError):
+                self.batch_size = 0
+            if self.batch_size < 1:
+                raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+        self.max_batch_size = int(max_batch_size) if max_batch_size else AUTO_MAX_BATCH
+        self.auto_batch: dict[str, Any] | None = None  # how `auto` was resolved (probe measurements)
+        # per sample: doc_id, visual tokens in/kept, generated token ids
+        self.stats: list[dict[str, Any]] = []
+        # wall time inside generate_until (device synchronised), for throughput measurements
+        self.generate_s = 0.0
 
     def __str__(self) -> str:  # the response cache keys on str(model)
         return MODEL_ID
@@ -105,11 +133,87 @@ class TokenPruneLlava(lmms):
 
         return chat_prompt(self.adapter.processor, context.replace("<image>", "").strip())
 
-    def generate_until(self, requests: list[Instance]) -> list[str]:
+    def _processor(self):
         proc = self.adapter.processor
         if proc is None:
             raise RuntimeError(f"model {self.adapter.name!r} has no processor (random weights?); it cannot answer benchmark questions")
-        tok = proc.tokenizer
+        return proc
+
+    def _generate(self, chunk) -> tuple[Any, torch.Tensor]:
+        """Prune and generate for one batch of request args; returns ``(prepared, new token ids)``."""
+        proc = self._processor()
+        contexts, all_gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
+        gen_kwargs = dict(all_gen_kwargs[0])
+        images = []
+        for d2v, doc_id, task, split in zip(doc_to_visual, doc_ids, tasks, splits):
+            vis = d2v(self.task_dict[task][split][doc_id])
+            if len(vis) != 1:
+                raise NotImplementedError(f"{task} doc {doc_id} has {len(vis)} images; only single-image samples are supported")
+            images.append(vis[0].convert("RGB"))
+        prompts = [self._prompt(c) for c in contexts]
+        batch = proc(images=images, text=prompts, return_tensors="pt", padding=True)
+        seeds = torch.tensor([sample_seed(self.seed, t, d) for t, d in zip(tasks, doc_ids)], dtype=torch.long)
+        prepared = self.adapter.prepare(batch, self.method, seeds)
+        max_new = int(gen_kwargs.get("max_new_tokens", 128))
+        # min_new_tokens (through simple_evaluate's gen_kwargs) fixes the generated length, so that
+        # throughput measurements compare equal work at every batch size
+        extra = {"min_new_tokens": int(gen_kwargs["min_new_tokens"])} if gen_kwargs.get("min_new_tokens") else {}
+        new_tokens = self.adapter.generate(prepared, max_new_tokens=max_new, method=self.method, **extra)
+        return prepared, new_tokens
+
+    def resolve_batch_size(self, requests: list[Instance]) -> int:
+        """Resolve ``batch_size=auto``: the largest batch that fits the device's memory budget.
+
+        On CUDA, one pruned generate of the longest request (the whole path: vision tower, method,
+        LLM with its KV cache for ``max_new_tokens``) is run at batch 1 and 4 after a warm-up, and
+        the peak allocated memory above the model is extrapolated linearly:
+        ``batch = (free * AUTO_MEMORY_FRACTION - fixed) / per_sample``, clamped to
+        ``[1, max_batch_size]``. ``free`` counts the memory the CUDA driver reports free plus what
+        torch's allocator holds unused. Off CUDA the batch is :data:`AUTO_CPU_BATCH`.
+        The probe's details are kept in ``self.auto_batch``.
+        """
+        dev = self.adapter.device
+        if dev.type != "cuda":
+            b = min(AUTO_CPU_BATCH, self.max_batch_size)
+            self.auto_batch = {"device": dev.type, "batch_size": b, "rule": f"fixed default off CUDA (AUTO_CPU_BATCH={AUTO_CPU_BATCH})"}
+            return b
+        longest = max((r.args for r in requests), key=lambda a: len(a[0]))
+        peaks = {}
+        for b in (1, 1, 4):  # the first batch-1 run is a warm-up: cuBLAS workspaces and kernels are allocated once
+            torch.cuda.synchronize(dev)
+            base = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            out = self._generate([longest] * b)
+            del out
+            torch.cuda.synchronize(dev)
+            peaks[b] = torch.cuda.max_memory_allocated(dev) - base
+        per_sample = max((peaks[4] - peaks[1]) / 3, 1.0)
+        fixed = max(peaks[1] - per_sample, 0.0)
+        free, _ = torch.cuda.mem_get_info(dev)
+        avail = free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        fit = int((avail * AUTO_MEMORY_FRACTION - fixed) // per_sample)
+        b = max(1, min(fit, self.max_batch_size))
+        self.auto_batch = {
+            "device": torch.cuda.get_device_name(dev),
+            "batch_size": b,
+            "fits": fit,
+            "per_sample_bytes": int(per_sample),
+            "fixed_bytes": int(fixed),
+            "available_bytes": int(avail),
+            "memory_fraction": AUTO_MEMORY_FRACTION,
+            "max_batch_size": self.max_batch_size,
+            "probe_prompt_chars": len(longest[0]),
+            "rule": "peak memory of one pruned generate at batch 1 and 4, extrapolated to the free memory",
+        }
+        return b
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        tok = self._processor().tokenizer
+        sync = torch.cuda.synchronize if self.adapter.device.type == "cuda" else (lambda *a: None)
+        sync()
+        t0 = time.perf_counter()
+        if self.batch_size is None:
+            self.batch_size = self.resolve_batch_size(requests)
 
         def _collate(args):
             # longest prompts first (lmms-eval's convention): OOMs show up at once, and similar
@@ -119,26 +223,15 @@ class TokenPruneLlava(lmms):
         re_ords = lmms_utils.Collator([r.args for r in requests], _collate, grouping=True)
         chunks = re_ords.get_batched(n=self.batch_size, batch_fn=None)
         res: list[str] = []
-        pbar = tqdm(total=len(requests), desc=f"{self.adapter.name}/{self.method.name} r={self.method.prune_ratio}", unit="q")
+        pbar = tqdm(total=len(requests), desc=f"{self.adapter.name}/{self.method.name} r={self.method.prune_ratio} b={self.batch_size}", unit="q")
         for chunk in chunks:
-            contexts, all_gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
-            gen_kwargs = dict(all_gen_kwargs[0])
-            images = []
-            for d2v, doc_id, task, split in zip(doc_to_visual, doc_ids, tasks, splits):
-                vis = d2v(self.task_dict[task][split][doc_id])
-                if len(vis) != 1:
-                    raise NotImplementedError(f"{task} doc {doc_id} has {len(vis)} images; only single-image samples are supported")
-                images.append(vis[0].convert("RGB"))
-            prompts = [self._prompt(c) for c in contexts]
-            batch = proc(images=images, text=prompts, return_tensors="pt", padding=True)
-            seeds = torch.tensor([sample_seed(self.seed, t, d) for t, d in zip(tasks, doc_ids)], dtype=torch.long)
-            prepared = self.adapter.prepare(batch, self.method, seeds)
-            until = gen_kwargs.pop("until", None) or []
+            contexts, all_gen_kwargs, _, doc_ids, tasks, _ = zip(*chunk)
+            until = all_gen_kwargs[0].get("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
-            max_new = int(gen_kwargs.pop("max_new_tokens", 128))
-            new_tokens = self.adapter.generate(prepared, max_new_tokens=max_new, method=self.method)
+            prepared, new_tokens = self._generate(chunk)
             texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
             per_layer = prepared.visual_tokens_per_layer(self.adapter.num_llm_layers)
+            ids = new_tokens.tolist()
             for i, (ctx, text, doc_id, task) in enumerate(zip(contexts, texts, doc_ids, tasks)):
                 text = first_line_cut(text, until).strip()
                 res.append(text)
@@ -149,12 +242,21 @@ class TokenPruneLlava(lmms):
                         "visual_tokens_in": prepared.visual_tokens_in[i],
                         "visual_tokens_kept": prepared.visual_tokens_kept[i],
                         "visual_tokens_per_layer": per_layer[i],
+                        "generated_ids": ids[i],
                     }
                 )
                 self.cache_hook.add_partial("generate_until", (ctx, all_gen_kwargs[0]), text)
             pbar.update(len(chunk))
         pbar.close()
+        sync()
+        self.generate_s += time.perf_counter() - t0
         return re_ords.get_original(res)
+
+    def clean(self) -> None:
+        """Called by lmms-eval after every evaluation. Its default deletes the model's modules and
+        runs ``gc.collect()`` + ``empty_cache()``: seconds per evaluation for nothing here, since
+        this object holds no module and the adapter outlives it (the runner reuses it for the next
+        run of a sweep)."""
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         raise NotImplementedError(

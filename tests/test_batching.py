@@ -89,3 +89,67 @@ def test_batch8_equals_batch1(setup, name, ratio):
         if "ref" not in _UNPRUNED:
             _UNPRUNED["ref"] = predictions(adapter, build("none", 0.0), docs, 8)[0]
         assert eight == _UNPRUNED["ref"], f"{name} at ratio 0 changes predictions"
+
+
+@pytest.mark.slow
+def test_auto_batch_size_resolves_and_matches_batch1(setup):
+    """``batch_size=auto`` resolves at the first call (off CUDA: AUTO_CPU_BATCH) and answers as batch 1."""
+    from bench.lmms_model import AUTO_CPU_BATCH, TokenPruneLlava
+
+    adapter, docs = setup
+    method = build("divprune", 0.5)
+    one, _ = predictions(adapter, method, docs, 1)
+    lm = TokenPruneLlava(adapter=adapter, method=method, batch_size="auto", seed=0)
+    assert lm.batch_size is None
+    lm.task_dict = {"synthvqa": {"test": docs}}
+    auto = lm.generate_until(requests(docs))
+    assert lm.batch_size == AUTO_CPU_BATCH == lm.auto_batch["batch_size"]
+    assert auto == one
+    assert lm.generate_s > 0 and all(len(s["generated_ids"]) >= 1 for s in lm.stats)
+
+
+def test_batch_size_setting_is_validated():
+    from bench.errors import ConfigError
+    from bench.lmms_model import TokenPruneLlava
+    from bench.runner import validate
+
+    for bad in (0, "0", "x", None):
+        with pytest.raises(ValueError):
+            TokenPruneLlava(adapter=object(), method=None, batch_size=bad)
+    assert TokenPruneLlava(adapter=object(), method=None, batch_size="8").batch_size == 8
+    cfg = {"ratio": 0.0, "model": {"name": "m"}, "method": {"name": "none"}, "benchmark": {"name": "b", "batch_size": "auto", "limit": None}}
+    validate(cfg)
+    for bad in (0, True, "16", 2.0):
+        cfg["benchmark"]["batch_size"] = bad
+        with pytest.raises(ConfigError):
+            validate(cfg)
+
+
+def test_provenance_records_the_resolved_batch_size(setup):
+    from bench.runner import provenance
+
+    adapter, _ = setup
+    cfg = {"benchmark": {"batch_size": "auto"}}
+    fps = {"model": "x", "benchmark": "y"}
+    p = provenance(cfg, adapter, fps, 16)
+    assert p["batch_size"] == 16 and p["batch_size_setting"] == "auto"
+    assert provenance(cfg, adapter, fps)["batch_size"] is None  # no evaluation ran: nothing was resolved
+    assert provenance({"benchmark": {"batch_size": 4}}, adapter, fps)["batch_size"] == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_batch_size_probes_gpu_memory(tmp_path):
+    from bench.lmms_model import AUTO_MAX_BATCH, TokenPruneLlava
+    from bench.models.llava import ASSETS, LlavaAdapter
+    from bench.synthvqa.data import load_test
+
+    adapter = LlavaAdapter("tiny_llava_synth", str(ASSETS / "tiny-llava-synth"), device="cuda").load()
+    docs = load_test(cache_dir=tmp_path, n=16)
+    lm = TokenPruneLlava(adapter=adapter, method=build("divprune", 0.5), batch_size="auto", seed=0)
+    lm.task_dict = {"synthvqa": {"test": docs}}
+    out = lm.generate_until(requests(docs))
+    assert len(out) == 16
+    a = lm.auto_batch
+    assert 1 <= lm.batch_size == a["batch_size"] <= AUTO_MAX_BATCH
+    assert a["per_sample_bytes"] > 0 and a["available_bytes"] > 0
