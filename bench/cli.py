@@ -112,8 +112,10 @@ def _hydra_app():
         # (which reports it and fails the sweep); the local launcher runs jobs in this process and
         # must carry on past a failed one
         remote = "submitit" in str(HydraConfig.get().launcher.get("_target_", ""))
+        # a local sweep rebuilds the leaderboard (CSVs, tables, plots) once at its end, not per run
+        defer = multirun and not remote
         try:
-            execute(resolved)
+            execute(resolved, refresh=not defer)
         except BenchError as e:
             if not multirun:
                 _die(str(e), e.exit_code)
@@ -140,7 +142,10 @@ def _hydra_app():
 def cmd_run(args: list[str]) -> None:
     check_overrides(args)
     sys.argv = [sys.argv[0], *args]
-    _hydra_app()()
+    try:
+        _hydra_app()()
+    finally:
+        _refresh_pending()
     if _SKIPPED:
         print(f"[bench] {len(_SKIPPED)} combination(s) refused (nothing written for them):", file=sys.stderr)
         for f in _SKIPPED:
@@ -152,6 +157,17 @@ def cmd_run(args: list[str]) -> None:
         sys.exit(1)
     if _SKIPPED:
         sys.exit(2)
+
+
+def _refresh_pending() -> None:
+    """Rebuild the leaderboard of every results dir a local sweep wrote to (also after Ctrl-C)."""
+    runner = sys.modules.get("bench.runner")  # not imported: no run was executed
+    if runner is None or not runner.PENDING_REFRESH:
+        return
+    for results_dir in sorted(runner.PENDING_REFRESH):
+        runner.refresh_leaderboard(results_dir)
+        print(f"[bench] leaderboard refreshed: {Path(results_dir) / 'leaderboard.csv'}")
+    runner.PENDING_REFRESH.clear()
 
 
 def cmd_list(args: list[str]) -> None:

@@ -113,7 +113,8 @@ def task_manager(bcfg: dict[str, Any]):
     return TaskManager(verbosity="ERROR")
 
 
-def provenance(cfg: dict[str, Any], adapter, fingerprints: dict[str, str]) -> dict[str, Any]:
+def provenance(cfg: dict[str, Any], adapter, fingerprints: dict[str, str], batch_size: int | None = None) -> dict[str, Any]:
+    """``batch_size``: the evaluation batch actually used (``benchmark.batch_size=auto`` resolved)."""
     from importlib.metadata import PackageNotFoundError, version
 
     def ver(pkg: str) -> str | None:
@@ -129,13 +130,15 @@ def provenance(cfg: dict[str, Any], adapter, fingerprints: dict[str, str]) -> di
             return None
 
     dirty = git("status", "--porcelain", "--untracked-files=no")
+    setting = cfg["benchmark"]["batch_size"]  # an int, or "auto" (unresolved when no evaluation ran)
     return {
         "git_sha": git("rev-parse", "HEAD"),
         "git_dirty": None if dirty is None else bool(dirty),
         "versions": {"torch": torch.__version__, "transformers": ver("transformers"), "lmms_eval": ver("lmms_eval"), "python": platform.python_version()},
         "dtype": str(adapter.dtype).replace("torch.", ""),
         "attn_implementation": adapter.attn_implementation,
-        "batch_size": int(cfg["benchmark"]["batch_size"]),
+        "batch_size": batch_size if batch_size is not None else (setting if isinstance(setting, int) else None),
+        "batch_size_setting": setting,
         "model_fingerprint": fingerprints["model"],
         "weights_revision": adapter.weights_revision(),
         "benchmark_fingerprint": fingerprints["benchmark"],
@@ -214,8 +217,8 @@ def validate(cfg: dict[str, Any]) -> None:
         if not isinstance(cfg.get(group), dict) or "name" not in cfg[group]:
             raise ConfigError(f"config group {group!r} is missing or has no name")
     bs = cfg["benchmark"].get("batch_size")
-    if not isinstance(bs, int) or bs < 1:
-        raise ConfigError(f"benchmark.batch_size must be a positive integer, got {bs!r}")
+    if bs != "auto" and (not isinstance(bs, int) or isinstance(bs, bool) or bs < 1):
+        raise ConfigError(f"benchmark.batch_size must be a positive integer or auto, got {bs!r}")
     lim = cfg["benchmark"].get("limit")
     if lim is not None and (not isinstance(lim, int) or lim < 1):
         raise ConfigError(f"benchmark.limit must be null or a positive integer, got {lim!r}")
@@ -366,8 +369,12 @@ def _num(x: Any) -> float | None:
 
 
 # ----------------------------------------------------------------------------- the run
-def execute(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Run one fully resolved config; returns the record (existing one when skipped)."""
+def execute(cfg: dict[str, Any], refresh: bool = True) -> dict[str, Any]:
+    """Run one fully resolved config; returns the record (existing one when skipped).
+
+    ``refresh=False`` leaves the leaderboard alone: a sweep executed in one process rebuilds it once
+    at its end (``bench.cli``) instead of after each of its runs.
+    """
     t0 = time.time()
     validate(cfg)
     canonicalize(cfg)
@@ -407,7 +414,9 @@ def execute(cfg: dict[str, Any]) -> dict[str, Any]:
         release(rdir)
         print(f"[bench] skip {rid}: already recorded ({rdir / 'record.json'})")
         return existing
-    if existing is None or existing.get("status") != "completed":
+    marker = existing is None or existing.get("status") != "completed"
+    refused = False
+    if marker:
         # a marker, so `bench status` can tell a job that died without a word (SIGKILL, OOM killer)
         write_json(rdir / "record.json", {**base, "status": "running", "metrics": {}, "accuracy_measured": False, "error": None, "job": job_info()})
     previous = signal.signal(signal.SIGTERM, _raise_killed) if threading.current_thread() is threading.main_thread() else None
@@ -433,6 +442,13 @@ def execute(cfg: dict[str, Any]) -> dict[str, Any]:
             e, n2 = measure_efficiency(adapter, method, batch, seeds, warmup=int(measure.get("warmup", 1)), repeats=int(measure.get("repeats", 5)))
             eff.update(e)
             notes += n2
+            notes.append(
+                f"prefill_ms: median of {int(measure.get('repeats', 5))} timed repeats after {int(measure.get('warmup', 1))} warm-up run(s) "
+                f"and the FLOP-counting pass (measure={measure.get('name', 'default')})"
+            )
+            if adapter.device.type == "cpu":
+                # thread count changes CPU latency, never predictions (checked: samples identical at 1 and 2)
+                notes.append(f"CPU timings with {torch.get_num_threads()} torch intra-op thread(s)")
             if measure.get("stages", False):
                 from bench.measure.latency import stage_latencies
 
@@ -464,7 +480,7 @@ def execute(cfg: dict[str, Any]) -> dict[str, Any]:
             "n_samples": len(acc["samples"]) if acc else None,
             "metrics": acc["metrics"] if acc else {},
             "efficiency": eff,
-            "provenance": provenance(cfg, adapter, fingerprints),
+            "provenance": provenance(cfg, adapter, fingerprints, acc["lm"].batch_size if acc else None),
             "notes": notes,
             "error": None,
             "finished_at": _now(),
@@ -475,6 +491,14 @@ def execute(cfg: dict[str, Any]) -> dict[str, Any]:
         write_yaml(rdir / "config.yaml", cfg)
         write_json(rdir / "record.json", record)
     except BenchError:
+        # refused with a reason (e.g. ToMe cannot reach the budget in this tower): as for bad input,
+        # nothing stays behind, so undo the running marker
+        refused = True
+        if marker:
+            if existing is None:
+                (rdir / "record.json").unlink(missing_ok=True)
+            else:
+                write_json(rdir / "record.json", existing)
         raise
     except (Exception, RunKilled) as e:
         if existing is not None and existing.get("status") == "completed":
@@ -489,10 +513,19 @@ def execute(cfg: dict[str, Any]) -> dict[str, Any]:
         raise
     finally:
         release(rdir)
+        if refused and existing is None:
+            for d in (rdir, rdir.parent):  # runs/<id>, then runs/, each only if empty
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     _sink(record, cfg)
-    refresh_leaderboard(cfg["results_dir"])
+    if refresh:
+        refresh_leaderboard(cfg["results_dir"])
+    else:
+        PENDING_REFRESH.add(str(cfg["results_dir"]))
     _print_summary(record, rdir)
     return record
 
@@ -502,6 +535,10 @@ def _sink(record: dict[str, Any], cfg: dict[str, Any]) -> None:
     from bench.wandb_sink import log_run
 
     log_run(record, cfg.get("logger") or {})
+
+
+#: results dirs that got a record from ``execute(..., refresh=False)`` and await one leaderboard refresh
+PENDING_REFRESH: set[str] = set()
 
 
 def refresh_leaderboard(results_dir: str) -> None:

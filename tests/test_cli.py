@@ -105,3 +105,19 @@ def test_aggregate_without_records_exits_2(tmp_path):
 def test_unknown_command_exits_2():
     r = bench("frobnicate")
     assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+def test_local_sweep_refreshes_leaderboard_once_at_its_end(monkeypatch, tmp_path):
+    """Runs of a local sweep defer the refresh (execute(refresh=False)); cmd_run then rebuilds each
+    results dir once, and nothing when no run was executed (e.g. every combination refused)."""
+    import bench.cli as cli
+    import bench.runner as runner
+
+    calls = []
+    monkeypatch.setattr(runner, "refresh_leaderboard", lambda d: calls.append(d))
+    monkeypatch.setattr(runner, "PENDING_REFRESH", set())
+    cli._refresh_pending()
+    assert calls == []
+    runner.PENDING_REFRESH.update({str(tmp_path / "a"), str(tmp_path / "b")})
+    cli._refresh_pending()
+    assert calls == [str(tmp_path / "a"), str(tmp_path / "b")] and not runner.PENDING_REFRESH
