@@ -111,8 +111,9 @@ def scene_labels(objects):
 class TrainStream(torch.utils.data.IterableDataset):
     """Unlimited SynthVQA training examples; worker w of W takes indices start + w, start + w + W, ..."""
 
-    def __init__(self, seed: int, start: int, questions_per_image: int = 1, image_size: int = 336):
+    def __init__(self, seed: int, start: int, questions_per_image: int = 1, image_size: int = 336, qtype_weights=None):
         self.seed, self.start, self.qpi, self.image_size = seed, start, questions_per_image, image_size
+        self.qtype_weights = qtype_weights or {}
 
     def __iter__(self):
         set_image_size(self.image_size)  # workers may be spawned (fresh interpreter): re-apply the proxy size
@@ -124,14 +125,16 @@ class TrainStream(torch.utils.data.IterableDataset):
             item = scene_labels(ex["objects"])
             item["image"] = np.asarray(ex["image"], dtype=np.uint8)
             qs, ans, qt = [ex["question"]], [ex["answer"]], [ex["qtype"]]
-            if self.qpi > 1:  # extra questions about the same scene: qtype uniform, then question uniform
+            if self.qpi > 1:  # extra questions about the same scene: qtype by weight, then question uniform
                 rng = np.random.default_rng([self.seed, i, 7])
                 by_type: dict[str, list] = {}
                 for q in scene_questions(ex["objects"]):
                     by_type.setdefault(q[2], []).append(q)
                 types = sorted(by_type)
+                w = np.array([self.qtype_weights.get(t, 1.0) for t in types], dtype=np.float64)
+                w = w / w.sum()
                 for _ in range(self.qpi - 1):
-                    cand = by_type[types[int(rng.integers(len(types)))]]
+                    cand = by_type[types[int(rng.choice(len(types), p=w))]]
                     q, a, t = cand[int(rng.integers(len(cand)))]
                     qs.append(q), ans.append(a), qt.append(t)
             item["question"], item["answer"], item["qtype"] = qs, ans, qt
@@ -149,11 +152,11 @@ def collate(items):
     return out
 
 
-def loader(seed, start, batch_size, workers, qpi=1, image_size=336):
+def loader(seed, start, batch_size, workers, qpi=1, image_size=336, qtype_weights=None):
     kw = dict(batch_size=batch_size, num_workers=workers, collate_fn=collate)
     if workers > 0:
         kw.update(prefetch_factor=4)
-    return iter(torch.utils.data.DataLoader(TrainStream(seed, start, qpi, image_size), **kw))
+    return iter(torch.utils.data.DataLoader(TrainStream(seed, start, qpi, image_size, qtype_weights), **kw))
 
 
 MEAN = None
@@ -355,7 +358,7 @@ def train_stage1(args, model, heads, device, log):
     """Vision tower alone: CLS scene attributes + dense per-patch targets at layer -2 + CLS attention prior."""
     vt = model.model.vision_tower
     params = list(vt.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr1, weight_decay=0.05, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(params, lr=args.lr1, weight_decay=0.05, betas=(0.9, 0.98), fused=device.type == "cuda")
     data = loader(args.seed, 0, args.batch_size, args.workers, 1, args.image_size)
     model.train()
     t0, tw = time.time(), 0.0
@@ -446,10 +449,13 @@ def train_stage2(args, model, processor, device, log, save):
         [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr2,
         betas=(0.9, 0.98),
+        fused=device.type == "cuda",
     )
     model.model.multi_modal_projector.train()
     model.model.language_model.train()
-    data = loader(args.seed, 50_000_000, args.stage2_batch_size, args.workers, args.questions_per_image, args.image_size)
+    data = loader(
+        args.seed, 50_000_000, args.stage2_batch_size, args.workers, args.questions_per_image, args.image_size, args.qtype_weights
+    )
     t0, tw = time.time(), 0.0
     qidx = {q: i for i, q in enumerate(QTYPES)}
     hits = torch.zeros(len(QTYPES), device=device)
@@ -712,6 +718,12 @@ def write_card(out_dir: Path, m: dict):
     (out_dir / "MODEL_CARD.md").write_text("\n".join(lines))
 
 
+def _stage1_args(args) -> dict:
+    keys = ("seed", "image_size", "stage1_steps", "batch_size", "lr1", "warmup", "dense_weight", "attn_weight", "pos_init_scale")
+    sizes = {**DEFAULT_SIZES, **args.sizes}
+    return {k: getattr(args, k) for k in keys} | {"vision_sizes": {k: v for k, v in sizes.items() if k.startswith("vision")}}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
@@ -723,6 +735,12 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=128, help="images per stage-1 batch")
     ap.add_argument("--stage2-batch-size", type=int, default=32, help="images per stage-2 batch")
     ap.add_argument("--questions-per-image", type=int, default=4)
+    ap.add_argument(
+        "--qtype-weights",
+        type=json.loads,
+        default={},
+        help='JSON weights of the question types for the extra questions per image, e.g. {"color": 0.5} (default 1 each)',
+    )
     ap.add_argument("--lr1", type=float, default=2e-3)
     ap.add_argument("--lr2", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=200)
@@ -737,6 +755,12 @@ def main(argv=None):
     ap.add_argument("--embed-std", type=float, default=1.0, help="init std of the LM's input embeddings")
     ap.add_argument("--save-every", type=int, default=1000, help="stage-2 checkpoint interval (0: only at the end)")
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument(
+        "--stage1-ckpt",
+        type=Path,
+        default=None,
+        help="stage-1 checkpoint: loaded (stage 1 skipped) if it exists and matches the stage-1 arguments, else written",
+    )
     ap.add_argument("--eval-n", type=int, default=TEST_SIZE)
     ap.add_argument("--eval-bs", type=int, default=None)
     ap.add_argument("--log-every", type=int, default=100)
@@ -776,7 +800,29 @@ def main(argv=None):
         model.save_pretrained(args.out)
         log(f"saved {what} to {args.out} ({time.time() - t:.1f}s)")
 
-    t1, st1 = train_stage1(args, model, heads, device, log)
+    ck = args.stage1_ckpt
+    if ck is not None and ck.exists():
+        # stage 1 depends only on the seed and the stage-1 arguments: reuse it when trying stage-2 settings
+        state = torch.load(ck, map_location=device)
+        if state["stage1_args"] != _stage1_args(args):
+            raise SystemExit(f"{ck} was trained with {state['stage1_args']}, not {_stage1_args(args)}")
+        model.model.vision_tower.load_state_dict(state["vision_tower"])
+        heads.load_state_dict(state["heads"])
+        t1, st1 = state["time_s"], state["final"]
+        log(f"stage 1 loaded from {ck} (trained in {t1:.0f}s)")
+    else:
+        t1, st1 = train_stage1(args, model, heads, device, log)
+        if ck is not None:
+            ck.parent.mkdir(parents=True, exist_ok=True)
+            state = {
+                "vision_tower": model.model.vision_tower.state_dict(),
+                "heads": heads.state_dict(),
+                "stage1_args": _stage1_args(args),
+                "time_s": t1,
+                "final": st1,
+            }
+            torch.save(state, ck)
+            log(f"stage 1 saved to {ck}")
     init_projector(args, model, heads, device, log)
     t2, train_acc = train_stage2(args, model, processor, device, log, save)
     model.eval()
@@ -796,6 +842,8 @@ def main(argv=None):
         "batch_size": args.batch_size,
         "stage2_batch_size": args.stage2_batch_size,
         "questions_per_image": args.questions_per_image,
+        "stage1_ckpt": str(args.stage1_ckpt) if args.stage1_ckpt else None,
+        "qtype_weights": args.qtype_weights,
         "lr1": args.lr1,
         "lr2": args.lr2,
         "warmup": args.warmup,

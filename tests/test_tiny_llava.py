@@ -75,8 +75,8 @@ def test_training_script_cpu_smoke(tmp_path):
     out = tmp_path / "tl"
     cmd = [sys.executable, str(ROOT / "scripts" / "train_tiny_llava.py"), "--stage1-steps", "2", "--stage2-steps", "2",
            "--device", "cpu", "--out", str(out), "--batch-size", "2", "--stage2-batch-size", "2",
-           "--questions-per-image", "1", "--eval-n", "5",
-           "--workers", "0", "--log-every", "1"]
+           "--questions-per-image", "2", "--qtype-weights", '{"color": 0.5, "count": 2}', "--eval-n", "5",
+           "--stage1-ckpt", str(tmp_path / "s1.pt"), "--workers", "0", "--log-every", "1"]
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=300)
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -88,6 +88,9 @@ def test_training_script_cpu_smoke(tmp_path):
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
     m = json.loads((out / "train_metrics.json").read_text())
     assert m["stage1_steps"] == 2 and m["stage2_steps"] == 2 and (out / "MODEL_CARD.md").exists()
+    assert m["qtype_weights"] == {"color": 0.5, "count": 2}
+    s1 = torch.load(tmp_path / "s1.pt")  # reusable by a later run with the same stage-1 arguments
+    assert s1["stage1_args"]["stage1_steps"] == 2 and "vision_tower" in s1 and "heads" in s1
 
 
 def _card_and_metrics():
