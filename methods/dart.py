@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from methods.fastv import one_stage_count
 from methods.inllm import InLLMMethod, Stage, StageOut, StageView, scale_layer, visual_block
@@ -30,6 +29,90 @@ from methods.inllm import InLLMMethod, Stage, StageOut, StageView, scale_layer, 
 def pivot_order(image_pos: list[int], text_pos: list[int]) -> list[int]:
     """The official visiting order: ``list(set(image_pos + text_pos))`` (CPython set iteration)."""
     return list(set(image_pos + text_pos))
+
+
+# ---- CPython's set, replayed with tensor ops (no host sync)
+_LINEAR_PROBES, _PERTURB_SHIFT, _MINSIZE = 9, 5, 8
+
+
+def _set_phases(n: int) -> list[tuple[int, int]]:
+    """Table sizes of ``set(list_of_n_distinct_ints)``: ``[(mask, n_inserted_before_resize), ...]``.
+
+    ``set_add_entry`` resizes when ``fill * 5 >= mask * 3`` to the smallest power of two above
+    ``used * 4`` (``used * 2`` beyond 50000), re-inserting the old entries in table-slot order.
+    """
+    phases, mask, count = [], _MINSIZE - 1, 0
+    for _ in range(n):
+        count += 1
+        if count * 5 >= mask * 3:
+            phases.append((mask, count))
+            minused = count * 2 if count > 50000 else count * 4
+            size = _MINSIZE
+            while size <= minused:
+                size <<= 1
+            mask = size - 1
+    phases.append((mask, count))
+    return phases
+
+
+def _probe_sequence(x: int, mask: int, n_free: int) -> list[int]:
+    """Slots ``set_add_entry`` visits for key ``x`` (hash ``x``) until ``n_free`` distinct slots were seen."""
+    seq, seen, perturb, i = [], set(), x, x & mask
+    while len(seen) < n_free:
+        run = [i] + ([i + j for j in range(1, _LINEAR_PROBES + 1)] if i + _LINEAR_PROBES <= mask else [])
+        seq.extend(run)
+        seen.update(run)
+        perturb >>= _PERTURB_SHIFT
+        i = (i * 5 + 1 + perturb) & mask
+    return seq
+
+
+_PROBE_TABLES: dict = {}
+
+
+def _probe_table(mask: int, n: int, t: int, device) -> torch.Tensor:
+    """``(t, P)`` probe sequences of keys ``0..t-1`` covering ``n`` distinct slots (padded with their last
+    slot); cached per process."""
+    key = (mask, n, t, str(device))
+    tab = _PROBE_TABLES.get(key)
+    if tab is None:
+        seqs = [_probe_sequence(x, mask, n) for x in range(t)]
+        width = max(len(s) for s in seqs)
+        tab = torch.tensor([s + [s[-1]] * (width - len(s)) for s in seqs], dtype=torch.long).to(device)
+        _PROBE_TABLES[key] = tab
+    return tab
+
+
+def set_order(keys: torch.Tensor, t: int) -> torch.Tensor:
+    """``list(set(keys[b].tolist()))`` for every row, on the device: ``(B, n)`` distinct ints in ``[0, t)``.
+
+    CPython inserts each key at the first free slot of its probe sequence (which depends only on the
+    key and the table size), grows the table as :func:`_set_phases` says, and iterates slots in order;
+    this replays those insertions with gathers and scatters (a few kernels per key, no sync).
+    """
+    b, n = keys.shape
+    dev = keys.device
+    order = keys
+    done = 0  # keys of ``order`` already placed in the current table
+    slots = None
+    phases = _set_phases(n)
+    for ph, (mask, upto) in enumerate(phases):
+        tab = _probe_table(mask, upto, t, dev)  # at most upto - 1 slots are taken when a key arrives
+        free = torch.ones(b, mask + 1, dtype=torch.uint8, device=dev)
+        probes = tab[order[:, :upto]]  # (B, upto, P)
+        placed = []
+        for r in range(upto):
+            pr = probes[:, r]
+            first = free.gather(1, pr).argmax(1, keepdim=True)  # first free slot in the probe sequence
+            slot = pr.gather(1, first)
+            free.scatter_(1, slot, 0)
+            placed.append(slot)
+        slots = torch.cat(placed, dim=1)
+        done = upto
+        if ph + 1 < len(phases):  # resize: old entries re-inserted in slot order, then the remaining keys
+            order = torch.cat([order[:, :upto].gather(1, slots.argsort(dim=1)), order[:, upto:]], dim=1)
+    assert done == n
+    return order.gather(1, slots.argsort(dim=1))
 
 
 def dart_select(
@@ -41,8 +124,9 @@ def dart_select(
     n_image_pivots: int,
     n_text_pivots: int,
     per_pivot: list[int],
+    uniform_start: int | None = None,
 ) -> torch.Tensor:
-    """DART's selection for a batch.
+    """DART's selection for a batch (batched tensor ops, no host sync: CUDA-graph capturable).
 
     Parameters
     ----------
@@ -57,6 +141,8 @@ def dart_select(
     n_vis, n_image_pivots, n_text_pivots : int
     per_pivot : list[int]
         Tokens each pivot takes, by visiting rank (``floor(B/8)`` each in the official setting).
+    uniform_start : int, optional
+        The (host) image start shared by every sample, if any (slices instead of gathers).
 
     Returns
     -------
@@ -66,28 +152,32 @@ def dart_select(
     b, t, _ = keys.shape
     dev = keys.device
     norms = keys.float().abs().sum(-1)  # L1 norm, (B, T)
-    img_norm = visual_block(norms, vis_start, n_vis)
+    img_norm = norms.narrow(1, uniform_start, n_vis) if uniform_start is not None else visual_block(norms, vis_start, n_vis)
     img_piv = img_norm.topk(n_image_pivots, dim=1).indices  # (B, pi), relative
     pos = torch.arange(t, device=dev).view(1, t)
     is_text = (pos >= (vis_start + n_vis).view(-1, 1)) & valid
     text_piv = norms.masked_fill(~is_text, float("-inf")).topk(n_text_pivots, dim=1).indices  # absolute
-    pad = (~valid).sum(1)
-    # official set order on unpadded positions (a few ints per sample)
-    img_abs = (img_piv + vis_start.view(-1, 1) - pad.view(-1, 1)).tolist()
-    txt_abs = (text_piv - pad.view(-1, 1)).tolist()
-    order = torch.tensor([pivot_order(i, x) for i, x in zip(img_abs, txt_abs)], device=dev) + pad.view(-1, 1)
-    vis_h = visual_block(hidden, vis_start, n_vis)  # (B, N, D)
-    avail = torch.ones(b, n_vis, dtype=torch.bool, device=dev)
-    avail.scatter_(1, img_piv, False)
+    pad = (~valid).sum(1, keepdim=True)
+    # the official set order is over the unpadded sample's positions
+    unpadded = torch.cat([img_piv + (vis_start.view(-1, 1) - pad), text_piv - pad], dim=1)
+    order = set_order(unpadded, t) + pad  # (B, P) absolute positions, visiting order
+    vis_h = hidden.narrow(1, uniform_start, n_vis) if uniform_start is not None else visual_block(hidden, vis_start, n_vis)
+    piv_h = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, P, D)
+    # cosine similarity as F.cosine_similarity normalises (eps-clamped L2 norms), all pivots in one matmul
+    eps = 1e-8
+    vis_n = vis_h / torch.linalg.vector_norm(vis_h, dim=-1, keepdim=True).clamp_min(eps)
+    piv_n = piv_h / torch.linalg.vector_norm(piv_h, dim=-1, keepdim=True).clamp_min(eps)
+    neg_cos = -(piv_n @ vis_n.transpose(1, 2))  # (B, P, N)
+    taken = torch.zeros(b, n_vis, dtype=neg_cos.dtype, device=dev)  # 0 or -inf: already selected
+    taken.scatter_(1, img_piv, float("-inf"))
+    parts = [img_piv]
     for j, cnt in enumerate(per_pivot):
         if cnt <= 0:
             continue
-        piv = hidden.gather(1, order[:, j].view(b, 1, 1).expand(-1, 1, hidden.shape[-1]))  # (B, 1, D)
-        neg_cos = -F.cosine_similarity(piv, vis_h, dim=-1)
-        top = neg_cos.masked_fill(~avail, float("-inf")).topk(cnt, dim=1).indices
-        avail.scatter_(1, top, False)
-    keep_n = n_image_pivots + sum(max(c, 0) for c in per_pivot)
-    return torch.arange(n_vis, device=dev).expand(b, n_vis)[~avail].view(b, keep_n)
+        top = (neg_cos[:, j] + taken).topk(cnt, dim=1).indices
+        taken.scatter_(1, top, float("-inf"))
+        parts.append(top)
+    return torch.cat(parts, dim=1).sort(dim=1).values
 
 
 def pivot_counts(n_keep: int, n_pivots: int, n_image_pivots: int) -> list[int]:
@@ -151,5 +241,6 @@ class DART(InLLMMethod):
         hidden = view.final_norm(view.hidden)
         counts = pivot_counts(stage.n_keep, self.pivot_image_token + self.pivot_text_token, self.pivot_image_token)
         keep = dart_select(keys, hidden, view.valid, view.vis_start, view.n_vis,
-                           self.pivot_image_token, self.pivot_text_token, counts)
+                           self.pivot_image_token, self.pivot_text_token, counts,
+                           view.vis_start_min if getattr(view, "uniform_start", False) else None)
         return StageOut(keep)

@@ -114,8 +114,19 @@ class FastV(InLLMMethod):
             self._warn_infeasible((layer * n_vis + (n_layers - layer) * keep) / n_layers, target, n_layers)
         return [Stage(layer, keep, self.renumber_positions)]
 
+    def runtime_setup(self, plan: list[Stage], prepared, device) -> dict:
+        """``K = 0``: the seeded random kept sets, drawn once outside the forward (no host copy inside it)."""
+        if not plan or plan[0].layer != 0:
+            return {}
+        spans = prepared.extras["image_spans"]
+        seeds = prepared.extras.get("sample_seeds", torch.zeros(spans.shape[0], dtype=torch.long))
+        return {"random_keep": random_keep(seeds, int(spans[0, 1] - spans[0, 0]), plan[0].n_keep, device)}
+
     def prune(self, i: int, stage: Stage, view: StageView) -> StageOut:
         if stage.layer == 0:
-            return StageOut(random_keep(view.sample_seeds, view.n_vis, stage.n_keep, view.hidden.device))
+            keep = view.static.get("random_keep") if isinstance(getattr(view, "static", None), dict) else None
+            if keep is None:
+                keep = random_keep(view.sample_seeds, view.n_vis, stage.n_keep, view.hidden.device)
+            return StageOut(keep)
         attn, _ = view.attn_rows(stage.layer - 1, "last")
         return StageOut(topk_sorted(view_scores(view, attn[:, :, -1]), stage.n_keep))

@@ -95,7 +95,9 @@ def cluster_and_merge(x: torch.Tensor, n_clusters: int, noise: torch.Tensor | No
     """DPC-kNN clustering of ``x`` ``(B, M, C)`` into ``n_clusters`` means, as the official ``cluster_and_merge``.
 
     ``noise`` ``(B, M)`` in ``[0, 1)`` is the density jitter (scaled by ``1e-6``); ``None``: no jitter.
-    Clusters are ordered by their centre's score (``topk`` order).
+    Clusters are ordered by their centre's score (``topk`` order). Every step is a batched tensor op
+    with static shapes (no host sync): the official code's masked arithmetic ``dist * mask + max * (1 - mask)``
+    is written as the equal ``where``.
     """
     b, m, c = x.shape
     dist = torch.cdist(x.float(), x.float(), compute_mode="donot_use_mm_for_euclid_dist").to(x.dtype) / (c**0.5)
@@ -103,9 +105,9 @@ def cluster_and_merge(x: torch.Tensor, n_clusters: int, noise: torch.Tensor | No
     density = (-(nearest**2).mean(-1)).exp()
     if noise is not None:
         density = density + noise.to(density.dtype) * 1e-6
-    higher = (density[:, None, :] > density[:, :, None]).to(x.dtype)
+    higher = density[:, None, :] > density[:, :, None]
     dist_max = dist.flatten(1).max(-1).values.view(b, 1, 1)
-    parent_dist = (dist * higher + dist_max * (1 - higher)).min(-1).values
+    parent_dist = torch.where(higher, dist, dist_max).min(-1).values
     centres = (parent_dist * density).topk(n_clusters, dim=-1).indices  # (B, c)
     assign = dist.gather(1, centres.unsqueeze(-1).expand(-1, -1, m)).argmin(1)  # (B, M)
     assign.scatter_(1, centres, torch.arange(n_clusters, device=x.device).view(1, -1).expand(b, -1))
@@ -240,31 +242,32 @@ class SparseVLM(InLLMMethod):
     # -------------------------------------------------------------- selection
     def scores(self, view: StageView, layer: int) -> torch.Tensor:
         """``(B, n_vis)`` rater-averaged head-mean attention of ``layer`` to the current visual block."""
-        raters = view.state.get("sparsevlm_raters")
         attn, q_valid = view.attn_rows(layer, "after_image")  # (B, H, Q, T)
-        if raters is None:
+        raters = view.state.get("sparsevlm_raters")
+        if raters is None:  # once per prefill: rater weights and their count
             e = view.input_embeds()
             n0 = e.shape[1] - (view.hidden.shape[1] - view.n_vis)  # original visual count (stage 0: n_vis)
-            raters = text_raters(e, view.vis_start, n0, attn.shape[2], view.vis_start_min if view.uniform_start else None)
-            view.state["sparsevlm_raters"] = raters
-        w = raters.to(torch.float32)
+            r = text_raters(e, view.vis_start, n0, attn.shape[2], view.vis_start_min if view.uniform_start else None)
+            w = r.to(torch.float32)
+            raters = view.state["sparsevlm_raters"] = (w, w.sum(1, keepdim=True).clamp(min=1))
+        w, count = raters
         if self.version == "2.0":
-            return self._scores_v2(view, layer, attn, w)
+            return self._scores_v2(view, layer, attn, w, count)
         a = view.visual(attn.mean(1), dim=-1).float()  # (B, Q, n)
-        return (a * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+        return (a * w.unsqueeze(-1)).sum(1) / count
 
-    def _scores_v2(self, view, layer, attn, w):
+    def _scores_v2(self, view, layer, attn, w, count):
         b, h, q, t = attn.shape
-        _, _, (cos, sin), _ = view._qk(layer)
+        cos, sin = view.rope(layer)
         cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
-        allowed = view._s.static[("allowed", "after_image")]
+        allowed = view.rows_allowed("after_image")
         scaling = getattr(view._attn_module(layer), "scaling", cos.shape[-1] ** -0.5)
         bias = rope_only_bias(cos.float(), sin.float(), t - q, allowed, scaling)
         a = view.visual(attn.float() / bias.clamp(min=1e-12), dim=-1)  # (B, H, Q, n)
         per_head = (a * w.view(b, 1, q, 1)).sum((2, 3))  # (B, H) text->visual attention
         heads = per_head.topk(min(self.n_heads, h), dim=1).indices
         a = a.gather(1, heads.view(b, -1, 1, 1).expand(-1, -1, q, a.shape[-1])).mean(1)
-        return (a * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+        return (a * w.unsqueeze(-1)).sum(1) / count
 
     def prune(self, i: int, stage: Stage, view: StageView) -> StageOut:
         s = self.scores(view, stage.layer - 1)

@@ -29,11 +29,8 @@ import torch
 from methods.inllm import InLLMMethod, Stage, StageOut, StageView, per_layer_counts, scale_layer, solve_monotone
 
 
-def transition_weight(x_in: torch.Tensor, x_out: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """``(B, T)``: ``(‖out‖/‖in‖) · exp(1 - cos) / Σ_seq exp(1 - cos)`` (sum over each sample's valid tokens)."""
-    n_in = torch.linalg.vector_norm(x_in, dim=-1, dtype=torch.float32)
-    n_out = torch.linalg.vector_norm(x_out, dim=-1, dtype=torch.float32)
-    dot = (x_in * x_out).sum(-1, dtype=torch.float32)  # fp32 accumulation: no fp16 overflow
+def _transition_from_stats(n_in: torch.Tensor, n_out: torch.Tensor, dot: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """``(..., T)`` TTV from per-token ``‖in‖``, ``‖out‖`` and ``in·out`` (fp32); softmax over ``valid`` tokens."""
     eps = 1e-8
     cos = dot / (n_in.clamp(min=eps) * n_out.clamp(min=eps))
     e = torch.exp(1 - cos)
@@ -42,23 +39,43 @@ def transition_weight(x_in: torch.Tensor, x_out: torch.Tensor, valid: torch.Tens
     return (n_out / n_in) * (e / e.sum(-1, keepdim=True))
 
 
+def _token_stats(x_in: torch.Tensor, x_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token ``‖in‖``, ``‖out‖``, ``in·out``, accumulated in fp32 (no fp16 overflow of the sums)."""
+    return (torch.linalg.vector_norm(x_in, dim=-1, dtype=torch.float32),
+            torch.linalg.vector_norm(x_out, dim=-1, dtype=torch.float32),
+            (x_in * x_out).sum(-1, dtype=torch.float32))
+
+
+def transition_weight(x_in: torch.Tensor, x_out: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """``(B, T)``: ``(‖out‖/‖in‖) · exp(1 - cos) / Σ_seq exp(1 - cos)`` (sum over each sample's valid tokens)."""
+    return _transition_from_stats(*_token_stats(x_in, x_out), valid)
+
+
 def _ttv_hook(kind: str, layer: int, runner, module, args, kwargs, output):
-    """Forward hook on ``self_attn`` (``kind="attn"``) or ``mlp``: accumulate TTV on the visual block."""
+    """Forward hook on ``self_attn`` (``kind="attn"``) or ``mlp``: record the per-token statistics.
+
+    Only the three reductions run here (4 kernels); the transition weights of every sublayer since
+    the last stage are finished together, vectorised, by :func:`_flush_ttv` at the next stage.
+    """
     if not runner.prefill:
         return None
     x_in = kwargs["hidden_states"] if kind == "attn" and "hidden_states" in kwargs else args[0]
     x_out = output[0] if isinstance(output, tuple) else output
-    cur = runner.seqs[-1]
-    w = transition_weight(x_in, x_out, cur.valid)
-    if runner.uniform_start:
-        w = w.narrow(1, runner.vis_start_min, cur.n_vis)
-    else:
-        from methods.inllm import visual_block
-
-        w = visual_block(w, cur.vis_start, cur.n_vis)
-    acc = runner.state.get("tp_ttv")
-    runner.state["tp_ttv"] = w.float() if acc is None else acc + w.float()
+    runner.state.setdefault("tp_pending", []).append(_token_stats(x_in, x_out))
     return None
+
+
+def _flush_ttv(view) -> torch.Tensor | None:
+    """Accumulated TTV ``(B, n_vis)`` on the current visual block (pending sublayers added), or None."""
+    pending = view.state.pop("tp_pending", None)
+    acc = view.state.get("tp_ttv")
+    if pending:
+        n_in, n_out, dot = (torch.stack(x) for x in zip(*pending))  # (L, B, T)
+        valid = None if getattr(view, "no_padding", False) else view.valid
+        w = view.visual(_transition_from_stats(n_in, n_out, dot, valid).sum(0), dim=1)
+        acc = w if acc is None else acc + w
+        view.state["tp_ttv"] = acc
+    return acc
 
 
 @dataclass
@@ -145,10 +162,13 @@ class TransPrune(InLLMMethod):
     def prune(self, i: int, stage: Stage, view: StageView) -> StageOut:
         attn, q_valid = view.attn_rows(stage.layer, "after_image")  # (B, H, Q, T), layer ℓ on its input
         a = view.visual(attn.mean(1), dim=-1).float()  # (B, Q, n)
-        w = q_valid.to(a.dtype)
-        iga = (a * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)
+        if getattr(view, "uniform_start", False):  # every row lies after every sample's image
+            iga = a.mean(1)
+        else:
+            w = q_valid.to(a.dtype)
+            iga = (a * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)
         iga = iga / (iga.sum(1, keepdim=True) + 1e-8)
-        ttv = view.state.get("tp_ttv")
+        ttv = _flush_ttv(view)
         score = iga
         if ttv is not None:
             score = score + ttv / (ttv.sum(1, keepdim=True) + 1e-8)

@@ -1,32 +1,44 @@
-"""Scoring + bookkeeping overhead of the in-LLM methods vs their pruned prefill time.
+"""Scoring + bookkeeping overhead of the in-LLM methods vs their pruned prefill time, eager and CUDA graph.
 
 LLaVA-1.5-7B shapes with random weights (``bench/assets/configs/llava-1.5-7b-hf.json``), built directly
-on the GPU in fp16 with SDPA (``shared/docs/gpu.md``); prompt = 35 prefix + 576 image + 25 text tokens;
-each method prunes 576 -> 64 visual tokens at its first pruning layer (``budget: after_prune``;
+on the GPU in fp16 with SDPA (``shared/docs/gpu.md``); prompt = 35 prefix + 576 image + 25 text tokens,
+no padding; each method prunes 576 -> 64 visual tokens at its first pruning layer (``budget: after_prune``;
 multi-stage methods continue their own schedule), at batch 1 and 16.
 
-* ``prefill_ms``: median CUDA-event time of ``adapter.prefill(prepared, method)`` (the hooked, pruned
-  prefill with the KV cache), after warm-up;
-* ``overhead_ms``: median, over the same repeats, of the summed CUDA-event time spent inside the
-  pruning hooks (the language-model pre-hook, every hooked decoder-layer pre-hook: scoring, selection,
-  gathers, new masks and rotary embeddings, and method-installed hooks such as TransPrune's
-  sublayer TTV hooks; captured q/k are the layer's own outputs and cost nothing);
-* ``overhead_pct = 100 * overhead_ms / prefill_ms``; ``unpruned_prefill_ms`` is the same prefill without
-  pruning, for reference.
+Definitions (one row per method x batch x mode):
 
-CPU smoke mode: ``--tiny --device cpu`` (8-layer tiny LLaVA, wall-clock timers).
-Writes ``results/inllm_overhead.csv``. No hydra / lmms-eval imports (runs on the GPU machine).
+* ``prefill_ms``: median time of the hooked, pruned LLM prefill: the method scores and selects at
+  its layers (``mode=eager``: ``adapter.prefill(prepared, method)``, KV cache written, as generation
+  runs it; ``mode=graph``: the same forward captured once in a CUDA graph and replayed, no KV cache,
+  :class:`bench.measure.latency.GraphPrefill`);
+* ``prefill_fixed_ms``: the same prefill, same hooks, gathers, masks and positions, but the method is
+  replaced by :class:`FixedSelection`, which returns the kept indices (and SparseVLM's merged tokens)
+  that the method chose, as constants: no scoring, no selection, no capture or TTV hooks;
+* ``overhead_ms``: median over repeats of the paired difference ``prefill - prefill_fixed`` (the two
+  are timed alternately): what scoring and selecting cost on top of pruning to a known set;
+  ``overhead_pct = 100 * overhead_ms / prefill_ms`` (target: <= 3);
+* ``fixed_equals_method``: the fixed-selection prefill gives bit-identical logits (eager, KV cache);
+* ``unpruned_prefill_ms``: the same prefill without any method (same mode);
+* ``decode_step_ms`` / ``decode_step_unpruned_ms`` (eager rows only): median time of one greedy
+  decoding step with the KV cache after the pruned / unpruned prefill (hooks installed for the
+  pruned one), over ``--repeats`` consecutive steps after ``--warmup`` steps.
+
+Timers: CUDA events on GPU; ``perf_counter`` on CPU (graph mode is then null, with a note).
+CPU smoke test: ``--smoke`` (8-layer tiny LLaVA on CPU, 2 repeats, batches 1 and 2).
+Writes ``--out`` (default ``results/inllm_overhead.csv``). No hydra / lmms-eval imports (runs on the GPU machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import platform
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 METHODS = ["fastv", "pdrop", "sparsevlm", "dart", "transprune"]
+NO_METHOD = types.SimpleNamespace(stage="none", name="none")  # adapter.llm_pruning -> no hooks
 
 
 def build(args):
@@ -80,115 +93,129 @@ def make_method(name: str, ratio: float, n_layers: int):
     mod = {"fastv": ("methods.fastv", "FastV"), "pdrop": ("methods.pdrop", "PyramidDrop"),
            "sparsevlm": ("methods.sparsevlm", "SparseVLM"), "dart": ("methods.dart", "DART"),
            "transprune": ("methods.transprune", "TransPrune")}[name]
-    try:
-        cls = getattr(importlib.import_module(mod[0]), mod[1])
-    except (ImportError, AttributeError):
-        return None
+    cls = getattr(importlib.import_module(mod[0]), mod[1])
     return cls(prune_ratio=ratio, budget="after_prune")
 
 
+class FixedSelection:
+    """An in-LLM "method" that prunes to a recorded selection: the reference for the overhead.
+
+    Same plan (layers, counts, position policy) as ``method``; :meth:`prune` returns the kept indices
+    (and merged tokens) that ``method`` chose on this batch, already on the device.
+    """
+
+    stage = "in_llm"
+    capture_offsets: tuple = ()
+
+    def __init__(self, method, records: list[dict], device):
+        from methods.inllm import StageOut
+
+        self._method = method
+        self.name = f"{method.name}_fixed"
+        self._out = StageOut
+        self._records = records
+        self._device = device
+        self._by_plan: dict[int, tuple] = {}
+
+    def plan(self, n_vis: int, n_layers: int):
+        plan = self._method.plan(n_vis, n_layers)
+        executed = sorted(range(len(plan)), key=lambda i: (plan[i].layer, i))  # the runner's order
+        for j, i in enumerate(executed):
+            rec = self._records[j]
+            merged = rec.get("merged")
+            self._by_plan[i] = (rec["kept_rel"].to(self._device),
+                                None if merged is None else merged.to(self._device))
+        return plan
+
+    def prune(self, i, stage, view):
+        keep, extra = self._by_plan[i]
+        return self._out(keep, extra)
+
+
 class Timer:
-    """CUDA events on GPU (allocated up front, so timing a hook costs one ``record``), perf_counter on CPU."""
+    """CUDA events on GPU, perf_counter on CPU."""
 
-    def __init__(self, device, pool: int = 512):
+    def __init__(self, device):
         self.cuda = device.type == "cuda"
-        self.pool = [torch.cuda.Event(enable_timing=True) for _ in range(pool)] if self.cuda else []
-        self.used = 0
 
-    def reset(self):
-        self.used = 0
-
-    def mark(self):
-        if self.cuda:
-            if self.used < len(self.pool):
-                e = self.pool[self.used]
-            else:
-                e = torch.cuda.Event(enable_timing=True)
-                self.pool.append(e)
-            self.used += 1
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def elapsed(self, a, b) -> float:
-        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
-
-    def sync(self):
+    def time(self, fn) -> float:
         if self.cuda:
             torch.cuda.synchronize()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            return s.elapsed_time(e)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
 
 
-def instrument(timer, spans):
-    """Wrap the runner's hooks so each call's time is appended to ``spans``; returns an undo function."""
-    from bench.models import llm_pruning as lp
-
-    orig_lm, orig_layer, orig_sub = lp._Runner.lm_pre, lp._Runner.layer_pre, lp._Runner.sub_hook
-
-    def lm_pre(self, *a, **k):
-        s = timer.mark()
-        out = orig_lm(self, *a, **k)
-        spans.append((s, timer.mark()))
-        return out
-
-    def layer_pre(self, *a, **k):
-        s = timer.mark()
-        out = orig_layer(self, *a, **k)
-        spans.append((s, timer.mark()))
-        return out
-
-    def sub_hook(self, *a, **k):  # method-installed hooks (TransPrune's TTV)
-        s = timer.mark()
-        out = orig_sub(self, *a, **k)
-        spans.append((s, timer.mark()))
-        return out
-
-    lp._Runner.lm_pre, lp._Runner.layer_pre, lp._Runner.sub_hook = lm_pre, layer_pre, sub_hook
-
-    def undo():
-        lp._Runner.lm_pre, lp._Runner.layer_pre, lp._Runner.sub_hook = orig_lm, orig_layer, orig_sub
-
-    return undo
+def paired(timer, fa, fb, warmup: int, repeats: int) -> tuple[float, float, float]:
+    """Medians of ``fa``, ``fb`` and of their paired difference, timed alternately."""
+    for _ in range(warmup):
+        fa()
+        fb()
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(timer.time(fa))
+        tb.append(timer.time(fb))
+    return statistics.median(ta), statistics.median(tb), statistics.median([a - b for a, b in zip(ta, tb)])
 
 
-def measure(ad, prepared, method, timer, warmup: int, repeats: int):
-    spans: list = []
-    undo = instrument(timer, spans) if method is not None else (lambda: None)
-    totals, overheads = [], []
-    try:
-        with torch.no_grad():
-            for r in range(warmup + repeats):
-                spans.clear()
-                timer.sync()
-                timer.reset()
-                s = timer.mark()
-                out = ad.prefill(prepared, method)
-                e = timer.mark()
-                timer.sync()
-                del out
-                if r >= warmup:
-                    totals.append(timer.elapsed(s, e))
-                    overheads.append(sum(timer.elapsed(a, b) for a, b in spans))
-    finally:
-        undo()
-    return statistics.median(totals), statistics.median(overheads)
+def decode_steps(ad, prepared, method, timer, warmup: int, repeats: int) -> float:
+    """Median time of one greedy decoding step with the KV cache after the (pruned) prefill."""
+    ctx = ad.llm_pruning(method, prepared) if method is not None else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        first = ad.prefill(prepared)
+        cache = first.past_key_values
+        tok = first.logits[:, -1:].argmax(-1)
+        mask = prepared.attention_mask
+        pos = mask.long().sum(-1, keepdim=True) - 1
+        times = []
+        for step in range(warmup + repeats):
+            mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
+            pos = pos + 1
+            t = timer.time(lambda: ad.model(input_ids=tok, attention_mask=mask, position_ids=pos,
+                                            past_key_values=cache, use_cache=True))
+            if step >= warmup:
+                times.append(t)
+    return statistics.median(times)
+
+
+def graph_fn(ad, prepared, method):
+    from bench.measure.latency import GraphPrefill
+
+    g = GraphPrefill(ad, prepared, method)
+    return g, g.replay
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tiny", action="store_true", help="8-layer tiny LLaVA (CPU smoke test)")
+    ap.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny model, 2 repeats, batches 1,2")
+    ap.add_argument("--tiny", action="store_true", help="8-layer tiny LLaVA")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--modes", default="eager,graph")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default=str(ROOT / "results" / "inllm_overhead.csv"))
     args = ap.parse_args(argv)
-    if args.tiny and args.device == "cpu":
+    if args.smoke:
+        args.tiny, args.device, args.warmup, args.repeats = True, "cpu", 1, 2
+        if args.batches == "1,16":
+            args.batches = "1,2"
+    if args.device == "cpu":
         torch.set_num_threads(2)
+    t_start = time.time()
     ad = build(args)
-    timer = Timer(torch.device(args.device))
+    device = torch.device(args.device)
+    timer = Timer(device)
     n_layers = ad.model.config.text_config.num_hidden_layers
     ratio = 1 - 64 / 576
+    modes = [m for m in args.modes.split(",") if m]
     import transformers
 
     gpu = torch.cuda.get_device_name() if timer.cuda else platform.processor() or "cpu"
@@ -196,32 +223,68 @@ def main(argv=None) -> int:
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
         prepared = prepared_batch(ad, b)
-        base, _ = measure(ad, prepared, None, timer, args.warmup, args.repeats)
+        base = {}
+        with torch.no_grad():
+            for mode in modes:
+                if mode == "eager":
+                    fn = lambda: ad.prefill(prepared)  # noqa: E731
+                    base[mode] = paired(timer, fn, fn, args.warmup, args.repeats)[0]
+                elif timer.cuda:
+                    g, fn = graph_fn(ad, prepared, NO_METHOD)
+                    base[mode] = paired(timer, fn, fn, args.warmup, args.repeats)[0]
+                    del g
+        dec_base = decode_steps(ad, prepared, None, timer, args.warmup, args.repeats) if "eager" in modes else None
         for name in args.methods.split(","):
             m = make_method(name, ratio, n_layers)
-            if m is None:
-                print(f"skip {name}: not implemented", file=sys.stderr)
-                continue
             if not args.tiny:
                 m.ref_layers = n_layers
-            total, over = measure(ad, prepared, m, timer, args.warmup, args.repeats)
+            with torch.no_grad():
+                ref = ad.prefill(prepared, m).logits  # records the method's selection on this batch
+                fixed = FixedSelection(m, prepared.extras["llm_stages"], device)
+                same = bool(torch.equal(ad.prefill(prepared, fixed).logits, ref))  # the reference prunes identically
+                del ref
             counts = prepared.extras["visual_tokens_per_layer"][0].tolist()
-            row = {"method": name, "batch": b, "prefill_ms": round(total, 3), "overhead_ms": round(over, 3),
-                   "overhead_pct": round(100 * over / total, 2), "unpruned_prefill_ms": round(base, 3),
-                   "visual_tokens_layer_mean": round(sum(counts) / len(counts), 1),
-                   "gpu": gpu, "dtype": str(ad.model.dtype).replace("torch.", ""), "attn": "sdpa",
-                   "repeats": args.repeats, "versions": versions}
-            rows.append(row)
-            print(",".join(str(v) for v in row.values()), flush=True)
-        if timer.cuda:
-            torch.cuda.empty_cache()
+            dec = decode_steps(ad, prepared, m, timer, args.warmup, args.repeats) if "eager" in modes else None
+            for mode in modes:
+                note = ""
+                total = fixed_ms = over = None
+                with torch.no_grad():
+                    if mode == "eager":
+                        total, fixed_ms, over = paired(timer, lambda: ad.prefill(prepared, m), lambda: ad.prefill(prepared, fixed),
+                                                       args.warmup, args.repeats)
+                    elif not timer.cuda:
+                        note = "graph mode needs CUDA"
+                    else:
+                        try:
+                            g1, f1 = graph_fn(ad, prepared, m)
+                            g2, f2 = graph_fn(ad, prepared, fixed)
+                            total, fixed_ms, over = paired(timer, f1, f2, args.warmup, args.repeats)
+                            del g1, g2
+                        except Exception as e:  # noqa: BLE001 - a capture failure is a result to record
+                            note = f"capture failed: {type(e).__name__}: {str(e)[:120]}"
+                row = {"method": name, "batch": b, "mode": mode,
+                       "prefill_ms": None if total is None else round(total, 3),
+                       "prefill_fixed_ms": None if fixed_ms is None else round(fixed_ms, 3),
+                       "overhead_ms": None if over is None else round(over, 3),
+                       "overhead_pct": None if over is None else round(100 * over / total, 2),
+                       "unpruned_prefill_ms": None if base.get(mode) is None else round(base[mode], 3),
+                       "decode_step_ms": round(dec, 3) if mode == "eager" and dec is not None else None,
+                       "decode_step_unpruned_ms": round(dec_base, 3) if mode == "eager" and dec_base is not None else None,
+                       "visual_tokens_layer_mean": round(sum(counts) / len(counts), 1),
+                       "gpu": gpu, "dtype": str(ad.model.dtype).replace("torch.", ""), "attn": "sdpa",
+                       "timer": "cuda_events" if timer.cuda else "wall_clock", "repeats": args.repeats,
+                       "fixed_equals_method": same, "versions": versions, "note": note}
+                rows.append(row)
+                print(",".join("" if v is None else str(v) for v in row.values()), flush=True)
+            if timer.cuda:
+                torch.cuda.empty_cache()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         w.writeheader()
         w.writerows(rows)
-    print(f"wrote {out}")
+    print(f"wrote {out} in {time.time() - t_start:.0f} s")
     return 0
 
 

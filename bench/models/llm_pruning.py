@@ -4,25 +4,36 @@
 touching transformers' modeling code. It installs
 
 * a forward pre-hook (with kwargs) on the language model (``LlamaModel``) that reads each call's 2-D
-  attention mask, position ids and KV-cache length, to tell prefill from decoding;
-* a forward pre-hook (with kwargs) on every decoder layer. At a pruning layer during prefill it asks
-  the method for the kept indices and gathers the hidden states; from the first pruning layer on it
-  replaces the layer's ``attention_mask`` (a 4-D mask over the pruned sequence), ``position_ids`` and
+  attention mask and KV-cache length, to tell prefill from decoding;
+* a forward pre-hook (with kwargs) on every decoder layer from the first pruning layer on. At a
+  pruning layer during prefill it asks the method for the kept indices and gathers the hidden states;
+  from the first pruning layer on it replaces the layer's ``attention_mask``, ``position_ids`` and
   ``position_embeddings`` (original ids, or renumbered, as the method's stage says);
 * forward hooks on ``q_proj``/``k_proj`` of the layers whose attention a method scores on their own
   input (FastV's layer K-1, DART's keys, SparseVLM's scoring layers), so attention rows are recomputed
   from tensors the layer already produced: ``softmax(q_rows . K^T / sqrt(d) + causal/padding mask)``
-  under SDPA, never by switching the model to eager attention;
+  under SDPA, never by switching the model to eager attention. With a KV cache the post-RoPE keys are
+  read back from the cache (the layer wrote exactly those), so only the few query rows are rotated;
 * whatever extra hooks a method installs (TransPrune's sublayer input/output hooks), routed through
-  :meth:`_Runner.sub_hook` so they are timed with the rest.
+  :meth:`_Runner.sub_hook`.
 
-Cost model (batch-1 prefill is CPU-launch-bound): decoder layers before the first pruning layer get no
-hook at all; the hooks never synchronise with the device (no ``.item()``, ``.tolist()``, ``nonzero``
-or boolean indexing); index tensors that depend only on the layout (sources of the non-visual tokens,
-masks, renumbered positions and their rotary tables, query rows, causal masks of the scored rows) are
-built once per stage and sequence length and reused by every later call inside the context (decoding
-steps, re-pruning); with original position ids, the rotary tables of the pruned sequence are gathered
-from the previous ones instead of recomputed.
+Cost model. Batch-1 prefill and every decoding step are CPU-launch-bound on an H100, so the hooks
+count kernels, not FLOPs:
+
+* nothing ever synchronises with the device (no ``.item()``, ``.tolist()``, ``nonzero``, boolean
+  indexing), so a pruned prefill can be captured in a CUDA graph (:class:`bench.measure.latency.GraphPrefill`);
+* the attention mask of the pruned layers follows the model's own choice for the call: where
+  transformers passes ``None`` (no padding; SDPA then runs its causal flash kernel), pruned layers get
+  ``None`` too; only padded batches (or a graph capture, where transformers always builds the mask)
+  get a 4-D mask over the pruned sequence. A mask where the model has none would put pruned layers
+  on a slower SDPA kernel than the unpruned model;
+* index tensors that depend only on the layout (sources of the non-visual tokens, masks, renumbered
+  positions and their rotary tables, attention biases of the scored rows) are built once per stage
+  and sequence length and reused by every later prefill inside the context;
+* decoder layers before the first pruning layer get no hook; after a prefill, the cache of every
+  pruned layer holds only kept tokens, and a decoding step costs, per stage and per call (not per
+  layer): nothing when the stage keeps original position ids and the batch has no padding; one
+  table lookup for shifted (renumbered) positions; one concatenation for a padding mask.
 
 Because pruned layers receive only the kept tokens, their KV cache holds only the kept tokens; each
 decoding step then gets, per pruned stage, a mask over that stage's cache (kept prefix + generated
@@ -68,8 +79,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attention_rows(
-    q: torch.Tensor, k: torch.Tensor, q_index: torch.Tensor, key_valid: torch.Tensor, scaling: float,
-    allowed: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, q_index: torch.Tensor | None, key_valid: torch.Tensor | None, scaling: float,
+    allowed: torch.Tensor | None = None, bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention probabilities for a few query rows.
 
@@ -79,14 +90,18 @@ def attention_rows(
         ``(B, H, Q, d)`` post-RoPE queries of the rows.
     k : torch.Tensor
         ``(B, H_kv, T, d)`` post-RoPE keys of the whole sequence (``H % H_kv == 0``).
-    q_index : torch.LongTensor
+    q_index : torch.LongTensor or None
         ``(Q,)`` sequence positions of the query rows (causality: key ``j`` is visible iff ``j <= q_index``).
-    key_valid : torch.BoolTensor
+    key_valid : torch.BoolTensor or None
         ``(B, T)``; padding keys are masked.
     scaling : float
         ``1/sqrt(d)``.
     allowed : torch.BoolTensor, optional
         ``(B or 1, 1, Q, T)`` precomputed ``causal & key_valid`` (then ``q_index``/``key_valid`` are unused).
+    bias : torch.Tensor, optional
+        ``(B or 1, 1, Q, T)`` precomputed additive mask (0 where visible, the dtype's minimum elsewhere),
+        in the logits' dtype; takes precedence over ``allowed``. With neither ``bias``, ``allowed``
+        nor ``q_index``, every key is visible (the last row of an unpadded sequence).
 
     Returns
     -------
@@ -96,18 +111,30 @@ def attention_rows(
     h, hkv = q.shape[1], k.shape[1]
     if h != hkv:
         k = k.repeat_interleave(h // hkv, dim=1)
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scaling
-    if allowed is None:
+    logits = torch.matmul(q, k.transpose(-1, -2))
+    if bias is None and allowed is None and q_index is not None:
         allowed = _rows_allowed(q_index, key_valid)
-    logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+    if bias is not None:
+        # one kernel for scale + mask; visible entries round exactly as eager's ``logits * scaling``
+        logits = torch.add(bias, logits, alpha=scaling)
+    else:
+        logits = logits * scaling
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
     return torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
 
 
-def _rows_allowed(q_index: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-    """``(B, 1, Q, T)``: key ``j`` visible from row ``q_index[r]`` (causal) and not padding."""
-    t = key_valid.shape[1]
-    allowed = (torch.arange(t, device=key_valid.device).view(1, t) <= q_index.view(-1, 1)).view(1, 1, -1, t)
+def _rows_allowed(q_index: torch.Tensor, key_valid: torch.Tensor | None, t: int | None = None) -> torch.Tensor:
+    """``(B or 1, 1, Q, T)``: key ``j`` visible from row ``q_index[r]`` (causal) and not padding (``key_valid=None``: ``T = t``)."""
+    t = key_valid.shape[1] if key_valid is not None else t
+    allowed = (torch.arange(t, device=q_index.device).view(1, t) <= q_index.view(-1, 1)).view(1, 1, -1, t)
+    if key_valid is None:
+        return allowed
     return allowed & key_valid.view(key_valid.shape[0], 1, 1, t)
+
+
+def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def _mask4d(valid: torch.Tensor, q_len: int, impl: str, dtype: torch.dtype) -> torch.Tensor:
@@ -116,13 +143,15 @@ def _mask4d(valid: torch.Tensor, q_len: int, impl: str, dtype: torch.dtype) -> t
     Fully masked rows (queries on left padding) attend to themselves so no row is all -inf.
     """
     b, t = valid.shape
-    qi = torch.arange(t - q_len, t, device=valid.device).view(q_len, 1)
-    kj = torch.arange(t, device=valid.device).view(1, t)
-    allowed = ((kj <= qi).view(1, q_len, t) & valid.view(b, 1, t)) | (kj == qi).view(1, q_len, t)
-    allowed = allowed.unsqueeze(1)
+    if q_len == 1:  # a decoding step: every cached key precedes the query; only padding is masked
+        allowed = valid.view(b, 1, 1, t)
+    else:
+        qi = torch.arange(t - q_len, t, device=valid.device).view(q_len, 1)
+        kj = torch.arange(t, device=valid.device).view(1, t)
+        allowed = (((kj <= qi).view(1, q_len, t) & valid.view(b, 1, t)) | (kj == qi).view(1, q_len, t)).unsqueeze(1)
     if impl == "sdpa":
         return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return _bias(allowed, dtype)
 
 
 # ----------------------------------------------------------------------------------- runtime state
@@ -134,16 +163,17 @@ class _Seq:
     pos: torch.Tensor  # (B, T) position ids used by the layers
     vis_start: torch.Tensor  # (B,)
     n_vis: int
-    orig_map: torch.Tensor  # (B, n_vis) index into the original N visual tokens, -1 merged
     shift: int = 0  # decode positions = original ids - shift
     layer: int = 0
-    static: dict = field(default_factory=dict)  # layout-only tensors of this sequence (query rows, ...)
-    # per-call decode state
-    dec_valid: torch.Tensor | None = None
-    call_id: int = -1
+    static: dict = field(default_factory=dict)  # layout-only tensors of this sequence (query rows, biases)
+    pos_static: bool = True  # ``pos`` depends on the layout only (not on which tokens were kept)
     mask: Any = None
     pe: Any = None
-    pos_call: torch.Tensor | None = None
+    # per-call decode state (built once per call, shared by every layer of the stage)
+    call_id: int = -1
+    dec_mask: Any = None
+    dec_pe: Any = None
+    dec_pos: torch.Tensor | None = None
 
 
 def _expand_b(x: torch.Tensor, b: int) -> torch.Tensor:
@@ -158,22 +188,28 @@ class _Runner:
     plan: list
     impl: str
     n0: int
-    captures: dict = field(default_factory=dict)  # layer -> {"q": , "k": , "pe": }
+    captures: dict = field(default_factory=dict)  # layer -> {"q": , "k": , "pe": , "cache_ok": }
     capture_layers: frozenset = frozenset()
     seqs: list = field(default_factory=list)  # _Seq per executed stage
     stage_of_layer: list = field(default_factory=list)
     stages_at: dict = field(default_factory=dict)  # layer -> [stage index, ...]
     prefill: bool = True
     call_id: int = 0
-    call_valid: torch.Tensor | None = None
-    call_pos: torch.Tensor | None = None
+    mask2d: torch.Tensor | None = None  # the call's 2-D attention mask (None: no padding)
+    cache: Any = None
     q_len: int = 0
+    t0: int = 0  # length of the last prefill (original layout)
+    mask_none: bool = False  # transformers passed no 4-D mask this call (no padding)
     spans_dev: torch.Tensor | None = None  # image spans on the model device (copied once, outside the forward)
     vis_start_min: int = 0  # host copies: no device->host sync when choosing rows and slices
     uniform_start: bool = False  # every sample's image starts at the same position (slices instead of gathers)
     static: dict = field(default_factory=dict)  # (stage, T) -> layout-only index tensors, kept for the whole context
     method_static: dict = field(default_factory=dict)  # from method.runtime_setup (seeded noise, ...)
     state: dict = field(default_factory=dict)  # per-prefill method state (raters, accumulated scores)
+    keeps: list = field(default_factory=list)  # (keep, extra) per executed stage of the last prefill
+    rope_table: tuple | None = None  # (cos, sin) ``(P, d)`` by position: shifted decode positions
+    call_pos: torch.Tensor | None = None  # position ids given to the LLM this call
+    capturing: bool = False  # this prefill is being captured in a CUDA graph (its tensors hold no values)
 
     @property
     def lm(self):
@@ -192,28 +228,30 @@ class _Runner:
         cache = kwargs.get("past_key_values")
         past = int(cache.get_seq_length()) if cache is not None else 0
         mask2d = kwargs.get("attention_mask")
-        if mask2d is None or mask2d.dim() != 2:
-            if mask2d is not None:
-                raise IncompatibleMethodError("in-LLM pruning needs a 2-D attention mask (or none) at the LLM input")
-            mask2d = torch.ones(b, past + q, dtype=torch.bool, device=device)
-        pos = kwargs.get("position_ids")
-        if pos is None:
-            pos = (torch.arange(past, past + q, device=device)).view(1, q).expand(b, q)
+        if mask2d is not None and mask2d.dim() != 2:
+            raise IncompatibleMethodError("in-LLM pruning needs a 2-D attention mask (or none) at the LLM input")
         self.call_id += 1
         self.prefill = past == 0
-        self.call_valid = mask2d if mask2d.dtype == torch.bool else mask2d.bool()
-        self.call_pos = pos.expand(b, q) if pos.dim() == 2 else pos
+        self.mask2d = mask2d
+        self.call_pos = kwargs.get("position_ids")
+        self.cache = cache
         self.q_len = q
         if self.prefill:
-            n = self.n0
+            self.t0 = q
+            self.capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
             key = ("seq0", b, q)
-            orig = self.static.get(key)
-            if orig is None:
-                orig = self.static[key] = torch.arange(n, device=device).expand(b, n)
-            self.seqs = [_Seq(valid=self.call_valid[:, -q:], pos=self.call_pos, vis_start=self.spans_dev[:, 0],
-                              n_vis=n, orig_map=orig, layer=0, static=self.static.setdefault(("seqstatic", 0, q), {}))]
+            seq0 = self.static.get(key)
+            if seq0 is None:
+                valid = mask2d[:, -q:].bool() if mask2d is not None else torch.ones(b, q, dtype=torch.bool, device=device)
+                pos = kwargs.get("position_ids")
+                if pos is None:
+                    pos = torch.arange(q, device=device).view(1, q)
+                seq0 = self.static[key] = (valid, _expand_b(pos, b) if pos.dim() == 2 else pos)
+            self.seqs = [_Seq(valid=seq0[0], pos=seq0[1], vis_start=self.spans_dev[:, 0], n_vis=self.n0, layer=0,
+                              static=self.static.setdefault(("seqstatic", 0, q), {}))]
             self.captures = {}
-            self.state = {"record_extra": {}}
+            self.keeps = []
+            self.state = {}
         return None
 
     def layer_pre(self, layer: int, module, args, kwargs):
@@ -223,9 +261,10 @@ class _Runner:
                 from_args = len(args) > 0
                 h = args[0] if from_args else kwargs["hidden_states"]
                 cur = self.seqs[-1]
-                if cur.pe is None:  # the original sequence: the model's own rotary tables and mask
+                if len(self.seqs) == 1:  # the original sequence: the model's own rotary tables and mask
                     cur.pe = kwargs.get("position_embeddings")
                     cur.mask = kwargs.get("attention_mask")
+                    self.mask_none = cur.mask is None
                 cap = self.captures.get(layer - 1)
                 if cap is not None and "pe" not in cap:
                     cap["pe"] = cur.pe
@@ -241,37 +280,67 @@ class _Runner:
                 kwargs["position_embeddings"] = cur.pe
                 kwargs["position_ids"] = cur.pos
             return args, kwargs
-        cur = self._decode_seq(layer, args[0] if args else kwargs["hidden_states"])
-        if cur is not None:
-            kwargs["attention_mask"] = cur.mask
-            kwargs["position_embeddings"] = cur.pe
-            kwargs["position_ids"] = cur.pos_call
-        return args, kwargs
-
-    def capture_out(self, layer: int, name: str, module, inputs, output):
-        if self.prefill:
-            self.captures.setdefault(layer, {})[name] = output
-
-    def sub_hook(self, fn, *args, **kwargs):
-        """Method-installed hooks run through here (so the overhead script times them too)."""
-        return fn(self, *args, **kwargs)
-
-    # ------------------------------------------------------------------ decoding
-    def _decode_seq(self, layer: int, h: torch.Tensor):
-        """The stage state for ``layer`` during a decoding call (mask over its own cache)."""
-        idx = self.stage_of_layer[layer] if layer < len(self.stage_of_layer) else 0
+        idx = self.stage_of_layer[layer]
         if idx <= 0 or idx >= len(self.seqs):
             return None
         cur = self.seqs[idx]
         if cur.call_id != self.call_id:
-            q = self.q_len
-            prev = cur.dec_valid if cur.dec_valid is not None else cur.valid
-            cur.dec_valid = torch.cat([prev, self.call_valid[:, -q:]], dim=1)
-            cur.mask = _mask4d(cur.dec_valid, q, self.impl, h.dtype)
-            cur.pos_call = self.call_pos - cur.shift if cur.shift else self.call_pos
-            cur.pe = self.lm.rotary_emb(h, cur.pos_call)
-            cur.call_id = self.call_id
-        return cur
+            self._decode_state(cur, kwargs)
+        kwargs["attention_mask"] = cur.dec_mask
+        if cur.dec_pe is not None:
+            kwargs["position_embeddings"] = cur.dec_pe
+            kwargs["position_ids"] = cur.dec_pos
+        return args, kwargs
+
+    def capture_out(self, layer: int, name: str, module, inputs, output):
+        if self.prefill:
+            cap = self.captures.setdefault(layer, {})
+            cap[name] = output
+            cap["seq"] = len(self.seqs)  # the cache of this layer holds this sequence's keys
+
+    def sub_hook(self, fn, *args, **kwargs):
+        """Method-installed hooks run through here (so the overhead script can find them)."""
+        return fn(self, *args, **kwargs)
+
+    # ------------------------------------------------------------------ decoding
+    def _decode_state(self, cur: _Seq, kwargs) -> None:
+        """Mask and positions of one stage for this decoding call (built once, used by all its layers)."""
+        q = self.q_len
+        model_mask = kwargs.get("attention_mask")
+        if model_mask is None or self.mask2d is None:
+            cur.dec_mask = None  # no padding: causal over the stage's own cache, as the model does
+        else:
+            new = self.mask2d[:, self.t0 :]
+            dec_valid = torch.cat([cur.valid, new if new.dtype == torch.bool else new.bool()], dim=1)
+            dtype = kwargs["position_embeddings"][0].dtype
+            cur.dec_mask = _mask4d(dec_valid, q, self.impl, dtype)
+        if cur.shift:
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                pos = self.call_pos
+            if pos is None:
+                past = self.mask2d.shape[1] - q if self.mask2d is not None else int(self.cache.get_seq_length())
+                pos = torch.arange(past, past + q, device=kwargs["position_embeddings"][0].device).view(1, q)
+            cur.dec_pos = pos - cur.shift
+            cur.dec_pe = self._rope_at(cur.dec_pos, kwargs["position_embeddings"][0])
+        else:
+            cur.dec_pe = cur.dec_pos = None  # original ids: the model's own positions and rotary tables
+        cur.call_id = self.call_id
+
+    def _rope_at(self, pos: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary ``(cos, sin)`` ``(B, T, d)`` at positions ``pos`` from a table by position.
+
+        The table comes from the model's own ``rotary_emb`` over ``arange(P)``; each entry is one fp32
+        product ``inv_freq * position`` then cos/sin, so the lookup equals a direct call bit for bit.
+        """
+        need = (self.mask2d.shape[1] if self.mask2d is not None else 0) + self.q_len + 1
+        if self.rope_table is None or self.rope_table[0].shape[0] < need:
+            p = max(need + 512, 2 * (self.rope_table[0].shape[0] if self.rope_table else 0))
+            dummy = like.new_zeros(1, 1, 1)
+            cos, sin = self.lm.rotary_emb(dummy, torch.arange(p, device=like.device).view(1, p))
+            self.rope_table = (cos[0], sin[0])
+        cos, sin = self.rope_table
+        return torch.nn.functional.embedding(pos, cos), torch.nn.functional.embedding(pos, sin)
 
     # ------------------------------------------------------------------ pruning
     def _layout(self, i: int, st, cur: _Seq, t_old: int, k: int, m: int, dtype, device) -> dict:
@@ -293,14 +362,18 @@ class _Runner:
             lay["extra_pos"] = (vs + k + torch.arange(m, device=device).view(1, -1)).unsqueeze(-1)
         valid = cur.valid.gather(1, base_src) | in_vis
         lay["valid"] = valid
-        lay["mask"] = _mask4d(valid, t_new, self.impl, dtype)
-        if st.renumber:
-            pos_old = cur.pos.gather(1, base_src)
-            first = cur.pos.gather(1, vs)
-            lay["pos"] = torch.where(j < vs, pos_old, torch.where(in_vis, first + (j - vs), pos_old - (n_old - n_new)))
+        lay["mask"] = None if self.mask_none else _mask4d(valid, t_new, self.impl, dtype)
+        if st.renumber and cur.pos_static:
+            lay["pos"] = self._renumbered(cur, base_src, j, vs, in_vis, n_old, n_new)
         lay["seqstatic"] = {}
         self.static[key] = lay
         return lay
+
+    @staticmethod
+    def _renumbered(cur: _Seq, base_src, j, vs, in_vis, n_old: int, n_new: int) -> torch.Tensor:
+        pos_old = cur.pos.gather(1, base_src)
+        first = cur.pos.gather(1, vs)
+        return torch.where(j < vs, pos_old, torch.where(in_vis, first + (j - vs), pos_old - (n_old - n_new)))
 
     def _prune(self, i: int, st, layer: int, h: torch.Tensor, more: bool) -> torch.Tensor:
         cur = self.seqs[-1]
@@ -317,32 +390,51 @@ class _Runner:
         if m:
             h_new.scatter_(1, lay["extra_pos"].expand(-1, -1, d), out.extra.to(h_new.dtype))
         if st.renumber:
-            pos = lay["pos"]
+            pos = lay.get("pos")
+            if pos is None:  # after a stage that kept original ids: positions depend on the kept tokens
+                j = torch.arange(lay["t_new"], device=h.device).view(1, -1).expand(b, -1)
+                vs = lay["vs"]
+                pos = self._renumbered(cur, lay["base_src"], j, vs, (j >= vs) & (j < vs + k + m), cur.n_vis, k + m)
+                pe = self.lm.rotary_emb(h_new, pos)
+            else:
+                pe = lay.get("pe")
+                if pe is None:
+                    pe = lay["pe"] = self.lm.rotary_emb(h_new, pos)
             shift = cur.shift + (cur.n_vis - k - m)
-            pe = lay.get("pe")
-            if pe is None:
-                pe = lay["pe"] = self.lm.rotary_emb(h_new, pos)
+            pos_static = "pos" in lay
         else:
             pos = cur.pos.gather(1, src)
             shift = cur.shift
             pe = tuple(_expand_b(x, b).gather(1, src3.expand(-1, -1, x.shape[-1])) for x in cur.pe)
-        orig = cur.orig_map.gather(1, keep)
-        if m:
-            orig = torch.cat([orig, orig.new_full((b, m), -1)], dim=1)
-        new = _Seq(valid=lay["valid"], pos=pos, vis_start=cur.vis_start, n_vis=k + m, orig_map=orig, shift=shift,
-                   layer=layer, static=lay["seqstatic"], mask=lay["mask"], pe=pe)
-        rec = self.state.get("record_extra")
-        if rec is not None:
-            rec[len(self.seqs)] = (keep, out.extra)
+            pos_static = False
+        new = _Seq(valid=lay["valid"], pos=pos, vis_start=cur.vis_start, n_vis=k + m, shift=shift, layer=layer,
+                   static=lay["seqstatic"], pos_static=pos_static, mask=lay["mask"], pe=pe)
+        self.keeps.append((keep, out.extra))
         self.seqs.append(new)
         if more:  # another stage at this boundary: carry captured tensors over to the new sequence
             for cap in self.captures.values():
                 for key in ("q", "k"):
                     if key in cap:
                         cap[key] = cap[key].gather(1, src3.expand(-1, -1, cap[key].shape[-1]))
+                cap["seq"] = -1  # the cache no longer matches this sequence
                 if cap.get("pe") is not None:
                     cap["pe"] = tuple(_expand_b(x, b).gather(1, src3.expand(-1, -1, x.shape[-1])) for x in cap["pe"])
         return h_new
+
+    def records(self) -> list[dict]:
+        """``llm_stages`` of the last prefill: kept indices into the original ``N`` visual tokens per stage."""
+        out, orig = [], None
+        for s, (keep, extra) in zip(self.seqs[1:], self.keeps):
+            b = keep.shape[0]
+            base = torch.arange(self.n0, device=keep.device).expand(b, -1) if orig is None else orig
+            orig = base.gather(1, keep)
+            if extra is not None:
+                orig = torch.cat([orig, orig.new_full((b, extra.shape[1]), -1)], dim=1)
+            rec = {"layer": s.layer, "n_keep": s.n_vis, "kept_index": orig.detach().cpu(), "kept_rel": keep.detach().cpu()}
+            if extra is not None:
+                rec["merged"] = extra.detach().cpu()
+            out.append(rec)
+        return out
 
 
 class _View:
@@ -355,38 +447,65 @@ class _View:
         self.vis_start = seq.vis_start
         self.n_vis = seq.n_vis
         self.layer = layer
-        self.sample_seeds = runner.prepared.extras.get("sample_seeds", torch.zeros(h.shape[0], dtype=torch.long))
-        self.orig_map = seq.orig_map
         self.state = runner.state
         self.static = runner.method_static
         self.uniform_start = runner.uniform_start
         self.vis_start_min = runner.vis_start_min
+        self.no_padding = runner.mask_none
         self._x = None
+
+    @property
+    def sample_seeds(self) -> torch.Tensor:
+        seeds = self._r.prepared.extras.get("sample_seeds")
+        return seeds if seeds is not None else torch.zeros(self.hidden.shape[0], dtype=torch.long)
 
     def _attn_module(self, layer: int):
         return self._r.lm.layers[layer].self_attn
 
-    def _qk(self, layer: int):
-        """Pre-RoPE ``q (B, T, H*d)``, ``k (B, T, H_kv*d)`` and ``(cos, sin)`` of ``layer`` on the current sequence."""
-        cap = self._r.captures.get(layer)
-        if layer == self.layer - 1 and cap is not None and "k" in cap:
-            pe = cap.get("pe") or self._s.pe
-            return cap.get("q"), cap["k"], pe, None
+    def _norm_input(self, layer: int) -> torch.Tensor:
         if layer != self.layer:
             raise IncompatibleMethodError(f"attention of layer {layer} is not available at the pruning boundary {self.layer}")
-        dec = self._r.lm.layers[layer]
-        x = self._x
-        if x is None:
-            x = self._x = dec.input_layernorm(self.hidden)
-        pe = self._s.pe if self._s.pe is not None else self._r.lm.rotary_emb(self.hidden, self._s.pos)
-        return None, dec.self_attn.k_proj(x), pe, x
+        if self._x is None:
+            self._x = self._r.lm.layers[layer].input_layernorm(self.hidden)
+        return self._x
+
+    def rope(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``(B or 1, T, d)`` that ``layer`` uses on the current sequence."""
+        cap = self._r.captures.get(layer)
+        if layer == self.layer - 1 and cap is not None and "k" in cap:
+            return cap.get("pe") or self._s.pe
+        self._norm_input(layer)
+        return self._s.pe if self._s.pe is not None else self._r.lm.rotary_emb(self.hidden, self._s.pos)
 
     def keys(self, layer: int) -> torch.Tensor:
-        _, k, (cos, sin), _ = self._qk(layer)
-        attn = self._attn_module(layer)
-        d = attn.head_dim
+        """Post-RoPE keys ``(B, H_kv, T, d)`` of ``layer`` (``self.layer - 1`` or ``self.layer``) on the current sequence."""
+        cap = self._r.captures.get(layer)
+        if layer == self.layer - 1 and cap is not None and "k" in cap:
+            cache = self._r.cache
+            if cap.get("seq") == len(self._r.seqs) and cache is not None:
+                layers = getattr(cache, "layers", None)
+                kc = getattr(layers[layer], "keys", None) if layers is not None and layer < len(layers) else None
+                if kc is not None and kc.shape[-2] == self.hidden.shape[1]:
+                    return kc  # exactly what the layer computed and attended with
+            k = cap["k"]
+        else:
+            k = self._attn_module(layer).k_proj(self._norm_input(layer))
+        cos, sin = self.rope(layer)
         b, t = k.shape[:2]
-        return apply_rope(k.view(b, t, -1, d).transpose(1, 2), cos, sin)
+        return apply_rope(k.view(b, t, -1, self._attn_module(layer).head_dim).transpose(1, 2), cos, sin)
+
+    def _q_rows(self, layer: int, first: int) -> torch.Tensor:
+        """Post-RoPE queries ``(B, H, T - first, d)`` of ``layer`` for the rows ``first:``."""
+        attn = self._attn_module(layer)
+        cap = self._r.captures.get(layer)
+        if layer == self.layer - 1 and cap is not None and "q" in cap:
+            q = cap["q"][:, first:]
+        else:
+            q = attn.q_proj(self._norm_input(layer)[:, first:])
+        cos, sin = self.rope(layer)
+        b, nq = q.shape[:2]
+        q = q.view(b, nq, -1, attn.head_dim).transpose(1, 2)
+        return apply_rope(q, _expand_b(cos, b)[:, first:], _expand_b(sin, b)[:, first:])
 
     def query_index(self, queries: str) -> tuple[torch.Tensor, torch.Tensor]:
         st = self._s.static
@@ -404,28 +523,28 @@ class _View:
             raise ValueError(f"unknown query set {queries!r}")
         q_valid = q_index.view(1, -1) >= (self.vis_start + self.n_vis).view(-1, 1)
         st[("q", queries)] = (q_index, q_valid)
-        st[("allowed", queries)] = _rows_allowed(q_index, self.valid)
+        # the last row of an unpadded sequence sees every key: no mask at all
+        allowed = None if (queries == "last" and self.no_padding) else _rows_allowed(q_index, None if self.no_padding else self.valid, t)
+        st[("allowed", queries)] = allowed
+        st[("bias", queries)] = None if allowed is None else _bias(allowed, self.hidden.dtype)
         return q_index, q_valid
 
     def attn_rows(self, layer: int, queries: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
-        q_full, k, (cos, sin), x = self._qk(layer)
-        attn = self._attn_module(layer)
-        d = attn.head_dim
-        b, t = k.shape[:2]
         q_index, q_valid = self.query_index(queries)
+        first = self.hidden.shape[1] - q_index.shape[0]  # both query sets are a suffix of the sequence
+        q = self._q_rows(layer, first)
+        k = self.keys(layer)
+        attn = self._attn_module(layer)
+        scaling = getattr(attn, "scaling", attn.head_dim**-0.5)
+        return attention_rows(q, k, None, None, scaling, bias=self._s.static[("bias", queries)]), q_valid
+
+    def rows_allowed(self, queries: str) -> torch.Tensor:
+        """``(B or 1, 1, Q, T)`` keys visible from the query rows (all True where no mask is needed)."""
+        q_index, _ = self.query_index(queries)
         allowed = self._s.static[("allowed", queries)]
-        nq = q_index.shape[0]
-        first = t - nq  # both query sets are a suffix of the sequence: slices, not gathers
-        if q_full is None:
-            q = attn.q_proj(x[:, first:])
-        else:
-            q = q_full[:, first:]
-        q = q.view(b, nq, -1, d).transpose(1, 2)
-        cos, sin = _expand_b(cos, b), _expand_b(sin, b)
-        q = apply_rope(q, cos[:, first:], sin[:, first:])
-        kk = apply_rope(k.view(b, t, -1, d).transpose(1, 2), cos, sin)
-        scaling = getattr(attn, "scaling", d**-0.5)
-        return attention_rows(q, kk, q_index, self.valid, scaling, allowed=allowed), q_valid
+        if allowed is None:
+            allowed = torch.ones(1, 1, q_index.shape[0], self.hidden.shape[1], dtype=torch.bool, device=self.hidden.device)
+        return allowed
 
     def visual(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """The current visual block of ``x`` along ``dim`` (1: tokens ``(B, T, ...)``; -1: attention columns)."""
@@ -526,12 +645,7 @@ def prune_in_llm(adapter, method, prepared):
         if gen_cfg is not None and getattr(method, "reprune_every_step", False):
             gen_cfg.use_cache = old_use_cache
         runner.captures = {}
-        if runner.seqs and len(runner.seqs) > 1:
-            extras = (runner.state or {}).get("record_extra") or {}
-            prepared.extras["llm_stages"] = [
-                {"layer": s.layer, "n_keep": s.n_vis, "kept_index": s.orig_map.detach().cpu(),
-                 **({"kept_rel": extras[j][0].detach().cpu()} if j in extras else {}),
-                 **({"merged": extras[j][1].detach().cpu()} if j in extras and extras[j][1] is not None else {})}
-                for j, s in enumerate(runner.seqs) if j > 0
-            ]
-        runner.static = {}
+        runner.cache = None
+        if runner.seqs and len(runner.seqs) > 1 and not runner.capturing:  # a captured forward computed nothing
+            prepared.extras["llm_stages"] = runner.records()
+        # runner.static stays: a CUDA graph captured inside the context replays kernels that read it
