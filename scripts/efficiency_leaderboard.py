@@ -5,7 +5,12 @@ baseline, batch 1 and 16, through the harness's own efficiency-only runs
 
 Random weights: FLOPs, latency and KV-cache size do not depend on weight values (gpu.md); accuracy
 is absent from these records. Writes one record per run under ``--results-dir`` and
-``--csv`` (one row per method x kept x batch) and ``--plot``.
+``--csv`` (one row per method x kept x batch, rewritten after every run) and ``--plot``.
+
+Latency modes (``--modes``): eager, CUDA-graph replay, and the compiled prefill replayed in a CUDA
+graph (``compiled_graph:<--compile-variant>``, see ``bench.measure.latency.CompiledPrefill``).
+``--merge`` keeps the rows of an earlier CSV that this invocation does not re-measure, so a sweep
+too long for one GPU call can be split (e.g. by ``--batches`` or ``--methods``) and joined.
 
     python scripts/efficiency_leaderboard.py --csv results/efficiency/llava15_7b_h100.csv \\
         --plot results/efficiency/llava15_7b_h100.png
@@ -51,6 +56,17 @@ def row(rec: dict, kept_nominal: int, driver: str | None) -> dict:
     def iqr(stage):
         return (lat.get(stage) or {}).get("iqr_ms")
 
+    comp = lat.get("prefill_compiled_graph") or {}
+    floor = roof.get("llm_prefill_floor_ms")
+
+    def floor_x(stage):
+        t = ms(stage)
+        return None if (t is None or not floor) else round(t / floor, 3)
+
+    modes = [m for m, stage in (("eager", "prefill_eager"), ("cuda_graph", "prefill_graph")) if stage in lat]
+    if comp:
+        modes.append(f"compiled_graph({comp.get('variant')})")
+
     return {
         "method": rec["method"],
         "kept_nominal": kept_nominal,
@@ -66,6 +82,13 @@ def row(rec: dict, kept_nominal: int, driver: str | None) -> dict:
         "prefill_eager_iqr_ms": iqr("prefill_eager"),
         "prefill_graph_ms": ms("prefill_graph"),
         "prefill_graph_iqr_ms": iqr("prefill_graph"),
+        "prefill_compiled_graph_ms": ms("prefill_compiled_graph"),
+        "prefill_compiled_graph_iqr_ms": iqr("prefill_compiled_graph"),
+        "compile_variant": comp.get("variant"),
+        "compile_s": comp.get("compile_s"),
+        "compiled_max_abs_diff_vs_eager": comp.get("max_abs_diff_vs_eager"),
+        "prefill_graph_floor_x": floor_x("prefill_graph"),
+        "prefill_compiled_graph_floor_x": floor_x("prefill_compiled_graph"),
         "decode_step_ms": ms("decode_step"),
         "llm_prefill_floor_ms": roof.get("llm_prefill_floor_ms"),
         "matmul_tflops_per_s": roof.get("matmul_tflops_per_s"),
@@ -78,11 +101,28 @@ def row(rec: dict, kept_nominal: int, driver: str | None) -> dict:
         "transformers": p["versions"]["transformers"],
         "dtype": p["dtype"],
         "attn_backend": p["attn_implementation"],
-        "modes": "eager+cuda_graph",
+        "modes": "+".join(modes),
         "timer": e["timer"],
         "repeats": e["timing_repeats"],
         "run_id": rec["run_id"],
     }
+
+
+def write_table(rows: list[dict], path: Path, merge: Path | None = None):
+    """Rows of this invocation, plus those of ``merge`` for (method, kept, batch) not measured here."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    if merge is not None and merge.exists():
+        old = pd.read_csv(merge)
+        key = ["method", "kept_nominal", "batch"]
+        if not df.empty:
+            done = set(map(tuple, df[key].itertuples(index=False)))
+            old = old[[tuple(k) not in done for k in old[key].itertuples(index=False)]]
+        df = pd.concat([old, df], ignore_index=True).sort_values(["batch", "method", "kept_nominal"], ascending=[True, True, False], ignore_index=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
+    return df
 
 
 def plot(df, path: Path) -> None:
@@ -98,26 +138,33 @@ def plot(df, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     batches = sorted(df["batch"].unique())
-    fig, axes = plt.subplots(len(batches), 3, figsize=(17, 4.6 * len(batches)), dpi=110, squeeze=False)
+    cols = ["prefill_eager_ms", "prefill_graph_ms", "tflops_prefill_counted"]
+    if "prefill_compiled_graph_ms" in df and df["prefill_compiled_graph_ms"].notna().any():
+        cols.insert(2, "prefill_compiled_graph_ms")
+    nlat = len(cols) - 1
+    fig, axes = plt.subplots(len(batches), len(cols), figsize=(5.7 * len(cols), 4.6 * len(batches)), dpi=110, squeeze=False)
     for row, batch in zip(axes, batches):
         d = df[df["batch"] == batch]
         for method, g in sorted(d.groupby("method"), key=lambda kv: kv[0]):
             g = g.sort_values("visual_tokens_layer_mean")
             mk = dict(marker="*", markersize=12, linestyle="none") if method == "none" else dict(marker="o", markersize=4)
-            for ax, col in zip(row, ("prefill_eager_ms", "prefill_graph_ms", "tflops_prefill_counted")):
+            for ax, col in zip(row, cols):
                 if g[col].notna().any():
                     ax.plot(g["visual_tokens_layer_mean"], g[col], label=method, **mk)
         floor = d[d["method"].isin(["none", "pool"])].sort_values("visual_tokens_layer_mean")
-        for ax in row[:2]:
+        for ax in row[:nlat]:
             ax.plot(floor["visual_tokens_layer_mean"], floor["llm_prefill_floor_ms"], "k--", linewidth=1, label="roofline floor")
             ax.set_ylabel(f"ms per forward (batch {batch})")
         row[0].set_title(f"LLM prefill, eager (batch {batch})")
         row[1].set_title(f"LLM prefill, CUDA-graph replay (batch {batch}; in-LLM hooks not capturable)")
-        row[2].set_title("prefill TFLOPs per sample (counted: vision + selection + LLM)")
+        if nlat == 3:
+            variant = ", ".join(sorted(d["compile_variant"].dropna().unique()))
+            row[2].set_title(f"LLM prefill, torch.compile ({variant}) + CUDA graph (batch {batch})")
+        row[-1].set_title("prefill TFLOPs per sample (counted: vision + selection + LLM)")
         for ax in row:
             ax.set_xlabel("visual tokens entering the LLM layers (mean)")
             ax.grid(alpha=0.3)
-    axes[0][2].legend(fontsize=7, ncol=2)
+    axes[0][-1].legend(fontsize=7, ncol=2)
     fig.suptitle(f"LLaVA-1.5-7B shapes, random weights, {df['gpu'].iloc[0]}, fp16, SDPA")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,10 +181,17 @@ def main() -> None:
     ap.add_argument("--kept", nargs="*", type=int, default=[192, 128, 64])
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 16])
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--modes", nargs="*", default=["eager", "graph", "compiled_graph"], help="latency modes (measure.modes)")
+    ap.add_argument("--compile-variant", default=None, help="torch.compile variant of compiled_graph (bench.measure.latency.COMPILE_VARIANTS; default: its DEFAULT_COMPILE_VARIANT)")
+    ap.add_argument("--merge", type=Path, help="an earlier CSV: its rows not re-measured here are kept")
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides (e.g. model.source=... for a tiny model)")
     args = ap.parse_args()
+    from bench.measure.latency import DEFAULT_COMPILE_VARIANT
 
-    import pandas as pd
+    variant = args.compile_variant or DEFAULT_COMPILE_VARIANT
+    # the variant is spelled out in the mode, so it is part of the config (and of the run id)
+    modes = [f"compiled_graph:{variant}" if m == "compiled_graph" else m for m in args.modes]
+    modes_override = "measure.modes=[" + ",".join(f"'{m}'" for m in modes) + "]"
 
     from bench.errors import BenchError
     from bench.runner import execute
@@ -150,18 +204,18 @@ def main() -> None:
         for method in methods:
             for kept in ([576] if method == "none" else args.kept):
                 ratio = 0.0 if method == "none" else 1 - kept / 576
-                ov = [f"model={args.model}", "model.weights=random", "measure=efficiency", f"method={method}", f"ratio={ratio}", f"measure.batch_size={batch}", f"measure.repeats={args.repeats}", "logger=none", f"results_dir={args.results_dir}", *args.extra]
+                ov = [f"model={args.model}", "model.weights=random", "measure=efficiency", f"method={method}", f"ratio={ratio}", f"measure.batch_size={batch}", f"measure.repeats={args.repeats}", modes_override, "logger=none", f"results_dir={args.results_dir}", *args.extra]
                 try:
                     rec = execute(compose(ov))
                     rows.append(row(rec, kept, driver))
                     r = rows[-1]
-                    print(f"[eff] {method:>14} kept={kept:>3} b={batch:>2}: eager {r['prefill_eager_ms']} ms, graph {r['prefill_graph_ms']} ms, {r['tflops_prefill_counted']:.3f} TFLOPs ({time.time() - t0:.0f} s)", flush=True)
+                    comp = f", compiled+graph {r['prefill_compiled_graph_ms']} ms (compile {r['compile_s']} s)" if r["compile_variant"] else ""
+                    print(f"[eff] {method:>14} kept={kept:>3} b={batch:>2}: eager {r['prefill_eager_ms']} ms, graph {r['prefill_graph_ms']} ms{comp}, floor {r['llm_prefill_floor_ms']}, {r['tflops_prefill_counted']:.3f} TFLOPs ({time.time() - t0:.0f} s)", flush=True)
+                    write_table(rows, args.csv, args.merge)
                 except (BenchError, Exception) as e:  # noqa: BLE001 - one method failing must not hide the others
                     failures.append(f"{method} kept={kept} batch={batch}: {type(e).__name__}: {e}")
                     print(f"[eff] FAILED {failures[-1]}", flush=True)
-    df = pd.DataFrame(rows)
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.csv, index=False)
+    df = write_table(rows, args.csv, args.merge)
     if not df.empty:
         plot(df, args.plot)
     print(f"[eff] {len(rows)} rows -> {args.csv}; {len(failures)} failures")
