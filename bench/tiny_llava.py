@@ -66,13 +66,16 @@ def vocab_list() -> list[str]:
     return out
 
 
-def build_tokenizer():
-    """Word-level ``PreTrainedTokenizerFast`` (lowercasing; whitespace + punctuation split; ``<s>`` prepended)."""
+def build_tokenizer(vocab: dict[str, int] | None = None, model_max_length: int = 1024):
+    """Word-level ``PreTrainedTokenizerFast`` (lowercasing; whitespace + punctuation split; ``<s>`` prepended).
+
+    ``vocab`` (word -> id, with ``<s> </s> <unk> <pad> <image>``) defaults to the tiny model's own;
+    ``scripts/bench_throughput.py`` passes a stand-in vocabulary laid out on a real model's ids."""
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(vocab_list())}
+    vocab = vocab or {w: i for i, w in enumerate(vocab_list())}
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -88,7 +91,7 @@ def build_tokenizer():
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
         padding_side="left",
-        model_max_length=1024,
+        model_max_length=model_max_length,
     )
     return fast
 

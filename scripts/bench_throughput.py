@@ -78,12 +78,8 @@ def stand_in_processor(config):
     the chat template's and SynthVQA's words, then fillers ``tok<id>``. Every id decodes to its own
     word, so two generations give the same text only if they are the same ids.
     """
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
     from bench.synthvqa.generator import VOCAB
-    from bench.tiny_llava import TEMPLATE_WORDS, build_processor
+    from bench.tiny_llava import TEMPLATE_WORDS, build_processor, build_tokenizer
 
     tc = config.text_config
     size = int(tc.vocab_size)
@@ -105,21 +101,7 @@ def stand_in_processor(config):
     for i in free:
         vocab[f"tok{i}"] = i
     assert len(vocab) == size
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
-        model_max_length=int(getattr(tc, "max_position_embeddings", 4096)),
-    )
+    fast = build_tokenizer(vocab, model_max_length=int(getattr(tc, "max_position_embeddings", 4096)))
     return build_processor(fast)
 
 

@@ -65,6 +65,16 @@ def test_divprune_matches_reference(ratio):
             assert idx[b].tolist() == ref_divprune(x[b], m.n_keep(576))
 
 
+def _run_triton_interpreted(code: str, timeout: int) -> None:
+    """Run ``code`` (which prints ``ok``) in a fresh interpreter under Triton's CPU interpreter
+    (TRITON_INTERPRET must be set before triton is imported); skip where the interpreter is missing."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0 and ("interpret" in r.stderr.lower() and "not" in r.stderr.lower() or "No module named" in r.stderr):
+        pytest.skip(f"Triton interpreter unavailable: {r.stderr.splitlines()[-1:]}")
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
 def test_divprune_triton_kernel_equals_torch_loop():
     """The one-launch Triton kernel, run by Triton's CPU interpreter, picks what the torch loop picks."""
     pytest.importorskip("triton")
@@ -77,11 +87,7 @@ def test_divprune_triton_kernel_equals_torch_loop():
         "assert torch.equal(a, b), (a, b)\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    if r.returncode != 0 and ("interpret" in r.stderr.lower() and "not" in r.stderr.lower() or "No module named" in r.stderr):
-        pytest.skip(f"Triton interpreter unavailable: {r.stderr.splitlines()[-1:]}")
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    _run_triton_interpreted(code, timeout=120)
 
 
 @pytest.mark.parametrize("ratio,important", [(0.75, 0.5), (0.8889, 0.75), (0.9, 0.55)])
@@ -477,11 +483,7 @@ def test_vispruner_triton_kernel_equals_torch_rounds():
         "    assert torch.equal(a, b), (n, r0, a, b)\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if r.returncode != 0 and ("interpret" in r.stderr.lower() and "not" in r.stderr.lower() or "No module named" in r.stderr):
-        pytest.skip(f"Triton interpreter unavailable: {r.stderr.splitlines()[-1:]}")
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    _run_triton_interpreted(code, timeout=300)
 
 
 def test_graph_cache_replays_and_keys_by_shape():
