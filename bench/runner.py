@@ -447,7 +447,7 @@ def execute(cfg: dict[str, Any], refresh: bool = True) -> dict[str, Any]:
             notes += n2
             notes.append(
                 f"prefill_ms: median of {int(measure.get('repeats', 5))} timed repeats after {int(measure.get('warmup', 1))} warm-up run(s) "
-                f"and the FLOP-counting pass (measure={measure.get('name', 'default')})"
+                "and the FLOP-counting pass" + (f" (measure={measure['name']})" if measure.get("name") else "")
             )
             if adapter.device.type == "cpu":
                 # thread count changes CPU latency, never predictions (checked: samples identical at 1 and 2)

@@ -29,7 +29,7 @@ class Efficiency(TypedDict):
     tflops_prefill_analytic_no_selection: float | None  # tflops_prefill_analytic minus the selection part (vision incl. ToMe's merged blocks, projector, LLM, lm_head)
     tflops_prefill_paper_convention: float | None  # FastV's 4nd^2 + 2n^2d + 2ndm per LLM layer (x2), as papers print it
     flops_llm_analytic: int | None  # analytic FLOPs of the LLM prefill (+ lm_head) of the measured batch
-    latency: dict[str, dict[str, float | None]] | None  # measure.stages: {vision_encoder, selection, prefill_eager, prefill_graph, decode_step}: {median_ms, iqr_ms}
+    latency: dict[str, dict[str, float | None]] | None  # measure.stages: {vision_encoder, selection, selection_graph (CUDA, graph-safe pre-LLM methods), prefill_eager, prefill_graph, prefill_compiled_graph, decode_step}: {median_ms, iqr_ms}; decode_step adds tokens_per_s (batch x 1000 / median_ms), prefill_compiled_graph adds variant, compile_s, compile_reused, max_abs_diff_vs_eager, max_abs_eager
     roofline: dict[str, float | None] | None  # measured matmul TFLOP/s and copy GB/s, LLM weight bytes, llm_prefill_floor_ms
     prefill_ms: float | None  # median wall time of one sample's vision encoder + selection + LLM prefill
     prefill_ms_iqr: float | None  # inter-quartile range of the repeats behind prefill_ms
@@ -48,7 +48,8 @@ class Provenance(TypedDict):
     versions: dict[str, str | None]  # torch, transformers, lmms_eval, python
     dtype: str  # model dtype
     attn_implementation: str  # attention backend of the LLM and vision tower
-    batch_size: int  # evaluation batch size
+    batch_size: int | None  # batch size the accuracy pass ran at; without an accuracy pass, the configured integer (null for "auto")
+    batch_size_setting: int | str | None  # benchmark.batch_size as configured: an integer, or "auto" (then batch_size is what the memory probe chose)
     model_fingerprint: str  # content hash of local weights, hub snapshot commit, or "random-init"
     benchmark_fingerprint: str  # e.g. the SynthVQA generator version
     date: str  # ISO-8601 UTC time the record was written

@@ -16,7 +16,7 @@ Official defects handled here (methods.md policy): it crashes when the residual 
 ``prepare_inputs`` merges a batch of images into one sequence: every sample is separate here.
 
 Speed: the rounds' count and sizes depend on lengths only (:func:`dedup_rounds`), so nothing syncs with
-the host and the selection is CUDA-graph capturable. On CUDA with Triton (``backend="auto"``) all
+the host and the selection is CUDA-graph capturable. On CUDA with Triton and float16 features (``backend="auto"``) all
 rounds run in one kernel launch (one program per image) on the once-computed similarity matrix;
 ``backend="torch"`` runs them as a few batched kernels per round (identical picks, tested).
 """
@@ -109,6 +109,9 @@ def _triton_kernel():
                     best = tl.maximum(best, tl.max(t.to(tl.float32), axis=1))
                 tl.store(bestb + ie, best)
                 tl.debug_barrier()
+                # re-read rather than reuse the loop result: with a float32 ``sim`` (no cast in the
+                # loop) a second use trips Triton 3.6's OptimizeThreadLocality pass (hasOneUse assert)
+                best = tl.load(bestb + ie)
                 # rank among the evens, descending, earlier position first on ties (stable sort)
                 rank = tl.zeros([BE], tl.int32)
                 for j0 in range(0, ne, BO):
@@ -212,5 +215,8 @@ class VisPruner(PruningMethod):
             raise ValueError(f"vispruner: tower tensors do not match the {n} visual tokens")
         from methods.divprune import _triton_ok
 
-        backend = "triton" if self.backend == "triton" or (self.backend == "auto" and _triton_ok(feats)) else "torch"
+        # auto: Triton for float16 only, where it was checked equal on the H100; with float32 features its
+        # picks differed from the torch rounds at 576 -> 64 (equal at 192/128; undiagnosed), bf16 is unchecked
+        auto_triton = self.backend == "auto" and _triton_ok(feats) and feats.dtype == torch.float16
+        backend = "triton" if self.backend == "triton" or auto_triton else "torch"
         return vispruner_select(score, feats, self.n_keep(n), float(self.important_ratio), int(self.step), backend)

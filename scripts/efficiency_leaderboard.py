@@ -78,6 +78,7 @@ def row(rec: dict, kept_nominal: int, driver: str | None) -> dict:
         "tflops_paper_convention": e.get("tflops_prefill_paper_convention"),
         "vision_ms": ms("vision_encoder"),
         "selection_ms": ms("selection"),
+        "selection_graph_ms": ms("selection_graph"),
         "prefill_eager_ms": ms("prefill_eager"),
         "prefill_eager_iqr_ms": iqr("prefill_eager"),
         "prefill_graph_ms": ms("prefill_graph"),
@@ -90,6 +91,7 @@ def row(rec: dict, kept_nominal: int, driver: str | None) -> dict:
         "prefill_graph_floor_x": floor_x("prefill_graph"),
         "prefill_compiled_graph_floor_x": floor_x("prefill_compiled_graph"),
         "decode_step_ms": ms("decode_step"),
+        "decode_tokens_per_s": (lat.get("decode_step") or {}).get("tokens_per_s"),
         "llm_prefill_floor_ms": roof.get("llm_prefill_floor_ms"),
         "matmul_tflops_per_s": roof.get("matmul_tflops_per_s"),
         "copy_gb_per_s": roof.get("copy_gb_per_s"),
@@ -156,7 +158,7 @@ def plot(df, path: Path) -> None:
             ax.plot(floor["visual_tokens_layer_mean"], floor["llm_prefill_floor_ms"], "k--", linewidth=1, label="roofline floor")
             ax.set_ylabel(f"ms per forward (batch {batch})")
         row[0].set_title(f"LLM prefill, eager (batch {batch})")
-        row[1].set_title(f"LLM prefill, CUDA-graph replay (batch {batch}; in-LLM hooks not capturable)")
+        row[1].set_title(f"LLM prefill, CUDA-graph replay (batch {batch})")
         if nlat == 3:
             variant = ", ".join(sorted(d["compile_variant"].dropna().unique()))
             row[2].set_title(f"LLM prefill, torch.compile ({variant}) + CUDA graph (batch {batch})")

@@ -129,7 +129,16 @@ def test_probe_smoke_writes_its_csv(tmp_path):
 # ----------------------------------------------------------------------------- GPU
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["inductor", "inductor-layers"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "inductor",
+        # results/efficiency/probe_compiled_prefill_h100.csv: on torch 2.11 the per-layer compile fails
+        # to capture ("operation failed due to a previous error during capture" / "Offset increment
+        # outside graph capture"); strict, so a torch that fixes it turns this red and the note gets updated
+        pytest.param("inductor-layers", marks=pytest.mark.xfail(torch.__version__.startswith("2.11"), reason="per-layer compile + manual CUDA-graph capture fails on torch 2.11", strict=True)),
+    ],
+)
 @torch.no_grad()
 def test_compiled_graph_logits_match_eager_fp16(variant):
     model = tiny_lm("cuda", torch.float16)
@@ -148,7 +157,7 @@ def test_compiled_graph_mode_is_timed_and_reused_across_methods(tiny_model_dir):
     adapter = LlavaAdapter("tiny", str(tiny_model_dir), device="cuda").load()
     batch = probe_batch(adapter, None)
     seeds = torch.zeros(1, dtype=torch.long)
-    modes = ("graph", "compiled_graph:inductor-layers")
+    modes = ("graph", "compiled_graph:inductor")
     lat, notes = stage_latencies(adapter, Pool(0.75), batch, seeds, warmup=1, repeats=3, modes=modes)
     e = lat["prefill_compiled_graph"]
     assert e["median_ms"] > 0 and e["compile_s"] > 0, notes

@@ -323,6 +323,14 @@ def stage_latencies(adapter, method, batch: dict[str, torch.Tensor], seeds: torc
         feats, hidden = enc if needs else (enc, None)
         ctx = adapter.vision_context(seeds, hidden, method.needs)
         out["selection"] = _t(time_fn(lambda: method.reduce(feats, ctx), device, warmup, repeats))
+        # what the adapter really runs on CUDA: extras + reduce replayed from a CUDA graph
+        if adapter.replays_selection(method):
+            from bench.models.clip_extras import GraphedSelection
+
+            gs = GraphedSelection(adapter.model, method, adapter.grid, adapter.has_cls)
+            out["selection_graph"] = _t(time_fn(lambda: gs(feats, hidden), device, warmup, repeats))
+            notes.append("selection: eager method.reduce (extras precomputed); selection_graph: extras + reduce replayed from a CUDA graph, as the adapter runs it")
+            del gs
     else:
         out["selection"] = _t(None)
         notes.append(f"selection of a {method.stage} method is timed inside its stage (vision tower or LLM prefill)")
@@ -365,9 +373,11 @@ def stage_latencies(adapter, method, batch: dict[str, torch.Tensor], seeds: torc
             import statistics
 
             q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-            out["decode_step"] = {"median_ms": round(statistics.median(times), 4), "iqr_ms": round(q[2] - q[0], 4)}
+            med = statistics.median(times)
+            # one new token per sample per step
+            out["decode_step"] = {"median_ms": round(med, 4), "iqr_ms": round(q[2] - q[0], 4), "tokens_per_s": round(1000.0 * tok.shape[0] / med, 2)}
         except Exception as e:  # noqa: BLE001
-            out["decode_step"] = _t(None)
+            out["decode_step"] = {**_t(None), "tokens_per_s": None}
             notes.append(f"decode_step is null: {type(e).__name__}: {str(e)[:160]}")
     return out, notes
 

@@ -79,3 +79,7 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def generate(self, prepared: PreparedBatch, **gen_kwargs) -> torch.Tensor:
         """Generate from prepared inputs; returns ``(B, T_new)`` new token ids."""
+
+    def replays_selection(self, method) -> bool:
+        """Whether this adapter replays ``method``'s selection from a CUDA graph (default: never)."""
+        return False
