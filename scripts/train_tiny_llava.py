@@ -71,8 +71,33 @@ from bench.tiny_llava import (  # noqa: E402
 )
 
 COLOR_LIST = list(COLORS)
+# training-only question type (never in the test split): one object's side of the image, the stepping stone
+# to two-object position questions (read a bound object's coordinates before comparing two of them)
+AUX_QTYPES = ("position_abs",)
+TRAIN_QTYPES = QTYPES + AUX_QTYPES
+ABS_MARGIN = 28  # pixels from the image centre line, so the side is unambiguous
+
+
+def absolute_position_questions(objects):
+    """``is the {colour} {shape} {left|right|above|below}?`` about objects unique by (shape, colour)."""
+    pairs = [(o["shape"], o["color"]) for o in objects]
+    mid = _generator.IMAGE_SIZE / 2
+    out = []
+    for o in objects:
+        if pairs.count((o["shape"], o["color"])) != 1:
+            continue
+        cx, cy = (o["bbox"][0] + o["bbox"][2]) / 2, (o["bbox"][1] + o["bbox"][3]) / 2
+        rels = []
+        if abs(cx - mid) >= ABS_MARGIN:
+            rels += [("left", cx < mid), ("right", cx > mid)]
+        if abs(cy - mid) >= ABS_MARGIN:
+            rels += [("above", cy < mid), ("below", cy > mid)]
+        for rel, truth in rels:
+            out.append((f"is the {o['color']} {o['shape']} {rel}?", "yes" if truth else "no", "position_abs"))
+    return out
 N_PAIR = len(SHAPES) * len(COLOR_LIST)
 MAXC = 8  # count classes 0..7
+T_START = time.time()
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -128,7 +153,10 @@ class TrainStream(torch.utils.data.IterableDataset):
             if self.qpi > 1:  # extra questions about the same scene: qtype by weight, then question uniform
                 rng = np.random.default_rng([self.seed, i, 7])
                 by_type: dict[str, list] = {}
-                for q in scene_questions(ex["objects"]):
+                qlist = scene_questions(ex["objects"])
+                if self.qtype_weights.get("position_abs", 0) > 0:
+                    qlist += absolute_position_questions(ex["objects"])
+                for q in qlist:
                     by_type.setdefault(q[2], []).append(q)
                 types = sorted(by_type)
                 w = np.array([self.qtype_weights.get(t, 1.0) for t in types], dtype=np.float64)
@@ -296,6 +324,23 @@ class PromptIds:
     def answer(self, answer: str) -> list[int]:
         return self.tok(" " + answer, add_special_tokens=False)["input_ids"] + [self.eos_id]
 
+    def prefix(self, n_img: int) -> list[int]:
+        return self.pre + [self.image_id] * n_img
+
+    def suffix_batch(self, questions, answers, device):
+        """Right-padded (N, S) ids of ``{question}{post-prompt} ASSISTANT: {answer}</s>`` and shifted labels."""
+        seqs, labs = [], []
+        for q, a in zip(questions, answers):
+            p, t = self.post(q), self.answer(a)
+            seqs.append(p + t)
+            labs.append([-100] * (len(p) - 1) + t + [-100])
+        L = max(map(len, seqs))
+        ids = np.full((len(seqs), L), self.pad_id, dtype=np.int64)
+        labels = np.full((len(seqs), L), -100, dtype=np.int64)
+        for i, (sq, lab) in enumerate(zip(seqs, labs)):
+            ids[i, : len(sq)], labels[i, : len(sq)] = sq, lab
+        return torch.from_numpy(ids).to(device, non_blocking=True), torch.from_numpy(labels).to(device, non_blocking=True)
+
     def batch(self, questions, answers, n_img: int, device, pad_side: str = "left"):
         """Padded ids / mask / labels (labels already shifted: label[t] is the target after position t).
 
@@ -318,6 +363,32 @@ class PromptIds:
             ids[i, sl], mask[i, sl], labels[i, sl] = sq, 1, lab
         t = lambda x: torch.from_numpy(x).to(device, non_blocking=True)  # noqa: E731
         return t(ids), t(mask), t(labels)
+
+
+def shared_prefix_forward(model, ids_builder, feats, questions, answers, device):
+    """LM hidden states of the question/answer suffixes, the image prefix computed once per image.
+
+    ``feats``: (B, K, D) visual tokens per image; ``questions`` / ``answers``: B * Q strings, image-major
+    (Q per image).  The prompt puts the image before the question and attention is causal, so the prefix
+    ``<s> USER : <image> x K`` has the same keys/values for every question about an image: it runs at batch
+    B and its cache is repeated Q times (gradients flow through it), which is the full-sequence forward at
+    about 1/Q of the LM cost.  Returns ``(h, labels)``: (B * Q, S, H) suffix hidden states and (B * Q, S)
+    shifted labels (``labels[t]`` is the target after suffix position t).
+    """
+    from transformers import DynamicCache
+
+    b, k = feats.shape[:2]
+    q = len(questions) // b
+    lm = model.model.language_model
+    pre = torch.tensor(ids_builder.prefix(k), device=device).expand(b, -1)
+    cache = DynamicCache()
+    lm(inputs_embeds=embed_with_image(model, pre, feats), past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(q)
+    ids, labels = ids_builder.suffix_batch(questions, answers, device)
+    pos = torch.arange(pre.shape[1], pre.shape[1] + ids.shape[1], device=device).expand(ids.shape[0], -1)
+    emb = model.model.get_input_embeddings()(ids)
+    h = lm(inputs_embeds=emb, past_key_values=cache, position_ids=pos, use_cache=True).last_hidden_state
+    return h, labels
 
 
 def embed_with_image(model, ids, feats):
@@ -453,17 +524,58 @@ def train_stage2(args, model, processor, device, log, save):
     )
     model.model.multi_modal_projector.train()
     model.model.language_model.train()
+    start_step, elapsed_before = 0, 0.0
+    ck = args.stage2_ckpt
+    if ck is not None and ck.exists():
+        # resume: weights, optimiser and sampling state; the data stream continues at the next unseen images
+        state = torch.load(ck, map_location=device, weights_only=False)
+        if state["stage2_args"] != _stage2_args(args):
+            raise SystemExit(f"{ck} was trained with {state['stage2_args']}, not {_stage2_args(args)}")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        start_step, elapsed_before = state["step"], state["time_s"]
+        log(f"stage 2 resumed from {ck} at step {start_step}")
     data = loader(
-        args.seed, 50_000_000, args.stage2_batch_size, args.workers, args.questions_per_image, args.image_size, args.qtype_weights
+        args.seed,
+        50_000_000 + start_step * args.stage2_batch_size,
+        args.stage2_batch_size,
+        args.workers,
+        args.questions_per_image,
+        args.image_size,
+        args.qtype_weights,
     )
     t0, tw = time.time(), 0.0
-    qidx = {q: i for i, q in enumerate(QTYPES)}
-    hits = torch.zeros(len(QTYPES), device=device)
-    tot = torch.zeros(len(QTYPES), device=device)
+
+    def checkpoint(step_done: int) -> None:
+        tmp = ck.with_suffix(".tmp")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "gen": gen.get_state(),
+                "step": step_done,
+                "time_s": elapsed_before + time.time() - t0,
+                "stage2_args": _stage2_args(args),
+            },
+            tmp,
+        )
+        os.replace(tmp, ck)
+        log(f"stage 2 checkpoint at step {step_done} -> {ck}")
+
+    qidx = {q: i for i, q in enumerate(TRAIN_QTYPES)}
+    hits = torch.zeros(len(TRAIN_QTYPES), device=device)
+    tot = torch.zeros(len(TRAIN_QTYPES), device=device)
     skipped = 0
     focus_steps = int(args.focus_frac * args.stage2_steps)
     last_acc = {}
-    for step in range(args.stage2_steps):
+    for step in range(start_step, args.stage2_steps):
+        if args.max_seconds and time.time() - T_START > args.max_seconds:
+            # out of wall time (e.g. one capped GPU call): save and stop; rerun the same command to go on
+            if ck is None:
+                raise SystemExit(f"--max-seconds reached at stage-2 step {step} and no --stage2-ckpt to resume from")
+            checkpoint(step)
+            raise SystemExit(f"stopped at stage-2 step {step}/{args.stage2_steps} (--max-seconds); rerun to resume")
         ta = time.time()
         batch = to_device(next(data), device)
         tw += time.time() - ta
@@ -471,13 +583,12 @@ def train_stage2(args, model, processor, device, log, save):
         for g in opt.param_groups:
             g["lr"] = lr
         b = batch["image"].shape[0]
-        nq = len(batch["question"])
         n_keep = NUM_PATCHES
         keep_idx = None
         if step < focus_steps:
             # curriculum: object patches + a growing random share of the background (fewer distractors early)
             ramp = step / max(1, focus_steps)
-            objm = batch["objmask"].float().repeat_interleave(nq // b, dim=0)
+            objm = batch["objmask"].float()
             n_obj = int(objm.sum(-1).max().item())
             n_keep = min(NUM_PATCHES, n_obj + 8 + int(round(ramp**2 * (NUM_PATCHES - n_obj))))
             noise = torch.rand(objm.shape, generator=gen).to(device)
@@ -490,14 +601,11 @@ def train_stage2(args, model, processor, device, log, save):
             with torch.no_grad():
                 raw = vt(pixels, output_hidden_states=True, return_dict=True).hidden_states[-2][:, 1:]
             feats = model.model.multi_modal_projector(raw)
-            feats = feats.repeat_interleave(nq // b, dim=0)
             if keep_idx is not None:
                 feats = gather_tokens(feats, keep_idx)
             elif n_keep < NUM_PATCHES:
-                feats = gather_tokens(feats, random_keep(n_keep, nq, gen, device))
-            ids, _, labels = ids_builder.batch(batch["question"], batch["answer"], n_keep, device, pad_side="right")
-            emb = embed_with_image(model, ids, feats)
-            h = model.model.language_model(inputs_embeds=emb).last_hidden_state
+                feats = gather_tokens(feats, random_keep(n_keep, b, gen, device))
+            h, labels = shared_prefix_forward(model, ids_builder, feats, batch["question"], batch["answer"], device)
             sel = labels != -100
             logits = model.lm_head(h[sel]).float()
             loss = F.cross_entropy(logits, labels[sel])
@@ -518,18 +626,18 @@ def train_stage2(args, model, processor, device, log, save):
             hits.index_add_(0, qt, ok)
             tot.index_add_(0, qt, torch.ones_like(ok))
         if step % args.log_every == 0 or step == args.stage2_steps - 1:
-            el = time.time() - t0
+            el = max(1e-9, time.time() - t0)
             acc = (hits / tot.clamp(min=1)).tolist()
-            last_acc = dict(zip(QTYPES, acc))
-            accs = " ".join(f"{q} {a:.2f}" for q, a in zip(QTYPES, acc))
+            last_acc = {q: a for q, a, n in zip(TRAIN_QTYPES, acc, tot.tolist()) if n > 0 or q in QTYPES}
+            accs = " ".join(f"{q} {a:.2f}" for q, a in last_acc.items())
             log(
                 f"[stage2 {step:5d}/{args.stage2_steps}] lm {loss.item():.4f} keep {n_keep} lr {lr:.2e} "
-                f"skipped {skipped} | train acc {accs} | {(step + 1) / el:.1f} it/s, data wait {tw / el:.0%}"
+                f"skipped {skipped} | train acc {accs} | {(step + 1 - start_step) / el:.1f} it/s, data wait {tw / el:.0%}"
             )
             hits.zero_(), tot.zero_()
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.stage2_steps:
             save(f"stage 2 step {step + 1}")
-    return time.time() - t0, last_acc
+    return elapsed_before + time.time() - t0, last_acc, elapsed_before
 
 
 # ------------------------------------------------------------------------------------------------- eval
@@ -718,6 +826,14 @@ def write_card(out_dir: Path, m: dict):
     (out_dir / "MODEL_CARD.md").write_text("\n".join(lines))
 
 
+def _stage2_args(args) -> dict:
+    keys = (
+        "stage2_steps", "stage2_batch_size", "questions_per_image", "qtype_weights", "lr2", "warmup", "head_gain",
+        "proj_norm", "drop_prob", "drop_min", "focus_frac", "embed_std",
+    )
+    return _stage1_args(args) | {k: getattr(args, k) for k in keys} | {"sizes": {**DEFAULT_SIZES, **args.sizes}}
+
+
 def _stage1_args(args) -> dict:
     keys = ("seed", "image_size", "stage1_steps", "batch_size", "lr1", "warmup", "dense_weight", "attn_weight", "pos_init_scale")
     sizes = {**DEFAULT_SIZES, **args.sizes}
@@ -739,7 +855,8 @@ def main(argv=None):
         "--qtype-weights",
         type=json.loads,
         default={},
-        help='JSON weights of the question types for the extra questions per image, e.g. {"color": 0.5} (default 1 each)',
+        help='JSON weights of the question types for the extra questions per image, e.g. {"color": 0.5} (default 1 '
+        'each); "position_abs" (training only: one object\'s side of the image) is off unless given a weight',
     )
     ap.add_argument("--lr1", type=float, default=2e-3)
     ap.add_argument("--lr2", type=float, default=1e-3)
@@ -761,6 +878,14 @@ def main(argv=None):
         default=None,
         help="stage-1 checkpoint: loaded (stage 1 skipped) if it exists and matches the stage-1 arguments, else written",
     )
+    ap.add_argument(
+        "--stage2-ckpt",
+        type=Path,
+        default=None,
+        help="stage-2 state (weights, optimiser, step): resumed from if it exists and matches the arguments; "
+        "written when --max-seconds stops training",
+    )
+    ap.add_argument("--max-seconds", type=float, default=0, help="stop stage 2 after this wall time (0: never), saving --stage2-ckpt")
     ap.add_argument("--eval-n", type=int, default=TEST_SIZE)
     ap.add_argument("--eval-bs", type=int, default=None)
     ap.add_argument("--log-every", type=int, default=100)
@@ -776,7 +901,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    t_start = time.time()
+    t_start = T_START
 
     def log(msg):
         print(f"[{time.time() - t_start:7.1f}s] {msg}", flush=True)
@@ -824,10 +949,11 @@ def main(argv=None):
             torch.save(state, ck)
             log(f"stage 1 saved to {ck}")
     init_projector(args, model, heads, device, log)
-    t2, train_acc = train_stage2(args, model, processor, device, log, save)
+    t2, train_acc, t2_earlier_calls = train_stage2(args, model, processor, device, log, save)
     model.eval()
     save("final weights")
-    train_time = time.time() - t_start
+    # a resumed stage 2 ran partly in earlier processes: count their stage-2 time too
+    train_time = time.time() - t_start + t2_earlier_calls
 
     acc, pruned, ntok, mass, mass_raw, eval_n = evaluate(args, args.out, device, log)
     import transformers
@@ -866,7 +992,9 @@ def main(argv=None):
         "stage1_time_s": t1,
         "stage2_time_s": t2,
         "train_time_s": train_time,
-        "wall_time_s": time.time() - t_start,
+        "wall_time_s": time.time() - t_start + t2_earlier_calls,
+        "stage2_ckpt": str(args.stage2_ckpt) if args.stage2_ckpt else None,
+        "stage2_resumed_after_s": t2_earlier_calls or None,
         "stage1_final": st1,
         "stage2_final_train_acc": train_acc,
         "eval_n": eval_n,

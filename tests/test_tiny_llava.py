@@ -91,6 +91,43 @@ def test_training_script_cpu_smoke(tmp_path):
     assert m["qtype_weights"] == {"color": 0.5, "count": 2}
     s1 = torch.load(tmp_path / "s1.pt")  # reusable by a later run with the same stage-1 arguments
     assert s1["stage1_args"]["stage1_steps"] == 2 and "vision_tower" in s1 and "heads" in s1
+    # a wall-time stop saves stage 2's state; the same command then resumes from it and finishes
+    ck = tmp_path / "s2.pt"
+    r = subprocess.run(cmd + ["--stage2-ckpt", str(ck), "--max-seconds", "0.001"], cwd=ROOT, timeout=300,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "rerun to resume" in r.stderr and ck.exists()
+    assert torch.load(ck, weights_only=False)["step"] == 0
+    r = subprocess.run(cmd + ["--stage2-ckpt", str(ck)], cwd=ROOT, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "stage 2 resumed" in r.stdout
+    assert json.loads((out / "train_metrics.json").read_text())["stage2_resumed_after_s"] is not None
+
+
+def test_shared_prefix_forward_equals_full_sequences():
+    """Training computes each image prefix once and repeats its cache over the image's questions: the suffix
+    hidden states and labels must equal the full-sequence forward's (right padding, causal, fp32)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_tiny_llava", ROOT / "scripts" / "train_tiny_llava.py")
+    tt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tt)
+    from bench.tiny_llava import build_model, build_processor
+
+    model, proc = build_model(seed=3).eval(), build_processor()
+    ids_builder = tt.PromptIds(proc.tokenizer)
+    b, q, k = 2, 3, 40
+    feats = torch.randn(b, k, model.config.text_config.hidden_size)
+    qs = ["what color is the star?", "how many circles are there?", "is there a red cross?"] * b
+    ans = ["red", "3", "no", "blue", "1", "yes"]
+    with torch.no_grad():
+        h, labels = tt.shared_prefix_forward(model, ids_builder, feats, qs, ans, "cpu")
+        ids, _, full_labels = ids_builder.batch(qs, ans, k, "cpu", pad_side="right")
+        emb = tt.embed_with_image(model, ids, feats.repeat_interleave(q, dim=0))
+        h_full = model.model.language_model(inputs_embeds=emb).last_hidden_state
+    p = len(ids_builder.prefix(k))
+    assert h.shape[1] == ids.shape[1] - p
+    torch.testing.assert_close(h, h_full[:, p:], rtol=1e-4, atol=1e-4)
+    assert torch.equal(labels, full_labels[:, p:]) and (full_labels[:, :p] == -100).all()
 
 
 def _card_and_metrics():
@@ -110,12 +147,20 @@ def test_model_card_matches_metrics():
     assert m["generator_version"] == GENERATOR_VERSION
 
 
-# Issue 3's targets are 0.90 overall accuracy and a 15-point loss at random 10% keep; the shipped
-# weights reach 0.604 and 5.7 points (MODEL_CARD.md, issue note). This checks what they do achieve,
-# so a retrain that regresses fails, and the CLS-attention target, which they meet.
+# Issue 3's targets: >= 0.90 overall, >= 15 points lost at random 10% keep, CLS mass >= 0.70. The shipped
+# weights meet the last two and reach 0.859 overall (position questions stay at chance, MODEL_CARD.md).
+# The floor below catches a retrain that regresses; the 0.90 target is a strict xfail until it is met.
 def test_model_card_numbers_hold():
     _, m = _card_and_metrics()
     assert m["cls_attention_object_mass"] >= 0.70
-    assert m["accuracy"]["overall"] >= 0.60
-    assert m["accuracy"]["color"] >= 0.95
-    assert m["accuracy"]["overall"] - m["pruned"]["random_r0.9"]["overall"] >= 0.05
+    assert m["accuracy"]["overall"] >= 0.85
+    assert min(m["accuracy"][q] for q in ("color", "shape", "exist")) >= 0.95
+    assert m["accuracy"]["overall"] - m["pruned"]["random_r0.9"]["overall"] >= 0.15
+    rnd = [m["pruned"][f"random_r{r}"]["overall"] for r in (0.5, 0.75, 0.9)]
+    assert m["accuracy"]["overall"] >= rnd[0] >= rnd[1] >= rnd[2]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 3: position questions are at chance (0.49), overall 0.859 < 0.90")
+def test_model_card_accuracy_target():
+    _, m = _card_and_metrics()
+    assert m["accuracy"]["overall"] >= 0.90
