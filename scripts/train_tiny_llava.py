@@ -71,6 +71,10 @@ from bench.tiny_llava import (  # noqa: E402
 )
 
 COLOR_LIST = list(COLORS)
+N_PAIR = len(SHAPES) * len(COLOR_LIST)
+MAXC = 8  # count classes 0..7
+T_START = time.time()
+
 # training-only question type (never in the test split): one object's side of the image, the stepping stone
 # to two-object position questions (read a bound object's coordinates before comparing two of them)
 AUX_QTYPES = ("position_abs",)
@@ -95,9 +99,6 @@ def absolute_position_questions(objects):
         for rel, truth in rels:
             out.append((f"is the {o['color']} {o['shape']} {rel}?", "yes" if truth else "no", "position_abs"))
     return out
-N_PAIR = len(SHAPES) * len(COLOR_LIST)
-MAXC = 8  # count classes 0..7
-T_START = time.time()
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -327,22 +328,10 @@ class PromptIds:
     def prefix(self, n_img: int) -> list[int]:
         return self.pre + [self.image_id] * n_img
 
-    def suffix_batch(self, questions, answers, device):
-        """Right-padded (N, S) ids of ``{question}{post-prompt} ASSISTANT: {answer}</s>`` and shifted labels."""
-        seqs, labs = [], []
-        for q, a in zip(questions, answers):
-            p, t = self.post(q), self.answer(a)
-            seqs.append(p + t)
-            labs.append([-100] * (len(p) - 1) + t + [-100])
-        L = max(map(len, seqs))
-        ids = np.full((len(seqs), L), self.pad_id, dtype=np.int64)
-        labels = np.full((len(seqs), L), -100, dtype=np.int64)
-        for i, (sq, lab) in enumerate(zip(seqs, labs)):
-            ids[i, : len(sq)], labels[i, : len(sq)] = sq, lab
-        return torch.from_numpy(ids).to(device, non_blocking=True), torch.from_numpy(labels).to(device, non_blocking=True)
-
-    def batch(self, questions, answers, n_img: int, device, pad_side: str = "left"):
+    def batch(self, questions, answers, n_img: int | None, device, pad_side: str = "left"):
         """Padded ids / mask / labels (labels already shifted: label[t] is the target after position t).
+
+        ``n_img=None`` leaves out the image prefix (:meth:`prefix`): the suffixes that follow a cached prefix.
 
         Training uses right padding with no attention mask (pure causal: pads sit after every real token, so
         no real token sees them and flash attention applies); RoPE scores depend only on relative positions,
@@ -350,7 +339,7 @@ class PromptIds:
         """
         seqs, labs = [], []
         for q, a in zip(questions, answers):
-            p = self.pre + [self.image_id] * n_img + self.post(q)
+            p = (self.prefix(n_img) if n_img is not None else []) + self.post(q)
             t = self.answer(a) if a is not None else []
             seqs.append(p + t)
             labs.append([-100] * (len(p) - 1) + t + [-100])
@@ -384,7 +373,7 @@ def shared_prefix_forward(model, ids_builder, feats, questions, answers, device)
     cache = DynamicCache()
     lm(inputs_embeds=embed_with_image(model, pre, feats), past_key_values=cache, use_cache=True)
     cache.batch_repeat_interleave(q)
-    ids, labels = ids_builder.suffix_batch(questions, answers, device)
+    ids, _, labels = ids_builder.batch(questions, answers, None, device, pad_side="right")
     pos = torch.arange(pre.shape[1], pre.shape[1] + ids.shape[1], device=device).expand(ids.shape[0], -1)
     emb = model.model.get_input_embeddings()(ids)
     h = lm(inputs_embeds=emb, past_key_values=cache, position_ids=pos, use_cache=True).last_hidden_state

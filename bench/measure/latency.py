@@ -325,12 +325,9 @@ def stage_latencies(adapter, method, batch: dict[str, torch.Tensor], seeds: torc
         out["selection"] = _t(time_fn(lambda: method.reduce(feats, ctx), device, warmup, repeats))
         # what the adapter really runs on CUDA: extras + reduce replayed from a CUDA graph
         if adapter.replays_selection(method):
-            from bench.models.clip_extras import GraphedSelection
-
-            gs = GraphedSelection(adapter.model, method, adapter.grid, adapter.has_cls)
+            gs = adapter.graphed_selection(method)
             out["selection_graph"] = _t(time_fn(lambda: gs(feats, hidden), device, warmup, repeats))
             notes.append("selection: eager method.reduce (extras precomputed); selection_graph: extras + reduce replayed from a CUDA graph, as the adapter runs it")
-            del gs
     else:
         out["selection"] = _t(None)
         notes.append(f"selection of a {method.stage} method is timed inside its stage (vision tower or LLM prefill)")

@@ -81,5 +81,6 @@ class ModelAdapter(abc.ABC):
         """Generate from prepared inputs; returns ``(B, T_new)`` new token ids."""
 
     def replays_selection(self, method) -> bool:
-        """Whether this adapter replays ``method``'s selection from a CUDA graph (default: never)."""
+        """Whether this adapter replays ``method``'s selection from a CUDA graph (default: never); an adapter
+        that says yes also provides ``graphed_selection(method)``, the replay itself."""
         return False

@@ -328,18 +328,23 @@ class LlavaAdapter(ModelAdapter):
             b = feats.shape[0]
             return VisualSelection(feats, torch.arange(n, device=feats.device).expand(b, n), torch.full((b,), n, dtype=torch.long))
         if self.replays_selection(method):
-            from bench.models.clip_extras import GraphedSelection
-
-            key = (type(method).__name__, repr(method.describe()))
-            cache = self.__dict__.setdefault("_graph_cache", {})
-            if key not in cache:
-                cache[key] = GraphedSelection(self.model, method, self.grid, self.has_cls)
-            return cache[key](feats, hidden)
+            return self.graphed_selection(method)(feats, hidden)
         return method.reduce(feats, self.vision_context(sample_seeds, hidden, method.needs))
 
     def replays_selection(self, method: PruningMethod) -> bool:
         """Whether :meth:`visual_selection` replays ``method``'s pre-LLM selection from a CUDA graph."""
         return self._graphs_on() and method.stage == "pre_llm" and method.graph_safe and method.prune_ratio > 0
+
+    def graphed_selection(self, method: PruningMethod):
+        """The CUDA-graph replay of ``method``'s extras + selection (built once per method configuration and
+        cached on the adapter); call it as ``(feats (B, N, D), hidden) -> VisualSelection``."""
+        from bench.models.clip_extras import GraphedSelection
+
+        key = (type(method).__name__, repr(method.describe()))
+        cache = self.__dict__.setdefault("_graph_cache", {})
+        if key not in cache:
+            cache[key] = GraphedSelection(self.model, method, self.grid, self.has_cls)
+        return cache[key]
 
     def _graphs_on(self) -> bool:
         return self.selection_graphs and self.device.type == "cuda"
