@@ -31,6 +31,10 @@ IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 TEMPLATE_WORDS = ["user", "assistant", ":"]
+# words only the training script's auxiliary questions use ("is the red star left or right?"): in the vocabulary
+# only of a model trained with them (``extra_words``), appended after SynthVQA's words so no benchmark id moves,
+# and absent otherwise so a recipe without them rebuilds exactly the same initial weights
+TRAINING_WORDS = ["or"]
 
 # llava-hf/llava-1.5-7b-hf's chat template without the {% generation %} markers:
 # renders [image, text q] + generation prompt as "USER: <image>\n{q} ASSISTANT:".
@@ -57,16 +61,17 @@ DEFAULT_SIZES: dict[str, int] = {
 }
 
 
-def vocab_list() -> list[str]:
-    """Token strings in id order: specials first, then template words, then SynthVQA's vocabulary."""
+def vocab_list(extra_words: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Token strings in id order: specials first, then template words, then SynthVQA's vocabulary, then
+    ``extra_words`` (e.g. :data:`TRAINING_WORDS`)."""
     out = list(SPECIAL_TOKENS)
-    for w in TEMPLATE_WORDS + list(VOCAB):
+    for w in TEMPLATE_WORDS + list(VOCAB) + list(extra_words):
         if w not in out:
             out.append(w)
     return out
 
 
-def build_tokenizer(vocab: dict[str, int] | None = None, model_max_length: int = 1024):
+def build_tokenizer(vocab: dict[str, int] | None = None, model_max_length: int = 1024, extra_words=()):
     """Word-level ``PreTrainedTokenizerFast`` (lowercasing; whitespace + punctuation split; ``<s>`` prepended).
 
     ``vocab`` (word -> id, with ``<s> </s> <unk> <pad> <image>``) defaults to the tiny model's own;
@@ -75,7 +80,7 @@ def build_tokenizer(vocab: dict[str, int] | None = None, model_max_length: int =
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    vocab = vocab or {w: i for i, w in enumerate(vocab_list())}
+    vocab = vocab or {w: i for i, w in enumerate(vocab_list(extra_words))}
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -122,11 +127,11 @@ def build_processor(tokenizer=None):
     )
 
 
-def build_config(sizes: dict[str, int] | None = None):
+def build_config(sizes: dict[str, int] | None = None, extra_words=()):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     s = {**DEFAULT_SIZES, **(sizes or {})}
-    vocab = vocab_list()
+    vocab = vocab_list(extra_words)
     ids = {w: i for i, w in enumerate(vocab)}
     vision = CLIPVisionConfig(
         hidden_size=s["vision_hidden"],
@@ -167,11 +172,11 @@ def build_config(sizes: dict[str, int] | None = None):
     return cfg
 
 
-def build_model(sizes: dict[str, int] | None = None, seed: int = 0):
+def build_model(sizes: dict[str, int] | None = None, seed: int = 0, extra_words=()):
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(build_config(sizes))
+    model = LlavaForConditionalGeneration(build_config(sizes, extra_words))
     gc = model.generation_config
     gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = (
         model.config.bos_token_id,

@@ -75,29 +75,46 @@ N_PAIR = len(SHAPES) * len(COLOR_LIST)
 MAXC = 8  # count classes 0..7
 T_START = time.time()
 
-# training-only question type (never in the test split): one object's side of the image, the stepping stone
-# to two-object position questions (read a bound object's coordinates before comparing two of them)
-AUX_QTYPES = ("position_abs",)
+# Training-only question types (never in the test split).  A test position question ("is A left of B?",
+# yes/no) is the XOR of a visual fact with the relation word: asked with "left of" and "right of" equally
+# often, reading any object's coordinate has zero first-order correlation with the answer, and every run
+# trained on those questions alone stayed at chance.  These ask the same facts with the side itself as the
+# answer, which a bound object's coordinate predicts directly: "side" (one object's side of the image) and
+# "relside" (A's side of B).  Once the LM reads the sides, the yes/no form is an XOR of two features it has.
+AUX_QTYPES = ("side", "relside")
 TRAIN_QTYPES = QTYPES + AUX_QTYPES
 ABS_MARGIN = 28  # pixels from the image centre line, so the side is unambiguous
 
 
-def absolute_position_questions(objects):
-    """``is the {colour} {shape} {left|right|above|below}?`` about objects unique by (shape, colour)."""
+def _centre(o):
+    return (o["bbox"][0] + o["bbox"][2]) / 2, (o["bbox"][1] + o["bbox"][3]) / 2
+
+
+def side_questions(objects):
+    """``is the {A} left or right[ of the {B}]?`` -> left / right (and above / below) about objects unique
+    by (shape, colour): qtype "side" against the image centre, "relside" against another object."""
+    from bench.synthvqa.generator import MIN_SEP
+
     pairs = [(o["shape"], o["color"]) for o in objects]
+    uniq = [o for o in objects if pairs.count((o["shape"], o["color"])) == 1]
     mid = _generator.IMAGE_SIZE / 2
     out = []
-    for o in objects:
-        if pairs.count((o["shape"], o["color"])) != 1:
-            continue
-        cx, cy = (o["bbox"][0] + o["bbox"][2]) / 2, (o["bbox"][1] + o["bbox"][3]) / 2
-        rels = []
-        if abs(cx - mid) >= ABS_MARGIN:
-            rels += [("left", cx < mid), ("right", cx > mid)]
-        if abs(cy - mid) >= ABS_MARGIN:
-            rels += [("above", cy < mid), ("below", cy > mid)]
-        for rel, truth in rels:
-            out.append((f"is the {o['color']} {o['shape']} {rel}?", "yes" if truth else "no", "position_abs"))
+    for a in uniq:
+        ax, ay = _centre(a)
+        name = f"{a['color']} {a['shape']}"
+        if abs(ax - mid) >= ABS_MARGIN:
+            out.append((f"is the {name} left or right?", "left" if ax < mid else "right", "side"))
+        if abs(ay - mid) >= ABS_MARGIN:
+            out.append((f"is the {name} above or below?", "above" if ay < mid else "below", "side"))
+        for b in uniq:
+            if b is a:
+                continue
+            bx, by = _centre(b)
+            other = f"{b['color']} {b['shape']}"
+            if abs(ax - bx) >= MIN_SEP:
+                out.append((f"is the {name} left or right of the {other}?", "left" if ax < bx else "right", "relside"))
+            if abs(ay - by) >= MIN_SEP:
+                out.append((f"is the {name} above or below the {other}?", "above" if ay < by else "below", "relside"))
     return out
 
 
@@ -155,8 +172,8 @@ class TrainStream(torch.utils.data.IterableDataset):
                 rng = np.random.default_rng([self.seed, i, 7])
                 by_type: dict[str, list] = {}
                 qlist = scene_questions(ex["objects"])
-                if self.qtype_weights.get("position_abs", 0) > 0:
-                    qlist += absolute_position_questions(ex["objects"])
+                if any(self.qtype_weights.get(t, 0) > 0 for t in AUX_QTYPES):
+                    qlist += [q for q in side_questions(ex["objects"]) if self.qtype_weights.get(q[2], 0) > 0]
                 for q in qlist:
                     by_type.setdefault(q[2], []).append(q)
                 types = sorted(by_type)
@@ -522,7 +539,7 @@ def train_stage2(args, model, processor, device, log, save):
             raise SystemExit(f"{ck} was trained with {state['stage2_args']}, not {_stage2_args(args)}")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
+        gen.set_state(state["gen"].cpu())  # map_location moved the CPU generator state to the device
         start_step, elapsed_before = state["step"], state["time_s"]
         log(f"stage 2 resumed from {ck} at step {start_step}")
     data = loader(
@@ -845,7 +862,8 @@ def main(argv=None):
         type=json.loads,
         default={},
         help='JSON weights of the question types for the extra questions per image, e.g. {"color": 0.5} (default 1 '
-        'each); "position_abs" (training only: one object\'s side of the image) is off unless given a weight',
+        'each); the training-only "side" / "relside" (left / right / above / below as the answer) are off unless '
+        "given a weight",
     )
     ap.add_argument("--lr1", type=float, default=2e-3)
     ap.add_argument("--lr2", type=float, default=1e-3)
@@ -897,13 +915,15 @@ def main(argv=None):
 
     command = "python scripts/train_tiny_llava.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     sizes = {**DEFAULT_SIZES, **args.sizes}
-    model = build_model(sizes, seed=args.seed).to(device)
+    # "or" joins the vocabulary only when the side questions are on (see TRAINING_WORDS)
+    extra_words = tuple(_tiny.TRAINING_WORDS) if any(args.qtype_weights.get(t, 0) > 0 for t in AUX_QTYPES) else ()
+    model = build_model(sizes, seed=args.seed, extra_words=extra_words).to(device)
     with torch.no_grad():
         model.model.language_model.embed_tokens.weight.normal_(0.0, args.embed_std)
     if args.pos_init_scale > 0:
         init_vision_positions(model, args.pos_init_scale)
     heads = VisionHeads(sizes["vision_hidden"]).to(device)
-    processor = build_processor()
+    processor = build_processor(_tiny.build_tokenizer(extra_words=extra_words))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model {n_params:,} params; device {device}; workers {args.workers}; args {vars(args)}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,7 @@ def test_training_script_cpu_smoke(tmp_path):
     out = tmp_path / "tl"
     cmd = [sys.executable, str(ROOT / "scripts" / "train_tiny_llava.py"), "--stage1-steps", "2", "--stage2-steps", "2",
            "--device", "cpu", "--out", str(out), "--batch-size", "2", "--stage2-batch-size", "2",
-           "--questions-per-image", "2", "--qtype-weights", '{"color": 0.5, "count": 2}', "--eval-n", "5",
+           "--questions-per-image", "4", "--qtype-weights", '{"color": 0.5, "count": 2, "side": 1, "relside": 1}', "--eval-n", "5",
            "--stage1-ckpt", str(tmp_path / "s1.pt"), "--workers", "0", "--log-every", "1"]
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=300)
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -88,7 +88,7 @@ def test_training_script_cpu_smoke(tmp_path):
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
     m = json.loads((out / "train_metrics.json").read_text())
     assert m["stage1_steps"] == 2 and m["stage2_steps"] == 2 and (out / "MODEL_CARD.md").exists()
-    assert m["qtype_weights"] == {"color": 0.5, "count": 2}
+    assert m["qtype_weights"] == {"color": 0.5, "count": 2, "side": 1, "relside": 1}
     s1 = torch.load(tmp_path / "s1.pt")  # reusable by a later run with the same stage-1 arguments
     assert s1["stage1_args"]["stage1_steps"] == 2 and "vision_tower" in s1 and "heads" in s1
     # a wall-time stop saves stage 2's state; the same command then resumes from it and finishes
@@ -101,6 +101,42 @@ def test_training_script_cpu_smoke(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "stage 2 resumed" in r.stdout
     assert json.loads((out / "train_metrics.json").read_text())["stage2_resumed_after_s"] is not None
+
+
+def _train_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_tiny_llava", ROOT / "scripts" / "train_tiny_llava.py")
+    tt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tt)
+    return tt
+
+
+def test_side_questions_match_geometry():
+    """The training-only side questions answer with the side itself, consistent with the object centres, and
+    only use words the tokenizer knows (the benchmark's words plus "or")."""
+    from bench.synthvqa.generator import make_example
+    from bench.tiny_llava import TRAINING_WORDS
+
+    tt = _train_module()
+    tok = build_tokenizer(extra_words=TRAINING_WORDS)
+    n = {"side": 0, "relside": 0}
+    for i in range(40):
+        objs = make_example("train", 0, i)["objects"]
+        by_name = {f"{o['color']} {o['shape']}": o for o in objs}
+        for q, a, t in tt.side_questions(objs):
+            n[t] += 1
+            m = re.fullmatch(r"is the (\w+ \w+) (left or right|above or below)(?: of)?(?: the (\w+ \w+))?\?", q)
+            assert m and (m.group(3) is None) == (t == "side"), q
+            axis = 0 if m.group(2) == "left or right" else 1
+            ca = tt._centre(by_name[m.group(1)])[axis]
+            cb = 168.0 if t == "side" else tt._centre(by_name[m.group(3)])[axis]
+            assert a == (("left", "right") if axis == 0 else ("above", "below"))[int(ca > cb)], (q, a)
+            assert set(words(q)) <= set(VOCAB) | set(TRAINING_WORDS)
+            assert tok.unk_token_id not in tok(q)["input_ids"]
+    assert n["side"] > 20 and n["relside"] > 20
+    # without the side questions the vocabulary (hence the seeded initial weights) is the benchmark's alone
+    assert "or" not in build_tokenizer().get_vocab() and "or" not in set(VOCAB)
 
 
 def test_shared_prefix_forward_equals_full_sequences():
@@ -164,3 +200,11 @@ def test_model_card_numbers_hold():
 def test_model_card_accuracy_target():
     _, m = _card_and_metrics()
     assert m["accuracy"]["overall"] >= 0.90
+
+
+def test_position_diagnosis_script_runs():
+    """scripts/diagnose_tiny_position.py (the model card's probe / attention numbers) on a few images."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "diagnose_tiny_position.py"), "--images", "4", "--questions", "12"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"projected tokens\s+all patches\s+x 0\.\d+", r.stdout) and "position layer 0" in r.stdout
