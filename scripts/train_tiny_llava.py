@@ -90,6 +90,17 @@ def _centre(o):
     return (o["bbox"][0] + o["bbox"][2]) / 2, (o["bbox"][1] + o["bbox"][3]) / 2
 
 
+def _side_pair(name, a, b, sep, other, qtype):
+    """Side questions of centre ``a`` against centre ``b`` (x, then y) on each axis where they are >= sep apart;
+    ``other`` names the object at ``b`` (None: the image centre)."""
+    out = []
+    for axis, lo, hi, of in ((0, "left", "right", " of"), (1, "above", "below", "")):
+        if abs(a[axis] - b[axis]) >= sep:
+            tail = f"{of} the {other}" if other else ""
+            out.append((f"is the {name} {lo} or {hi}{tail}?", lo if a[axis] < b[axis] else hi, qtype))
+    return out
+
+
 def side_questions(objects):
     """``is the {A} left or right[ of the {B}]?`` -> left / right (and above / below) about objects unique
     by (shape, colour): qtype "side" against the image centre, "relside" against another object."""
@@ -100,21 +111,11 @@ def side_questions(objects):
     mid = _generator.IMAGE_SIZE / 2
     out = []
     for a in uniq:
-        ax, ay = _centre(a)
         name = f"{a['color']} {a['shape']}"
-        if abs(ax - mid) >= ABS_MARGIN:
-            out.append((f"is the {name} left or right?", "left" if ax < mid else "right", "side"))
-        if abs(ay - mid) >= ABS_MARGIN:
-            out.append((f"is the {name} above or below?", "above" if ay < mid else "below", "side"))
+        out += _side_pair(name, _centre(a), (mid, mid), ABS_MARGIN, None, "side")
         for b in uniq:
-            if b is a:
-                continue
-            bx, by = _centre(b)
-            other = f"{b['color']} {b['shape']}"
-            if abs(ax - bx) >= MIN_SEP:
-                out.append((f"is the {name} left or right of the {other}?", "left" if ax < bx else "right", "relside"))
-            if abs(ay - by) >= MIN_SEP:
-                out.append((f"is the {name} above or below the {other}?", "above" if ay < by else "below", "relside"))
+            if b is not a:
+                out += _side_pair(name, _centre(a), _centre(b), MIN_SEP, f"{b['color']} {b['shape']}", "relside")
     return out
 
 
