@@ -19,6 +19,8 @@ Speed: the rounds' count and sizes depend on lengths only (:func:`dedup_rounds`)
 the host and the selection is CUDA-graph capturable. On CUDA with Triton and float16 features (``backend="auto"``) all
 rounds run in one kernel launch (one program per image) on the once-computed similarity matrix;
 ``backend="torch"`` runs them as a few batched kernels per round (identical picks, tested).
+``backend="triton_scan"`` (opt-in until timed on a GPU) sorts every similarity row once and then reads,
+per even token and round, only the head of its sorted row up to the first odd-set token.
 """
 
 from __future__ import annotations
@@ -147,6 +149,109 @@ def dedup_triton(sim: torch.Tensor, res: torch.Tensor, n_div: int, step: int) ->
     return buf[:, len(rounds) % 2, :n_div].long()
 
 
+_SCAN_KERNEL = None
+
+
+def _scan_kernel():
+    global _SCAN_KERNEL
+    if _SCAN_KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit(do_not_specialize=["n", "r0", "n_div", "n_rounds", "step"])
+        def _dedup_scan(order_ptr, vals_ptr, res_ptr, buf_ptr, best_ptr, stamp_ptr, n, r0, n_div, n_rounds, step,
+                        BE: tl.constexpr, BO: tl.constexpr, K: tl.constexpr):
+            # one program per image. Each token's similarity row comes pre-sorted (descending): an even
+            # token's best similarity to the odd set is the value at the first odd token of its sorted
+            # row, found by reading K entries at a time against a per-round stamp of the odd set,
+            # instead of reading all |even| x |odd| similarities every round
+            b = tl.program_id(0).to(tl.int64)
+            order = order_ptr + b * n * n
+            vals = vals_ptr + b * n * n
+            stamp = stamp_ptr + b * n
+            buf = buf_ptr + b * 2 * r0
+            bestb = best_ptr + b * BE
+            ie = tl.arange(0, BE)
+            jo = tl.arange(0, BO)
+            kk = tl.arange(0, K)
+            for c0 in range(0, r0, BE):
+                offs = c0 + ie
+                tl.store(buf + offs, tl.load(res_ptr + b * r0 + offs, mask=offs < r0), mask=offs < r0)
+            tl.debug_barrier()
+            length = r0
+            for it in range(n_rounds):
+                src = buf + (it % 2) * r0
+                dst = buf + ((it + 1) % 2) * r0
+                ne = (length + 1) // 2
+                no = length // 2
+                r = tl.minimum(step, length - n_div)
+                mark = it + 1
+                for j0 in range(0, no, BE):
+                    jj = j0 + ie
+                    o = tl.load(src + 2 * jj + 1, mask=jj < no, other=0)
+                    tl.store(stamp + o, tl.full([BE], 0, tl.int32) + mark, mask=jj < no)
+                tl.debug_barrier()
+                ev_ok = ie < ne
+                e = tl.load(src + 2 * ie, mask=ev_ok, other=0).to(tl.int64)
+                best = tl.full([BE], float("-inf"), tl.float32)
+                todo = ev_ok
+                p = tl.full([], 0, tl.int32)
+                while tl.sum(todo.to(tl.int32)) > 0:
+                    cols = p + kk
+                    m = todo[:, None] & (cols < n)[None, :]
+                    idx = tl.load(order + e[:, None] * n + cols[None, :], mask=m, other=0)
+                    hit = m & (tl.load(stamp + idx, mask=m, other=0) == mark)
+                    pos = tl.min(tl.where(hit, kk[None, :], K), axis=1)
+                    newly = todo & (pos < K)
+                    v = tl.load(vals + e * n + p + pos, mask=newly, other=float("-inf"))
+                    best = tl.where(newly, v.to(tl.float32), best)
+                    todo = todo & (pos >= K)
+                    p += K
+                tl.store(bestb + ie, best)
+                tl.debug_barrier()
+                best = tl.load(bestb + ie)
+                rank = tl.zeros([BE], tl.int32)
+                for j0 in range(0, ne, BO):
+                    jj = j0 + jo
+                    bj = tl.load(bestb + jj, mask=jj < ne, other=float("-inf"))
+                    ahead = (bj[None, :] > best[:, None]) | ((bj[None, :] == best[:, None]) & (jj[None, :] < ie[:, None]))
+                    rank += tl.sum((ahead & (jj < ne)[None, :]).to(tl.int32), axis=1)
+                tl.store(dst + rank - r, e.to(tl.int32), mask=ev_ok & (rank >= r))
+                kept = tl.maximum(ne - r, 0)
+                for j0 in range(0, no, BE):
+                    jj = j0 + ie
+                    tl.store(dst + kept + jj, tl.load(src + 2 * jj + 1, mask=jj < no), mask=jj < no)
+                length = kept + no
+                tl.debug_barrier()
+
+        _SCAN_KERNEL = _dedup_scan
+    return _SCAN_KERNEL
+
+
+def dedup_triton_scan(sim: torch.Tensor, res: torch.Tensor, n_div: int, step: int, k: int = 32) -> torch.Tensor:
+    """Same result as :func:`dedup_torch`, one Triton launch on row-sorted similarities (``backend="triton_scan"``).
+
+    ``sim`` is sorted once per row (descending); every round then reads, per even token, only its sorted
+    row up to the first odd-set token (``k`` entries at a time): the same maximum, since a maximum does
+    not depend on the order of ties.  About ``N`` reads per round instead of ``|even| x |odd|``.
+    """
+    import triton
+
+    b, r0 = res.shape
+    rounds = dedup_rounds(r0, n_div, step)
+    if n_div == 0 or not rounds:
+        return res[:, :n_div]
+    n = sim.shape[1]
+    vals, order = sim.sort(dim=-1, descending=True)
+    be = max(16, triton.next_power_of_2((r0 + 1) // 2))
+    buf = torch.empty(b, 2, r0, dtype=torch.int32, device=res.device)
+    best = torch.empty(b, be, dtype=torch.float32, device=res.device)
+    stamp = torch.zeros(b, n, dtype=torch.int32, device=res.device)
+    _scan_kernel()[(b,)](order.to(torch.int32).contiguous(), vals.contiguous(), res.to(torch.int32).contiguous(), buf, best, stamp,
+                         n, r0, n_div, len(rounds), step, BE=be, BO=16, K=k, num_warps=8)
+    return buf[:, len(rounds) % 2, :n_div].long()
+
+
 def vispruner_select(score: torch.Tensor, feats: torch.Tensor, n_keep: int, important_ratio: float, step: int = 8, backend: str = "torch") -> torch.Tensor:
     """``(B, N)`` scores and ``(B, N, C)`` patch features -> ``(B, n_keep)`` sorted kept indices.
 
@@ -160,7 +265,8 @@ def vispruner_select(score: torch.Tensor, feats: torch.Tensor, n_keep: int, impo
     imp, res = order[:, :n_imp], order[:, n_imp:]
     xn = feats / feats.norm(dim=-1, keepdim=True)
     sim = xn @ xn.transpose(1, 2)
-    res = dedup_triton(sim, res, n_div, step) if backend == "triton" else dedup_torch(sim, res, n_div, step)
+    dedup = {"triton": dedup_triton, "triton_scan": dedup_triton_scan}.get(backend, dedup_torch)
+    res = dedup(sim, res, n_div, step)
     return torch.cat([imp, res], dim=1).sort(dim=1).values
 
 
@@ -176,9 +282,11 @@ class VisPruner(PruningMethod):
         CLIP layer of the CLS attention and of the features used for similarity (-2).
     step : int
         Even-position tokens dropped per de-duplication round (8).
-    backend : {"auto", "torch", "triton"}
+    backend : {"auto", "torch", "triton", "triton_scan"}
         Implementation of the rounds (identical picks); ``auto`` = one Triton launch on CUDA when
         Triton is available, else batched torch ops (one small set of kernels per round).
+        ``triton_scan``: one Triton launch on row-sorted similarities (:func:`dedup_triton_scan`; checked
+        equal under Triton's CPU interpreter, not yet timed on a GPU, so ``auto`` does not pick it).
     """
 
     important_ratio: float = 0.5
@@ -195,8 +303,8 @@ class VisPruner(PruningMethod):
             raise ConfigError(f"vispruner: important_ratio must be in [0, 1], got {self.important_ratio}")
         if int(self.step) < 1:
             raise ConfigError("vispruner: step must be >= 1")
-        if self.backend not in ("auto", "torch", "triton"):
-            raise ConfigError(f"vispruner: backend must be auto, torch or triton, got {self.backend!r}")
+        if self.backend not in ("auto", "torch", "triton", "triton_scan"):
+            raise ConfigError(f"vispruner: backend must be auto, torch, triton or triton_scan, got {self.backend!r}")
 
     @property
     def name(self) -> str:
@@ -218,5 +326,7 @@ class VisPruner(PruningMethod):
         # auto: Triton for float16 only, where it was checked equal on the H100; with float32 features its
         # picks differed from the torch rounds at 576 -> 64 (equal at 192/128; undiagnosed), bf16 is unchecked
         auto_triton = self.backend == "auto" and _triton_ok(feats) and feats.dtype == torch.float16
-        backend = "triton" if self.backend == "triton" or auto_triton else "torch"
+        backend = "triton" if auto_triton else ("torch" if self.backend == "auto" else self.backend)
+        if backend.startswith("triton") and not _triton_ok(feats):
+            raise ConfigError(f"vispruner: backend={backend} needs CUDA tensors and Triton; use backend=auto or torch")
         return vispruner_select(score, feats, self.n_keep(n), float(self.important_ratio), int(self.step), backend)

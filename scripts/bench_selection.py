@@ -71,7 +71,8 @@ def variants(ratio: float, device: str):
         ("vispruner", VisPruner(prune_ratio=ratio)),
     ]
     if device == "cuda":  # "auto" is Triton there; the batched-torch rounds for comparison
-        out += [("divprune[torch]", DivPrune(prune_ratio=ratio, backend="torch")), ("vispruner[torch]", VisPruner(prune_ratio=ratio, backend="torch"))]
+        out += [("divprune[torch]", DivPrune(prune_ratio=ratio, backend="torch")), ("vispruner[torch]", VisPruner(prune_ratio=ratio, backend="torch")),
+                ("vispruner[triton_scan]", VisPruner(prune_ratio=ratio, backend="triton_scan"))]
     out += [
         ("hiprune", HiPrune(prune_ratio=ratio)),
         ("prumerge", PruMerge(prune_ratio=ratio)),

@@ -466,21 +466,35 @@ def test_tome_merging_tower_needs_no_host_values(tiny_dir):
     assert out.device.type == "meta" and out.shape[1] == 144
 
 
+def test_vispruner_triton_backend_refused_on_cpu():
+    from bench.errors import ConfigError
+    from methods.vispruner import VisPruner
+
+    m = VisPruner(prune_ratio=0.9, backend="triton_scan")
+    t = random_extras(1, d=32, gen=gen(0))
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        m.select(torch.zeros(1, 576, 8), ctx_from(t, m.needs))
+
+
 def test_vispruner_triton_kernel_equals_torch_rounds():
-    """The one-launch de-duplication kernel, run by Triton's CPU interpreter, keeps what the torch rounds keep
+    """The one-launch de-duplication kernels (gather and sorted-row scan), run by Triton's CPU interpreter, keep
+    what the torch rounds keep
     (including fp16-rounded similarities, where ties are common and go to the earlier list position)."""
     pytest.importorskip("triton")
     code = (
         "import torch\n"
-        "from methods.vispruner import dedup_torch, dedup_triton\n"
+        "from methods.vispruner import dedup_torch, dedup_triton, dedup_triton_scan\n"
         "g = torch.Generator().manual_seed(0)\n"
-        "for n, r0, n_div, half in [(100, 90, 7, True), (100, 91, 12, False), (64, 40, 0, False), (300, 280, 20, True)]:\n"
+        "for n, r0, n_div, half in [(100, 90, 7, True), (100, 91, 12, False), (64, 40, 0, False), (300, 280, 20, True), (576, 544, 32, 'fp16')]:\n"
         "    x = torch.randn(2, n, 16, generator=g); xn = x / x.norm(dim=-1, keepdim=True)\n"
         "    sim = xn @ xn.transpose(1, 2)\n"
-        "    sim = sim.half().float() if half else sim\n"
+        "    sim = sim.half() if half == 'fp16' else (sim.half().float() if half else sim)\n"
         "    res = torch.stack([torch.randperm(n, generator=g)[:r0] for _ in range(2)])\n"
-        "    a = dedup_torch(sim, res, n_div, 8); b = dedup_triton(sim, res, n_div, 8)\n"
-        "    assert torch.equal(a, b), (n, r0, a, b)\n"
+        "    a = dedup_torch(sim, res, n_div, 8); b = dedup_triton_scan(sim, res, n_div, 8)\n"
+        "    assert torch.equal(a, b), ('scan', n, r0, a, b)\n"
+        "    if n < 576:  # the gather kernel is slow under the interpreter\n"
+        "        b = dedup_triton(sim, res, n_div, 8)\n"
+        "        assert torch.equal(a, b), (n, r0, a, b)\n"
         "print('ok')\n"
     )
     _run_triton_interpreted(code, timeout=300)
@@ -514,7 +528,7 @@ def cuda_llava():
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("ratio", [0.6667, 0.8889])
-@pytest.mark.parametrize("name,kw", GRAPH_SAFE + [("divprune", {"backend": "triton"}), ("vispruner", {"backend": "triton"})], ids=[n + "-" + "".join(kw.values()) for n, kw in GRAPH_SAFE] + ["divprune-triton", "vispruner-triton"])
+@pytest.mark.parametrize("name,kw", GRAPH_SAFE + [("divprune", {"backend": "triton"}), ("vispruner", {"backend": "triton"}), ("vispruner", {"backend": "triton_scan"})], ids=[n + "-" + "".join(kw.values()) for n, kw in GRAPH_SAFE] + ["divprune-triton", "vispruner-triton", "vispruner-triton_scan"])
 def test_graph_selection_equals_eager_cuda(cuda_llava, name, kw, ratio):
     from bench.models.clip_extras import GraphedSelection, build_extras
     from methods.base import VisionContext
@@ -561,6 +575,7 @@ def test_triton_backends_equal_torch_cuda(cuda_llava):
         for keep in (192, 128, 64):
             if dtype == torch.float16:  # VisPruner's auto backend uses Triton for float16 only (see VisPruner.select)
                 assert torch.equal(vispruner_select(score, x, keep, 0.5, backend="triton"), vispruner_select(score, x, keep, 0.5, backend="torch"))
+            assert torch.equal(vispruner_select(score, x, keep, 0.5, backend="triton_scan"), vispruner_select(score, x, keep, 0.5, backend="torch"))
             d = cosine_distance(x)
             assert torch.equal(greedy_maxmin_triton(d, keep), greedy_maxmin_torch(d, keep))
 
