@@ -80,9 +80,14 @@ def _triton_kernel():
         # lengths as plain int32 (a value of 1 would otherwise be specialised into a constant, and
         # the loop-carried length must keep one type)
         @triton.jit(do_not_specialize=["n", "r0", "n_div", "n_rounds", "step"])
-        def _dedup(sim_ptr, res_ptr, buf_ptr, best_ptr, n, r0, n_div, n_rounds, step, BE: tl.constexpr, BO: tl.constexpr):
+        def _dedup(sim_ptr, order_ptr, stamp_ptr, res_ptr, buf_ptr, best_ptr, n, r0, n_div, n_rounds, step,
+                   BE: tl.constexpr, BO: tl.constexpr, K: tl.constexpr, SCAN: tl.constexpr):
             # one program per image; the list lives in a double buffer in global memory (a round
-            # reads one half and writes the other), the even tokens' best similarities in best_ptr
+            # reads one half and writes the other), the even tokens' best similarities in best_ptr.
+            # SCAN: sim_ptr holds every similarity row sorted descending and order_ptr its token ids; an
+            # even token's best similarity to the odd set is the value at the first odd token of its
+            # sorted row, found K entries at a time against a per-round stamp of the odd set (stamp_ptr)
+            # instead of gathering all |even| x |odd| similarities (order_ptr / stamp_ptr unused then)
             b = tl.program_id(0).to(tl.int64)
             sim = sim_ptr + b * n * n
             buf = buf_ptr + b * 2 * r0
@@ -100,15 +105,40 @@ def _triton_kernel():
                 ne = (length + 1) // 2
                 no = length // 2
                 r = tl.minimum(step, length - n_div)
+                if SCAN:
+                    stamp = stamp_ptr + b * n
+                    mark = it + 1
+                    for j0 in range(0, no, BE):
+                        jj = j0 + ie
+                        o = tl.load(src + 2 * jj + 1, mask=jj < no, other=0)
+                        tl.store(stamp + o, tl.full([BE], 0, tl.int32) + mark, mask=jj < no)
+                    tl.debug_barrier()
                 ev_ok = ie < ne
                 e = tl.load(src + 2 * ie, mask=ev_ok, other=0).to(tl.int64)
                 best = tl.full([BE], float("-inf"), tl.float32)
-                for j0 in range(0, no, BO):
-                    jj = j0 + jo
-                    o_ok = jj < no
-                    o = tl.load(src + 2 * jj + 1, mask=o_ok, other=0)
-                    t = tl.load(sim + e[:, None] * n + o[None, :], mask=ev_ok[:, None] & o_ok[None, :], other=float("-inf"))
-                    best = tl.maximum(best, tl.max(t.to(tl.float32), axis=1))
+                if SCAN:
+                    order = order_ptr + b * n * n
+                    kk = tl.arange(0, K)
+                    todo = ev_ok
+                    p = tl.full([], 0, tl.int32)
+                    while tl.sum(todo.to(tl.int32)) > 0:
+                        cols = p + kk
+                        m = todo[:, None] & (cols < n)[None, :]
+                        idx = tl.load(order + e[:, None] * n + cols[None, :], mask=m, other=0)
+                        hit = m & (tl.load(stamp + idx, mask=m, other=0) == mark)
+                        pos = tl.min(tl.where(hit, kk[None, :], K), axis=1)
+                        newly = todo & (pos < K)
+                        v = tl.load(sim + e * n + p + pos, mask=newly, other=float("-inf"))
+                        best = tl.where(newly, v.to(tl.float32), best)
+                        todo = todo & (pos >= K)
+                        p += K
+                else:
+                    for j0 in range(0, no, BO):
+                        jj = j0 + jo
+                        o_ok = jj < no
+                        o = tl.load(src + 2 * jj + 1, mask=o_ok, other=0)
+                        t = tl.load(sim + e[:, None] * n + o[None, :], mask=ev_ok[:, None] & o_ok[None, :], other=float("-inf"))
+                        best = tl.maximum(best, tl.max(t.to(tl.float32), axis=1))
                 tl.store(bestb + ie, best)
                 tl.debug_barrier()
                 # re-read rather than reuse the loop result: with a float32 ``sim`` (no cast in the
@@ -133,107 +163,13 @@ def _triton_kernel():
     return _TRITON_KERNEL
 
 
-def dedup_triton(sim: torch.Tensor, res: torch.Tensor, n_div: int, step: int) -> torch.Tensor:
-    """Same result as :func:`dedup_torch`, all rounds in one Triton launch (one program per image)."""
-    import triton
+def dedup_triton(sim: torch.Tensor, res: torch.Tensor, n_div: int, step: int, scan: bool = False, k: int = 32) -> torch.Tensor:
+    """Same result as :func:`dedup_torch`, all rounds in one Triton launch (one program per image).
 
-    b, r0 = res.shape
-    rounds = dedup_rounds(r0, n_div, step)
-    if n_div == 0 or not rounds:
-        return res[:, :n_div]
-    sim = sim.contiguous()
-    be = max(16, triton.next_power_of_2((r0 + 1) // 2))
-    buf = torch.empty(b, 2, r0, dtype=torch.int32, device=res.device)
-    best = torch.empty(b, be, dtype=torch.float32, device=res.device)
-    _triton_kernel()[(b,)](sim, res.to(torch.int32).contiguous(), buf, best, sim.shape[1], r0, n_div, len(rounds), step, BE=be, BO=16, num_warps=8)
-    return buf[:, len(rounds) % 2, :n_div].long()
-
-
-_SCAN_KERNEL = None
-
-
-def _scan_kernel():
-    global _SCAN_KERNEL
-    if _SCAN_KERNEL is None:
-        import triton
-        import triton.language as tl
-
-        @triton.jit(do_not_specialize=["n", "r0", "n_div", "n_rounds", "step"])
-        def _dedup_scan(order_ptr, vals_ptr, res_ptr, buf_ptr, best_ptr, stamp_ptr, n, r0, n_div, n_rounds, step,
-                        BE: tl.constexpr, BO: tl.constexpr, K: tl.constexpr):
-            # one program per image. Each token's similarity row comes pre-sorted (descending): an even
-            # token's best similarity to the odd set is the value at the first odd token of its sorted
-            # row, found by reading K entries at a time against a per-round stamp of the odd set,
-            # instead of reading all |even| x |odd| similarities every round
-            b = tl.program_id(0).to(tl.int64)
-            order = order_ptr + b * n * n
-            vals = vals_ptr + b * n * n
-            stamp = stamp_ptr + b * n
-            buf = buf_ptr + b * 2 * r0
-            bestb = best_ptr + b * BE
-            ie = tl.arange(0, BE)
-            jo = tl.arange(0, BO)
-            kk = tl.arange(0, K)
-            for c0 in range(0, r0, BE):
-                offs = c0 + ie
-                tl.store(buf + offs, tl.load(res_ptr + b * r0 + offs, mask=offs < r0), mask=offs < r0)
-            tl.debug_barrier()
-            length = r0
-            for it in range(n_rounds):
-                src = buf + (it % 2) * r0
-                dst = buf + ((it + 1) % 2) * r0
-                ne = (length + 1) // 2
-                no = length // 2
-                r = tl.minimum(step, length - n_div)
-                mark = it + 1
-                for j0 in range(0, no, BE):
-                    jj = j0 + ie
-                    o = tl.load(src + 2 * jj + 1, mask=jj < no, other=0)
-                    tl.store(stamp + o, tl.full([BE], 0, tl.int32) + mark, mask=jj < no)
-                tl.debug_barrier()
-                ev_ok = ie < ne
-                e = tl.load(src + 2 * ie, mask=ev_ok, other=0).to(tl.int64)
-                best = tl.full([BE], float("-inf"), tl.float32)
-                todo = ev_ok
-                p = tl.full([], 0, tl.int32)
-                while tl.sum(todo.to(tl.int32)) > 0:
-                    cols = p + kk
-                    m = todo[:, None] & (cols < n)[None, :]
-                    idx = tl.load(order + e[:, None] * n + cols[None, :], mask=m, other=0)
-                    hit = m & (tl.load(stamp + idx, mask=m, other=0) == mark)
-                    pos = tl.min(tl.where(hit, kk[None, :], K), axis=1)
-                    newly = todo & (pos < K)
-                    v = tl.load(vals + e * n + p + pos, mask=newly, other=float("-inf"))
-                    best = tl.where(newly, v.to(tl.float32), best)
-                    todo = todo & (pos >= K)
-                    p += K
-                tl.store(bestb + ie, best)
-                tl.debug_barrier()
-                best = tl.load(bestb + ie)
-                rank = tl.zeros([BE], tl.int32)
-                for j0 in range(0, ne, BO):
-                    jj = j0 + jo
-                    bj = tl.load(bestb + jj, mask=jj < ne, other=float("-inf"))
-                    ahead = (bj[None, :] > best[:, None]) | ((bj[None, :] == best[:, None]) & (jj[None, :] < ie[:, None]))
-                    rank += tl.sum((ahead & (jj < ne)[None, :]).to(tl.int32), axis=1)
-                tl.store(dst + rank - r, e.to(tl.int32), mask=ev_ok & (rank >= r))
-                kept = tl.maximum(ne - r, 0)
-                for j0 in range(0, no, BE):
-                    jj = j0 + ie
-                    tl.store(dst + kept + jj, tl.load(src + 2 * jj + 1, mask=jj < no), mask=jj < no)
-                length = kept + no
-                tl.debug_barrier()
-
-        _SCAN_KERNEL = _dedup_scan
-    return _SCAN_KERNEL
-
-
-def dedup_triton_scan(sim: torch.Tensor, res: torch.Tensor, n_div: int, step: int, k: int = 32) -> torch.Tensor:
-    """Same result as :func:`dedup_torch`, one Triton launch on row-sorted similarities (``backend="triton_scan"``).
-
-    ``sim`` is sorted once per row (descending); every round then reads, per even token, only its sorted
-    row up to the first odd-set token (``k`` entries at a time): the same maximum, since a maximum does
-    not depend on the order of ties.  About ``N`` reads per round instead of ``|even| x |odd|``.
+    ``scan=True`` (``backend="triton_scan"``): ``sim`` is sorted once per row (descending) and every round
+    reads, per even token, only its sorted row up to the first odd-set token (``k`` entries at a time): the
+    same maximum, since a maximum does not depend on the order of ties.  About ``N`` reads per round
+    instead of ``|even| x |odd|`` gathers.
     """
     import triton
 
@@ -242,13 +178,16 @@ def dedup_triton_scan(sim: torch.Tensor, res: torch.Tensor, n_div: int, step: in
     if n_div == 0 or not rounds:
         return res[:, :n_div]
     n = sim.shape[1]
-    vals, order = sim.sort(dim=-1, descending=True)
     be = max(16, triton.next_power_of_2((r0 + 1) // 2))
     buf = torch.empty(b, 2, r0, dtype=torch.int32, device=res.device)
     best = torch.empty(b, be, dtype=torch.float32, device=res.device)
-    stamp = torch.zeros(b, n, dtype=torch.int32, device=res.device)
-    _scan_kernel()[(b,)](order.to(torch.int32).contiguous(), vals.contiguous(), res.to(torch.int32).contiguous(), buf, best, stamp,
-                         n, r0, n_div, len(rounds), step, BE=be, BO=16, K=k, num_warps=8)
+    if scan:
+        sim, order = sim.sort(dim=-1, descending=True)
+        order, stamp = order.to(torch.int32).contiguous(), torch.zeros(b, n, dtype=torch.int32, device=res.device)
+    else:
+        order = stamp = buf  # not read without SCAN
+    _triton_kernel()[(b,)](sim.contiguous(), order, stamp, res.to(torch.int32).contiguous(), buf, best, n, r0, n_div, len(rounds), step,
+                           BE=be, BO=16, K=k, SCAN=scan, num_warps=8)
     return buf[:, len(rounds) % 2, :n_div].long()
 
 
@@ -265,8 +204,10 @@ def vispruner_select(score: torch.Tensor, feats: torch.Tensor, n_keep: int, impo
     imp, res = order[:, :n_imp], order[:, n_imp:]
     xn = feats / feats.norm(dim=-1, keepdim=True)
     sim = xn @ xn.transpose(1, 2)
-    dedup = {"triton": dedup_triton, "triton_scan": dedup_triton_scan}.get(backend, dedup_torch)
-    res = dedup(sim, res, n_div, step)
+    if backend.startswith("triton"):
+        res = dedup_triton(sim, res, n_div, step, scan=backend == "triton_scan")
+    else:
+        res = dedup_torch(sim, res, n_div, step)
     return torch.cat([imp, res], dim=1).sort(dim=1).values
 
 
@@ -285,7 +226,7 @@ class VisPruner(PruningMethod):
     backend : {"auto", "torch", "triton", "triton_scan"}
         Implementation of the rounds (identical picks); ``auto`` = one Triton launch on CUDA when
         Triton is available, else batched torch ops (one small set of kernels per round).
-        ``triton_scan``: one Triton launch on row-sorted similarities (:func:`dedup_triton_scan`; checked
+        ``triton_scan``: one Triton launch on row-sorted similarities (:func:`dedup_triton` with ``scan=True``; checked
         equal under Triton's CPU interpreter, not yet timed on a GPU, so ``auto`` does not pick it).
     """
 

@@ -483,14 +483,14 @@ def test_vispruner_triton_kernel_equals_torch_rounds():
     pytest.importorskip("triton")
     code = (
         "import torch\n"
-        "from methods.vispruner import dedup_torch, dedup_triton, dedup_triton_scan\n"
+        "from methods.vispruner import dedup_torch, dedup_triton\n"
         "g = torch.Generator().manual_seed(0)\n"
         "for n, r0, n_div, half in [(100, 90, 7, True), (100, 91, 12, False), (64, 40, 0, False), (300, 280, 20, True), (576, 544, 32, 'fp16')]:\n"
         "    x = torch.randn(2, n, 16, generator=g); xn = x / x.norm(dim=-1, keepdim=True)\n"
         "    sim = xn @ xn.transpose(1, 2)\n"
         "    sim = sim.half() if half == 'fp16' else (sim.half().float() if half else sim)\n"
         "    res = torch.stack([torch.randperm(n, generator=g)[:r0] for _ in range(2)])\n"
-        "    a = dedup_torch(sim, res, n_div, 8); b = dedup_triton_scan(sim, res, n_div, 8)\n"
+        "    a = dedup_torch(sim, res, n_div, 8); b = dedup_triton(sim, res, n_div, 8, scan=True)\n"
         "    assert torch.equal(a, b), ('scan', n, r0, a, b)\n"
         "    if n < 576:  # the gather kernel is slow under the interpreter\n"
         "        b = dedup_triton(sim, res, n_div, 8)\n"
