@@ -207,6 +207,12 @@ def first_word(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ analysis helpers
+def patch_centres(grid: int = GRID) -> np.ndarray:
+    """``(grid * grid, 2)`` float32 patch-centre (x, y) in [-1, 1], raster order (the CLIP patch order)."""
+    c = (np.arange(grid) + 0.5) / grid * 2 - 1
+    return np.stack(np.meshgrid(c, c, indexing="xy"), -1).reshape(-1, 2).astype(np.float32)
+
+
 def object_patch_mask(objects: list[dict[str, Any]]) -> np.ndarray:
     """(576,) bool: patches (raster order) whose 14x14 cell overlaps any object's bbox."""
     m = np.zeros((GRID, GRID), dtype=bool)

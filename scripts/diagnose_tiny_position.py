@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.models.llava import chat_prompt  # noqa: E402
 from bench.synthvqa.generator import POST_PROMPT, make_example  # noqa: E402
-from bench.tiny_llava import GRID, TINY_LLAVA_PATH, object_patch_mask, pixel_tensor  # noqa: E402
+from bench.tiny_llava import GRID, TINY_LLAVA_PATH, object_patch_mask, patch_centres, pixel_tensor  # noqa: E402
 
 
 def r2_probe(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
@@ -51,8 +51,7 @@ def main(argv=None) -> None:
     with torch.no_grad():
         feat = model.model.vision_tower(pixel_tensor([e["image"] for e in exs]), output_hidden_states=True).hidden_states[-2][:, 1:]
         proj = model.model.multi_modal_projector(feat)
-    c = (np.arange(GRID) + 0.5) / GRID * 2 - 1
-    xy = np.tile(np.stack(np.meshgrid(c, c, indexing="xy"), -1).reshape(-1, 2), (n, 1))
+    xy = np.tile(patch_centres(GRID), (n, 1))
     obj = np.concatenate([object_patch_mask(e["objects"]).reshape(-1) for e in exs]).astype(bool)
     first = np.arange(len(xy)) < (n // 2) * GRID * GRID
     print("1. linear probe R^2 of the patch centre (x, y), second half of the images")

@@ -86,6 +86,11 @@ TRAIN_QTYPES = QTYPES + AUX_QTYPES
 ABS_MARGIN = 28  # pixels from the image centre line, so the side is unambiguous
 
 
+def aux_questions_on(qtype_weights: dict) -> bool:
+    """Whether a run asks the training-only side questions (they also put "or" in its vocabulary)."""
+    return any(qtype_weights.get(t, 0) > 0 for t in AUX_QTYPES)
+
+
 def _centre(o):
     return (o["bbox"][0] + o["bbox"][2]) / 2, (o["bbox"][1] + o["bbox"][3]) / 2
 
@@ -173,7 +178,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 rng = np.random.default_rng([self.seed, i, 7])
                 by_type: dict[str, list] = {}
                 qlist = scene_questions(ex["objects"])
-                if any(self.qtype_weights.get(t, 0) > 0 for t in AUX_QTYPES):
+                if aux_questions_on(self.qtype_weights):
                     qlist += [q for q in side_questions(ex["objects"]) if self.qtype_weights.get(q[2], 0) > 0]
                 for q in qlist:
                     by_type.setdefault(q[2], []).append(q)
@@ -223,8 +228,7 @@ def to_pixels(img_u8: torch.Tensor, device) -> torch.Tensor:
 def _patch_xy(grid: int) -> torch.Tensor:
     """Patch centre coordinates in [-1, 1], (1, grid*grid, 2): the dense head regresses them so that the
     feature layer keeps position linearly readable (position questions need it)."""
-    c = (np.arange(grid) + 0.5) / grid * 2 - 1
-    return torch.from_numpy(np.stack(np.meshgrid(c, c, indexing="xy"), -1).reshape(1, -1, 2).astype(np.float32))
+    return torch.from_numpy(_tiny.patch_centres(grid)).unsqueeze(0)
 
 
 PATCH_XY = _patch_xy(GRID)
@@ -917,7 +921,7 @@ def main(argv=None):
     command = "python scripts/train_tiny_llava.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     sizes = {**DEFAULT_SIZES, **args.sizes}
     # "or" joins the vocabulary only when the side questions are on (see TRAINING_WORDS)
-    extra_words = tuple(_tiny.TRAINING_WORDS) if any(args.qtype_weights.get(t, 0) > 0 for t in AUX_QTYPES) else ()
+    extra_words = tuple(_tiny.TRAINING_WORDS) if aux_questions_on(args.qtype_weights) else ()
     model = build_model(sizes, seed=args.seed, extra_words=extra_words).to(device)
     with torch.no_grad():
         model.model.language_model.embed_tokens.weight.normal_(0.0, args.embed_std)

@@ -115,7 +115,7 @@ def _train_module():
 def test_side_questions_match_geometry():
     """The training-only side questions answer with the side itself, consistent with the object centres, and
     only use words the tokenizer knows (the benchmark's words plus "or")."""
-    from bench.synthvqa.generator import make_example
+    from bench.synthvqa.generator import IMAGE_SIZE, make_example
     from bench.tiny_llava import TRAINING_WORDS
 
     tt = _train_module()
@@ -130,7 +130,7 @@ def test_side_questions_match_geometry():
             assert m and (m.group(3) is None) == (t == "side"), q
             axis = 0 if m.group(2) == "left or right" else 1
             ca = tt._centre(by_name[m.group(1)])[axis]
-            cb = 168.0 if t == "side" else tt._centre(by_name[m.group(3)])[axis]
+            cb = IMAGE_SIZE / 2 if t == "side" else tt._centre(by_name[m.group(3)])[axis]
             assert a == (("left", "right") if axis == 0 else ("above", "below"))[int(ca > cb)], (q, a)
             assert set(words(q)) <= set(VOCAB) | set(TRAINING_WORDS)
             assert tok.unk_token_id not in tok(q)["input_ids"]
@@ -142,11 +142,7 @@ def test_side_questions_match_geometry():
 def test_shared_prefix_forward_equals_full_sequences():
     """Training computes each image prefix once and repeats its cache over the image's questions: the suffix
     hidden states and labels must equal the full-sequence forward's (right padding, causal, fp32)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_tiny_llava", ROOT / "scripts" / "train_tiny_llava.py")
-    tt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tt)
+    tt = _train_module()
     from bench.tiny_llava import build_model, build_processor
 
     model, proc = build_model(seed=3).eval(), build_processor()
