@@ -67,19 +67,20 @@ def _probe_sequence(x: int, mask: int, n_free: int) -> list[int]:
     return seq
 
 
-_PROBE_TABLES: dict = {}
+_RANK_TABLES: dict = {}
 
 
-def _probe_table(mask: int, n: int, t: int, device) -> torch.Tensor:
-    """``(t, P)`` probe sequences of keys ``0..t-1`` covering ``n`` distinct slots (padded with their last
-    slot); cached per process."""
+def _rank_table(mask: int, n: int, t: int, device) -> torch.Tensor:
+    """``(t, mask + 1)`` float: where each slot first comes in key ``x``'s probe sequence (covering ``n``
+    distinct slots), ``inf`` where it never comes; cached per process."""
     key = (mask, n, t, str(device))
-    tab = _PROBE_TABLES.get(key)
+    tab = _RANK_TABLES.get(key)
     if tab is None:
-        seqs = [_probe_sequence(x, mask, n) for x in range(t)]
-        width = max(len(s) for s in seqs)
-        tab = torch.tensor([s + [s[-1]] * (width - len(s)) for s in seqs], dtype=torch.long).to(device)
-        _PROBE_TABLES[key] = tab
+        tab = torch.full((t, mask + 1), float("inf"))
+        for x in range(t):
+            for r, slot in reversed(list(enumerate(_probe_sequence(x, mask, n)))):  # the first visit wins
+                tab[x, slot] = r
+        tab = _RANK_TABLES[key] = tab.to(device)
     return tab
 
 
@@ -87,32 +88,40 @@ def set_order(keys: torch.Tensor, t: int) -> torch.Tensor:
     """``list(set(keys[b].tolist()))`` for every row, on the device: ``(B, n)`` distinct ints in ``[0, t)``.
 
     CPython inserts each key at the first free slot of its probe sequence (which depends only on the
-    key and the table size), grows the table as :func:`_set_phases` says, and iterates slots in order;
-    this replays those insertions with gathers and scatters (a few kernels per key, no sync).
+    key and the table size), grows the table as :func:`_set_phases` says, and iterates slots in order.
+    This replays the insertions in two kernels per key: every key of a table phase gets its slots'
+    probe ranks (:func:`_rank_table`) in one ``(B, n, S)`` tensor; a key takes the slot of least rank,
+    and that slot's column is then set to ``inf`` for all keys (no host sync).
     """
     b, n = keys.shape
-    dev = keys.device
     order = keys
-    done = 0  # keys of ``order`` already placed in the current table
-    slots = None
     phases = _set_phases(n)
     for ph, (mask, upto) in enumerate(phases):
-        tab = _probe_table(mask, upto, t, dev)  # at most upto - 1 slots are taken when a key arrives
-        free = torch.ones(b, mask + 1, dtype=torch.uint8, device=dev)
-        probes = tab[order[:, :upto]]  # (B, upto, P)
+        rank = _rank_table(mask, upto, t, keys.device)[order[:, :upto]]  # (B, upto, S)
         placed = []
         for r in range(upto):
-            pr = probes[:, r]
-            first = free.gather(1, pr).argmax(1, keepdim=True)  # first free slot in the probe sequence
-            slot = pr.gather(1, first)
-            free.scatter_(1, slot, 0)
+            slot = rank[:, r].argmin(1, keepdim=True)  # (B, 1): at most ``upto - 1`` slots are taken
             placed.append(slot)
-        slots = torch.cat(placed, dim=1)
-        done = upto
+            if r + 1 < upto:
+                rank.scatter_(2, slot.view(b, 1, 1).expand(-1, upto, -1), float("inf"))
+        by_slot = torch.cat(placed, dim=1).argsort(dim=1)
         if ph + 1 < len(phases):  # resize: old entries re-inserted in slot order, then the remaining keys
-            order = torch.cat([order[:, :upto].gather(1, slots.argsort(dim=1)), order[:, upto:]], dim=1)
-    assert done == n
-    return order.gather(1, slots.argsort(dim=1))
+            order = torch.cat([order[:, :upto].gather(1, by_slot), order[:, upto:]], dim=1)
+    return order.gather(1, by_slot)
+
+
+def dart_layout(valid: torch.Tensor, vis_start: torch.Tensor, n_vis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tensors of :func:`dart_select` that depend on the layout only (built once per context).
+
+    Returns ``text_bias`` ``(B, T)`` fp32 (0 on the text tokens after the image, ``-inf`` elsewhere),
+    ``pad`` ``(B, 1)`` (left padding) and ``img_offset`` ``(B, 1)`` (``vis_start - pad``: a visual index
+    to its position in the unpadded sample).
+    """
+    t = valid.shape[1]
+    is_text = (torch.arange(t, device=valid.device).view(1, t) >= (vis_start + n_vis).view(-1, 1)) & valid
+    text_bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(~is_text, float("-inf"))
+    pad = (~valid).sum(1, keepdim=True)
+    return text_bias, pad, vis_start.view(-1, 1) - pad
 
 
 def dart_select(
@@ -125,6 +134,7 @@ def dart_select(
     n_text_pivots: int,
     per_pivot: list[int],
     uniform_start: int | None = None,
+    layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """DART's selection for a batch (batched tensor ops, no host sync: CUDA-graph capturable).
 
@@ -143,6 +153,8 @@ def dart_select(
         Tokens each pivot takes, by visiting rank (``floor(B/8)`` each in the official setting).
     uniform_start : int, optional
         The (host) image start shared by every sample, if any (slices instead of gathers).
+    layout : tuple, optional
+        :func:`dart_layout` of ``(valid, vis_start, n_vis)``, precomputed (built here when not given).
 
     Returns
     -------
@@ -150,32 +162,31 @@ def dart_select(
         ``(B, n_image_pivots + sum(per_pivot))`` sorted indices into the visual block.
     """
     b, t, _ = keys.shape
-    dev = keys.device
+    text_bias, pad, img_offset = layout if layout is not None else dart_layout(valid, vis_start, n_vis)
     norms = keys.float().abs().sum(-1)  # L1 norm, (B, T)
     img_norm = norms.narrow(1, uniform_start, n_vis) if uniform_start is not None else visual_block(norms, vis_start, n_vis)
-    img_piv = img_norm.topk(n_image_pivots, dim=1).indices  # (B, pi), relative
-    pos = torch.arange(t, device=dev).view(1, t)
-    is_text = (pos >= (vis_start + n_vis).view(-1, 1)) & valid
-    text_piv = norms.masked_fill(~is_text, float("-inf")).topk(n_text_pivots, dim=1).indices  # absolute
-    pad = (~valid).sum(1, keepdim=True)
+    img_piv = img_norm.topk(n_image_pivots, dim=1).indices  # (B, pi), relative, by descending norm
+    text_piv = (norms + text_bias).topk(n_text_pivots, dim=1).indices  # absolute
     # the official set order is over the unpadded sample's positions
-    unpadded = torch.cat([img_piv + (vis_start.view(-1, 1) - pad), text_piv - pad], dim=1)
+    unpadded = torch.cat([img_piv + img_offset, text_piv - pad], dim=1)
     order = set_order(unpadded, t) + pad  # (B, P) absolute positions, visiting order
-    vis_h = hidden.narrow(1, uniform_start, n_vis) if uniform_start is not None else visual_block(hidden, vis_start, n_vis)
-    piv_h = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, P, D)
-    # cosine similarity as F.cosine_similarity normalises (eps-clamped L2 norms), all pivots in one matmul
-    eps = 1e-8
-    vis_n = vis_h / torch.linalg.vector_norm(vis_h, dim=-1, keepdim=True).clamp_min(eps)
-    piv_n = piv_h / torch.linalg.vector_norm(piv_h, dim=-1, keepdim=True).clamp_min(eps)
+    # cosine similarity as F.cosine_similarity normalises (eps-clamped L2 norms, per token: normalising
+    # every token once equals normalising the pivots and the visual block apart), all pivots in one matmul
+    hidden = hidden / torch.linalg.vector_norm(hidden, dim=-1, keepdim=True).clamp_min(1e-8)
+    vis_n = hidden.narrow(1, uniform_start, n_vis) if uniform_start is not None else visual_block(hidden, vis_start, n_vis)
+    piv_n = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, P, D)
     neg_cos = -(piv_n @ vis_n.transpose(1, 2))  # (B, P, N)
-    taken = torch.zeros(b, n_vis, dtype=neg_cos.dtype, device=dev)  # 0 or -inf: already selected
+    taken = torch.zeros(b, n_vis, dtype=neg_cos.dtype, device=keys.device)  # 0 or -inf: already selected
     taken.scatter_(1, img_piv, float("-inf"))
     parts = [img_piv]
+    last = max((j for j, cnt in enumerate(per_pivot) if cnt > 0), default=-1)
     for j, cnt in enumerate(per_pivot):
         if cnt <= 0:
             continue
-        top = (neg_cos[:, j] + taken).topk(cnt, dim=1).indices
-        taken.scatter_(1, top, float("-inf"))
+        # the set is what matters (sorted below); an ordered topk would cost one more kernel
+        top = (neg_cos[:, j] + taken).topk(cnt, dim=1, sorted=False).indices
+        if j < last:
+            taken.scatter_(1, top, float("-inf"))
         parts.append(top)
     return torch.cat(parts, dim=1).sort(dim=1).values
 
@@ -235,12 +246,23 @@ class DART(InLLMMethod):
         return [Stage(layer, keep, self.renumber_positions)]
 
     def prune(self, i: int, stage: Stage, view: StageView) -> StageOut:
-        keys = view.keys(stage.layer - 1)  # (B, Hkv, T, d)
-        b, _, t, _ = keys.shape
-        keys = keys.transpose(1, 2).reshape(b, t, -1)
+        keys = view.keys(stage.layer - 1, heads_first=False)  # (B, T, Hkv, d)
+        b, t = keys.shape[:2]
+        keys = keys.reshape(b, t, -1)
         hidden = view.final_norm(view.hidden)
         counts = pivot_counts(stage.n_keep, self.pivot_image_token + self.pivot_text_token, self.pivot_image_token)
+        layout = view.static.get("layout") if isinstance(getattr(view, "static", None), dict) else None
+        if layout is None or layout[0].shape != view.valid.shape:
+            layout = dart_layout(view.valid, view.vis_start, view.n_vis)
         keep = dart_select(keys, hidden, view.valid, view.vis_start, view.n_vis,
                            self.pivot_image_token, self.pivot_text_token, counts,
-                           view.vis_start_min if getattr(view, "uniform_start", False) else None)
+                           view.vis_start_min if getattr(view, "uniform_start", False) else None, layout)
         return StageOut(keep)
+
+    def runtime_setup(self, plan: list[Stage], prepared, device) -> dict:
+        """:func:`dart_layout` of the prompt layout, built once outside the forward (DART prunes the original sequence)."""
+        if not plan:
+            return {}
+        spans = prepared.extras["image_spans"].to(device)
+        valid = prepared.attention_mask.to(device).bool()
+        return {"layout": dart_layout(valid, spans[:, 0], int(spans[0, 1] - spans[0, 0]))}

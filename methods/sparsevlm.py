@@ -35,6 +35,7 @@ from typing import ClassVar
 import torch
 
 from bench.errors import ConfigError
+from methods.fastv import topk_sorted
 from methods.inllm import InLLMMethod, Stage, StageOut, StageView, per_layer_counts, scale_layer, solve_monotone
 
 #: official selected counts per stage, by budget (v1.5 / v2.0)
@@ -91,29 +92,48 @@ def text_raters(embeds: torch.Tensor, vis_start: torch.Tensor, n_vis: int, n_tex
     return (m > mean) & text_valid
 
 
-def cluster_and_merge(x: torch.Tensor, n_clusters: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+def cluster_and_merge(x: torch.Tensor, n_clusters: int, jitter: torch.Tensor | None = None,
+                      cluster_ids: torch.Tensor | None = None) -> torch.Tensor:
     """DPC-kNN clustering of ``x`` ``(B, M, C)`` into ``n_clusters`` means, as the official ``cluster_and_merge``.
 
-    ``noise`` ``(B, M)`` in ``[0, 1)`` is the density jitter (scaled by ``1e-6``); ``None``: no jitter.
-    Clusters are ordered by their centre's score (``topk`` order). Every step is a batched tensor op
-    with static shapes (no host sync): the official code's masked arithmetic ``dist * mask + max * (1 - mask)``
-    is written as the equal ``where``.
+    ``jitter`` ``(B, M)`` is the density jitter already scaled (``1e-6 * rand`` in ``x``'s dtype, see
+    :func:`density_jitter`); ``None``: no jitter. ``cluster_ids``: ``arange(n_clusters)`` on ``x``'s device
+    (built once outside the forward; made here when not given). Clusters are ordered by their centre's
+    score (``topk`` order). Every step is a batched tensor op with static shapes (no host sync): the
+    official code's masked arithmetic ``dist * mask + max * (1 - mask)`` is written as the equal ``where``.
     """
     b, m, c = x.shape
-    dist = torch.cdist(x.float(), x.float(), compute_mode="donot_use_mm_for_euclid_dist").to(x.dtype) / (c**0.5)
+    if n_clusters == 1:  # every token joins the only cluster: no distances needed, the same weighted mean
+        w = (torch.tensor(float(m), dtype=x.dtype) + 1e-6).reciprocal()  # ``weight`` below, as a host scalar
+        return x.new_full((b, m, 1), float(w)).transpose(1, 2) @ x
+    # the official ``(x1 - x2).norm()`` without its (B, M, M, C) difference tensor: exact differences, fp32 sums
+    xf = x.float()
+    dist = torch.cdist(xf, xf, compute_mode="donot_use_mm_for_euclid_dist").to(x.dtype) / (c**0.5)
     nearest = dist.topk(n_clusters, dim=-1, largest=False).values
     density = (-(nearest**2).mean(-1)).exp()
-    if noise is not None:
-        density = density + noise.to(density.dtype) * 1e-6
+    if jitter is not None:
+        density = density + jitter.to(density.dtype)
     higher = density[:, None, :] > density[:, :, None]
     dist_max = dist.flatten(1).max(-1).values.view(b, 1, 1)
     parent_dist = torch.where(higher, dist, dist_max).min(-1).values
     centres = (parent_dist * density).topk(n_clusters, dim=-1).indices  # (B, c)
     assign = dist.gather(1, centres.unsqueeze(-1).expand(-1, -1, m)).argmin(1)  # (B, M)
-    assign.scatter_(1, centres, torch.arange(n_clusters, device=x.device).view(1, -1).expand(b, -1))
+    if cluster_ids is None:
+        cluster_ids = torch.arange(n_clusters, device=x.device)
+    assign.scatter_(1, centres, cluster_ids.view(1, -1).expand(b, -1))
     onehot = x.new_zeros(b, m, n_clusters).scatter_(2, assign.unsqueeze(-1), 1.0)  # (B, M, c), no device sync
-    weight = 1.0 / (onehot.sum(1) + 1e-6)  # (B, c)
+    weight = (onehot.sum(1) + 1e-6).reciprocal()  # (B, c); ``1.0 / t`` would add a multiply by 1
     return (onehot * weight.unsqueeze(1)).transpose(1, 2) @ x
+
+
+def density_jitter(seeds: torch.Tensor, n: int, stage: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """``(B, n)`` SparseVLM's density jitter ``rand * 1e-6`` in ``dtype``, seeded per sample and stage."""
+    g = torch.Generator(device="cpu")
+    rows = []
+    for s in seeds.tolist():
+        g.manual_seed(int(s) * 1009 + stage)
+        rows.append(torch.rand(n, generator=g))
+    return torch.stack(rows).to(device).to(dtype) * 1e-6
 
 
 def rope_only_bias(cos: torch.Tensor, sin: torch.Tensor, q_first: int, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -223,21 +243,16 @@ class SparseVLM(InLLMMethod):
         return out
 
     def runtime_setup(self, plan: list[Stage], prepared, device) -> dict:
-        """Density jitter per stage, seeded per sample from its seed (``1e-6 * rand`` in the official code)."""
+        """Per stage, built once outside the forward: the density jitter (``1e-6 * rand`` in the official
+        code, seeded per sample from its seed) and the cluster ids."""
         if not self.merging:
             return {}
         seeds = prepared.extras.get("sample_seeds", torch.zeros(prepared.input_ids.shape[0], dtype=torch.long))
-        counts = stage_counts([s.n_selected for s in plan], prepared.extras["image_spans"][0, 1].item()
-                              - prepared.extras["image_spans"][0, 0].item(), True)
-        noise = {}
-        g = torch.Generator(device="cpu")
-        for i, (_, cand, _) in enumerate(counts):
-            rows = []
-            for s in seeds.tolist():
-                g.manual_seed(int(s) * 1009 + i)
-                rows.append(torch.rand(cand, generator=g))
-            noise[i] = torch.stack(rows).to(device)
-        return {"noise": noise}
+        spans = prepared.extras["image_spans"]
+        counts = stage_counts([s.n_selected for s in plan], int(spans[0, 1] - spans[0, 0]), True)
+        dtype = prepared.inputs_embeds.dtype
+        return {"jitter": {i: density_jitter(seeds, cand, i, dtype, device) for i, (_, cand, _) in enumerate(counts)},
+                "cluster_ids": {i: torch.arange(c, device=device) for i, (_, _, c) in enumerate(counts)}}
 
     # -------------------------------------------------------------- selection
     def scores(self, view: StageView, layer: int) -> torch.Tensor:
@@ -253,8 +268,8 @@ class SparseVLM(InLLMMethod):
         w, count = raters
         if self.version == "2.0":
             return self._scores_v2(view, layer, attn, w, count)
-        a = view.visual(attn.mean(1), dim=-1).float()  # (B, Q, n)
-        return (a * w.unsqueeze(-1)).sum(1) / count
+        a = view.visual(attn.mean(1), dim=-1)  # (B, Q, n), the model's dtype
+        return (a * w.unsqueeze(-1)).sum(1) / count  # fp32: ``w`` promotes the product (no separate cast)
 
     def _scores_v2(self, view, layer, attn, w, count):
         b, h, q, t = attn.shape
@@ -274,10 +289,11 @@ class SparseVLM(InLLMMethod):
         k = stage.n_selected
         m = stage.n_keep - k
         if m <= 0:
-            return StageOut(s.topk(k, dim=1).indices.sort(dim=1).values)
+            return StageOut(topk_sorted(s, k))
         cand, _ = merge_counts(view.n_vis, k)
         top = s.topk(k + cand, dim=1).indices  # kept, then the recycled candidates by descending score
         keep = top[:, :k].sort(dim=1).values
         x = view.visual(view.hidden).gather(1, top[:, k:].unsqueeze(-1).expand(-1, -1, view.hidden.shape[-1]))
-        noise = view.static.get("noise", {}).get(i)
-        return StageOut(keep, cluster_and_merge(x, m, noise))
+        static = view.static
+        jitter = static.get("jitter", {}).get(i)
+        return StageOut(keep, cluster_and_merge(x, m, jitter, static.get("cluster_ids", {}).get(i)))

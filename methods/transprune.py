@@ -26,6 +26,7 @@ from functools import partial
 
 import torch
 
+from methods.fastv import topk_sorted
 from methods.inllm import InLLMMethod, Stage, StageOut, StageView, per_layer_counts, scale_layer, solve_monotone
 
 
@@ -39,11 +40,14 @@ def _transition_from_stats(n_in: torch.Tensor, n_out: torch.Tensor, dot: torch.T
     return (n_out / n_in) * (e / e.sum(-1, keepdim=True))
 
 
-def _token_stats(x_in: torch.Tensor, x_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token ``‖in‖``, ``‖out‖``, ``in·out``, accumulated in fp32 (no fp16 overflow of the sums)."""
-    return (torch.linalg.vector_norm(x_in, dim=-1, dtype=torch.float32),
-            torch.linalg.vector_norm(x_out, dim=-1, dtype=torch.float32),
-            (x_in * x_out).sum(-1, dtype=torch.float32))
+def _token_stats(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
+    """``(3, B, T)``: per-token ``‖in‖``, ``‖out‖``, ``in·out``, accumulated in fp32 (no fp16 overflow of the
+    sums), written into one tensor so that the sublayers of a stage stack in one kernel."""
+    st = x_in.new_empty((3, *x_in.shape[:-1]), dtype=torch.float32)
+    torch.linalg.vector_norm(x_in, dim=-1, dtype=torch.float32, out=st[0])
+    torch.linalg.vector_norm(x_out, dim=-1, dtype=torch.float32, out=st[1])
+    torch.sum(x_in * x_out, dim=-1, dtype=torch.float32, out=st[2])
+    return st
 
 
 def transition_weight(x_in: torch.Tensor, x_out: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -70,7 +74,7 @@ def _flush_ttv(view) -> torch.Tensor | None:
     pending = view.state.pop("tp_pending", None)
     acc = view.state.get("tp_ttv")
     if pending:
-        n_in, n_out, dot = (torch.stack(x) for x in zip(*pending))  # (L, B, T)
+        n_in, n_out, dot = torch.stack(pending, dim=1)  # (L, B, T) each
         valid = None if getattr(view, "no_padding", False) else view.valid
         w = view.visual(_transition_from_stats(n_in, n_out, dot, valid).sum(0), dim=1)
         acc = w if acc is None else acc + w
@@ -172,7 +176,7 @@ class TransPrune(InLLMMethod):
         score = iga
         if ttv is not None:
             score = score + ttv / (ttv.sum(1, keepdim=True) + 1e-8)
-        keep = score.topk(stage.n_keep, dim=1).indices.sort(dim=1).values
+        keep = topk_sorted(score, stage.n_keep)
         if ttv is not None:
             view.state["tp_ttv"] = ttv.gather(1, keep)  # accumulated without reset: carried to the kept tokens
         return StageOut(keep)

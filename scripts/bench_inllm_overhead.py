@@ -24,6 +24,11 @@ Definitions (one row per method x batch x mode):
   pruned one), over ``--repeats`` consecutive steps after ``--warmup`` steps.
 
 Timers: CUDA events on GPU; ``perf_counter`` on CPU (graph mode is then null, with a note).
+
+``--profile PATH`` (CUDA) also writes where the overhead goes: per method and batch, the GPU kernels
+of an eager prefill with the method and with :class:`FixedSelection` (``torch.profiler``, averaged over
+``--repeats`` prefills), one row per kernel name with its launches and device time per prefill in both
+and their difference, largest differences first, plus a ``TOTAL`` row.
 CPU smoke test: ``--smoke`` (8-layer tiny LLaVA on CPU, 2 repeats, batches 1 and 2).
 Writes ``--out`` (default ``results/inllm_overhead.csv``). No hydra / lmms-eval imports (runs on the GPU machine).
 """
@@ -184,6 +189,35 @@ def decode_steps(ad, prepared, method, timer, warmup: int, repeats: int) -> floa
     return statistics.median(times)
 
 
+def kernel_profile(ad, prepared, method, fixed, repeats: int, top: int = 30) -> list[dict]:
+    """Per kernel name: launches and device microseconds per eager prefill, method vs fixed selection
+    (on CPU: aten ops and their CPU time, so the path runs in the smoke test)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = prepared.inputs_embeds.is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    per = {}
+    for tag, m in (("method", method), ("fixed", fixed)):
+        ad.prefill(prepared, m)
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                ad.prefill(prepared, m)
+            sync()
+        for e in prof.key_averages():
+            us = e.self_device_time_total if cuda else e.self_cpu_time_total
+            if e.count and us:
+                d = per.setdefault(e.key, {"method": (0, 0.0), "fixed": (0, 0.0)})
+                d[tag] = (e.count / repeats, us / repeats)
+    rows = [{"kernel": k[:160], "launches_method": round(v["method"][0], 2), "launches_fixed": round(v["fixed"][0], 2),
+             "us_method": round(v["method"][1], 2), "us_fixed": round(v["fixed"][1], 2),
+             "us_diff": round(v["method"][1] - v["fixed"][1], 2)} for k, v in per.items()]
+    total = {"kernel": "TOTAL", **{c: round(sum(r[c] for r in rows), 2)
+                                   for c in ("launches_method", "launches_fixed", "us_method", "us_fixed", "us_diff")}}
+    rows.sort(key=lambda r: -abs(r["us_diff"]))
+    return [total] + rows[:top]
+
+
 def graph_fn(ad, prepared, method):
     from bench.measure.latency import GraphPrefill
 
@@ -202,6 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default=str(ROOT / "results" / "inllm_overhead.csv"))
+    ap.add_argument("--profile", default=None, help="also write a per-kernel breakdown (method vs fixed, eager prefill) to this CSV")
     args = ap.parse_args(argv)
     if args.smoke:
         args.tiny, args.device, args.warmup, args.repeats = True, "cpu", 1, 2
@@ -220,7 +255,7 @@ def main(argv=None) -> int:
 
     gpu = torch.cuda.get_device_name() if timer.cuda else platform.processor() or "cpu"
     versions = f"torch={torch.__version__};transformers={transformers.__version__}"
-    rows = []
+    rows, kernel_rows = [], []
     for b in [int(x) for x in args.batches.split(",")]:
         prepared = prepared_batch(ad, b)
         base = {}
@@ -244,6 +279,9 @@ def main(argv=None) -> int:
                 same = bool(torch.equal(ad.prefill(prepared, fixed).logits, ref))  # the reference prunes identically
                 del ref
             counts = prepared.extras["visual_tokens_per_layer"][0].tolist()
+            if args.profile:
+                with torch.no_grad():
+                    kernel_rows += [{"method": name, "batch": b, **r} for r in kernel_profile(ad, prepared, m, fixed, args.repeats)]
             dec = decode_steps(ad, prepared, m, timer, args.warmup, args.repeats) if "eager" in modes else None
             for mode in modes:
                 note = ""
@@ -284,6 +322,12 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         w.writeheader()
         w.writerows(rows)
+    if kernel_rows:
+        with open(args.profile, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(kernel_rows[0].keys()))
+            w.writeheader()
+            w.writerows(kernel_rows)
+        print(f"wrote {args.profile}")
     print(f"wrote {out} in {time.time() - t_start:.0f} s")
     return 0
 

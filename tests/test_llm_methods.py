@@ -437,7 +437,7 @@ class _FakeView:
         self.hidden, self.n_vis, self.layer = hidden, n, 3
         self.vis_start = torch.full((b,), s0)
         self.valid = torch.ones(b, t, dtype=torch.bool)
-        self.state, self.static = {}, {"noise": {0: noise}}
+        self.state, self.static = {}, {"jitter": {0: noise * 1e-6}}
         self.uniform_start, self.vis_start_min = True, s0
         self._rows, self._embeds = attn_rows, embeds
 

@@ -63,19 +63,41 @@ import torch
 
 from bench.errors import IncompatibleMethodError
 
-__all__ = ["prune_in_llm", "attention_rows", "apply_rope"]
+__all__ = ["apply_rope", "attention_rows", "prune_in_llm", "signed_sin"]
 
 
 # ----------------------------------------------------------------------------------- pure helpers
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` ``(..., d)`` with its first half negated: the sign of Llama's ``rotate_half``, for :func:`apply_rope`."""
+    h = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :h], sin[..., h:]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``x`` ``(B, H, T, d)`` with ``cos``/``sin`` ``(B, T, d)`` (Llama's convention)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + _rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, heads_first: bool = True) -> torch.Tensor:
+    """Llama's rotary embedding ``x * cos + rotate_half(x) * sin``, bit for bit, in four kernels.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``(B, T, H, d)``: a q/k projection's output split into heads (not yet transposed).
+    cos, sin_signed : torch.Tensor
+        ``(B or 1, T, d)``; ``sin_signed = signed_sin(sin)``.
+    heads_first : bool
+        Return ``(B, H, T, d)`` contiguous in that layout (what the score matmul reads without a copy);
+        ``False``: ``(B, T, H, d)`` contiguous (heads concatenate per token with a view).
+
+    ``rotate_half(x) = cat(-x2, x1)`` is ``roll(x, d/2)`` with the first half negated; the sign sits in
+    ``sin_signed`` (``(-a) * b == a * (-b)`` exactly), so no ``neg``/``cat`` runs per call.
+    """
+    b, t, h, d = x.shape
+    c, s = cos.unsqueeze(2), sin_signed.unsqueeze(2)
+    rolled = x.roll(d // 2, dims=-1)
+    if not heads_first:
+        return (x * c).add_(rolled * s)
+    out, rot = x.new_empty(b, h, t, d), x.new_empty(b, h, t, d)
+    torch.mul(x.transpose(1, 2), c.transpose(1, 2), out=out)
+    torch.mul(rolled.transpose(1, 2), s.transpose(1, 2), out=rot)
+    return out.add_(rot)
 
 
 def attention_rows(
@@ -166,7 +188,7 @@ class _Seq:
     shift: int = 0  # decode positions = original ids - shift
     layer: int = 0
     static: dict = field(default_factory=dict)  # layout-only tensors of this sequence (query rows, biases)
-    pos_static: bool = True  # ``pos`` depends on the layout only (not on which tokens were kept)
+    pos_static: bool = True  # ``pos`` (so ``pe``) depends on the layout only (not on which tokens were kept)
     mask: Any = None
     pe: Any = None
     # per-call decode state (built once per call, shared by every layer of the stage)
@@ -477,8 +499,21 @@ class _View:
         self._norm_input(layer)
         return self._s.pe if self._s.pe is not None else self._r.lm.rotary_emb(self.hidden, self._s.pos)
 
-    def keys(self, layer: int) -> torch.Tensor:
-        """Post-RoPE keys ``(B, H_kv, T, d)`` of ``layer`` (``self.layer - 1`` or ``self.layer``) on the current sequence."""
+    def rope_signed(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, signed_sin(sin))`` of :meth:`rope`; built once per context when the tables are the
+        sequence's own and depend on its layout only (the original sequence, renumbered stages)."""
+        cos, sin = self.rope(layer)
+        own = self._s.pos_static and self._s.pe is not None and cos is self._s.pe[0]
+        hit = self._s.static.get("sin_signed") if own else None
+        if hit is None or hit.shape != sin.shape:
+            hit = signed_sin(sin)
+            if own:
+                self._s.static["sin_signed"] = hit
+        return cos, hit
+
+    def keys(self, layer: int, heads_first: bool = True) -> torch.Tensor:
+        """Post-RoPE keys of ``layer`` (``self.layer - 1`` or ``self.layer``) on the current sequence:
+        ``(B, H_kv, T, d)``, or ``(B, T, H_kv, d)`` with ``heads_first=False``."""
         cap = self._r.captures.get(layer)
         if layer == self.layer - 1 and cap is not None and "k" in cap:
             cache = self._r.cache
@@ -486,13 +521,13 @@ class _View:
                 layers = getattr(cache, "layers", None)
                 kc = getattr(layers[layer], "keys", None) if layers is not None and layer < len(layers) else None
                 if kc is not None and kc.shape[-2] == self.hidden.shape[1]:
-                    return kc  # exactly what the layer computed and attended with
+                    return kc if heads_first else kc.transpose(1, 2)  # exactly what the layer computed and attended with
             k = cap["k"]
         else:
             k = self._attn_module(layer).k_proj(self._norm_input(layer))
-        cos, sin = self.rope(layer)
+        cos, sin_s = self.rope_signed(layer)
         b, t = k.shape[:2]
-        return apply_rope(k.view(b, t, -1, self._attn_module(layer).head_dim).transpose(1, 2), cos, sin)
+        return apply_rope(k.view(b, t, -1, self._attn_module(layer).head_dim), cos, sin_s, heads_first)
 
     def _q_rows(self, layer: int, first: int) -> torch.Tensor:
         """Post-RoPE queries ``(B, H, T - first, d)`` of ``layer`` for the rows ``first:``."""
@@ -502,10 +537,9 @@ class _View:
             q = cap["q"][:, first:]
         else:
             q = attn.q_proj(self._norm_input(layer)[:, first:])
-        cos, sin = self.rope(layer)
+        cos, sin_s = self.rope_signed(layer)
         b, nq = q.shape[:2]
-        q = q.view(b, nq, -1, attn.head_dim).transpose(1, 2)
-        return apply_rope(q, _expand_b(cos, b)[:, first:], _expand_b(sin, b)[:, first:])
+        return apply_rope(q.view(b, nq, -1, attn.head_dim), _expand_b(cos, b)[:, first:], _expand_b(sin_s, b)[:, first:])
 
     def query_index(self, queries: str) -> tuple[torch.Tensor, torch.Tensor]:
         st = self._s.static
