@@ -18,9 +18,13 @@ Official defects handled here (methods.md policy): it crashes when the residual 
 Speed: the rounds' count and sizes depend on lengths only (:func:`dedup_rounds`), so nothing syncs with
 the host and the selection is CUDA-graph capturable. On CUDA with Triton and float16 features (``backend="auto"``) all
 rounds run in one kernel launch (one program per image) on the once-computed similarity matrix;
-``backend="torch"`` runs them as a few batched kernels per round (identical picks, tested).
-``backend="triton_scan"`` (opt-in until timed on a GPU) sorts every similarity row once and then reads,
-per even token and round, only the head of its sorted row up to the first odd-set token.
+``backend="torch"`` runs them as a few batched kernels per round (identical picks, tested): 4 kernels
+a round, 64 rounds at 576 -> 64, so it cannot get near the 0.3 ms target at B=1.
+``backend="triton_scan"`` (opt-in until timed on a GPU) sorts every similarity row once (one torch sort)
+and then reads, per even token and round, only the head of its sorted row up to the first odd-set token;
+its round tile shrinks with the list. At B=1 a launch is one program on one SM, so a round's cost is
+its chain of dependent memory steps, not arithmetic: the gather kernel's ``|even| x |odd|`` scattered
+loads (about 74k in the first rounds at 576 -> 64) are what the scan replaces.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ def dedup_torch(sim: torch.Tensor, res: torch.Tensor, n_div: int, step: int) -> 
 
 
 _TRITON_KERNEL = None
+_SCAN_KERNEL = None
 
 
 def _triton_kernel():
@@ -80,14 +85,10 @@ def _triton_kernel():
         # lengths as plain int32 (a value of 1 would otherwise be specialised into a constant, and
         # the loop-carried length must keep one type)
         @triton.jit(do_not_specialize=["n", "r0", "n_div", "n_rounds", "step"])
-        def _dedup(sim_ptr, order_ptr, stamp_ptr, res_ptr, buf_ptr, best_ptr, n, r0, n_div, n_rounds, step,
-                   BE: tl.constexpr, BO: tl.constexpr, K: tl.constexpr, SCAN: tl.constexpr):
+        def _dedup(sim_ptr, res_ptr, buf_ptr, best_ptr, out_ptr, n, r0, n_div, n_rounds, step, BE: tl.constexpr, BO: tl.constexpr):
             # one program per image; the list lives in a double buffer in global memory (a round
-            # reads one half and writes the other), the even tokens' best similarities in best_ptr.
-            # SCAN: sim_ptr holds every similarity row sorted descending and order_ptr its token ids; an
-            # even token's best similarity to the odd set is the value at the first odd token of its
-            # sorted row, found K entries at a time against a per-round stamp of the odd set (stamp_ptr)
-            # instead of gathering all |even| x |odd| similarities (order_ptr / stamp_ptr unused then)
+            # reads one half and writes the other), the even tokens' best similarities in best_ptr; the
+            # survivors go to out_ptr as int64 (res_ptr is int64 too: no conversion kernels around the launch)
             b = tl.program_id(0).to(tl.int64)
             sim = sim_ptr + b * n * n
             buf = buf_ptr + b * 2 * r0
@@ -96,7 +97,7 @@ def _triton_kernel():
             jo = tl.arange(0, BO)
             for c0 in range(0, r0, BE):
                 offs = c0 + ie
-                tl.store(buf + offs, tl.load(res_ptr + b * r0 + offs, mask=offs < r0), mask=offs < r0)
+                tl.store(buf + offs, tl.load(res_ptr + b * r0 + offs, mask=offs < r0).to(tl.int32), mask=offs < r0)
             tl.debug_barrier()
             length = r0
             for it in range(n_rounds):
@@ -105,40 +106,15 @@ def _triton_kernel():
                 ne = (length + 1) // 2
                 no = length // 2
                 r = tl.minimum(step, length - n_div)
-                if SCAN:
-                    stamp = stamp_ptr + b * n
-                    mark = it + 1
-                    for j0 in range(0, no, BE):
-                        jj = j0 + ie
-                        o = tl.load(src + 2 * jj + 1, mask=jj < no, other=0)
-                        tl.store(stamp + o, tl.full([BE], 0, tl.int32) + mark, mask=jj < no)
-                    tl.debug_barrier()
                 ev_ok = ie < ne
                 e = tl.load(src + 2 * ie, mask=ev_ok, other=0).to(tl.int64)
                 best = tl.full([BE], float("-inf"), tl.float32)
-                if SCAN:
-                    order = order_ptr + b * n * n
-                    kk = tl.arange(0, K)
-                    todo = ev_ok
-                    p = tl.full([], 0, tl.int32)
-                    while tl.sum(todo.to(tl.int32)) > 0:
-                        cols = p + kk
-                        m = todo[:, None] & (cols < n)[None, :]
-                        idx = tl.load(order + e[:, None] * n + cols[None, :], mask=m, other=0)
-                        hit = m & (tl.load(stamp + idx, mask=m, other=0) == mark)
-                        pos = tl.min(tl.where(hit, kk[None, :], K), axis=1)
-                        newly = todo & (pos < K)
-                        v = tl.load(sim + e * n + p + pos, mask=newly, other=float("-inf"))
-                        best = tl.where(newly, v.to(tl.float32), best)
-                        todo = todo & (pos >= K)
-                        p += K
-                else:
-                    for j0 in range(0, no, BO):
-                        jj = j0 + jo
-                        o_ok = jj < no
-                        o = tl.load(src + 2 * jj + 1, mask=o_ok, other=0)
-                        t = tl.load(sim + e[:, None] * n + o[None, :], mask=ev_ok[:, None] & o_ok[None, :], other=float("-inf"))
-                        best = tl.maximum(best, tl.max(t.to(tl.float32), axis=1))
+                for j0 in range(0, no, BO):
+                    jj = j0 + jo
+                    o_ok = jj < no
+                    o = tl.load(src + 2 * jj + 1, mask=o_ok, other=0)
+                    t = tl.load(sim + e[:, None] * n + o[None, :], mask=ev_ok[:, None] & o_ok[None, :], other=float("-inf"))
+                    best = tl.maximum(best, tl.max(t.to(tl.float32), axis=1))
                 tl.store(bestb + ie, best)
                 tl.debug_barrier()
                 # re-read rather than reuse the loop result: with a float32 ``sim`` (no cast in the
@@ -158,18 +134,136 @@ def _triton_kernel():
                     tl.store(dst + kept + jj, tl.load(src + 2 * jj + 1, mask=jj < no), mask=jj < no)
                 length = kept + no
                 tl.debug_barrier()
+            fin = buf + (n_rounds % 2) * r0
+            for c0 in range(0, n_div, BE):
+                offs = c0 + ie
+                tl.store(out_ptr + b * n_div + offs, tl.load(fin + offs, mask=offs < n_div).to(tl.int64), mask=offs < n_div)
 
         _TRITON_KERNEL = _dedup
     return _TRITON_KERNEL
 
 
-def dedup_triton(sim: torch.Tensor, res: torch.Tensor, n_div: int, step: int, scan: bool = False, k: int = 32) -> torch.Tensor:
+def _scan_kernel():
+    """The sorted-row variant: one launch, the round body compiled for five list sizes."""
+    global _SCAN_KERNEL
+    if _SCAN_KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _scan_round(vals, order, stamp, src, dst, bestb, n, length, n_div, step, mark, BE: tl.constexpr, K: tl.constexpr, BO: tl.constexpr):
+            # one de-duplication round on a list of ``length`` <= 2 * BE tokens (src -> dst). Token t is in
+            # this round's odd set iff stamp[t] == mark (marks never repeat); the previous round (or the
+            # kernel's start) stamped it while writing src, so no pass over the odd set is needed here
+            ne = (length + 1) // 2
+            no = length // 2
+            r = tl.minimum(step, length - n_div)
+            ie = tl.arange(0, BE)
+            ev_ok = ie < ne
+            e = tl.load(src + 2 * ie, mask=ev_ok, other=0).to(tl.int64)
+            # an even token's best similarity to the odd set is the first odd token's value in its
+            # descending row: read K entries at a time; the row's maximum over this chunk's odd hits is
+            # that value (sorted), so no second, dependent load is needed
+            kk = tl.arange(0, K)
+            best = tl.full([BE], float("-inf"), tl.float32)
+            todo = ev_ok
+            p = tl.full([], 0, tl.int32)
+            while tl.sum(todo.to(tl.int32)) > 0:
+                cols = p + kk
+                m = todo[:, None] & (cols < n)[None, :]
+                offs = e[:, None] * n + cols[None, :]
+                idx = tl.load(order + offs, mask=m, other=0)
+                v = tl.load(vals + offs, mask=m, other=float("-inf")).to(tl.float32)
+                hit = m & (tl.load(stamp + idx, mask=m, other=0) == mark)
+                n_hit = tl.max(hit.to(tl.int32), axis=1)
+                best = tl.where(todo & (n_hit > 0), tl.max(tl.where(hit, v, float("-inf")), axis=1), best)
+                todo = todo & (n_hit == 0)
+                p += K
+            tl.store(bestb + ie, best)
+            tl.debug_barrier()
+            best = tl.load(bestb + ie)  # see _dedup: a second use of the loop result trips Triton 3.6
+            # rank among the evens, descending, earlier position first on ties (stable sort)
+            jo = tl.arange(0, BO)
+            rank = tl.zeros([BE], tl.int32)
+            for j0 in range(0, ne, BO):
+                jj = j0 + jo
+                bj = tl.load(bestb + jj, mask=jj < ne, other=float("-inf"))
+                ahead = (bj[None, :] > best[:, None]) | ((bj[None, :] == best[:, None]) & (jj[None, :] < ie[:, None]))
+                rank += tl.sum((ahead & (jj < ne)[None, :]).to(tl.int32), axis=1)
+            # write dst and stamp the next round's odd set (odd positions of dst) with mark + 1
+            nxt = tl.full([BE], 0, tl.int32) + (mark + 1)
+            q = rank - r
+            tl.store(dst + q, e.to(tl.int32), mask=ev_ok & (q >= 0))
+            tl.store(stamp + e, nxt, mask=ev_ok & (q >= 0) & (q % 2 == 1))
+            kept = tl.maximum(ne - r, 0)
+            for j0 in range(0, no, BE):
+                jj = j0 + ie
+                o = tl.load(src + 2 * jj + 1, mask=jj < no, other=0)
+                tl.store(dst + kept + jj, o, mask=jj < no)
+                tl.store(stamp + o, nxt, mask=(jj < no) & ((kept + jj) % 2 == 1))
+            tl.debug_barrier()
+            return kept + no
+
+        # a @triton.jit function calls others by their name in the module's globals (closures are not seen)
+        globals()["_scan_round"] = _scan_round
+
+        @triton.jit(do_not_specialize=["n", "r0", "n_div", "n_rounds", "step"])
+        def _dedup_scan(vals_ptr, order_ptr, stamp_ptr, res_ptr, buf_ptr, best_ptr, out_ptr, n, r0, n_div, n_rounds, step, BE0: tl.constexpr):
+            # one program per image; vals/order: every similarity row sorted descending and its token
+            # ids; the list in a double buffer (a round reads one half, writes the other). The tile of a
+            # round follows the list: an even set of ``ne`` tokens runs on the smallest of BE0/256/128/
+            # 64/32 that holds it, with wider row chunks (K) where the odd set is sparse
+            b = tl.program_id(0).to(tl.int64)
+            vals = vals_ptr + b * n * n
+            order = order_ptr + b * n * n
+            stamp = stamp_ptr + b * n
+            buf = buf_ptr + b * 2 * r0
+            bestb = best_ptr + b * BE0
+            ie = tl.arange(0, BE0)
+            for c0 in range(0, r0, BE0):
+                offs = c0 + ie
+                tl.store(buf + offs, tl.load(res_ptr + b * r0 + offs, mask=offs < r0).to(tl.int32), mask=offs < r0)
+            for c0 in range(0, n, BE0):  # stamps start at 0, below every round's mark (an uninitialised buffer)
+                offs = c0 + ie
+                tl.store(stamp + offs, tl.zeros([BE0], tl.int32), mask=offs < n)
+            tl.debug_barrier()
+            for c0 in range(0, r0, BE0):  # round 0's odd set (mark 1): odd positions of res
+                offs = c0 + ie
+                t = tl.load(res_ptr + b * r0 + offs, mask=(offs < r0) & (offs % 2 == 1), other=0)
+                tl.store(stamp + t, tl.full([BE0], 1, tl.int32), mask=(offs < r0) & (offs % 2 == 1))
+            tl.debug_barrier()
+            length = r0
+            for it in range(n_rounds):
+                src = buf + (it % 2) * r0
+                dst = buf + ((it + 1) % 2) * r0
+                ne = (length + 1) // 2
+                if ne > 256:
+                    length = _scan_round(vals, order, stamp, src, dst, bestb, n, length, n_div, step, it + 1, BE0, 8, 64)
+                elif ne > 128:
+                    length = _scan_round(vals, order, stamp, src, dst, bestb, n, length, n_div, step, it + 1, 256, 16, 64)
+                elif ne > 64:
+                    length = _scan_round(vals, order, stamp, src, dst, bestb, n, length, n_div, step, it + 1, 128, 32, 128)
+                elif ne > 32:
+                    length = _scan_round(vals, order, stamp, src, dst, bestb, n, length, n_div, step, it + 1, 64, 64, 64)
+                else:
+                    length = _scan_round(vals, order, stamp, src, dst, bestb, n, length, n_div, step, it + 1, 32, 128, 32)
+            fin = buf + (n_rounds % 2) * r0
+            for c0 in range(0, n_div, BE0):
+                offs = c0 + ie
+                tl.store(out_ptr + b * n_div + offs, tl.load(fin + offs, mask=offs < n_div).to(tl.int64), mask=offs < n_div)
+
+        _SCAN_KERNEL = _dedup_scan
+    return _SCAN_KERNEL
+
+
+def dedup_triton(sim: torch.Tensor, res: torch.Tensor, n_div: int, step: int, scan: bool = False) -> torch.Tensor:
     """Same result as :func:`dedup_torch`, all rounds in one Triton launch (one program per image).
 
+    ``scan=False`` (``backend="triton"``): every round gathers the ``|even| x |odd|`` similarities.
     ``scan=True`` (``backend="triton_scan"``): ``sim`` is sorted once per row (descending) and every round
-    reads, per even token, only its sorted row up to the first odd-set token (``k`` entries at a time): the
-    same maximum, since a maximum does not depend on the order of ties.  About ``N`` reads per round
-    instead of ``|even| x |odd|`` gathers.
+    reads, per even token, only its sorted row up to the first odd-set token: the same maximum, since a
+    maximum does not depend on the order of ties. The round's tile shrinks with the list (5 compiled
+    sizes), so the late rounds (a few dozen tokens) do not pay for the first ones' width.
     """
     import triton
 
@@ -179,16 +273,20 @@ def dedup_triton(sim: torch.Tensor, res: torch.Tensor, n_div: int, step: int, sc
         return res[:, :n_div]
     n = sim.shape[1]
     be = max(16, triton.next_power_of_2((r0 + 1) // 2))
+    # scratch only (no kernels): the list's double buffer, the evens' best similarities, the odd stamps
     buf = torch.empty(b, 2, r0, dtype=torch.int32, device=res.device)
-    best = torch.empty(b, be, dtype=torch.float32, device=res.device)
+    out = torch.empty(b, n_div, dtype=torch.long, device=res.device)
+    res = res.contiguous()  # a view at B=1 (the argsort tail), a copy otherwise
     if scan:
-        sim, order = sim.sort(dim=-1, descending=True)
-        order, stamp = order.to(torch.int32).contiguous(), torch.zeros(b, n, dtype=torch.int32, device=res.device)
+        be = max(256, be)
+        vals, order = sim.sort(dim=-1, descending=True)
+        stamp = torch.empty(b, n, dtype=torch.int32, device=res.device)
+        best = torch.empty(b, be, dtype=torch.float32, device=res.device)
+        _scan_kernel()[(b,)](vals, order, stamp, res, buf, best, out, n, r0, n_div, len(rounds), step, BE0=be, num_warps=8)
     else:
-        order = stamp = buf  # not read without SCAN
-    _triton_kernel()[(b,)](sim.contiguous(), order, stamp, res.to(torch.int32).contiguous(), buf, best, n, r0, n_div, len(rounds), step,
-                           BE=be, BO=16, K=k, SCAN=scan, num_warps=8)
-    return buf[:, len(rounds) % 2, :n_div].long()
+        best = torch.empty(b, be, dtype=torch.float32, device=res.device)
+        _triton_kernel()[(b,)](sim.contiguous(), res, buf, best, out, n, r0, n_div, len(rounds), step, BE=be, BO=16, num_warps=8)
+    return out
 
 
 def vispruner_select(score: torch.Tensor, feats: torch.Tensor, n_keep: int, important_ratio: float, step: int = 8, backend: str = "torch") -> torch.Tensor:
@@ -227,7 +325,7 @@ class VisPruner(PruningMethod):
         Implementation of the rounds (identical picks); ``auto`` = one Triton launch on CUDA when
         Triton is available, else batched torch ops (one small set of kernels per round).
         ``triton_scan``: one Triton launch on row-sorted similarities (:func:`dedup_triton` with ``scan=True``; checked
-        equal under Triton's CPU interpreter, not yet timed on a GPU, so ``auto`` does not pick it).
+        equal to the torch rounds under Triton's CPU interpreter, not yet timed on a GPU, so ``auto`` does not pick it).
     """
 
     important_ratio: float = 0.5

@@ -224,6 +224,11 @@ def selection_row(label, m, mode, b, kept, feats, hidden, ad, timed, emit):
         note += f"; adaptive budget, kept {ref.n_kept.tolist()[:4]}"
     elif int(ref.n_kept.max()) != kept:
         note += f"; kept {int(ref.n_kept.max())}"
+    if m.name == "vispruner" and m.backend != "torch":  # a backend must keep what the torch rounds keep
+        from dataclasses import replace
+
+        alt = replace(m, backend="torch").reduce(feats, VisionContext(ad.grid, True, seeds, build_extras(ad.model, hidden, m.needs)))
+        note += f"; picks equal backend=torch: {str(torch.equal(alt.kept_index, ref.kept_index)).lower()}"
     if mode == "eager":
         emit(label, mode, b, kept, timed(eager), note)
         return

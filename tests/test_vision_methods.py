@@ -70,7 +70,8 @@ def _run_triton_interpreted(code: str, timeout: int) -> None:
     (TRITON_INTERPRET must be set before triton is imported); skip where the interpreter is missing."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0 and ("interpret" in r.stderr.lower() and "not" in r.stderr.lower() or "No module named" in r.stderr):
+    # skip only where Triton itself is missing: any other failure (an InterpreterError included) is a failure
+    if r.returncode != 0 and "No module named 'triton" in r.stderr:
         pytest.skip(f"Triton interpreter unavailable: {r.stderr.splitlines()[-1:]}")
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
@@ -478,17 +479,23 @@ def test_vispruner_triton_backend_refused_on_cpu():
 
 def test_vispruner_triton_kernel_equals_torch_rounds():
     """The one-launch de-duplication kernels (gather and sorted-row scan), run by Triton's CPU interpreter, keep
-    what the torch rounds keep
-    (including fp16-rounded similarities, where ties are common and go to the earlier list position)."""
+    what the torch rounds keep (including fp16-rounded similarities and repeated features, where ties are common
+    and go to the earlier list position; 560 -> 3 leaves odd sets of a few tokens, so the scan reads deep into its
+    rows; 1100 residual tokens take the widest tile)."""
     pytest.importorskip("triton")
     code = (
         "import torch\n"
         "from methods.vispruner import dedup_torch, dedup_triton\n"
         "g = torch.Generator().manual_seed(0)\n"
-        "for n, r0, n_div, half in [(100, 90, 7, True), (100, 91, 12, False), (64, 40, 0, False), (300, 280, 20, True), (576, 544, 32, 'fp16')]:\n"
-        "    x = torch.randn(2, n, 16, generator=g); xn = x / x.norm(dim=-1, keepdim=True)\n"
+        "cases = [(100, 90, 7, True), (100, 91, 12, False), (64, 40, 0, False), (300, 280, 20, True), (576, 544, 32, 'fp16'),\n"
+        "         (576, 560, 3, 'fp16'), (576, 544, 32, 'dup'), (1200, 1100, 16, 'fp16')]\n"
+        "for n, r0, n_div, half in cases:\n"
+        "    x = torch.randn(2, n, 16, generator=g)\n"
+        "    if half == 'dup':  # 40 distinct features repeated: whole runs of exactly equal similarities\n"
+        "        x = x[:, torch.randint(0, 40, (n,), generator=g)]\n"
+        "    xn = x / x.norm(dim=-1, keepdim=True)\n"
         "    sim = xn @ xn.transpose(1, 2)\n"
-        "    sim = sim.half() if half == 'fp16' else (sim.half().float() if half else sim)\n"
+        "    sim = sim.half() if half in ('fp16', 'dup') else (sim.half().float() if half else sim)\n"
         "    res = torch.stack([torch.randperm(n, generator=g)[:r0] for _ in range(2)])\n"
         "    a = dedup_torch(sim, res, n_div, 8); b = dedup_triton(sim, res, n_div, 8, scan=True)\n"
         "    assert torch.equal(a, b), ('scan', n, r0, a, b)\n"
