@@ -86,9 +86,16 @@ TRAIN_QTYPES = QTYPES + AUX_QTYPES
 ABS_MARGIN = 28  # pixels from the image centre line, so the side is unambiguous
 
 
-def aux_questions_on(qtype_weights: dict) -> bool:
+def aux_questions_on(*qtype_weights: dict) -> bool:
     """Whether a run asks the training-only side questions (they also put "or" in its vocabulary)."""
-    return any(qtype_weights.get(t, 0) > 0 for t in AUX_QTYPES)
+    return any(w.get(t, 0) > 0 for w in qtype_weights for t in AUX_QTYPES)
+
+
+def _log_type(qtype: str, answer: str) -> str:
+    """Train-accuracy bucket: the qtype, with the side questions split by axis."""
+    if qtype in AUX_QTYPES:
+        return f"{qtype}_{'x' if answer in ('left', 'right') else 'y'}"
+    return qtype
 
 
 def _centre(o):
@@ -160,9 +167,22 @@ def scene_labels(objects):
 class TrainStream(torch.utils.data.IterableDataset):
     """Unlimited SynthVQA training examples; worker w of W takes indices start + w, start + w + W, ..."""
 
-    def __init__(self, seed: int, start: int, questions_per_image: int = 1, image_size: int = 336, qtype_weights=None):
+    def __init__(
+        self,
+        seed: int,
+        start: int,
+        questions_per_image: int = 1,
+        image_size: int = 336,
+        qtype_weights=None,
+        phase1_weights=None,
+        phase1_end: int = 0,
+        rel_bias: float = 0.5,
+    ):
         self.seed, self.start, self.qpi, self.image_size = seed, start, questions_per_image, image_size
         self.qtype_weights = qtype_weights or {}
+        # images with index < phase1_end draw their extra questions with phase1_weights instead
+        self.phase1_weights, self.phase1_end = phase1_weights or {}, phase1_end
+        self.rel_bias = rel_bias
 
     def __iter__(self):
         set_image_size(self.image_size)  # workers may be spawned (fresh interpreter): re-apply the proxy size
@@ -177,17 +197,24 @@ class TrainStream(torch.utils.data.IterableDataset):
             if self.qpi > 1:  # extra questions about the same scene: qtype by weight, then question uniform
                 rng = np.random.default_rng([self.seed, i, 7])
                 by_type: dict[str, list] = {}
+                weights = self.phase1_weights if i < self.phase1_end else self.qtype_weights
                 qlist = scene_questions(ex["objects"])
-                if aux_questions_on(self.qtype_weights):
-                    qlist += [q for q in side_questions(ex["objects"]) if self.qtype_weights.get(q[2], 0) > 0]
+                if aux_questions_on(weights):
+                    qlist += [q for q in side_questions(ex["objects"]) if weights.get(q[2], 0) > 0]
                 for q in qlist:
                     by_type.setdefault(q[2], []).append(q)
-                types = sorted(by_type)
-                w = np.array([self.qtype_weights.get(t, 1.0) for t in types], dtype=np.float64)
+                types = [t for t in sorted(by_type) if weights.get(t, 1.0) > 0]
+                w = np.array([weights.get(t, 1.0) for t in types], dtype=np.float64)
                 w = w / w.sum()
                 for _ in range(self.qpi - 1):
                     cand = by_type[types[int(rng.choice(len(types), p=w))]]
-                    q, a, t = cand[int(rng.integers(len(cand)))]
+                    if cand[0][2] == "position" and self.rel_bias != 0.5:
+                        # training-only skew toward "left of" / "above": gives the coordinate a first-order
+                        # correlation with yes/no (see AUX_QTYPES), while both relations are still asked
+                        pw = np.array([self.rel_bias if (" left of " in c[0] or " above " in c[0]) else 1 - self.rel_bias for c in cand])
+                        q, a, t = cand[int(rng.choice(len(cand), p=pw / pw.sum()))]
+                    else:
+                        q, a, t = cand[int(rng.integers(len(cand)))]
                     qs.append(q), ans.append(a), qt.append(t)
             item["question"], item["answer"], item["qtype"] = qs, ans, qt
             yield item
@@ -204,11 +231,11 @@ def collate(items):
     return out
 
 
-def loader(seed, start, batch_size, workers, qpi=1, image_size=336, qtype_weights=None):
+def loader(seed, start, batch_size, workers, qpi=1, image_size=336, qtype_weights=None, phase1_weights=None, phase1_end=0, rel_bias=0.5):
     kw = dict(batch_size=batch_size, num_workers=workers, collate_fn=collate)
     if workers > 0:
         kw.update(prefetch_factor=4)
-    return iter(torch.utils.data.DataLoader(TrainStream(seed, start, qpi, image_size, qtype_weights), **kw))
+    return iter(torch.utils.data.DataLoader(TrainStream(seed, start, qpi, image_size, qtype_weights, phase1_weights, phase1_end, rel_bias), **kw))
 
 
 MEAN = None
@@ -492,8 +519,10 @@ def init_projector(args, model, heads, device, log):
     w = w / sd
     b = -(w @ mu)
     wd, bd = heads.dense.weight.float(), heads.dense.bias.float()
-    rows_w = torch.cat([wd, -wd[-2:]]) * args.head_gain
-    rows_b = torch.cat([bd, -bd[-2:]]) * args.head_gain
+    # the coordinate rows (x, y) are 4 of the projector's units; --coord-gain lifts them above the rest
+    cw, cb = wd[-2:] * args.coord_gain, bd[-2:] * args.coord_gain
+    rows_w = torch.cat([wd[:-2], cw, -cw]) * args.head_gain
+    rows_b = torch.cat([bd[:-2], cb, -cb]) * args.head_gain
     k = min(rows_w.shape[0], hdim)
     w[:k], b[:k] = rows_w[:k], rows_b[:k]
     proj.linear_1.weight.copy_(w)
@@ -555,6 +584,9 @@ def train_stage2(args, model, processor, device, log, save):
         args.questions_per_image,
         args.image_size,
         args.qtype_weights,
+        args.phase1_qtype_weights,
+        50_000_000 + int(args.phase1_frac * args.stage2_steps) * args.stage2_batch_size,
+        args.position_rel_bias,
     )
     t0, tw = time.time(), 0.0
 
@@ -574,9 +606,11 @@ def train_stage2(args, model, processor, device, log, save):
         os.replace(tmp, ck)
         log(f"stage 2 checkpoint at step {step_done} -> {ck}")
 
-    qidx = {q: i for i, q in enumerate(TRAIN_QTYPES)}
-    hits = torch.zeros(len(TRAIN_QTYPES), device=device)
-    tot = torch.zeros(len(TRAIN_QTYPES), device=device)
+    # side questions are logged per axis (the answer word tells which), to see whether both axes are read
+    log_types = [*QTYPES, *(f"{a}_{x}" for a in AUX_QTYPES for x in "xy")]
+    qidx = {q: i for i, q in enumerate(log_types)}
+    hits = torch.zeros(len(log_types), device=device)
+    tot = torch.zeros(len(log_types), device=device)
     skipped = 0
     focus_steps = int(args.focus_frac * args.stage2_steps)
     last_acc = {}
@@ -633,13 +667,13 @@ def train_stage2(args, model, processor, device, log, save):
         with torch.no_grad():  # running train accuracy of the answer word, per qtype (no host sync)
             first = sel & ~torch.cat([torch.zeros_like(sel[:, :1]), sel[:, :-1]], 1)
             ok = (model.lm_head(h[first]).argmax(-1) == labels[first]).float()
-            qt = torch.tensor([qidx[q] for q in batch["qtype"]], device=device)
+            qt = torch.tensor([qidx[_log_type(q, a)] for q, a in zip(batch["qtype"], batch["answer"])], device=device)
             hits.index_add_(0, qt, ok)
             tot.index_add_(0, qt, torch.ones_like(ok))
         if step % args.log_every == 0 or step == args.stage2_steps - 1:
             el = max(1e-9, time.time() - t0)
             acc = (hits / tot.clamp(min=1)).tolist()
-            last_acc = {q: a for q, a, n in zip(TRAIN_QTYPES, acc, tot.tolist()) if n > 0 or q in QTYPES}
+            last_acc = {q: a for q, a, n in zip(log_types, acc, tot.tolist()) if n > 0 or q in QTYPES}
             accs = " ".join(f"{q} {a:.2f}" for q, a in last_acc.items())
             log(
                 f"[stage2 {step:5d}/{args.stage2_steps}] lm {loss.item():.4f} keep {n_keep} lr {lr:.2e} "
@@ -797,11 +831,25 @@ def write_card(out_dir: Path, m: dict):
         f" per-patch heads on object patches: shape {m['stage1_final'].get('fg_shape_acc', float('nan')):.3f},"
         f" colour {m['stage1_final'].get('fg_color_acc', float('nan')):.3f}.",
         "- Stage 2: the projector is initialised from the frozen tower's feature statistics (standardised"
-        " features; the discarded dense head folded into its first layer's leading rows; output centred and"
+        " features; the discarded dense head folded into its first layer's leading rows"
+        + (f", its x / y rows x {m['coord_gain']}" if m.get("coord_gain", 1.0) != 1.0 else "")
+        + "; output centred and"
         f" scaled to the text-embedding norm x {m['proj_norm']}). Curriculum over the first {m['focus_frac']:.0%}"
         " of steps: the LM sees the object patches plus a random share of background patches growing from none"
         f" to all; after it, {m['drop_prob']:.0%} of batches keep a random {m['drop_min']:.0%}-100% of the"
         " visual tokens (token dropout), the rest all 576.",
+        f"- Extra questions per image drawn by qtype weight {json.dumps(m['qtype_weights'])}"
+        + (
+            f"; for the first {m['phase1_frac']:.0%} of stage-2 steps {json.dumps(m['phase1_qtype_weights'])} instead"
+            if m.get("phase1_frac") and m.get("phase1_qtype_weights")
+            else ""
+        )
+        + (
+            f"; \"left of\" / \"above\" weighted {m['position_rel_bias']} among the yes/no position questions"
+            if m.get("position_rel_bias", 0.5) != 0.5
+            else ""
+        )
+        + ' (\"side\" / \"relside\" are training-only questions answered with the side itself).',
         f"- Sizes: {json.dumps(m['sizes'])}; {m['n_params']:,} parameters; safetensors {m['safetensors_bytes'] / 1e6:.2f} MB.",
         f"- Device: {m['device']}; wall time {m['wall_time_s']:.0f} s (stage 1 {m['stage1_time_s']:.0f} s, stage 2"
         f" {m['stage2_time_s']:.0f} s, the rest evaluation); torch {m['torch']}, transformers {m['transformers']}.",
@@ -839,8 +887,9 @@ def write_card(out_dir: Path, m: dict):
 
 def _stage2_args(args) -> dict:
     keys = (
-        "stage2_steps", "stage2_batch_size", "questions_per_image", "qtype_weights", "lr2", "warmup", "head_gain",
-        "proj_norm", "drop_prob", "drop_min", "focus_frac", "embed_std",
+        "stage2_steps", "stage2_batch_size", "questions_per_image", "qtype_weights", "lr2", "warmup", "head_gain", "coord_gain",
+        "proj_norm", "drop_prob", "drop_min", "focus_frac", "embed_std", "phase1_qtype_weights", "phase1_frac",
+        "position_rel_bias",
     )
     return _stage1_args(args) | {k: getattr(args, k) for k in keys} | {"sizes": {**DEFAULT_SIZES, **args.sizes}}
 
@@ -870,6 +919,20 @@ def main(argv=None):
         'each); the training-only "side" / "relside" (left / right / above / below as the answer) are off unless '
         "given a weight",
     )
+    ap.add_argument(
+        "--phase1-qtype-weights",
+        type=json.loads,
+        default={},
+        help="JSON qtype weights used instead of --qtype-weights for the first --phase1-frac of stage 2 "
+        "(e.g. side questions only, before the yes/no position form)",
+    )
+    ap.add_argument("--phase1-frac", type=float, default=0.0, help="stage-2 share of the --phase1-qtype-weights phase")
+    ap.add_argument(
+        "--position-rel-bias",
+        type=float,
+        default=0.5,
+        help='probability weight of "left of" / "above" among the extra yes/no position questions (0.5: uniform)',
+    )
     ap.add_argument("--lr1", type=float, default=2e-3)
     ap.add_argument("--lr2", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=200)
@@ -877,6 +940,7 @@ def main(argv=None):
     ap.add_argument("--attn-weight", type=float, default=0.3)
     ap.add_argument("--pos-init-scale", type=float, default=1.0, help="2-D sincos init of the tower's position embeddings (0: random)")
     ap.add_argument("--head-gain", type=float, default=1.0, help="scale of the dense-head rows folded into the projector")
+    ap.add_argument("--coord-gain", type=float, default=1.0, help="extra scale of the x / y rows among the folded dense-head rows")
     ap.add_argument("--proj-norm", type=float, default=1.0, help="projected token norm / text embedding norm at init")
     ap.add_argument("--drop-prob", type=float, default=0.3)
     ap.add_argument("--drop-min", type=float, default=0.1)
@@ -921,7 +985,7 @@ def main(argv=None):
     command = "python scripts/train_tiny_llava.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     sizes = {**DEFAULT_SIZES, **args.sizes}
     # "or" joins the vocabulary only when the side questions are on (see TRAINING_WORDS)
-    extra_words = tuple(_tiny.TRAINING_WORDS) if aux_questions_on(args.qtype_weights) else ()
+    extra_words = tuple(_tiny.TRAINING_WORDS) if aux_questions_on(args.qtype_weights, args.phase1_qtype_weights) else ()
     model = build_model(sizes, seed=args.seed, extra_words=extra_words).to(device)
     with torch.no_grad():
         model.model.language_model.embed_tokens.weight.normal_(0.0, args.embed_std)
@@ -984,12 +1048,16 @@ def main(argv=None):
         "questions_per_image": args.questions_per_image,
         "stage1_ckpt": str(args.stage1_ckpt) if args.stage1_ckpt else None,
         "qtype_weights": args.qtype_weights,
+        "phase1_qtype_weights": args.phase1_qtype_weights,
+        "phase1_frac": args.phase1_frac,
+        "position_rel_bias": args.position_rel_bias,
         "lr1": args.lr1,
         "lr2": args.lr2,
         "warmup": args.warmup,
         "dense_weight": args.dense_weight,
         "attn_weight": args.attn_weight,
         "head_gain": args.head_gain,
+        "coord_gain": args.coord_gain,
         "pos_init_scale": args.pos_init_scale,
         "proj_norm": args.proj_norm,
         "drop_prob": args.drop_prob,
