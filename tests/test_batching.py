@@ -153,3 +153,39 @@ def test_auto_batch_size_probes_gpu_memory(tmp_path):
     a = lm.auto_batch
     assert 1 <= lm.batch_size == a["batch_size"] <= AUTO_MAX_BATCH
     assert a["per_sample_bytes"] > 0 and a["available_bytes"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_vision_features_do_not_depend_on_the_batch(tmp_path):
+    """fp16 cuBLAS GEMMs change with the row count, so the adapter encodes one image at a time on CUDA:
+    each image's features (and hidden states) inside a batch of 8 equal its batch-1 features bit for bit."""
+    from bench.models.llava import ASSETS, LlavaAdapter
+    from bench.synthvqa.data import load_test
+
+    adapter = LlavaAdapter("tiny_llava_synth", str(ASSETS / "tiny-llava-synth"), device="cuda").load()
+    docs = load_test(cache_dir=tmp_path, n=40)
+    pix = adapter.processor.image_processor(images=[d["image"] for d in docs[::5]], return_tensors="pt")["pixel_values"]
+    feats, hidden = adapter.encode_images(pix, output_hidden_states=True)
+    for i in range(pix.shape[0]):
+        f1, h1 = adapter.encode_images(pix[i : i + 1], output_hidden_states=True)
+        assert torch.equal(feats[i : i + 1], f1)
+        assert all(torch.equal(a[i : i + 1], b) for a, b in zip(hidden, h1))
+
+
+def test_batch_identity_diagnosis_script_runs(tmp_path):
+    """scripts/diagnose_batch_identity.py (GPU diagnosis of issue 8) runs on CPU, where fp32 features and
+    selections are batch-invariant: every share it reports is 1."""
+    import csv
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "d.csv"
+    subprocess.run([sys.executable, str(root / "scripts" / "diagnose_batch_identity.py"), "--n", "4", "--batches", "2",
+                    "--methods", "divprune", "random", "--device", "cpu", "--out", str(out)], check=True, cwd=root, timeout=600)
+    rows = list(csv.DictReader(out.open()))
+    assert [r["method"] for r in rows] == ["divprune", "random"]
+    for r in rows:
+        for k in ("features_bitwise_equal", "sel_b1feats_batched", "sel_batchfeats_batched", "sel_batchfeats_per_image"):
+            assert float(r[k]) == 1.0, (k, r)

@@ -109,6 +109,13 @@ class LlavaAdapter(ModelAdapter):
     #: Replay ``graph_safe`` selections (and ToMe's merging tower) from CUDA graphs on CUDA: the same
     #: kernels, bit-identical outputs, without batch-1 launch overhead (``clip_extras.GraphedSelection``).
     selection_graphs = True
+    #: On CUDA, run the vision tower + projector one image at a time inside a batch. cuBLAS picks GEMM
+    #: kernels by the row count (B x 577), so batched fp16 features differ from batch-1 ones in the last
+    #: bits (max 0.016 on the tiny model); discrete selections amplify that (DivPrune kept a different set
+    #: for 59% of images at batch 8, ``scripts/diagnose_batch_identity.py``), so answers would depend on
+    #: batch neighbours. Per image, the features are bit-identical to batch 1. CPU kernels are
+    #: batch-invariant already, so the CPU keeps one batched pass.
+    per_image_vision = True
 
     def __init__(
         self,
@@ -275,10 +282,19 @@ class LlavaAdapter(ModelAdapter):
     def encode_images(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
         """``(B, 3, H, W)`` pixels -> ``(B, N, D_llm)`` projected visual tokens (CLS dropped).
 
+        On CUDA one image at a time (:attr:`per_image_vision`), so a sample's features do not depend on
+        its batch neighbours.
+
         With ``output_hidden_states`` returns ``(features, hidden_states)`` where ``hidden_states`` is
         the vision tower's tuple of ``(B, 1 + N, D_vis)`` tensors (embeddings, then every layer's
         output), from the same forward pass.
         """
+        if self.per_image_vision and self.device.type == "cuda" and pixel_values.shape[0] > 1:
+            parts = [self.encode_images(pixel_values[i : i + 1], output_hidden_states) for i in range(pixel_values.shape[0])]
+            if not output_hidden_states:
+                return torch.cat(parts)
+            hidden = tuple(torch.cat(layer) for layer in zip(*(h for _, h in parts)))
+            return torch.cat([f for f, _ in parts]), hidden
         cfg = self.model.config
         out = self.model.model.get_image_features(
             pixel_values=pixel_values.to(self.device, self.dtype),
