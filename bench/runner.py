@@ -41,6 +41,16 @@ CONF_DIR = REPO_ROOT / "conf"
 
 
 # ----------------------------------------------------------------------------- building blocks
+def compose_config(overrides: list[str]) -> dict:
+    """The resolved config of ``conf/config.yaml`` with Hydra ``overrides``, outside ``@hydra.main``
+    (for scripts that build runs themselves)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+
+
 def build_method(cfg: dict[str, Any]):
     """Instantiate ``cfg["method"]`` (a class in ``methods/``); validates the ratio."""
     from hydra.utils import instantiate

@@ -60,15 +60,6 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def compose(overrides: list[str]) -> dict:
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return OmegaConf.to_container(hcompose("config", overrides=overrides), resolve=True)
-
-
 def stand_in_processor(config):
     """A LLaVA-1.5 processor for ``config`` when the checkpoint's tokenizer is not available.
 
@@ -235,14 +226,14 @@ def sweep(args, model: str, weights: str, methods: list[str], batches: list, n_b
     """Every method x batch size of one model; appends to ``rows`` and rewrites ``--out`` after each point."""
     from lmms_eval.tasks import TaskManager
 
-    from bench.runner import build_adapter, build_method
+    from bench.runner import build_adapter, build_method, compose_config
     from bench.synthvqa.data import load_test
     from bench.tasks.synthvqa import prepare_task_dir
 
     n_max = max(n_b1, n_batched)
     base = [f"model={model}", f"model.weights={weights}", f"device={args.device}", "logger=none", *args.extra]
     t0 = time.time()
-    adapter = build_adapter(compose(base)).load()
+    adapter = build_adapter(compose_config(base)).load()
     processor = "checkpoint"
     if adapter.processor is None:
         adapter.processor = stand_in_processor(adapter.config)
@@ -271,7 +262,7 @@ def sweep(args, model: str, weights: str, methods: list[str], batches: list, n_b
     first = True
     for name in methods:
         ratio = 0.0 if name == "none" else 1 - args.kept / n_vis
-        cfg = compose([*base, f"method={name}", f"ratio={ratio}"])
+        cfg = compose_config([*base, f"method={name}", f"ratio={ratio}"])
         method = build_method(cfg)
         adapter.check_method(method)
         ref = None

@@ -11,6 +11,8 @@ where the batch size can change bits, on the embedded tiny model's SynthVQA test
   same B=1 features (batch variance of the selection alone), (c) batched on batched features (what
   batched evaluation does), and (d) per image on batched features.
 
+The tower runs batched here (``--per-image-vision 0``, the default), as it did before the adapter's
+``per_image_vision`` fix, which this script motivated; ``--per-image-vision 1`` checks the fix itself.
 Writes one CSV row per (method, batch) to ``--out``; prints a summary. CPU works too (``--n 16``).
 """
 
@@ -27,13 +29,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 
-def compose(overrides: list[str]) -> dict:
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return OmegaConf.to_container(hcompose("config", overrides=overrides), resolve=True)
+def share_equal(xs, ys) -> float:
+    """Share of pairs of tensors that are bitwise equal."""
+    return sum(torch.equal(x, y) for x, y in zip(xs, ys, strict=True)) / len(xs)
 
 
 def main(argv=None) -> None:
@@ -45,15 +43,17 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--graphs", type=int, default=1, help="selection CUDA graphs as in evaluation (CUDA only)")
+    ap.add_argument("--per-image-vision", type=int, default=0, help="the adapter's per_image_vision (0: batched tower)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
     from bench.models.llava import LlavaAdapter
-    from bench.runner import build_method
+    from bench.runner import build_method, compose_config
     from bench.synthvqa.data import load_test
 
     ad = LlavaAdapter("tiny_llava_synth", "bench:tiny-llava-synth", device=args.device, dtype=args.dtype).load()
     ad.selection_graphs = bool(args.graphs)
+    ad.per_image_vision = bool(args.per_image_vision)
     docs = load_test(n=args.n * 4)
     seen, images = set(), []
     for d in docs:  # several questions share an image; one entry per image
@@ -90,18 +90,16 @@ def main(argv=None) -> None:
         rows = []
         for bs in args.batches:
             fb = feats_at(bs)
-            eq = [(f1[i] == fb[i]).all().item() for i in range(len(images))]
             maxdiff = (f1.float() - fb.float()).abs().max().item()
             for name in args.methods:
-                m = build_method(compose([f"method={name}", f"ratio={args.ratio}"]))
+                m = build_method(compose_config([f"method={name}", f"ratio={args.ratio}"]))
                 ref = kept(m, f1, 1)
-                same = lambda other: sum(bool(torch.equal(a, b)) for a, b in zip(ref, other)) / len(ref)  # noqa: E731
                 row = {
                     "method": name, "batch": bs, "n_images": len(images), "device": str(ad.device), "dtype": str(ad.dtype),
-                    "features_bitwise_equal": sum(eq) / len(eq), "features_max_abs_diff": maxdiff,
-                    "sel_b1feats_batched": same(kept(m, f1, bs)),
-                    "sel_batchfeats_batched": same(kept(m, fb, bs)),
-                    "sel_batchfeats_per_image": same(kept(m, fb, 1)),
+                    "features_bitwise_equal": share_equal(f1, fb), "features_max_abs_diff": maxdiff,
+                    "sel_b1feats_batched": share_equal(ref, kept(m, f1, bs)),
+                    "sel_batchfeats_batched": share_equal(ref, kept(m, fb, bs)),
+                    "sel_batchfeats_per_image": share_equal(ref, kept(m, fb, 1)),
                 }
                 rows.append(row)
                 print("[ident]", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)

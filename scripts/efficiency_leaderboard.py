@@ -28,15 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def compose(overrides: list[str]) -> dict:
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return OmegaConf.to_container(hcompose("config", overrides=overrides), resolve=True)
-
-
 def driver_version() -> str | None:
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
@@ -196,7 +187,7 @@ def main() -> None:
     modes_override = "measure.modes=[" + ",".join(f"'{m}'" for m in modes) + "]"
 
     from bench.errors import BenchError
-    from bench.runner import execute
+    from bench.runner import compose_config, execute
 
     methods = args.methods or sorted(p.stem for p in (ROOT / "conf/method").glob("*.yaml"))
     driver = driver_version()
@@ -208,7 +199,7 @@ def main() -> None:
                 ratio = 0.0 if method == "none" else 1 - kept / 576
                 ov = [f"model={args.model}", "model.weights=random", "measure=efficiency", f"method={method}", f"ratio={ratio}", f"measure.batch_size={batch}", f"measure.repeats={args.repeats}", modes_override, "logger=none", f"results_dir={args.results_dir}", *args.extra]
                 try:
-                    rec = execute(compose(ov))
+                    rec = execute(compose_config(ov))
                     rows.append(row(rec, kept, driver))
                     r = rows[-1]
                     comp = f", compiled+graph {r['prefill_compiled_graph_ms']} ms (compile {r['compile_s']} s)" if r["compile_variant"] else ""

@@ -82,7 +82,6 @@ T_START = time.time()
 # answer, which a bound object's coordinate predicts directly: "side" (one object's side of the image) and
 # "relside" (A's side of B).  Once the LM reads the sides, the yes/no form is an XOR of two features it has.
 AUX_QTYPES = ("side", "relside")
-TRAIN_QTYPES = QTYPES + AUX_QTYPES
 ABS_MARGIN = 28  # pixels from the image centre line, so the side is unambiguous
 
 
@@ -576,16 +575,17 @@ def train_stage2(args, model, processor, device, log, save):
         gen.set_state(state["gen"].cpu())  # map_location moved the CPU generator state to the device
         start_step, elapsed_before = state["step"], state["time_s"]
         log(f"stage 2 resumed from {ck} at step {start_step}")
+    first_image = 50_000_000  # stage 2's image indices start here (stage 1 and the projector init use others)
     data = loader(
         args.seed,
-        50_000_000 + start_step * args.stage2_batch_size,
+        first_image + start_step * args.stage2_batch_size,
         args.stage2_batch_size,
         args.workers,
         args.questions_per_image,
         args.image_size,
         args.qtype_weights,
         args.phase1_qtype_weights,
-        50_000_000 + int(args.phase1_frac * args.stage2_steps) * args.stage2_batch_size,
+        first_image + int(args.phase1_frac * args.stage2_steps) * args.stage2_batch_size,
         args.position_rel_bias,
     )
     t0, tw = time.time(), 0.0
