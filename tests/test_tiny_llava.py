@@ -218,3 +218,28 @@ def test_train_stream_phases_and_relation_bias():
     pos = [q for item in items[3:] for q, t in zip(item["question"][1:], item["qtype"][1:]) if t == "position"]
     skewed = sum((" left of " in q or " above " in q) for q in pos) / len(pos)
     assert 0.8 < skewed < 0.97, skewed
+
+
+def test_model_card_harness_table_matches_records():
+    """The card's harness table is the committed full-split records of the shipped weights (the default run in
+    results/runs, the pool / random runs in results/tiny_llava_training/p10_harness), made with these weights."""
+    from bench.models.llava import local_fingerprint
+
+    fp = local_fingerprint(str(TINY_LLAVA_PATH))
+    files = [*(ROOT / "results" / "runs").glob("*/record.json"), *(ROOT / "results" / "tiny_llava_training" / "p10_harness").glob("*.json")]
+    recs = {}
+    for f in files:
+        r = json.loads(f.read_text())
+        if r["model"] == "tiny_llava_synth" and r.get("limit") is None:
+            assert r["provenance"]["model_fingerprint"] == fp, f
+            recs[(r["method"], r["ratio"])] = r["metrics"]
+    card, _ = _card_and_metrics()
+    qtypes = ("color", "shape", "count", "position", "exist")
+    for (method, ratio), m in [(("none", 0.0), recs[("none", 0.0)])] + [((k, r), recs[(k, r)]) for k in ("pool", "random") for r in (0.5, 0.75, 0.9)]:
+        name = "`method=none` (default run)" if method == "none" else f"`method={method} ratio={ratio}`"
+        row = f"| {name} | {m['exact_match']['value']:.3f} | " + " | ".join(f"{m['acc_' + q]['value']:.3f}" for q in qtypes) + " |"
+        assert row in card, row
+    assert recs[("none", 0.0)]["exact_match"]["value"] - recs[("random", 0.9)]["exact_match"]["value"] >= 0.15
+    for k in ("pool", "random"):
+        accs = [recs[("none", 0.0)]] + [recs[(k, r)] for r in (0.5, 0.75, 0.9)]
+        assert all(a["exact_match"]["value"] >= b["exact_match"]["value"] for a, b in zip(accs, accs[1:])), k
