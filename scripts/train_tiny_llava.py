@@ -967,6 +967,18 @@ def main(argv=None):
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--sizes", type=json.loads, default={}, help="JSON overrides of DEFAULT_SIZES")
     args = ap.parse_args(argv)
+    if not 0.0 <= args.phase1_frac <= 1.0:
+        ap.error(f"--phase1-frac must be in [0, 1], got {args.phase1_frac}")
+    if bool(args.phase1_frac) != bool(args.phase1_qtype_weights):
+        ap.error("--phase1-qtype-weights and --phase1-frac > 0 go together (one without the other does nothing)")
+    if not 0.0 <= args.position_rel_bias <= 1.0:
+        ap.error(f"--position-rel-bias is a probability weight in [0, 1], got {args.position_rel_bias}")
+    for flag, weights in (("--qtype-weights", args.qtype_weights), ("--phase1-qtype-weights", args.phase1_qtype_weights)):
+        unknown = sorted(set(weights) - set(QTYPES) - set(AUX_QTYPES))
+        if unknown or any(w < 0 for w in weights.values()):
+            ap.error(f"{flag}: keys must be among {[*QTYPES, *AUX_QTYPES]} with weights >= 0, got {weights}")
+        if weights and not any(weights.get(t, 1.0) > 0 for t in QTYPES) and not aux_questions_on(weights):
+            ap.error(f"{flag}: every question type has weight 0, got {weights}")
     if args.image_size != 336:
         set_image_size(args.image_size)
     if args.workers is None:

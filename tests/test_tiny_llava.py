@@ -243,3 +243,21 @@ def test_model_card_harness_table_matches_records():
     for k in ("pool", "random"):
         accs = [recs[("none", 0.0)]] + [recs[(k, r)] for r in (0.5, 0.75, 0.9)]
         assert all(a["exact_match"]["value"] >= b["exact_match"]["value"] for a, b in zip(accs, accs[1:])), k
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--phase1-frac", "1.5", "--phase1-qtype-weights", '{"side": 1}'], "--phase1-frac must be in [0, 1]"),
+        (["--phase1-frac", "0.4"], "go together"),
+        (["--position-rel-bias", "2"], "--position-rel-bias is a probability weight"),
+        (["--qtype-weights", '{"colour": 1}'], "keys must be among"),
+        (["--qtype-weights", '{"color": 0, "shape": 0, "count": 0, "position": 0, "exist": 0}'], "every question type has weight 0"),
+    ],
+)
+def test_training_script_refuses_bad_question_mix(argv, message, tmp_path, capsys):
+    tt = _train_module()
+    with pytest.raises(SystemExit) as e:
+        tt.main(["--out", str(tmp_path / "o"), "--device", "cpu", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
