@@ -115,6 +115,11 @@ class TokenPruneLlava(lmms):
         self.stats: list[dict[str, Any]] = []
         # wall time inside generate_until (device synchronised), for throughput measurements
         self.generate_s = 0.0
+        # with time_phases, generate_until's time split into inputs (documents -> processor batch),
+        # prepare (vision tower + pre-LLM method + embeddings) and generate (LLM, in-LLM method,
+        # decoding), each phase closed by a device synchronisation; off by default (it adds syncs)
+        self.time_phases = False
+        self.phase_s: dict[str, float] = {"inputs": 0.0, "prepare": 0.0, "generate": 0.0}
 
     def __str__(self) -> str:  # the response cache keys on str(model)
         return MODEL_ID
@@ -142,6 +147,7 @@ class TokenPruneLlava(lmms):
     def _generate(self, chunk) -> tuple[Any, torch.Tensor]:
         """Prune and generate for one batch of request args; returns ``(prepared, new token ids)``."""
         proc = self._processor()
+        lap = self._phase_timer()
         contexts, all_gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
         gen_kwargs = dict(all_gen_kwargs[0])
         images = []
@@ -153,13 +159,32 @@ class TokenPruneLlava(lmms):
         prompts = [self._prompt(c) for c in contexts]
         batch = proc(images=images, text=prompts, return_tensors="pt", padding=True)
         seeds = torch.tensor([sample_seed(self.seed, t, d) for t, d in zip(tasks, doc_ids)], dtype=torch.long)
+        lap("inputs")
         prepared = self.adapter.prepare(batch, self.method, seeds)
+        lap("prepare")
         max_new = int(gen_kwargs.get("max_new_tokens", 128))
         # min_new_tokens (through simple_evaluate's gen_kwargs) fixes the generated length, so that
         # throughput measurements compare equal work at every batch size
         extra = {"min_new_tokens": int(gen_kwargs["min_new_tokens"])} if gen_kwargs.get("min_new_tokens") else {}
         new_tokens = self.adapter.generate(prepared, max_new_tokens=max_new, method=self.method, **extra)
+        lap("generate")
         return prepared, new_tokens
+
+    def _phase_timer(self):
+        """``lap(phase)`` adds the (synchronised) time since the last lap to ``phase_s[phase]``; a no-op
+        unless ``time_phases``."""
+        if not self.time_phases:
+            return lambda phase: None
+        sync = torch.cuda.synchronize if self.adapter.device.type == "cuda" else (lambda: None)
+        last = [time.perf_counter()]
+
+        def lap(phase: str) -> None:
+            sync()
+            now = time.perf_counter()
+            self.phase_s[phase] += now - last[0]
+            last[0] = now
+
+        return lap
 
     def resolve_batch_size(self, requests: list[Instance]) -> int:
         """Resolve ``batch_size=auto``: the largest batch that fits the device's memory budget.

@@ -20,6 +20,9 @@ Timing: after one warm-up batch of the same lmms model, the device is synchronis
 clock runs around ``simple_evaluate`` (dataset load, request building, generation, metrics):
 ``samples_per_s = n_questions / eval_s``. ``samples_per_s_generate`` counts only the time inside
 the model's ``generate_until`` (image preprocessing, vision tower, pruning, generation, decoding).
+That time is split into ``inputs_s`` (documents -> processor batch, CPU), ``prepare_s`` (vision
+tower, pre-LLM method, embeddings) and ``llm_s`` (generate with any in-LLM method), each closed by a
+device synchronisation.
 
 Identity: for every method, the generated token ids of each question at batch > 1 are compared
 with batch 1 (``identical_rate_vs_b1``; ``identical_first_token_rate_vs_b1`` compares only the
@@ -56,7 +59,7 @@ COLUMNS = [
     "identical_rate_vs_b1", "identical_first_token_rate_vs_b1", "identical_text_rate_vs_b1", "n_compared_vs_b1",
     "distinct_outputs", "peak_mem_gb",
     "model", "weights", "processor", "device", "gpu", "driver", "cuda", "torch", "transformers", "lmms_eval", "datasets", "python",
-    "dtype", "attn", "auto_batch",
+    "dtype", "attn", "auto_batch", "inputs_s", "prepare_s", "llm_s",
 ]  # fmt: skip
 
 
@@ -142,6 +145,8 @@ def evaluate(adapter, method, cfg: dict, batch, n: int, new_tokens: int, task_ma
     lm.generate_until(warm_requests(docs, lm.batch_size or 16, gen))  # resolves `auto` too
     lm.stats.clear()
     lm.generate_s = 0.0
+    lm.time_phases = True  # three syncs per batch; prepare and generate end in host reads anyway
+    lm.phase_s = dict.fromkeys(lm.phase_s, 0.0)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     sync(dev)
@@ -187,6 +192,7 @@ def evaluate(adapter, method, cfg: dict, batch, n: int, new_tokens: int, task_ma
         "auto_batch": lm.auto_batch,
         "eval_s": eval_s,
         "generate_s": lm.generate_s,
+        "phase_s": dict(lm.phase_s),
         "kept_mean": sum(s["visual_tokens_kept"] for s in st) / len(st),
         "layer_mean": sum(sum(s["visual_tokens_per_layer"]) / len(s["visual_tokens_per_layer"]) for s in st) / len(st),
         "peak_mem_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
@@ -295,6 +301,9 @@ def sweep(args, model: str, weights: str, methods: list[str], batches: list, n_b
                 "peak_mem_gb": r["peak_mem_gb"],
                 **env,
                 "auto_batch": None if r["auto_batch"] is None else json.dumps({k: v for k, v in r["auto_batch"].items() if k != "rule"}, sort_keys=True),
+                "inputs_s": r["phase_s"]["inputs"],
+                "prepare_s": r["phase_s"]["prepare"],
+                "llm_s": r["phase_s"]["generate"],
             }
             rows.append(row)
             write_csv(rows, args.out)  # after every point: a run cut short keeps what it measured

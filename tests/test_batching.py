@@ -155,6 +155,20 @@ def test_auto_batch_size_probes_gpu_memory(tmp_path):
     assert a["per_sample_bytes"] > 0 and a["available_bytes"] > 0
 
 
+def test_per_image_tower_assembles_the_batch(setup):
+    """The per-image tower path (CUDA's default; eager off CUDA) stacks each image's features and every
+    hidden state in batch order; on CPU fp32 the batched tower gives the same values."""
+    adapter, docs = setup
+    pix = adapter.processor.image_processor(images=[d["image"] for d in docs[:3]], return_tensors="pt")["pixel_values"]
+    feats, hidden = adapter.vision_tower_per_image(pix, output_hidden_states=True)
+    ref_f, ref_h = adapter.encode_images(pix, output_hidden_states=True)
+    assert feats.shape == ref_f.shape and len(hidden) == len(ref_h)
+    torch.testing.assert_close(feats, ref_f, rtol=1e-5, atol=1e-5)
+    for a, b in zip(hidden, ref_h):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(adapter.vision_tower_per_image(pix[1:2]), ref_f[1:2], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_vision_features_do_not_depend_on_the_batch(tmp_path):
@@ -171,6 +185,33 @@ def test_cuda_vision_features_do_not_depend_on_the_batch(tmp_path):
         f1, h1 = adapter.encode_images(pix[i : i + 1], output_hidden_states=True)
         assert torch.equal(feats[i : i + 1], f1)
         assert all(torch.equal(a[i : i + 1], b) for a, b in zip(hidden, h1))
+    assert ("vision_tower", True) in adapter._graph_cache  # the per-image passes were replayed from a graph
+    # the replay runs the eager kernels: features equal an eager batch-1 pass bit for bit
+    adapter.selection_graphs = False
+    for i in range(pix.shape[0]):
+        f1, h1 = adapter.encode_images(pix[i : i + 1], output_hidden_states=True)
+        assert torch.equal(feats[i : i + 1], f1)
+        assert all(torch.equal(a[i : i + 1], b) for a, b in zip(hidden, h1))
+    assert torch.equal(adapter.encode_images(pix), feats)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tome_merging_does_not_depend_on_the_batch(tmp_path):
+    """ToMe merges inside the tower: on CUDA it too runs one image at a time (graph replay), so a batch of 8
+    gives each image its batch-1 merged features bit for bit."""
+    from bench.models.llava import ASSETS, LlavaAdapter
+    from bench.synthvqa.data import load_test
+
+    adapter = LlavaAdapter("tiny_llava_synth", str(ASSETS / "tiny-llava-synth"), device="cuda").load()
+    docs = load_test(cache_dir=tmp_path, n=40)
+    pix = adapter.processor.image_processor(images=[d["image"] for d in docs[::5]], return_tensors="pt")["pixel_values"]
+    method = build("tome", 0.75)
+    seeds = torch.zeros(pix.shape[0], dtype=torch.long)
+    sel = adapter.visual_selection(pix, method, seeds)
+    for i in range(pix.shape[0]):
+        one = adapter.visual_selection(pix[i : i + 1], method, seeds[:1])
+        assert torch.equal(sel.features[i : i + 1], one.features)
 
 
 def test_batch_identity_diagnosis_script_runs(tmp_path):

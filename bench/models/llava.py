@@ -283,21 +283,50 @@ class LlavaAdapter(ModelAdapter):
         """``(B, 3, H, W)`` pixels -> ``(B, N, D_llm)`` projected visual tokens (CLS dropped).
 
         On CUDA one image at a time (:attr:`per_image_vision`), so a sample's features do not depend on
-        its batch neighbours.
+        its batch neighbours; with :attr:`selection_graphs` each image's pass is replayed from a CUDA
+        graph captured at batch 1 (:meth:`vision_tower_per_image`).
 
         With ``output_hidden_states`` returns ``(features, hidden_states)`` where ``hidden_states`` is
         the vision tower's tuple of ``(B, 1 + N, D_vis)`` tensors (embeddings, then every layer's
         output), from the same forward pass.
         """
-        if self.per_image_vision and self.device.type == "cuda" and pixel_values.shape[0] > 1:
-            parts = [self.encode_images(pixel_values[i : i + 1], output_hidden_states) for i in range(pixel_values.shape[0])]
-            if not output_hidden_states:
-                return torch.cat(parts)
-            hidden = tuple(torch.cat(layer) for layer in zip(*(h for _, h in parts)))
-            return torch.cat([f for f, _ in parts]), hidden
+        px = pixel_values.to(self.device, self.dtype)
+        if self.per_image_vision and self.device.type == "cuda":
+            return self.vision_tower_per_image(px, output_hidden_states)
+        return self._vision_tower(px, output_hidden_states)
+
+    def vision_tower_per_image(self, px: torch.Tensor, output_hidden_states: bool = False):
+        """:meth:`encode_images` one image at a time: ``(B, 3, H, W)`` on the device -> the batched result.
+
+        A batch-1 tower pass at 7B scale is ~300 kernel launches of small GEMMs; eager, its cost is
+        launch and Python dispatch (about 9 ms per image on an H100), which would eat most of what
+        batching gains. On CUDA with :attr:`selection_graphs` the pass is captured once per input
+        shape (``methods.base.CudaGraphCache``) and replayed per image: the same kernels, so the
+        features are the ones a batch-1 call gets, bit for bit.
+        """
+        run = self._tower_graph(output_hidden_states) if self._graphs_on() else (lambda p: self._vision_tower(p, output_hidden_states))
+        parts = [run(px[i : i + 1]) for i in range(px.shape[0])]
+        if len(parts) == 1:
+            return parts[0]
+        if not output_hidden_states:
+            return torch.cat(parts)
+        hidden = tuple(torch.cat(layer) for layer in zip(*(h for _, h in parts)))
+        return torch.cat([f for f, _ in parts]), hidden
+
+    def _tower_graph(self, output_hidden_states: bool):
+        from methods.base import CudaGraphCache
+
+        cache = self.__dict__.setdefault("_graph_cache", {})
+        key = ("vision_tower", bool(output_hidden_states))
+        if key not in cache:
+            cache[key] = CudaGraphCache(lambda p: self._vision_tower(p, output_hidden_states))
+        return cache[key]
+
+    def _vision_tower(self, px: torch.Tensor, output_hidden_states: bool):
+        """One eager tower + projector pass over the whole batch ``px`` (device, model dtype)."""
         cfg = self.model.config
         out = self.model.model.get_image_features(
-            pixel_values=pixel_values.to(self.device, self.dtype),
+            pixel_values=px,
             vision_feature_layer=cfg.vision_feature_layer,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
             return_dict=True,
@@ -306,7 +335,7 @@ class LlavaAdapter(ModelAdapter):
         )
         feats = out.pooler_output
         feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
-        return (feats, out.hidden_states) if output_hidden_states else feats
+        return (feats, tuple(out.hidden_states)) if output_hidden_states else feats
 
     def vision_context(self, sample_seeds: torch.Tensor, hidden_states=None, needs: frozenset[str] = frozenset()) -> VisionContext:
         """The :class:`VisionContext` for a batch; ``extras`` serve what the method ``needs``.

@@ -87,7 +87,8 @@ def merged_features(model, pixel_values: torch.Tensor, schedule: list[int], prop
 def encode_with_merging(adapter, pixel_values: torch.Tensor, method, sample_seeds: torch.Tensor, graphs: bool = False) -> VisualSelection:
     """Run ``method`` (ToMe) inside the tower: ``(B, 3, H, W)`` -> :class:`VisualSelection` ``(B, T, D_llm)``.
 
-    ``graphs``: replay the merging tower from a CUDA graph cached on the adapter (CUDA only).
+    ``graphs``: replay the merging tower from a CUDA graph cached on the adapter (CUDA only). On CUDA
+    with the adapter's ``per_image_vision`` each image is merged alone, as ``encode_images`` does.
     """
     model = adapter.model
     px = pixel_values.to(adapter.device, adapter.dtype)
@@ -103,7 +104,11 @@ def encode_with_merging(adapter, pixel_values: torch.Tensor, method, sample_seed
         key = ("merging_tower", tuple(sched), prop)
         if key not in cache:
             cache[key] = CudaGraphCache(lambda p: merged_features(model, p, sched, prop))
-        feats = cache[key](px)
+        run = cache[key]
     else:
-        feats = merged_features(model, px, sched, prop)
+        run = lambda p: merged_features(model, p, sched, prop)  # noqa: E731
+    if px.is_cuda and getattr(adapter, "per_image_vision", False):  # as LlavaAdapter.encode_images: batch-independent features
+        feats = torch.cat([run(px[i : i + 1]) for i in range(b)])
+    else:
+        feats = run(px)
     return VisualSelection(feats, None, torch.full((b,), feats.shape[1], dtype=torch.long))
