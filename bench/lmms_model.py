@@ -9,6 +9,7 @@ share cached answers.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 import zlib
@@ -237,6 +238,17 @@ class TokenPruneLlava(lmms):
         sync = torch.cuda.synchronize if self.adapter.device.type == "cuda" else (lambda *a: None)
         sync()
         t0 = time.perf_counter()
+        # Everything alive now (model, datasets, lmms-eval's documents and instances) goes to the GC's
+        # permanent generation for the loop: otherwise every full collection triggered by generate()'s
+        # allocations rescans that heap, which stalls the launch-bound decoding loop (H100, 7B, batch 16:
+        # 0.37 s of GC in 2.8 s of evaluation). Objects created by the loop are still collected.
+        gc.freeze()
+        try:
+            return self._generate_all(requests, tok, sync, t0)
+        finally:
+            gc.unfreeze()
+
+    def _generate_all(self, requests: list[Instance], tok, sync, t0: float) -> list[str]:
         if self.batch_size is None:
             self.batch_size = self.resolve_batch_size(requests)
 
