@@ -16,15 +16,15 @@ Official defects handled here (methods.md policy): it crashes when the residual 
 ``prepare_inputs`` merges a batch of images into one sequence: every sample is separate here.
 
 Speed: the rounds' count and sizes depend on lengths only (:func:`dedup_rounds`), so nothing syncs with
-the host and the selection is CUDA-graph capturable. On CUDA with Triton and float16 features (``backend="auto"``) all
-rounds run in one kernel launch (one program per image) on the once-computed similarity matrix;
-``backend="torch"`` runs them as a few batched kernels per round (identical picks, tested): 4 kernels
-a round, 64 rounds at 576 -> 64, so it cannot get near the 0.3 ms target at B=1.
-``backend="triton_scan"`` (opt-in until timed on a GPU) sorts every similarity row once (one torch sort)
-and then reads, per even token and round, only the head of its sorted row up to the first odd-set token;
-its round tile shrinks with the list. At B=1 a launch is one program on one SM, so a round's cost is
-its chain of dependent memory steps, not arithmetic: the gather kernel's ``|even| x |odd|`` scattered
-loads (about 74k in the first rounds at 576 -> 64) are what the scan replaces.
+the host and the selection is CUDA-graph capturable. On CUDA with Triton and float16 features
+(``backend="auto"`` = ``triton_scan``) all rounds run in one kernel launch (one program per image): every
+similarity row is sorted once (one torch sort), then per even token and round only the head of its
+sorted row up to the first odd-set token is read; the round tile shrinks with the list. At B=1 a launch
+is one program on one SM, so a round's cost is its chain of dependent memory steps, not arithmetic: the
+scan replaces the ``|even| x |odd|`` scattered loads (about 74k in the first rounds at 576 -> 64) of
+``backend="triton"``, which gathers them (H100, graph replay, B=1: 0.90 / 0.92 / 1.55 ms at 192 / 128 /
+64 kept vs 1.23 / 1.40 / 2.29 ms; identical picks, GPU-tested). ``backend="torch"`` runs the rounds as a
+few batched kernels each (identical picks, tested): 4 kernels a round, 64 rounds at 576 -> 64.
 """
 
 from __future__ import annotations
@@ -322,10 +322,10 @@ class VisPruner(PruningMethod):
     step : int
         Even-position tokens dropped per de-duplication round (8).
     backend : {"auto", "torch", "triton", "triton_scan"}
-        Implementation of the rounds (identical picks); ``auto`` = one Triton launch on CUDA when
-        Triton is available, else batched torch ops (one small set of kernels per round).
-        ``triton_scan``: one Triton launch on row-sorted similarities (:func:`dedup_triton` with ``scan=True``; checked
-        equal to the torch rounds under Triton's CPU interpreter, not yet timed on a GPU, so ``auto`` does not pick it).
+        Implementation of the rounds (identical picks); ``auto`` = ``triton_scan`` (one Triton launch on
+        row-sorted similarities, :func:`dedup_triton` with ``scan=True``) on CUDA with Triton and fp16
+        features, else batched torch ops (one small set of kernels per round). ``triton``: one launch
+        that gathers every round's similarities (slower on the H100).
     """
 
     important_ratio: float = 0.5
@@ -365,7 +365,7 @@ class VisPruner(PruningMethod):
         # auto: Triton for float16 only, where it was checked equal on the H100; with float32 features its
         # picks differed from the torch rounds at 576 -> 64 (equal at 192/128; undiagnosed), bf16 is unchecked
         auto_triton = self.backend == "auto" and _triton_ok(feats) and feats.dtype == torch.float16
-        backend = "triton" if auto_triton else ("torch" if self.backend == "auto" else self.backend)
+        backend = "triton_scan" if auto_triton else ("torch" if self.backend == "auto" else self.backend)
         if backend.startswith("triton") and not _triton_ok(feats):
             raise ConfigError(f"vispruner: backend={backend} needs CUDA tensors and Triton; use backend=auto or torch")
         return vispruner_select(score, feats, self.n_keep(n), float(self.important_ratio), int(self.step), backend)
