@@ -12,8 +12,11 @@ touching transformers' modeling code. It installs
 * forward hooks on ``q_proj``/``k_proj`` of the layers whose attention a method scores on their own
   input (FastV's layer K-1, DART's keys, SparseVLM's scoring layers), so attention rows are recomputed
   from tensors the layer already produced: ``softmax(q_rows . K^T / sqrt(d) + causal/padding mask)``
-  under SDPA, never by switching the model to eager attention. With a KV cache the post-RoPE keys are
-  read back from the cache (the layer wrote exactly those), so only the few query rows are rotated;
+  under SDPA, never by switching the model to eager attention. Under SDPA the scored layers also hand
+  over the post-RoPE q/k they attend with (the ``"sdpa"`` entry of transformers' attention interface is
+  wrapped while the context is open, :func:`_tap_attention`), so nothing is rotated again; otherwise
+  (eager attention) the keys come from the KV cache when it is visible, or q/k are rotated from the
+  projections' outputs (:func:`apply_rope`, two kernels);
 * whatever extra hooks a method installs (TransPrune's sublayer input/output hooks), routed through
   :meth:`_Runner.sub_hook`.
 
@@ -63,41 +66,51 @@ import torch
 
 from bench.errors import IncompatibleMethodError
 
-__all__ = ["apply_rope", "attention_rows", "prune_in_llm", "signed_sin"]
+__all__ = ["apply_rope", "attention_rows", "prune_in_llm", "rope_table"]
 
 
 # ----------------------------------------------------------------------------------- pure helpers
-def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """``sin`` ``(..., d)`` with its first half negated: the sign of Llama's ``rotate_half``, for :func:`apply_rope`."""
-    h = sin.shape[-1] // 2
-    return torch.cat((-sin[..., :h], sin[..., h:]), dim=-1)
+def rope_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``(B or 1, T, 2, 2, d/2)`` rotary factors per position for :func:`apply_rope`: ``[[c1, s2], [-s1, c2]]``.
+
+    ``cos``/``sin`` are ``(B or 1, T, d)`` with halves ``c1, c2`` / ``s1, s2``. Row ``i`` multiplies the
+    ``i``-th half of ``x``: ``x1`` goes to ``(c1, s2)``, ``x2`` to ``(-s1, c2)``. Two kernels (neg, stack);
+    built once per context where the tables depend on the layout only.
+    """
+    h = cos.shape[-1] // 2
+    parts = (cos[..., :h], sin[..., h:], -sin[..., :h], cos[..., h:])
+    return torch.stack(parts, dim=-2).view(*cos.shape[:-1], 2, 2, h)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, heads_first: bool = True) -> torch.Tensor:
-    """Llama's rotary embedding ``x * cos + rotate_half(x) * sin``, bit for bit, in four kernels.
+def apply_rope(x: torch.Tensor, table: torch.Tensor, heads_first: bool = True) -> torch.Tensor:
+    """Llama's rotary embedding ``x * cos + rotate_half(x) * sin``, bit for bit, in two kernels.
 
     Parameters
     ----------
     x : torch.Tensor
         ``(B, T, H, d)``: a q/k projection's output split into heads (not yet transposed).
-    cos, sin_signed : torch.Tensor
-        ``(B or 1, T, d)``; ``sin_signed = signed_sin(sin)``.
+    table : torch.Tensor
+        ``(B or 1, T, 2, 2, d/2)`` from :func:`rope_table`.
     heads_first : bool
         Return ``(B, H, T, d)`` contiguous in that layout (what the score matmul reads without a copy);
         ``False``: ``(B, T, H, d)`` contiguous (heads concatenate per token with a view).
 
-    ``rotate_half(x) = cat(-x2, x1)`` is ``roll(x, d/2)`` with the first half negated; the sign sits in
-    ``sin_signed`` (``(-a) * b == a * (-b)`` exactly), so no ``neg``/``cat`` runs per call.
+    ``rotate_half(x) = cat(-x2, x1)``, so the first output half is ``x1*c1 + x2*(-s1)`` and the second
+    ``x2*c2 + x1*s2``. One broadcast multiply forms the four half products (each rounded once, as
+    Llama's ``x * cos`` and ``rotate_half(x) * sin``; ``(-a) * b == a * (-b)`` exactly) and one add sums
+    the two that land on each half (IEEE addition commutes): no ``roll``/``neg``/``cat`` of ``x`` and two
+    passes over it instead of four.
     """
     b, t, h, d = x.shape
-    c, s = cos.unsqueeze(2), sin_signed.unsqueeze(2)
-    rolled = x.roll(d // 2, dims=-1)
-    if not heads_first:
-        return (x * c).add_(rolled * s)
-    out, rot = x.new_empty(b, h, t, d), x.new_empty(b, h, t, d)
-    torch.mul(x.transpose(1, 2), c.transpose(1, 2), out=out)
-    torch.mul(rolled.transpose(1, 2), s.transpose(1, 2), out=rot)
-    return out.add_(rot)
+    xs = x.view(b, t, h, 2, 1, d // 2)
+    w = table.unsqueeze(2)  # (B or 1, T, 1, 2, 2, d/2)
+    if heads_first:
+        prod = x.new_empty(b, h, t, 2, 2, d // 2)
+        torch.mul(xs.transpose(1, 2), w.transpose(1, 2), out=prod)
+    else:
+        prod = xs * w  # (B, T, H, 2, 2, d/2)
+    out = torch.add(prod.select(-3, 0), prod.select(-3, 1))  # (..., 2, d/2): the two halves, contiguous
+    return out.view(b, h, t, d) if heads_first else out.view(b, t, h, d)
 
 
 def attention_rows(
@@ -174,6 +187,56 @@ def _mask4d(valid: torch.Tensor, q_len: int, impl: str, dtype: torch.dtype) -> t
     if impl == "sdpa":
         return allowed
     return _bias(allowed, dtype)
+
+
+# ----------------------------------------------------------------------------------- attention tap
+_TAPS: dict[int, Any] = {}  # id(attention module) -> callback(query, key) while a pruning context is open
+_TAP_STATE: dict = {"open": 0}
+
+
+def _tapped_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention function, reporting the post-RoPE ``query``/``key`` of tapped modules first."""
+    tap = _TAPS.get(id(module))
+    if tap is not None:
+        tap(query, key)
+    return _TAP_STATE["orig"](module, query, key, value, attention_mask, **kwargs)
+
+
+def _tap_attention(modules: dict) -> Any:
+    """Route the ``"sdpa"`` attention function through :func:`_tapped_sdpa` for ``modules``
+    (``{attention module: callback(query, key)}``); returns the undo function (``None``: no tap possible).
+
+    Scored layers then hand over the rotated q/k they attend with, so the hooks rotate nothing (the
+    recomputation from the ``q_proj``/``k_proj`` outputs stays as the fallback, e.g. eager attention, which
+    is not routed through the interface). The function the interface returns is only wrapped: the
+    attention computed is the model's own.
+    """
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as funcs
+    except ImportError:  # pragma: no cover - other transformers layouts: recompute instead
+        return None
+    if _TAP_STATE["open"] == 0:
+        local = getattr(funcs, "_local_mapping", None)
+        if local is None or "sdpa" not in funcs:
+            return None
+        _TAP_STATE.update(orig=funcs["sdpa"], had_local="sdpa" in local, prev=local.get("sdpa"))
+        funcs["sdpa"] = _tapped_sdpa
+    _TAP_STATE["open"] += 1
+    for mod, fn in modules.items():
+        _TAPS[id(mod)] = fn
+
+    def undo():
+        for mod in modules:
+            _TAPS.pop(id(mod), None)
+        _TAP_STATE["open"] -= 1
+        if _TAP_STATE["open"] == 0:
+            if _TAP_STATE["had_local"]:
+                funcs["sdpa"] = _TAP_STATE["prev"]
+            else:
+                del funcs["sdpa"]
+            _TAP_STATE.pop("orig")
+
+    return undo
 
 
 # ----------------------------------------------------------------------------------- runtime state
@@ -320,6 +383,12 @@ class _Runner:
             cap[name] = output
             cap["seq"] = len(self.seqs)  # the cache of this layer holds this sequence's keys
 
+    def capture_rot(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        """Post-RoPE ``(B, H, T, d)`` query and ``(B, H_kv, T, d)`` key of ``layer`` (from the attention tap)."""
+        if self.prefill:
+            cap = self.captures.setdefault(layer, {})
+            cap["q_rot"], cap["k_rot"] = query, key
+
     def sub_hook(self, fn, *args, **kwargs):
         """Method-installed hooks run through here (so the overhead script can find them)."""
         return fn(self, *args, **kwargs)
@@ -438,6 +507,10 @@ class _Runner:
                 for key in ("q", "k"):
                     if key in cap:
                         cap[key] = cap[key].gather(1, src3.expand(-1, -1, cap[key].shape[-1]))
+                for key in ("q_rot", "k_rot"):  # (B, H, T, d): tokens on dim 2
+                    if key in cap:
+                        x = cap[key]
+                        cap[key] = x.gather(2, src.view(b, 1, -1, 1).expand(-1, x.shape[1], -1, x.shape[-1]))
                 cap["seq"] = -1  # the cache no longer matches this sequence
                 if cap.get("pe") is not None:
                     cap["pe"] = tuple(_expand_b(x, b).gather(1, src3.expand(-1, -1, x.shape[-1])) for x in cap["pe"])
@@ -499,23 +572,31 @@ class _View:
         self._norm_input(layer)
         return self._s.pe if self._s.pe is not None else self._r.lm.rotary_emb(self.hidden, self._s.pos)
 
-    def rope_signed(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, signed_sin(sin))`` of :meth:`rope`; built once per context when the tables are the
-        sequence's own and depend on its layout only (the original sequence, renumbered stages)."""
+    def rope_table(self, layer: int) -> torch.Tensor:
+        """:func:`rope_table` of :meth:`rope`; built once per context when the tables are the sequence's
+        own and depend on its layout only (the original sequence, renumbered stages)."""
         cos, sin = self.rope(layer)
         own = self._s.pos_static and self._s.pe is not None and cos is self._s.pe[0]
-        hit = self._s.static.get("sin_signed") if own else None
-        if hit is None or hit.shape != sin.shape:
-            hit = signed_sin(sin)
+        hit = self._s.static.get("rope_table") if own else None
+        if hit is None or hit.shape[:-3] != cos.shape[:-1]:
+            hit = rope_table(cos, sin)
             if own:
-                self._s.static["sin_signed"] = hit
-        return cos, hit
+                self._s.static["rope_table"] = hit
+        return hit
+
+    def _captured(self, layer: int) -> dict | None:
+        """What the attention tap / projection hooks of ``layer`` (``self.layer - 1``) captured, if anything."""
+        cap = self._r.captures.get(layer)
+        return cap if layer == self.layer - 1 and cap is not None else None
 
     def keys(self, layer: int, heads_first: bool = True) -> torch.Tensor:
         """Post-RoPE keys of ``layer`` (``self.layer - 1`` or ``self.layer``) on the current sequence:
         ``(B, H_kv, T, d)``, or ``(B, T, H_kv, d)`` with ``heads_first=False``."""
-        cap = self._r.captures.get(layer)
-        if layer == self.layer - 1 and cap is not None and "k" in cap:
+        cap = self._captured(layer)
+        if cap is not None and "k_rot" in cap:  # exactly what the layer computed and attended with
+            k = cap["k_rot"]
+            return k if heads_first else k.transpose(1, 2)
+        if cap is not None and "k" in cap:
             cache = self._r.cache
             if cap.get("seq") == len(self._r.seqs) and cache is not None:
                 layers = getattr(cache, "layers", None)
@@ -525,21 +606,21 @@ class _View:
             k = cap["k"]
         else:
             k = self._attn_module(layer).k_proj(self._norm_input(layer))
-        cos, sin_s = self.rope_signed(layer)
         b, t = k.shape[:2]
-        return apply_rope(k.view(b, t, -1, self._attn_module(layer).head_dim), cos, sin_s, heads_first)
+        return apply_rope(k.view(b, t, -1, self._attn_module(layer).head_dim), self.rope_table(layer), heads_first)
 
     def _q_rows(self, layer: int, first: int) -> torch.Tensor:
         """Post-RoPE queries ``(B, H, T - first, d)`` of ``layer`` for the rows ``first:``."""
         attn = self._attn_module(layer)
-        cap = self._r.captures.get(layer)
-        if layer == self.layer - 1 and cap is not None and "q" in cap:
+        cap = self._captured(layer)
+        if cap is not None and "q_rot" in cap:
+            return cap["q_rot"][:, :, first:]
+        if cap is not None and "q" in cap:
             q = cap["q"][:, first:]
         else:
             q = attn.q_proj(self._norm_input(layer)[:, first:])
-        cos, sin_s = self.rope_signed(layer)
         b, nq = q.shape[:2]
-        return apply_rope(q.view(b, nq, -1, attn.head_dim), _expand_b(cos, b)[:, first:], _expand_b(sin_s, b)[:, first:])
+        return apply_rope(q.view(b, nq, -1, attn.head_dim), self.rope_table(layer)[:, first:])
 
     def query_index(self, queries: str) -> tuple[torch.Tensor, torch.Tensor]:
         st = self._s.static
@@ -660,6 +741,7 @@ def prune_in_llm(adapter, method, prepared):
     gen_cfg = getattr(model, "generation_config", None)
     old_use_cache = getattr(gen_cfg, "use_cache", None)
     first = min(s.layer for s in plan)
+    undo_tap = None
     try:
         for layer in range(first, n_layers):  # layers before the first stage never change
             handles.append(layers[layer].register_forward_pre_hook(partial(runner.layer_pre, layer), with_kwargs=True))
@@ -667,6 +749,8 @@ def prune_in_llm(adapter, method, prepared):
             attn = layers[layer].self_attn
             handles.append(attn.q_proj.register_forward_hook(partial(runner.capture_out, layer, "q")))
             handles.append(attn.k_proj.register_forward_hook(partial(runner.capture_out, layer, "k")))
+        if capture and impl == "sdpa":
+            undo_tap = _tap_attention({layers[layer].self_attn: partial(runner.capture_rot, layer) for layer in capture})
         extra_hooks = getattr(method, "install_hooks", None)
         if extra_hooks is not None:
             handles.extend(extra_hooks(lm, runner))
@@ -676,6 +760,8 @@ def prune_in_llm(adapter, method, prepared):
     finally:
         for hd in handles:
             hd.remove()
+        if undo_tap is not None:
+            undo_tap()
         if gen_cfg is not None and getattr(method, "reprune_every_step", False):
             gen_cfg.use_cache = old_use_cache
         runner.captures = {}
