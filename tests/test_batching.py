@@ -75,7 +75,7 @@ def test_batch8_equals_batch1(setup, name, ratio):
     try:
         adapter.check_method(method)
         one, stats1 = predictions(adapter, method, docs, 1)
-    except BenchError as e:  # e.g. ToMe cannot reach 10% in the tiny tower's few blocks
+    except BenchError as e:  # a budget the tiny model cannot reach: the method's own refusal
         pytest.skip(f"{name} at ratio {ratio} refuses this model: {e}")
     eight, stats8 = predictions(adapter, method, docs, 8)
     assert len(one) == len(eight) == N_DOCS

@@ -4,7 +4,7 @@ the same forward (``adapter.prepare`` + ``adapter.prefill``), for every method o
 
 A method added under ``conf/method/`` is covered automatically: without a formula in
 ``bench/measure/flops.py`` its cases fail with ``NoSelectionFormula``. Combinations a method refuses
-on a tiny model (ToMe cannot merge 576 tokens down to 25% in the 2 blocks of a 3-layer tower) are
+on a tiny model (ToMe cannot merge 576 tokens down to 10% in the 2 blocks of a 3-layer tower) are
 skipped with the method's own reason.
 """
 

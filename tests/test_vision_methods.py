@@ -215,10 +215,27 @@ def test_tome_schedule_lands_on_budget():
     assert tome_schedule(576, 64, 23, True) == [23] * 6 + [22] * 17
     for keep in (29, 58, 200, 575):
         assert 576 - sum(tome_schedule(576, keep, 23, True)) == keep
-    from bench.errors import ConfigError
+    # even split capped at half per block falls short of 1 token; front-loading (halving first) reaches it
+    assert sum(tome_schedule(576, 1, 23, True)) == 575
 
-    with pytest.raises(ConfigError):  # at most half the tokens merge per block
-        tome_schedule(576, 1, 23, True)
+
+def test_tome_schedule_front_loads_when_the_even_split_is_capped():
+    """Few blocks: the even split (104 per block) hits the halving cap in the last block of the embedded
+    tower's 5 feature blocks; the front-loaded schedule reaches 58 tokens, every block within its cap."""
+    from bench.errors import ConfigError
+    from methods.tome import tome_schedule
+
+    for n_blocks, keep, cls in [(5, 58, True), (5, 19, True), (4, 40, False), (3, 73, True), (2, 144, True)]:
+        rs = tome_schedule(576, keep, n_blocks, cls)
+        assert sum(rs) == 576 - keep, (n_blocks, keep, rs)
+        t = 576
+        for r in rs:  # ToMe's bipartite cap on the unprotected tokens
+            assert 0 <= r <= t // 2, (n_blocks, keep, rs)
+            t -= r
+        assert rs == sorted(rs, reverse=True)  # front-loaded: never more merging later
+    assert tome_schedule(576, 58, 5, True) == [115, 115, 115, 115, 58]
+    with pytest.raises(ConfigError):  # 576 / 2**5 = 18 is the floor in 5 blocks
+        tome_schedule(576, 17, 5, True)
 
 
 @pytest.mark.parametrize("r,class_token", [(0, True), (1, True), (17, True), (200, True), (300, True), (23, False)])
