@@ -14,10 +14,10 @@ de-duplication rounds, VisionZip's key similarity and the projector run again on
 PruMerge's key similarity and neighbour merge, ToMe's bipartite similarity in every block (its
 shrinking token counts are in the vision part), and for in-LLM methods the attention rows recomputed
 from q/k at each stage (FastV, PyramidDrop, SparseVLM, TransPrune: with the ``k_proj``/``q_proj`` of
-the layer when it has not run yet), SparseVLM's rater matrix and cluster means. Work that is
-elementwise in the implementation is left out by both counts (a few MFLOPs at LLaVA-1.5-7B shapes
-against TFLOPs): DART's cosine to its 8 pivots (``2 * 8 * N * d``), SparseVLM's ``cdist`` of the
-recycling candidates, TransPrune's token-transition norms, DivPrune's greedy min-updates.
+the layer when it has not run yet), SparseVLM's rater matrix, the Gram matrix of its recycling
+candidates' distances and their cluster means. Work that is elementwise in the implementation is left
+out by both counts (a few MFLOPs at LLaVA-1.5-7B shapes against TFLOPs): DART's cosine to its 8 pivots
+(``2 * 8 * N * d``), TransPrune's token-transition norms, DivPrune's greedy min-updates.
 
 ``paper_convention`` gives the number most papers print instead (FastV section 4.2, reused by DART,
 DivPrune and VisionZip): ``4nd^2 + 2n^2d + 2ndm`` multiply-adds per LLM layer, LLM only, with a
@@ -430,7 +430,8 @@ def _transprune(config, method, sh: Shapes) -> int:
 @_formula("sparsevlm")
 def _sparsevlm(config, method, sh: Shapes) -> int:
     """Rater matrix ``V T^T`` (once), rows after the image from the captured q/k at each stage,
-    v2.0's RoPE-only bias, and the recycled candidates' cluster means (``(c x M) @ (M x D)``)."""
+    v2.0's RoPE-only bias, the recycled candidates' Gram matrix for their distances (``(M x D) @ (D x M)``,
+    stages with more than one cluster) and their cluster means (``(c x M) @ (M x D)``)."""
     from methods.sparsevlm import merge_counts
 
     d, _, _ = _head_dims(config.text_config)
@@ -448,6 +449,8 @@ def _sparsevlm(config, method, sh: Shapes) -> int:
         if m > 0:
             cand, _ = merge_counts(n_vis, st.n_selected)
             total += 2 * m * cand * d
+            if m > 1:  # the candidates' pairwise distances: one (M x D) @ (D x M) Gram matrix (fp64)
+                total += 2 * cand * cand * d
     return sh.batch * total
 
 
