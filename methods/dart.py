@@ -141,7 +141,7 @@ def dart_select(
     Parameters
     ----------
     keys : torch.Tensor
-        ``(B, T, H*d)`` post-RoPE keys of layer ``K-1`` with heads concatenated.
+        ``(B, T, H*d)`` post-RoPE keys of layer ``K-1`` with heads concatenated (or ``(B, T, H, d)``, any strides).
     hidden : torch.Tensor
         ``(B, T, D)`` final-norm'd output of layer ``K-1``.
     valid : torch.BoolTensor
@@ -161,9 +161,15 @@ def dart_select(
     torch.LongTensor
         ``(B, n_image_pivots + sum(per_pivot))`` sorted indices into the visual block.
     """
-    b, t, _ = keys.shape
+    b, t = keys.shape[:2]
     text_bias, pad, img_offset = layout if layout is not None else dart_layout(valid, vis_start, n_vis)
-    norms = keys.float().abs().sum(-1)  # L1 norm, (B, T)
+    if keys.dim() == 4 and keys.dtype != torch.float32:
+        # one strided copy for the heads' concatenation and the cast (exact) instead of a copy then a cast
+        k32 = torch.empty(keys.shape, dtype=torch.float32, device=keys.device)
+        k32.copy_(keys)
+        norms = k32.view(b, t, -1).abs_().sum(-1)
+    else:
+        norms = keys.reshape(b, t, -1).float().abs().sum(-1)  # L1 norm, (B, T)
     img_norm = norms.narrow(1, uniform_start, n_vis) if uniform_start is not None else visual_block(norms, vis_start, n_vis)
     img_piv = img_norm.topk(n_image_pivots, dim=1).indices  # (B, pi), relative, by descending norm
     text_piv = (norms + text_bias).topk(n_text_pivots, dim=1).indices  # absolute
@@ -175,18 +181,31 @@ def dart_select(
     hidden = hidden / torch.linalg.vector_norm(hidden, dim=-1, keepdim=True).clamp_min(1e-8)
     vis_n = hidden.narrow(1, uniform_start, n_vis) if uniform_start is not None else visual_block(hidden, vis_start, n_vis)
     piv_n = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, P, D)
-    neg_cos = -(piv_n @ vis_n.transpose(1, 2))  # (B, P, N)
-    taken = torch.zeros(b, n_vis, dtype=neg_cos.dtype, device=keys.device)  # 0 or -inf: already selected
-    taken.scatter_(1, img_piv, float("-inf"))
+    return pivot_picks(piv_n @ vis_n.transpose(1, 2), img_piv, per_pivot)
+
+
+def pivot_picks(cos: torch.Tensor, img_piv: torch.Tensor, per_pivot: list[int]) -> torch.Tensor:
+    """DART's greedy picks: ``(B, P, N)`` similarities of the pivots (visiting order) to the visual tokens,
+    ``(B, pi)`` image pivots (taken from the start) -> ``(B, pi + sum(per_pivot))`` sorted visual indices.
+
+    Pivot ``j`` takes the ``per_pivot[j]`` untaken tokens of least similarity. Taken tokens are set to
+    -inf in the later pivots' rows of ``-cos`` in place: one ``topk`` and one ``scatter_`` per pivot (no
+    "taken" mask added to each row). The values ``topk`` sees equal those of ``-cos + taken`` (0 / -inf):
+    ``0 - cos`` maps a +-0 similarity to +0 as adding the 0 mask would, ``x + 0 == x`` for every other
+    x, and ``x + (-inf) == -inf`` for every finite x.
+    """
+    neg = torch.rsub(cos, 0)  # (B, P, N), a new tensor (scattered in place below)
+    p = neg.shape[1]
+    neg.scatter_(2, img_piv.unsqueeze(1).expand(-1, p, -1), float("-inf"))
     parts = [img_piv]
     last = max((j for j, cnt in enumerate(per_pivot) if cnt > 0), default=-1)
     for j, cnt in enumerate(per_pivot):
         if cnt <= 0:
             continue
         # the set is what matters (sorted below); an ordered topk would cost one more kernel
-        top = (neg_cos[:, j] + taken).topk(cnt, dim=1, sorted=False).indices
+        top = neg[:, j].topk(cnt, dim=1, sorted=False).indices
         if j < last:
-            taken.scatter_(1, top, float("-inf"))
+            neg[:, j + 1 :].scatter_(2, top.unsqueeze(1).expand(-1, p - j - 1, -1), float("-inf"))
         parts.append(top)
     return torch.cat(parts, dim=1).sort(dim=1).values
 
@@ -246,9 +265,7 @@ class DART(InLLMMethod):
         return [Stage(layer, keep, self.renumber_positions)]
 
     def prune(self, i: int, stage: Stage, view: StageView) -> StageOut:
-        keys = view.keys(stage.layer - 1, heads_first=False)  # (B, T, Hkv, d)
-        b, t = keys.shape[:2]
-        keys = keys.reshape(b, t, -1)
+        keys = view.keys(stage.layer - 1, heads_first=False)  # (B, T, Hkv, d), heads concatenated in dart_select
         hidden = view.final_norm(view.hidden)
         counts = pivot_counts(stage.n_keep, self.pivot_image_token + self.pivot_text_token, self.pivot_image_token)
         layout = view.static.get("layout") if isinstance(getattr(view, "static", None), dict) else None

@@ -65,12 +65,14 @@ def stage_counts(selected: list[int], n_vis: int, merge: bool) -> list[tuple[int
     return out
 
 
-def text_raters(embeds: torch.Tensor, vis_start: torch.Tensor, n_vis: int, n_text: int, uniform_start: int | None = None) -> torch.Tensor:
+def text_raters(embeds: torch.Tensor, vis_start: torch.Tensor, n_vis: int, n_text: int, uniform_start: int | None = None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
     """SparseVLM's raters: ``(B, Q)`` bool over the last ``Q = n_text`` positions (text after the image).
 
     ``m = softmax_text(V T^T).mean(visual)``; a rater has ``m > mean(m)`` over the sample's own text.
     Positions of the last ``Q`` that lie before a (left padded) sample's text are never raters.
     ``uniform_start``: the (host) image start shared by every sample, if any (a slice, not a gather).
+    ``dtype``: return the raters as 1.0 / 0.0 weights of that dtype (the comparison writes them: no cast).
     """
     b, t, _ = embeds.shape
     dev = embeds.device
@@ -87,13 +89,16 @@ def text_raters(embeds: torch.Tensor, vis_start: torch.Tensor, n_vis: int, n_tex
         logits = logits.masked_fill(~text_valid.unsqueeze(1), float("-inf"))
     m = logits.softmax(2).mean(1)  # (B, Q)
     if text_valid is None:
-        return m > m.mean(1, keepdim=True)
+        mean = m.mean(1, keepdim=True)
+        return m > mean if dtype is None else torch.gt(m, mean, out=m.new_empty(m.shape, dtype=dtype))
     mean = (m * text_valid).sum(1, keepdim=True) / text_valid.sum(1, keepdim=True)
-    return (m > mean) & text_valid
+    r = (m > mean) & text_valid
+    return r if dtype is None else r.to(dtype)
 
 
-def pairwise_dist(x: torch.Tensor) -> torch.Tensor:
-    """``(B, M, C) -> (B, M, M)`` fp64 Euclidean distances: the official ``(x1 - x2).norm()`` without its
+def pairwise_dist(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(B, M, C) -> (B, M, M)`` fp64 Euclidean distances (in ``dtype`` when given: the fp64 square root
+    rounded once on store, what ``.to(dtype)`` of the fp64 result gives, in the same kernel): the official ``(x1 - x2).norm()`` without its
     ``(B, M, M, C)`` difference tensor, from one fp64 GEMM (``|a|^2 + |b|^2 - 2 a.b``).
 
     Why fp64 is as faithful as summing the exact differences in fp32 (``cdist``'s
@@ -111,17 +116,20 @@ def pairwise_dist(x: torch.Tensor) -> torch.Tensor:
     xd = x.double()
     gram = torch.bmm(xd, xd.transpose(1, 2))  # (B, M, M); H100 fp64 tensor cores
     sq = gram.diagonal(dim1=1, dim2=2)  # (B, M) squared norms, the very values on the diagonal
-    d2 = torch.add(sq.unsqueeze(2) + sq.unsqueeze(1), gram, alpha=-2.0)
-    return d2.clamp_min_(0.0).sqrt_()
+    d2 = torch.add(sq.unsqueeze(2) + sq.unsqueeze(1), gram, alpha=-2.0).clamp_min_(0.0)
+    if dtype is None or dtype == d2.dtype:
+        return d2.sqrt_()
+    return torch.sqrt(d2, out=torch.empty(d2.shape, dtype=dtype, device=d2.device))
 
 
 def cluster_and_merge(x: torch.Tensor, n_clusters: int, jitter: torch.Tensor | None = None,
-                      cluster_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      cluster_ids: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> torch.Tensor:
     """DPC-kNN clustering of ``x`` ``(B, M, C)`` into ``n_clusters`` means, as the official ``cluster_and_merge``.
 
     ``jitter`` ``(B, M)`` is the density jitter already scaled (``1e-6 * rand`` in ``x``'s dtype, see
     :func:`density_jitter`); ``None``: no jitter. ``cluster_ids``: ``arange(n_clusters)`` on ``x``'s device
-    (built once outside the forward; made here when not given). Clusters are ordered by their centre's
+    (built once outside the forward; made here when not given); ``zero``: a 0-dim zero in ``x``'s dtype on
+    its device (likewise). Clusters are ordered by their centre's
     score (``topk`` order). Every step is a batched tensor op with static shapes (no host sync): the
     official code's masked arithmetic ``dist * mask + max * (1 - mask)`` is written as the equal ``where``.
     """
@@ -129,9 +137,13 @@ def cluster_and_merge(x: torch.Tensor, n_clusters: int, jitter: torch.Tensor | N
     if n_clusters == 1:  # every token joins the only cluster: no distances needed, the same weighted mean
         w = (torch.tensor(float(m), dtype=x.dtype) + 1e-6).reciprocal()  # ``weight`` below, as a host scalar
         return x.new_full((b, m, 1), float(w)).transpose(1, 2) @ x
-    dist = pairwise_dist(x).to(x.dtype) / (c**0.5)
+    dist = pairwise_dist(x, x.dtype) / (c**0.5)
     nearest = dist.topk(n_clusters, dim=-1, largest=False).values
-    density = (-(nearest**2).mean(-1)).exp()
+    if zero is None:
+        zero = x.new_zeros(())
+    # ``0 + (-1) * n * n`` is ``-(n**2)`` in one kernel (the product of two model-dtype values is exact in
+    # the fp32 opmath, so both round it once), and the mean of the negated values is the negated mean
+    density = torch.addcmul(zero, nearest, nearest, value=-1).mean(-1).exp()
     if jitter is not None:
         density = density + jitter.to(density.dtype)
     higher = density[:, None, :] > density[:, :, None]
@@ -142,7 +154,8 @@ def cluster_and_merge(x: torch.Tensor, n_clusters: int, jitter: torch.Tensor | N
     if cluster_ids is None:
         cluster_ids = torch.arange(n_clusters, device=x.device)
     assign.scatter_(1, centres, cluster_ids.view(1, -1).expand(b, -1))
-    onehot = x.new_zeros(b, m, n_clusters).scatter_(2, assign.unsqueeze(-1), 1.0)  # (B, M, c), no device sync
+    # (B, M, c) 1.0 / 0.0 in x's dtype, written by the comparison itself (no zeros + scatter), no device sync
+    onehot = torch.eq(assign.unsqueeze(-1), cluster_ids.view(1, 1, -1), out=x.new_empty(b, m, n_clusters))
     weight = (onehot.sum(1) + 1e-6).reciprocal()  # (B, c); ``1.0 / t`` would add a multiply by 1
     return (onehot * weight.unsqueeze(1)).transpose(1, 2) @ x
 
@@ -273,7 +286,8 @@ class SparseVLM(InLLMMethod):
         counts = stage_counts([s.n_selected for s in plan], int(spans[0, 1] - spans[0, 0]), True)
         dtype = prepared.inputs_embeds.dtype
         return {"jitter": {i: density_jitter(seeds, cand, i, dtype, device) for i, (_, cand, _) in enumerate(counts)},
-                "cluster_ids": {i: torch.arange(c, device=device) for i, (_, _, c) in enumerate(counts)}}
+                "cluster_ids": {i: torch.arange(c, device=device) for i, (_, _, c) in enumerate(counts)},
+                "zero": torch.zeros((), dtype=dtype, device=device)}
 
     # -------------------------------------------------------------- selection
     def scores(self, view: StageView, layer: int) -> torch.Tensor:
@@ -283,8 +297,8 @@ class SparseVLM(InLLMMethod):
         if raters is None:  # once per prefill: rater weights and their count
             e = view.input_embeds()
             n0 = e.shape[1] - (view.hidden.shape[1] - view.n_vis)  # original visual count (stage 0: n_vis)
-            r = text_raters(e, view.vis_start, n0, attn.shape[2], view.vis_start_min if view.uniform_start else None)
-            w = r.to(torch.float32)
+            w = text_raters(e, view.vis_start, n0, attn.shape[2], view.vis_start_min if view.uniform_start else None,
+                            dtype=torch.float32)
             raters = view.state["sparsevlm_raters"] = (w, w.sum(1, keepdim=True).clamp(min=1))
         w, count = raters
         if self.version == "2.0":
@@ -317,4 +331,7 @@ class SparseVLM(InLLMMethod):
         x = view.visual(view.hidden).gather(1, top[:, k:].unsqueeze(-1).expand(-1, -1, view.hidden.shape[-1]))
         static = view.static
         jitter = static.get("jitter", {}).get(i)
-        return StageOut(keep, cluster_and_merge(x, m, jitter, static.get("cluster_ids", {}).get(i)))
+        zero = static.get("zero")
+        if zero is not None and zero.dtype != x.dtype:
+            zero = None
+        return StageOut(keep, cluster_and_merge(x, m, jitter, static.get("cluster_ids", {}).get(i), zero))

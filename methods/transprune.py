@@ -18,8 +18,9 @@ and its scripts (``--accmulating_layer_list [7..12] --pruning_layer_list [7,9,12
   ``int(N r_s)`` (``r = 0.875, 0.625, 0.125``: 504/360/72, 236.25 on average), sorted; positions
   renumbered (shifted by the dropped count when decoding).
 
-Cost (``scripts/bench_inllm_overhead.py``): on CUDA fp16/bf16 the statistics take one Triton launch per
-hooked sublayer and each stage one more launch for everything after the head-mean of the attention
+Cost (``scripts/bench_inllm_overhead.py``): on CUDA fp16/bf16 the hooks keep each sublayer's input and
+output, the statistics of all the sublayers since the last stage take one Triton launch at the stage, and
+each stage one more launch for everything after the head-mean of the attention
 rows (then ``topk`` + ``sort``); the torch path (CPU, ``backend=torch``) computes the same in ~4 + ~15 kernels.
 """
 
@@ -169,7 +170,47 @@ def _triton_kernels():
                 score += ttv / (tl.sum(tl.where(jm, ttv, 0.0), axis=0) + 1e-8)
             tl.store(score_ptr + b * n + j, score, mask=jm)
 
-        _KERNELS.update(stats=_stats, finish=_finish, next_pow2=triton.next_power_of_2)
+        @triton.jit
+        def _row_stats(a_ptr, b_ptr, out_ptr, r, d, s_a, s_b, s_out, BD: tl.constexpr):
+            # the arithmetic of ``_stats`` for one row of one sublayer (same loads, products and sums)
+            offs = tl.arange(0, BD)
+            aa = tl.zeros([BD], tl.float32)
+            bb = tl.zeros([BD], tl.float32)
+            ab = tl.zeros([BD], tl.float32)
+            for d0 in range(0, d, BD):
+                m = d0 + offs < d
+                a = tl.load(a_ptr + r * s_a + d0 + offs, mask=m, other=0.0).to(tl.float32)
+                b = tl.load(b_ptr + r * s_b + d0 + offs, mask=m, other=0.0).to(tl.float32)
+                aa += a * a
+                bb += b * b
+                ab += a * b
+            tl.store(out_ptr + r, tl.sqrt_rn(tl.sum(aa, axis=0)))
+            tl.store(out_ptr + s_out + r, tl.sqrt_rn(tl.sum(bb, axis=0)))
+            tl.store(out_ptr + 2 * s_out + r, tl.sum(ab, axis=0))
+
+        # a module global too: Triton's interpreter re-creates kernels from their source with the module's
+        # globals only (no closure), and the compiler finds it there as well
+        globals()["_row_stats"] = _row_stats
+
+        @triton.jit(do_not_specialize=["d", "s_out", "s_sub", "sa0", "sb0", "sa1", "sb1", "sa2", "sb2", "sa3", "sb3",
+                                       "sa4", "sb4", "sa5", "sb5"])
+        def _stats_group(a0, b0, sa0, sb0, a1, b1, sa1, sb1, a2, b2, sa2, sb2, a3, b3, sa3, sb3, a4, b4, sa4, sb4,
+                         a5, b5, sa5, sb5, out_ptr, d, s_out, s_sub, N_PAIRS: tl.constexpr, BD: tl.constexpr):
+            # one program per token row, for every sublayer of a stage at once (up to 6 pairs per launch)
+            r = tl.program_id(0).to(tl.int64)
+            _row_stats(a0, b0, out_ptr, r, d, sa0, sb0, s_out, BD)
+            if N_PAIRS > 1:
+                _row_stats(a1, b1, out_ptr + s_sub, r, d, sa1, sb1, s_out, BD)
+            if N_PAIRS > 2:
+                _row_stats(a2, b2, out_ptr + 2 * s_sub, r, d, sa2, sb2, s_out, BD)
+            if N_PAIRS > 3:
+                _row_stats(a3, b3, out_ptr + 3 * s_sub, r, d, sa3, sb3, s_out, BD)
+            if N_PAIRS > 4:
+                _row_stats(a4, b4, out_ptr + 4 * s_sub, r, d, sa4, sb4, s_out, BD)
+            if N_PAIRS > 5:
+                _row_stats(a5, b5, out_ptr + 5 * s_sub, r, d, sa5, sb5, s_out, BD)
+
+        _KERNELS.update(stats=_stats, stats_group=_stats_group, finish=_finish, next_pow2=triton.next_power_of_2)
     return _KERNELS
 
 
@@ -200,6 +241,33 @@ def _launch_stats(x_in: torch.Tensor, x_out: torch.Tensor, out: torch.Tensor) ->
         return
     bd = min(k["next_pow2"](d), 2048)  # 8 elements per thread and tensor at 8 warps: no register spills
     k["stats"][(rows,)](a, b, out[0], d, a.stride(0), b.stride(0), out.stride(0), BD=bd, num_warps=max(1, min(8, bd // 256)))
+
+
+_GROUP = 6  # sublayer pairs per launch of ``_stats_group``
+
+
+def _rows2d(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1]
+    return x.reshape(-1, d) if x.stride(-1) == 1 else x.contiguous().view(-1, d)
+
+
+def _launch_stats_group(pairs: list, out: torch.Tensor) -> None:
+    """:func:`_launch_stats` of every ``(x_in, x_out)`` in ``pairs`` into ``out[:, j]`` (``out``: ``(3, len(pairs), B, T)``),
+    in ``ceil(len / 6)`` launches instead of one per sublayer; per row the same arithmetic as ``_stats``."""
+    k = _triton_kernels()
+    d = pairs[0][0].shape[-1]
+    bd = min(k["next_pow2"](d), 2048)
+    for j0 in range(0, len(pairs), _GROUP):
+        chunk = [(_rows2d(a), _rows2d(b)) for a, b in pairs[j0 : j0 + _GROUP]]
+        rows = chunk[0][0].shape[0]
+        if rows == 0:
+            return
+        args = []
+        for j in range(_GROUP):
+            a, b = chunk[min(j, len(chunk) - 1)]  # unused slots repeat a real pair (never read)
+            args += [a, b, a.stride(0), b.stride(0)]
+        k["stats_group"][(rows,)](*args, out[0, j0], d, out.stride(0), out.stride(1), N_PAIRS=len(chunk), BD=bd,
+                                  num_warps=max(1, min(8, bd // 256)))
 
 
 def _launch_finish(stats: torch.Tensor | None, valid: torch.Tensor | None, vis_start: torch.Tensor, prev,
@@ -253,7 +321,8 @@ def _ttv_hook(kind: str, slot: tuple[int, int, int], backend: str, runner, modul
     """Forward hook on ``self_attn`` (``kind="attn"``) or ``mlp``: record the per-token statistics.
 
     ``slot = (stage layer, index, count)``: the statistics go to row ``index`` of that stage's
-    ``(3, count, B, T)`` buffer (one Triton launch, or the torch reductions), which the stage reads
+    ``(3, count, B, T)`` buffer (torch reductions; with Triton the pair is kept and the stage computes
+    the statistics of all its sublayers in one launch, :func:`_launch_stats_group`), which the stage reads
     whole: no stacking, and the transition weights of all its sublayers are finished in one go.
     """
     if not runner.prefill:
@@ -261,13 +330,15 @@ def _ttv_hook(kind: str, slot: tuple[int, int, int], backend: str, runner, modul
     x_in = kwargs["hidden_states"] if kind == "attn" and "hidden_states" in kwargs else args[0]
     x_out = output[0] if isinstance(output, tuple) else output
     layer, j, count = slot
+    if _use_triton(backend, x_in):
+        # Triton: keep the pair (the decoder layer never writes into these tensors) and compute the
+        # statistics of all of the stage's sublayers in one launch when the stage runs
+        runner.state.setdefault(("tp_io", layer), [None] * count)[j] = (x_in, x_out)
+        return
     buf = runner.state.get(("tp_stats", layer))
     if buf is None or buf.shape[2:] != x_in.shape[:-1]:
         buf = runner.state[("tp_stats", layer)] = x_in.new_empty((3, count, *x_in.shape[:-1]), dtype=torch.float32)
-    if _use_triton(backend, x_in):
-        _launch_stats(x_in, x_out, buf[:, j])
-    else:
-        _token_stats(x_in, x_out, out=buf[:, j])
+    _token_stats(x_in, x_out, out=buf[:, j])
     return
 
 
@@ -291,7 +362,7 @@ class TransPrune(InLLMMethod):
         Official: renumber (True).
     backend : {"auto", "torch", "triton"}
         Statistics and scoring kernels: ``auto`` runs the Triton kernels on CUDA fp16/bf16 (two
-        launches per sublayer/stage instead of ~4 and ~20 torch kernels) and torch elsewhere;
+        launches per stage instead of ~4 torch kernels per sublayer and ~20 per stage) and torch elsewhere;
         ``torch`` / ``triton`` force one (``triton`` needs CUDA, or ``TRITON_INTERPRET=1`` on CPU).
         Both compute the same fp32 quantities up to summation order (selections agree but for exact ties).
     """
@@ -372,6 +443,11 @@ class TransPrune(InLLMMethod):
     def prune(self, i: int, stage: Stage, view: StageView) -> StageOut:
         attn, q_valid = view.attn_rows(stage.layer, "after_image")  # (B, H, Q, T), layer ℓ on its input
         stats = view.state.pop(("tp_stats", view.layer), None)  # (3, L, B, T) sublayers since the last stage
+        pairs = view.state.pop(("tp_io", view.layer), None)  # Triton: their (input, output) pairs instead
+        if pairs is not None and all(p is not None for p in pairs):
+            x0 = pairs[0][0]
+            stats = x0.new_empty((3, len(pairs), *x0.shape[:-1]), dtype=torch.float32)
+            _launch_stats_group(pairs, stats)
         prev = view.state.get("tp_ttv")  # (accumulated TTV, kept indices) of the previous stage
         valid = None if getattr(view, "no_padding", False) else view.valid
         if _use_triton(self.backend, view.hidden):

@@ -527,3 +527,151 @@ def test_overhead_script_smoke(tmp_path):
             assert float(x["prefill_ms"]) > 0 and float(x["decode_step_ms"]) > 0 and float(x["decode_step_unpruned_ms"]) > 0
         else:  # CPU: no CUDA graphs, recorded as null with the reason
             assert x["prefill_ms"] == "" and "CUDA" in x["note"]
+
+
+# ---- kernel-count rewrites (issue 5) against the formulations they replace, bit for bit
+def _old_cluster_and_merge(x, c, jitter):
+    """``cluster_and_merge`` as written before its kernel-count rewrite (same ops, same order)."""
+    b, m, dd = x.shape
+    xd = x.double()
+    gram = torch.bmm(xd, xd.transpose(1, 2))
+    sq = gram.diagonal(dim1=1, dim2=2)
+    dist = torch.add(sq.unsqueeze(2) + sq.unsqueeze(1), gram, alpha=-2.0).clamp_min_(0.0).sqrt_().to(x.dtype) / dd**0.5
+    nearest = dist.topk(c, dim=-1, largest=False).values
+    density = (-(nearest**2).mean(-1)).exp() + jitter
+    higher = density[:, None, :] > density[:, :, None]
+    dist_max = dist.flatten(1).max(-1).values.view(b, 1, 1)
+    parent = torch.where(higher, dist, dist_max).min(-1).values
+    centres = (parent * density).topk(c, dim=-1).indices
+    assign = dist.gather(1, centres.unsqueeze(-1).expand(-1, -1, m)).argmin(1)
+    assign.scatter_(1, centres, torch.arange(c, device=x.device).view(1, -1).expand(b, -1))
+    onehot = x.new_zeros(b, m, c).scatter_(2, assign.unsqueeze(-1), 1.0)
+    weight = (onehot.sum(1) + 1e-6).reciprocal()
+    return (onehot * weight.unsqueeze(1)).transpose(1, 2) @ x
+
+
+def _old_pivot_picks(cos, img_piv, per_pivot):
+    """DART's pivot loop as written before (a 0 / -inf "taken" mask added to each pivot's row)."""
+    neg_cos = -cos
+    taken = torch.zeros(cos.shape[0], cos.shape[2], dtype=cos.dtype, device=cos.device)
+    taken.scatter_(1, img_piv, float("-inf"))
+    parts = [img_piv]
+    for j, cnt in enumerate(per_pivot):
+        top = (neg_cos[:, j] + taken).topk(cnt, dim=1, sorted=False).indices
+        taken.scatter_(1, top, float("-inf"))
+        parts.append(top)
+    return torch.cat(parts, dim=1).sort(dim=1).values
+
+
+def check_rewrites(device: str) -> None:
+    from methods.dart import pivot_picks
+    from methods.sparsevlm import cluster_and_merge
+
+    g = torch.Generator().manual_seed(0)
+    dtypes = (torch.float32,) if device == "cpu" else (torch.float32, torch.float16, torch.bfloat16)
+    dim = 64 if device == "cpu" else 4096
+    for dt in dtypes:
+        for b, m, c in ((1, 156, 16), (3, 40, 5), (2, 61, 7)):
+            x = (torch.randn(b, m, dim, generator=g) * 2).to(device, dt)
+            x[:, 1] = x[:, 0]  # duplicate tokens: zero distances, density ties
+            jitter = (torch.rand(b, m, generator=g) * 1e-6).to(device, dt)
+            assert torch.equal(cluster_and_merge(x, c, jitter), _old_cluster_and_merge(x, c, jitter)), (dt, b, m, c)
+        for b, p, n in ((1, 8, 576), (4, 8, 576), (2, 3, 50)):
+            # coarse values: many ties, exact zeros of both signs
+            cos = ((torch.rand(b, p, n, generator=g) * 2 - 1) * 8).round() / 8
+            cos = torch.where(torch.rand(b, p, n, generator=g) < 0.05, -cos * 0, cos).to(device, dt)
+            img = torch.stack([torch.randperm(n, generator=g)[:4] for _ in range(b)]).to(device)
+            per = [(n - 4) // (2 * p)] * p
+            assert torch.equal(pivot_picks(cos, img, per), _old_pivot_picks(cos, img, per)), (dt, b, p, n)
+
+
+def test_rewrites_equal_previous_formulations():
+    check_rewrites("cpu")
+
+
+_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@_gpu
+@pytest.mark.gpu
+def test_rewrites_equal_previous_formulations_cuda():
+    check_rewrites("cuda")
+
+
+@_gpu
+@pytest.mark.gpu
+def test_fused_kernels_equal_their_parts_cuda():
+    """CUDA semantics the adapter relies on, at LLaVA-1.5-7B shapes: :func:`rms_norm` == ``LlamaRMSNorm``; projections written into one buffer and rotated once == the
+    separate ``F.linear`` + rotations, and attention rows from those strided views == from contiguous ones."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from bench.models.llm_pruning import apply_rope, attention_rows, rms_norm, rope_table
+
+    g = torch.Generator().manual_seed(0)
+    dev = "cuda"
+    for dt in (torch.float16, torch.bfloat16):
+        norm = LlamaRMSNorm(4096, eps=1e-5).to(dev, dt)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(4096, generator=g) * 2)
+            for shape in ((1, 636, 4096), (16, 124, 4096), (1, 1, 4096)):
+                h = (torch.randn(shape, generator=g) * 3).to(dev, dt)
+                assert torch.equal(rms_norm(norm, h), norm(h)), (dt, shape)
+            t, d, heads = 636, 128, 32
+            wq, wk = ((torch.randn(4096, 4096, generator=g) / 64).to(dev, dt) for _ in range(2))
+            pos = torch.arange(t, device=dev, dtype=torch.float32)
+            inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=dev, dtype=torch.float32) / d))
+            ang = torch.cat([pos[:, None] * inv] * 2, -1)[None]
+            table = rope_table(ang.cos().to(dt), ang.sin().to(dt))
+            x = (torch.randn(1, t, 4096, generator=g)).to(dev, dt)
+            for q_rows in (25, 1):
+                first = t - q_rows
+                q_ref = apply_rope(torch.nn.functional.linear(x[:, first:], wq).view(1, q_rows, heads, d), table[:, first:])
+                k_ref = apply_rope(torch.nn.functional.linear(x, wk).view(1, t, heads, d), table)
+                buf = x.new_empty(t + q_rows, 4096)
+                torch.mm(x[0], wk.t(), out=buf[:t])
+                torch.mm(x[0, first:], wq.t(), out=buf[t:])
+                rot = apply_rope(buf.view(1, t + q_rows, heads, d), torch.cat([table, table[:, first:]], 1))
+                q, k = rot[:, :, t:], rot[:, :, :t]
+                assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+                bias = torch.zeros(1, 1, q_rows, t, device=dev, dtype=dt)
+                bias[..., -3:] = torch.finfo(dt).min
+                assert torch.equal(attention_rows(q, k, None, None, d**-0.5, bias=bias),
+                                   attention_rows(q_ref, k_ref, None, None, d**-0.5, bias=bias))
+
+
+@_gpu
+@pytest.mark.gpu
+def test_one_rotation_keeps_the_same_tokens_cuda():
+    """PDrop / TransPrune (both backends) on a 32-layer tiny LLaVA in fp16, batch 1: the same kept tokens
+    and logits with the one-rotation path as with the separate rotations."""
+    import sys
+    from pathlib import Path
+
+    import bench.models.llm_pruning as lp
+    from bench.models.base import PreparedBatch
+    from methods.pdrop import PyramidDrop
+    from methods.transprune import TransPrune
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_transprune_kernels import _tiny_adapter
+
+    ad = _tiny_adapter("cuda", torch.float16)
+    t, d = 35 + 576 + 25, ad.model.config.text_config.hidden_size
+    emb = (torch.randn(1, t, d, generator=torch.Generator().manual_seed(0)) * 0.5).to("cuda", torch.float16)
+    prepared = PreparedBatch(torch.zeros(1, t, dtype=torch.long, device="cuda"), emb,
+                             torch.ones(1, t, dtype=torch.long, device="cuda"), [576], [576],
+                             extras={"image_spans": torch.tensor([[35, 611]]), "sample_seeds": torch.arange(1)})
+    for m in (PyramidDrop(prune_ratio=1 - 64 / 576, budget="after_prune"),
+              TransPrune(prune_ratio=1 - 64 / 576, budget="after_prune", backend="torch"),
+              TransPrune(prune_ratio=1 - 64 / 576, budget="after_prune", backend="auto")):
+        out = {}
+        for fuse in (True, False):
+            lp.FUSE_QK = fuse
+            try:
+                with torch.no_grad():
+                    logits = ad.prefill(prepared, m).logits
+                out[fuse] = ([s["kept_index"] for s in prepared.extras["llm_stages"]], logits)
+            finally:
+                lp.FUSE_QK = True
+        assert all(torch.equal(a, b) for a, b in zip(out[True][0], out[False][0])), m
+        assert torch.equal(out[True][1], out[False][1])

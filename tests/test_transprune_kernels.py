@@ -59,6 +59,27 @@ def check_stats(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None
             assert ((buf[2, 1] - tp[2]).abs() <= 2e-5 * scale + 1e-5).all()
 
 
+def check_stats_group(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    """All sublayers of a stage in one launch == one ``_stats`` launch per sublayer, bit for bit."""
+    from methods.transprune import _launch_stats, _launch_stats_group
+
+    g = torch.Generator().manual_seed(2)
+    cases = [(1, 2, 37, 40), (3, 1, 9, 5000), (7, 2, 5, 64)] if device == "cpu" else \
+        [(2, 1, 636, 4096), (6, 1, 124, 4096), (7, 16, 124, 4096)]
+    for n_pairs, b, t, d in cases:
+        pairs = []
+        for j in range(n_pairs):
+            x_in = (torch.randn(b, t + 1, d, generator=g) * 2).to(device, dtype)[:, 1:]  # one strided view
+            x_out = (torch.randn(b, t, d, generator=g)).to(device, dtype)
+            pairs.append((x_in if j == 0 else x_in.contiguous(), x_out))
+        got = torch.full((3, n_pairs, b, t), float("nan"), device=device)
+        ref = torch.full((3, n_pairs, b, t), float("nan"), device=device)
+        _launch_stats_group(pairs, got)
+        for j, (x_in, x_out) in enumerate(pairs):
+            _launch_stats(x_in, x_out, ref[:, j])
+        assert torch.equal(got, ref), (n_pairs, b, t, d)
+
+
 def _finish_case(g, device, b, t, n, q, h, padded, has_stats, has_prev, n_sub, attn_dtype):
     # every sample keeps at least one query row after its image (real prompts end with the instruction;
     # with none, the query mean is 0/0 in both paths)
@@ -175,7 +196,7 @@ def _run_triton_interpreted(code: str, timeout: int) -> None:
 
 
 _IMPORT = ("import sys, torch\nsys.path.insert(0, 'tests')\ntorch.set_num_threads(2)\n"
-           "from test_transprune_kernels import check_stats, check_finish, check_end_to_end\n")
+           "from test_transprune_kernels import check_stats, check_stats_group, check_finish, check_end_to_end\n")
 
 
 # ----------------------------------------------------------------------------- CPU
@@ -191,7 +212,7 @@ def test_backend_is_validated():
 
 def test_stats_and_finish_kernels_interpreted():
     pytest.importorskip("triton")
-    _run_triton_interpreted(_IMPORT + "check_stats()\ncheck_finish()\nprint('ok')\n", timeout=300)
+    _run_triton_interpreted(_IMPORT + "check_stats()\ncheck_stats_group()\ncheck_finish()\nprint('ok')\n", timeout=300)
 
 
 def test_triton_backend_keeps_what_torch_keeps_interpreted():
@@ -210,6 +231,8 @@ def test_stats_kernel_cuda():
     check_stats("cuda", torch.float32)
     check_stats("cuda", torch.float16)
     check_stats("cuda", torch.bfloat16)
+    check_stats_group("cuda", torch.float16)
+    check_stats_group("cuda", torch.bfloat16)
 
 
 @gpu

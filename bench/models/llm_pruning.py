@@ -66,7 +66,7 @@ import torch
 
 from bench.errors import IncompatibleMethodError
 
-__all__ = ["apply_rope", "attention_rows", "prune_in_llm", "rope_table"]
+__all__ = ["apply_rope", "attention_rows", "prune_in_llm", "rms_norm", "rope_table"]
 
 
 # ----------------------------------------------------------------------------------- pure helpers
@@ -113,6 +113,24 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor, heads_first: bool = True) -
     return out.view(b, h, t, d) if heads_first else out.view(b, t, h, d)
 
 
+def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)``; transformers' ``LlamaRMSNorm`` on CUDA half/bfloat16 in one kernel less, bit for bit.
+
+    Llama computes ``weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)``. On CUDA a multiply of the
+    half input by the fp32 ``rsqrt`` column computes in fp32 (the common dtype; the half -> fp32
+    conversion is exact) and rounds once when it stores into a half output, which is that product and
+    its cast in one kernel. Other norms, hooked norms, fp32 and CPU (where TensorIterator would add the
+    cast back as a temporary) call the module.
+    """
+    if (type(norm).__name__ != "LlamaRMSNorm" or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16)
+            or norm._forward_hooks or norm._forward_pre_hooks or norm.weight.dtype != x.dtype):
+        return norm(x)
+    var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    y = torch.empty_like(x)
+    torch.mul(x, torch.rsqrt(var + norm.variance_epsilon), out=y)
+    return norm.weight * y
+
+
 def attention_rows(
     q: torch.Tensor, k: torch.Tensor, q_index: torch.Tensor | None, key_valid: torch.Tensor | None, scaling: float,
     allowed: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -156,6 +174,8 @@ def attention_rows(
         logits = logits * scaling
         if allowed is not None:
             logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+    # fp32 softmax then cast, not a half-output softmax: on the H100 those differ in the last bit for
+    # rows longer than 1024 keys (CUDA's block softmax path), so the cast stays
     return torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
 
 
@@ -187,6 +207,11 @@ def _mask4d(valid: torch.Tensor, q_len: int, impl: str, dtype: torch.dtype) -> t
     if impl == "sdpa":
         return allowed
     return _bias(allowed, dtype)
+
+
+#: :meth:`_View.attn_rows` rotates a layer's query rows and keys in one pass where it can (a switch for
+#: the GPU test that compares it with the two separate rotations bit for bit)
+FUSE_QK = True
 
 
 # ----------------------------------------------------------------------------------- attention tap
@@ -561,7 +586,7 @@ class _View:
         if layer != self.layer:
             raise IncompatibleMethodError(f"attention of layer {layer} is not available at the pruning boundary {self.layer}")
         if self._x is None:
-            self._x = self._r.lm.layers[layer].input_layernorm(self.hidden)
+            self._x = rms_norm(self._r.lm.layers[layer].input_layernorm, self.hidden)
         return self._x
 
     def rope(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -622,6 +647,43 @@ class _View:
         b, nq = q.shape[:2]
         return apply_rope(q.view(b, nq, -1, attn.head_dim), self.rope_table(layer)[:, first:])
 
+    def _qk_one_rotation(self, layer: int, first: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Post-RoPE query rows ``first:`` and keys of ``layer`` scored on its input (nothing captured), with
+        one rotation for both: ``(B, H, T - first, d)``, ``(B, H, T, d)``; ``None`` where it does not apply.
+
+        Batch 1 on CUDA, plain bias-free ``nn.Linear`` projections of equal width (no GQA), no hooks: the
+        two projections are the very ``mm`` calls ``F.linear`` makes (same operands, shapes and leading
+        dimensions), written into the rows ``[0, T)`` and ``[T, T + Q)`` of one buffer, which
+        :func:`apply_rope` rotates with the table extended by the query rows' own factors: elementwise,
+        so every value is the one the two separate rotations give, in two kernels instead of four.
+        """
+        if self._captured(layer) is not None:
+            return None
+        x = self._norm_input(layer)
+        attn = self._attn_module(layer)
+        qp, kp = attn.q_proj, attn.k_proj
+        b, t, dm = x.shape
+        if (b != 1 or not x.is_cuda or not x.is_contiguous() or first >= t
+                or any(type(p) is not torch.nn.Linear or p.bias is not None or p._forward_hooks or p._forward_pre_hooks
+                       or p.weight.dtype != x.dtype for p in (qp, kp))
+                or qp.weight.shape != kp.weight.shape):
+            return None
+        table = self.rope_table(layer)
+        key = ("rope_table_qk", first)
+        hit = self._s.static.get(key)
+        if hit is not None and hit[0] is table:  # layout-only, cached with the table it extends
+            ext = hit[1]
+        else:
+            ext = torch.cat([table, table[:, first:]], dim=1)
+            if self._s.static.get("rope_table") is table:
+                self._s.static[key] = (table, ext)
+        x2 = x.view(t, dm)
+        buf = x.new_empty(2 * t - first, kp.weight.shape[0])
+        torch.mm(x2, kp.weight.t(), out=buf[:t])
+        torch.mm(x2[first:], qp.weight.t(), out=buf[t:])
+        rot = apply_rope(buf.view(1, 2 * t - first, -1, attn.head_dim), ext)  # (1, H, T + Q, d)
+        return rot[:, :, t:], rot[:, :, :t]
+
     def query_index(self, queries: str) -> tuple[torch.Tensor, torch.Tensor]:
         st = self._s.static
         hit = st.get(("q", queries))
@@ -647,8 +709,8 @@ class _View:
     def attn_rows(self, layer: int, queries: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
         q_index, q_valid = self.query_index(queries)
         first = self.hidden.shape[1] - q_index.shape[0]  # both query sets are a suffix of the sequence
-        q = self._q_rows(layer, first)
-        k = self.keys(layer)
+        qk = self._qk_one_rotation(layer, first) if FUSE_QK else None
+        q, k = qk if qk is not None else (self._q_rows(layer, first), self.keys(layer))
         attn = self._attn_module(layer)
         scaling = getattr(attn, "scaling", attn.head_dim**-0.5)
         return attention_rows(q, k, None, None, scaling, bias=self._s.static[("bias", queries)]), q_valid
@@ -675,7 +737,7 @@ class _View:
         return visual_columns(x, self.vis_start, n)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        return self._r.lm.norm(h)
+        return rms_norm(self._r.lm.norm, h)
 
     def input_embeds(self) -> torch.Tensor:
         return self._r.prepared.inputs_embeds
