@@ -171,12 +171,16 @@ class TokenPruneLlava(lmms):
         lap("generate")
         return prepared, new_tokens
 
+    def _sync(self):
+        """A no-argument device synchronisation for wall-clock timing (a no-op off CUDA)."""
+        return torch.cuda.synchronize if self.adapter.device.type == "cuda" else (lambda: None)
+
     def _phase_timer(self):
         """``lap(phase)`` adds the (synchronised) time since the last lap to ``phase_s[phase]``; a no-op
         unless ``time_phases``."""
         if not self.time_phases:
             return lambda phase: None
-        sync = torch.cuda.synchronize if self.adapter.device.type == "cuda" else (lambda: None)
+        sync = self._sync()
         last = [time.perf_counter()]
 
         def lap(phase: str) -> None:
@@ -235,7 +239,7 @@ class TokenPruneLlava(lmms):
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         tok = self._processor().tokenizer
-        sync = torch.cuda.synchronize if self.adapter.device.type == "cuda" else (lambda *a: None)
+        sync = self._sync()
         sync()
         t0 = time.perf_counter()
         # Everything alive now (model, datasets, lmms-eval's documents and instances) goes to the GC's

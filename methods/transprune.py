@@ -93,10 +93,9 @@ def _triton_kernels():
         import triton
         import triton.language as tl
 
-        @triton.jit(do_not_specialize=["d", "s_a", "s_b", "s_out"])
-        def _stats(a_ptr, b_ptr, out_ptr, d, s_a, s_b, s_out, BD: tl.constexpr):
-            # one program per token row: ‖a‖, ‖b‖, a·b over the hidden dim, one read of each row
-            r = tl.program_id(0).to(tl.int64)
+        @triton.jit
+        def _row_stats(a_ptr, b_ptr, out_ptr, r, d, s_a, s_b, s_out, BD: tl.constexpr):
+            # ‖a‖, ‖b‖, a·b of row ``r`` over the hidden dim (fp32), one read of each row: ``_stats`` and ``_stats_group``
             offs = tl.arange(0, BD)
             aa = tl.zeros([BD], tl.float32)
             bb = tl.zeros([BD], tl.float32)
@@ -111,6 +110,15 @@ def _triton_kernels():
             tl.store(out_ptr + r, tl.sqrt_rn(tl.sum(aa, axis=0)))
             tl.store(out_ptr + s_out + r, tl.sqrt_rn(tl.sum(bb, axis=0)))
             tl.store(out_ptr + 2 * s_out + r, tl.sum(ab, axis=0))
+
+        # a module global too: Triton's interpreter re-creates kernels from their source with the module's
+        # globals only (no closure), and the compiler finds it there as well
+        globals()["_row_stats"] = _row_stats
+
+        @triton.jit(do_not_specialize=["d", "s_a", "s_b", "s_out"])
+        def _stats(a_ptr, b_ptr, out_ptr, d, s_a, s_b, s_out, BD: tl.constexpr):
+            # one program per token row: ‖a‖, ‖b‖, a·b over the hidden dim, one read of each row
+            _row_stats(a_ptr, b_ptr, out_ptr, tl.program_id(0).to(tl.int64), d, s_a, s_b, s_out, BD)
 
         @triton.jit(do_not_specialize=["n_sub", "s_stat", "s_sub", "t_len", "s_vb", "s_vs", "s_pb", "s_kb",
                                        "s_ab", "s_aq", "s_at", "q_len", "s_qb", "s_qq", "n"])
@@ -169,28 +177,6 @@ def _triton_kernels():
                 tl.store(ttv_ptr + b * n + j, ttv, mask=jm)
                 score += ttv / (tl.sum(tl.where(jm, ttv, 0.0), axis=0) + 1e-8)
             tl.store(score_ptr + b * n + j, score, mask=jm)
-
-        @triton.jit
-        def _row_stats(a_ptr, b_ptr, out_ptr, r, d, s_a, s_b, s_out, BD: tl.constexpr):
-            # the arithmetic of ``_stats`` for one row of one sublayer (same loads, products and sums)
-            offs = tl.arange(0, BD)
-            aa = tl.zeros([BD], tl.float32)
-            bb = tl.zeros([BD], tl.float32)
-            ab = tl.zeros([BD], tl.float32)
-            for d0 in range(0, d, BD):
-                m = d0 + offs < d
-                a = tl.load(a_ptr + r * s_a + d0 + offs, mask=m, other=0.0).to(tl.float32)
-                b = tl.load(b_ptr + r * s_b + d0 + offs, mask=m, other=0.0).to(tl.float32)
-                aa += a * a
-                bb += b * b
-                ab += a * b
-            tl.store(out_ptr + r, tl.sqrt_rn(tl.sum(aa, axis=0)))
-            tl.store(out_ptr + s_out + r, tl.sqrt_rn(tl.sum(bb, axis=0)))
-            tl.store(out_ptr + 2 * s_out + r, tl.sum(ab, axis=0))
-
-        # a module global too: Triton's interpreter re-creates kernels from their source with the module's
-        # globals only (no closure), and the compiler finds it there as well
-        globals()["_row_stats"] = _row_stats
 
         @triton.jit(do_not_specialize=["d", "s_out", "s_sub", "sa0", "sb0", "sa1", "sb1", "sa2", "sb2", "sa3", "sb3",
                                        "sa4", "sb4", "sa5", "sb5"])

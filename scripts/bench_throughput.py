@@ -146,7 +146,6 @@ def evaluate(adapter, method, cfg: dict, batch, n: int, new_tokens: int, task_ma
     lm.stats.clear()
     lm.generate_s = 0.0
     lm.time_phases = True  # three syncs per batch; prepare and generate end in host reads anyway
-    lm.phase_s = dict.fromkeys(lm.phase_s, 0.0)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     sync(dev)

@@ -316,11 +316,7 @@ class LlavaAdapter(ModelAdapter):
     def _tower_graph(self, output_hidden_states: bool):
         from methods.base import CudaGraphCache
 
-        cache = self.__dict__.setdefault("_graph_cache", {})
-        key = ("vision_tower", bool(output_hidden_states))
-        if key not in cache:
-            cache[key] = CudaGraphCache(lambda p: self._vision_tower(p, output_hidden_states))
-        return cache[key]
+        return self.cached_graph(("vision_tower", bool(output_hidden_states)), lambda: CudaGraphCache(lambda p: self._vision_tower(p, output_hidden_states)))
 
     def _vision_tower(self, px: torch.Tensor, output_hidden_states: bool):
         """One eager tower + projector pass over the whole batch ``px`` (device, model dtype)."""
@@ -386,9 +382,14 @@ class LlavaAdapter(ModelAdapter):
         from bench.models.clip_extras import GraphedSelection
 
         key = (type(method).__name__, repr(method.describe()))
+        return self.cached_graph(key, lambda: GraphedSelection(self.model, method, self.grid, self.has_cls))
+
+    def cached_graph(self, key, make):
+        """The graph replayer cached on the adapter under ``key``, built by ``make()`` on first use (graphs
+        hold their captured memory, so each configuration is captured once per adapter)."""
         cache = self.__dict__.setdefault("_graph_cache", {})
         if key not in cache:
-            cache[key] = GraphedSelection(self.model, method, self.grid, self.has_cls)
+            cache[key] = make()
         return cache[key]
 
     def _graphs_on(self) -> bool:

@@ -100,11 +100,7 @@ def encode_with_merging(adapter, pixel_values: torch.Tensor, method, sample_seed
     sched = method.schedule(n, feature_block_count(model), tower_has_cls(model))
     prop = bool(method.prop_attn)
     if graphs and px.is_cuda:
-        cache = adapter.__dict__.setdefault("_graph_cache", {})
-        key = ("merging_tower", tuple(sched), prop)
-        if key not in cache:
-            cache[key] = CudaGraphCache(lambda p: merged_features(model, p, sched, prop))
-        run = cache[key]
+        run = adapter.cached_graph(("merging_tower", tuple(sched), prop), lambda: CudaGraphCache(lambda p: merged_features(model, p, sched, prop)))
     else:
         run = lambda p: merged_features(model, p, sched, prop)  # noqa: E731
     if px.is_cuda and getattr(adapter, "per_image_vision", False):  # as LlavaAdapter.encode_images: batch-independent features
