@@ -245,7 +245,8 @@ class TokenPruneLlava(lmms):
         # Everything alive now (model, datasets, lmms-eval's documents and instances) goes to the GC's
         # permanent generation for the loop: otherwise every full collection triggered by generate()'s
         # allocations rescans that heap, which stalls the launch-bound decoding loop (H100, 7B, batch 16:
-        # 0.37 s of GC in 2.8 s of evaluation). Objects created by the loop are still collected.
+        # 0.37 s of GC in 2.8 s of evaluation, scripts/diagnose_harness_overhead.py --no-gc-freeze).
+        # Objects created by the loop are still collected.
         gc.freeze()
         try:
             return self._generate_all(requests, tok, sync, t0)
