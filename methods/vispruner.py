@@ -22,8 +22,8 @@ similarity row is sorted once (one torch sort), then per even token and round on
 sorted row up to the first odd-set token is read; the round tile shrinks with the list. At B=1 a launch
 is one program on one SM, so a round's cost is its chain of dependent memory steps, not arithmetic: the
 scan replaces the ``|even| x |odd|`` scattered loads (about 74k in the first rounds at 576 -> 64) of
-``backend="triton"``, which gathers them (H100, graph replay, B=1: 0.90 / 0.92 / 1.55 ms at 192 / 128 /
-64 kept vs 1.23 / 1.40 / 2.29 ms; identical picks, GPU-tested). ``backend="torch"`` runs the rounds as a
+``backend="triton"``, which gathers them (``results/selection_overhead.csv``, H100, graph replay, B=1:
+0.90 / 0.94 / 1.55 ms at 192 / 128 / 64 kept vs 1.27 / 1.40 / 2.29 ms; identical picks, GPU-tested). ``backend="torch"`` runs the rounds as a
 few batched kernels each (identical picks, tested): 4 kernels a round, 64 rounds at 576 -> 64.
 """
 
