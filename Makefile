@@ -6,10 +6,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 # torch + torchvision are installed as a matching pair first: PyPI's torchvision breaks
 # `import lmms_eval` beside a CPU-only torch build (see docs/footguns.md).
+# On x86_64 that pair is a CUDA build (~7 GB in .venv with its nvidia-* wheels), so the set-up checks
+# the free space first and says so, rather than letting pip die halfway with "No space left on device".
 ifeq ($(shell uname -m),aarch64)
 TORCH_PINS := torch==2.9.1 torchvision==0.24.1
+MIN_FREE_GB ?= 3
 else
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+MIN_FREE_GB ?= 8
 endif
 
 .PHONY: help install slurm-deps demo test test-gpu leaderboard list clean-venv
@@ -19,6 +23,11 @@ help: ## show this help
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -c 'import torch' 2>/dev/null || { \
+	  free=$$(df -Pk $(VENV) | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	  [ "$$free" -ge $(MIN_FREE_GB) ] || { \
+	    echo "error: installing $(TORCH_PINS) into $(VENV) needs about $(MIN_FREE_GB) GB free; $$free GB free there." >&2; \
+	    echo "       Free some space, or put the environment elsewhere: make VENV=/path/with/space <target>" >&2; exit 1; }; }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q -e '.[test]'
