@@ -24,12 +24,23 @@ That time is split into ``inputs_s`` (documents -> processor batch, CPU), ``prep
 tower, pre-LLM method, embeddings) and ``llm_s`` (generate with any in-LLM method), each closed by a
 device synchronisation.
 
+Repeats: each method's batch sizes are timed in ``--repeats`` interleaved rounds (round 1: batch 1,
+8, 16, auto; round 2: the same again; ...), so a slow spell of a shared host (the decoding loop is
+bound by the CPU's kernel launches, and batch-16 throughput was seen to vary 1.6x between processes)
+hits one round of every batch size rather than all rounds of one. A row reports its median round
+(``samples_per_s``, ``eval_s`` and the phase times all come from that round; ``median_low`` for an
+even count), the spread over rounds (``samples_per_s_min`` / ``_max``), whether every round generated
+the same ids (``identical_rate_across_repeats``) and the host's load (``loadavg_1m`` before that round).
+``speedup_vs_b1`` divides the medians.
+
 Identity: for every method, the generated token ids of each question at batch > 1 are compared
 with batch 1 (``identical_rate_vs_b1``; ``identical_first_token_rate_vs_b1`` compares only the
 first generated token). Random weights give near-uniform next-token distributions with tiny
 margins, so in fp16 this rate is a pessimistic estimate of what a trained model shows.
 
-    python scripts/bench_throughput.py --out results/throughput_h100.csv        # GPU, about 6 min on an H100
+    python scripts/bench_throughput.py --out results/throughput_h100.csv        # GPU, all three methods in one process
+    python scripts/bench_throughput.py --methods fastv --append --out results/throughput_h100.csv
+        # one method per process (each a few minutes: where one call may run at most 10 min), added to the CSV
     python scripts/bench_throughput.py --smoke --out /tmp/throughput_smoke.csv  # CPU, embedded tiny model
 """
 
@@ -38,7 +49,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -60,6 +73,8 @@ COLUMNS = [
     "distinct_outputs", "peak_mem_gb",
     "model", "weights", "processor", "device", "gpu", "driver", "cuda", "torch", "transformers", "lmms_eval", "datasets", "python",
     "dtype", "attn", "auto_batch", "inputs_s", "prepare_s", "llm_s",
+    "repeats", "samples_per_s_min", "samples_per_s_max", "identical_rate_across_repeats",
+    "cpu_count", "torch_threads", "loadavg_1m",
 ]  # fmt: skip
 
 
@@ -212,22 +227,80 @@ def agreement(ref: dict[str, Any], cur: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path, append_to: list[dict] | None = None) -> None:
+    """Write ``append_to`` (rows read from an existing CSV, as they were) then ``rows``, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS)
         w.writeheader()
+        w.writerows(append_to or [])
         for r in rows:
             w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
     tmp.replace(path)
+
+
+def read_existing(path: Path) -> list[dict]:
+    """The rows of a CSV this script wrote (for ``--append``); refuses one with other columns."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames != COLUMNS:
+            raise SystemExit(f"error: {path} has other columns than this script writes; --append needs a CSV of the same version")
+        return list(reader)
+
+
+def point_row(name: str, stage: str, ratio: float, args, n_vis: int, batch, n: int, runs: dict, ref_batch, env: dict) -> dict[str, Any]:
+    """One CSV row: the median round of ``runs[batch]`` (``median_low``), its spread and identity rates.
+
+    The identity reference is the first round at ``ref_batch`` (batch 1); speedups divide medians.
+    """
+    rs = runs[batch]
+    r = rs[[x["sps"] for x in rs].index(statistics.median_low([x["sps"] for x in rs]))]
+    ref_rs = runs[ref_batch]
+    ref_sps = statistics.median_low([x["sps"] for x in ref_rs])
+    first_ids = rs[0]["ids"]
+    # None with one round: nothing was repeated, so nothing can be said about it
+    same = sum(all(x["ids"].get(d) == v for x in rs[1:]) for d, v in first_ids.items()) / len(first_ids) if len(rs) > 1 else None
+    return {
+        "method": name,
+        "stage": stage,
+        "ratio": round(ratio, 6),
+        "kept_tokens": n_vis if name == "none" else args.kept,
+        "visual_tokens_kept_mean": r["kept_mean"],
+        "visual_tokens_layer_mean": r["layer_mean"],
+        "batch": r["batch"],
+        "batch_setting": batch,
+        "n_questions": n,
+        "new_tokens": args.new_tokens,
+        "samples_per_s": r["sps"],
+        "eval_s": r["eval_s"],
+        "samples_per_s_generate": n / r["generate_s"],
+        "generate_s": r["generate_s"],
+        "speedup_vs_b1": r["sps"] / ref_sps,
+        **agreement(ref_rs[0], rs[0]),
+        "distinct_outputs": len({tuple(v) for v in r["ids"].values()}),
+        "peak_mem_gb": r["peak_mem_gb"],
+        **env,
+        "auto_batch": None if r["auto_batch"] is None else json.dumps({k: v for k, v in r["auto_batch"].items() if k != "rule"}, sort_keys=True),
+        "inputs_s": r["phase_s"]["inputs"],
+        "prepare_s": r["phase_s"]["prepare"],
+        "llm_s": r["phase_s"]["generate"],
+        "repeats": len(rs),
+        "samples_per_s_min": min(x["sps"] for x in rs),
+        "samples_per_s_max": max(x["sps"] for x in rs),
+        "identical_rate_across_repeats": same,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_1m": r["load"],
+    }
 
 
 def parse_batch(s: str):
     return "auto" if s == "auto" else int(s)
 
 
-def sweep(args, model: str, weights: str, methods: list[str], batches: list, n_b1: int, n_batched: int, rows: list[dict], t_start: float) -> None:
+def sweep(args, model: str, weights: str, methods: list[str], batches: list, n_b1: int, n_batched: int, rows: list[dict], t_start: float,
+          repeats: int) -> None:
     """Every method x batch size of one model; appends to ``rows`` and rewrites ``--out`` after each point."""
     from lmms_eval.tasks import TaskManager
 
@@ -270,48 +343,30 @@ def sweep(args, model: str, weights: str, methods: list[str], batches: list, n_b
         cfg = compose_config([*base, f"method={name}", f"ratio={ratio}"])
         method = build_method(cfg)
         adapter.check_method(method)
-        ref = None
-        for batch in batches:
-            n = n_b1 if batch == 1 else n_batched
-            if first:  # dataset cache, kernels and allocator: nothing timed yet
-                evaluate(adapter, method, cfg, batch, min(n, 4), args.new_tokens, tm, docs)
-                first = False
-            r = evaluate(adapter, method, cfg, batch, n, args.new_tokens, tm, docs)
-            if ref is None:
-                ref = r
-            row = {
-                "method": name,
-                "stage": method.stage,
-                "ratio": round(ratio, 6),
-                "kept_tokens": n_vis if name == "none" else args.kept,
-                "visual_tokens_kept_mean": r["kept_mean"],
-                "visual_tokens_layer_mean": r["layer_mean"],
-                "batch": r["batch"],
-                "batch_setting": batch,
-                "n_questions": n,
-                "new_tokens": args.new_tokens,
-                "samples_per_s": n / r["eval_s"],
-                "eval_s": r["eval_s"],
-                "samples_per_s_generate": n / r["generate_s"],
-                "generate_s": r["generate_s"],
-                "speedup_vs_b1": (n / r["eval_s"]) / (n_b1 / ref["eval_s"]),
-                **agreement(ref, r),
-                "distinct_outputs": len({tuple(v) for v in r["ids"].values()}),
-                "peak_mem_gb": r["peak_mem_gb"],
-                **env,
-                "auto_batch": None if r["auto_batch"] is None else json.dumps({k: v for k, v in r["auto_batch"].items() if k != "rule"}, sort_keys=True),
-                "inputs_s": r["phase_s"]["inputs"],
-                "prepare_s": r["phase_s"]["prepare"],
-                "llm_s": r["phase_s"]["generate"],
-            }
-            rows.append(row)
-            write_csv(rows, args.out)  # after every point: a run cut short keeps what it measured
-            print(
-                f"[tp] {model} {name:>9} b={r['batch']:>2} ({batch}): {row['samples_per_s']:.2f} samples/s end-to-end, "
-                f"{row['samples_per_s_generate']:.2f} in generate_until, x{row['speedup_vs_b1']:.2f} vs b1, "
-                f"identical vs b1 {row['identical_rate_vs_b1']:.4f} ({row['n_compared_vs_b1']} q) [{time.time() - t_start:.0f} s]",
-                flush=True,
-            )
+        runs: dict[Any, list[dict[str, Any]]] = {b: [] for b in batches}
+        n_rows = len(rows)
+        for rnd in range(repeats):
+            for batch in batches:
+                n = n_b1 if batch == 1 else n_batched
+                if first:  # dataset cache, kernels and allocator: nothing timed yet
+                    evaluate(adapter, method, cfg, batch, min(n, 4), args.new_tokens, tm, docs)
+                    first = False
+                load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+                r = evaluate(adapter, method, cfg, batch, n, args.new_tokens, tm, docs)
+                r["sps"], r["load"] = n / r["eval_s"], load
+                runs[batch].append(r)
+                # this method's rows from the rounds so far, rewritten after every point: a run cut
+                # short keeps what it measured
+                del rows[n_rows:]
+                rows.extend(point_row(name, method.stage, ratio, args, n_vis, b, n_b1 if b == 1 else n_batched, runs, batches[0], env) for b in batches if runs[b])
+                write_csv(rows, args.out, append_to=args.existing)
+                row = next(x for x in rows[n_rows:] if x["batch_setting"] == batch)
+                print(
+                    f"[tp] {model} {name:>9} b={r['batch']:>2} ({batch}) round {rnd + 1}/{repeats}: {r['sps']:.2f} samples/s end-to-end "
+                    f"(median so far {row['samples_per_s']:.2f}, x{row['speedup_vs_b1']:.2f} vs b1), "
+                    f"identical vs b1 {row['identical_rate_vs_b1']:.4f} ({row['n_compared_vs_b1']} q) [{time.time() - t_start:.0f} s]",
+                    flush=True,
+                )
     del adapter
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -325,9 +380,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--methods", nargs="*", default=["none", "divprune", "fastv"], help="none + pre-LLM + in-LLM by default")
     ap.add_argument("--kept", type=int, default=64, help="visual tokens kept (in-LLM: the mean over layers)")
     ap.add_argument("--batches", nargs="*", type=parse_batch, default=[1, 8, 16, "auto"], help="the first must be 1 (the identity reference)")
-    ap.add_argument("--n-b1", type=int, default=200, help="questions at batch 1")
-    ap.add_argument("--n", type=int, default=400, help="questions at batch > 1 (the first --n-b1 are compared with batch 1)")
+    ap.add_argument("--n-b1", type=int, default=100, help="questions at batch 1 (each round)")
+    ap.add_argument("--n", type=int, default=320, help="questions at batch > 1, each round (the first --n-b1 are compared with batch 1)")
     ap.add_argument("--new-tokens", type=int, default=8, help="tokens generated per question (fixed)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds per method (rows report the median round)")
+    ap.add_argument("--append", action="store_true", help="keep the rows already in --out and add these (e.g. one method per call)")
     ap.add_argument(
         "--identity-model", default="tiny_llava_synth",
         help="on CUDA, also run this trained model (same dtype rule: fp16) at batches 1/8/16 for an identity rate with real weights; '' to skip",
@@ -339,28 +396,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (--smoke: 1; several threads on a shared, busy CPU run ~10x slower)")
     ap.add_argument("--smoke", action="store_true", help="CPU check: embedded tiny model, 12 questions, batches 1, 4 and auto")
     if ap.parse_known_args(argv)[0].smoke:  # smoke defaults; explicit options still win
-        ap.set_defaults(model="tiny_llava_synth", weights="pretrained", n_b1=12, n=12, new_tokens=4, batches=[1, 4, "auto"], device="cpu", threads=1)
+        ap.set_defaults(model="tiny_llava_synth", weights="pretrained", n_b1=12, n=12, new_tokens=4, batches=[1, 4, "auto"], device="cpu", threads=1, repeats=1)
     args = ap.parse_args(argv)
     if args.batches[0] != 1:
         ap.error("--batches must start with 1: batch 1 is the reference of the identity rate")
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    args.existing = read_existing(args.out) if args.append and args.out.exists() else None
     if args.threads:
         torch.set_num_threads(args.threads)
 
     t_start = time.time()
     rows: list[dict] = []
-    sweep(args, args.model, args.weights, args.methods, args.batches, args.n_b1, args.n, rows, t_start)
+    sweep(args, args.model, args.weights, args.methods, args.batches, args.n_b1, args.n, rows, t_start, args.repeats)
     on_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     if args.identity_model and on_cuda and args.identity_model != args.model:
         # random weights have tiny logit margins, so fp16 noise flips more of their tokens than a
-        # trained model's: the trained embedded model gives the identity rate with real answers
-        sweep(args, args.identity_model, "pretrained", args.methods, [b for b in args.batches if b != "auto"], args.identity_n, args.identity_n, rows, t_start)
+        # trained model's: the trained embedded model gives the identity rate with real answers (one
+        # round: it is there for its answers, not its speed)
+        sweep(args, args.identity_model, "pretrained", args.methods, [b for b in args.batches if b != "auto"], args.identity_n, args.identity_n, rows, t_start, 1)
     print(f"[tp] {len(rows)} rows -> {args.out} in {time.time() - t_start:.0f} s")
     return rows
 
 
 if __name__ == "__main__":
-    import os
-
     # nothing here needs the network (the GPU machine has none): never wait on hub retries
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

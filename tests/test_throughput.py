@@ -64,6 +64,38 @@ def test_smoke_run_writes_identical_batched_predictions(tmp_path):
     div = [r for r in got if r["method"] == "divprune"]
     assert all(float(r["visual_tokens_kept_mean"]) == 64 for r in div)
 
+@pytest.mark.slow
+def test_repeats_report_the_median_round_and_append_keeps_rows(tmp_path):
+    out = tmp_path / "throughput.csv"
+    common = ["--smoke", "--batches", "1", "4", "--n-b1", "6", "--n", "6", "--out", str(out), "--cache-dir", str(tmp_path)]
+    script = load_script()
+    script.main([*common, "--methods", "divprune", "--repeats", "3"])
+    with open(out) as fh:
+        first = list(csv.DictReader(fh))
+    assert [(r["method"], r["batch"], r["repeats"]) for r in first] == [("divprune", "1", "3"), ("divprune", "4", "3")]
+    for r in first:
+        lo, mid, hi = (float(r[k]) for k in ("samples_per_s_min", "samples_per_s", "samples_per_s_max"))
+        assert 0 < lo <= mid <= hi
+        # the reported round is one of the three: its own time gives its rate
+        assert float(r["samples_per_s"]) == pytest.approx(int(r["n_questions"]) / float(r["eval_s"]), rel=1e-3)
+        assert float(r["identical_rate_across_repeats"]) == 1.0  # fp32 CPU: every round the same ids
+        assert int(r["cpu_count"]) >= 1 and int(r["torch_threads"]) == 1
+    b1, b4 = (float(r["samples_per_s"]) for r in first)
+    assert float(first[1]["speedup_vs_b1"]) == pytest.approx(b4 / b1, rel=1e-3)
+
+    script.main([*common, "--methods", "fastv", "--append"])  # one round: no repeat identity to report
+    with open(out) as fh:
+        both = list(csv.DictReader(fh))
+    assert both[:2] == first, "--append keeps the rows already there, as they were"
+    assert [(r["method"], r["repeats"], r["identical_rate_across_repeats"]) for r in both[2:]] == [("fastv", "1", ""), ("fastv", "1", "")]
+
+    old = tmp_path / "old.csv"
+    old.write_text("method,batch\nfastv,1\n")
+    with pytest.raises(SystemExit, match="other columns"):
+        script.main([*common[:-4], "--out", str(old), "--cache-dir", str(tmp_path), "--methods", "fastv", "--append"])
+    assert old.read_text() == "method,batch\nfastv,1\n"
+
+
 
 @pytest.mark.slow
 def test_gpu_path_on_a_shrunken_llava15_7b_config(tmp_path):
