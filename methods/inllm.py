@@ -240,7 +240,11 @@ class InLLMMethod(PruningMethod):
         raise NotImplementedError
 
     def _warn_infeasible(self, achieved: float, target: float, n_layers: int) -> None:
-        if abs(achieved - target) > 1.0:
+        # the schedule is solved at every prefill: say it once per method and shape, not once per batch
+        key = (n_layers, target, round(achieved, 3))
+        warned = self.__dict__.setdefault("_infeasible_warned", set())
+        if abs(achieved - target) > 1.0 and key not in warned:
+            warned.add(key)
             log.warning(
                 "%s: budget %s=%s cannot be reached with pruning layers %s of a %d-layer LLM; the schedule gives "
                 "a layer mean of %.1f (recorded per layer)",

@@ -398,6 +398,19 @@ def test_budgets_and_schedules():
     assert [s.layer for s in PyramidDrop(prune_ratio=0.5).plan(576, 8)] == [2, 4, 6]
 
 
+def test_unreachable_budget_is_said_once(caplog):
+    """The schedule is solved at every prefill (every batch): its warning must not repeat per batch."""
+    from methods.pdrop import PyramidDrop
+
+    m = PyramidDrop(prune_ratio=0.75)
+    with caplog.at_level("WARNING", logger="methods.inllm"):
+        for _ in range(3):
+            m.plan(576, 6)  # pruning layers 2/3/5 of 6 cannot bring the layer mean down to 144
+        m.plan(576, 7)  # another LLM depth is another schedule: said again
+    said = [r.getMessage() for r in caplog.records if "cannot be reached" in r.getMessage()]
+    assert len(said) == 2 and "6-layer" in said[0] and "7-layer" in said[1]
+
+
 # ---- SparseVLM: a per-sample transcription of the official rule on random inputs
 def _loop_cluster(x, c, noise):
     """Official ``cluster_and_merge`` for one sample (explicit pairwise distances, index_add merge)."""
