@@ -27,6 +27,8 @@ commands:
   run [key=value ...] [-m]   run model x method x ratio x benchmark (Hydra overrides; -m sweeps comma lists)
                              e.g. python -m bench run method=random ratio=0.75
                                   python -m bench run -m method=random,pool ratio=0.5,0.75,0.9
+                             verify=true: re-answer recorded runs and check every answer equals the
+                             record (writes nothing; exit code 3 if any differs)
   list [models|methods|benchmarks]
                              what the config tree offers
   aggregate [--results-dir DIR]
@@ -115,7 +117,10 @@ def _hydra_app():
         # a local sweep rebuilds the leaderboard (CSVs, tables, plots) once at its end, not per run
         defer = multirun and not remote
         try:
-            execute(resolved, refresh=not defer)
+            out = execute(resolved, refresh=not defer)
+            if remote and out.get("reproduced") is False:
+                # a cluster job reports through its own exit status: a record that did not reproduce fails it
+                raise RuntimeError(f"verify: run {out['run_id']} did not reproduce its record")
         except BenchError as e:
             if not multirun:
                 _die(str(e), e.exit_code)
@@ -150,6 +155,12 @@ def cmd_run(args: list[str]) -> None:
         print(f"[bench] {len(_SKIPPED)} combination(s) refused (nothing written for them):", file=sys.stderr)
         for f in _SKIPPED:
             print(f"  - {f}", file=sys.stderr)
+    runner = sys.modules.get("bench.runner")
+    mismatches = list(runner.VERIFY_MISMATCHES) if runner is not None else []
+    if mismatches:
+        print(f"[bench] {len(mismatches)} record(s) not reproduced (verify=true; nothing was changed):", file=sys.stderr)
+        for f in mismatches:
+            print(f"  - {f}", file=sys.stderr)
     if _FAILURES:
         print(f"[bench] {len(_FAILURES)} run(s) failed:", file=sys.stderr)
         for f in _FAILURES:
@@ -157,6 +168,8 @@ def cmd_run(args: list[str]) -> None:
         sys.exit(1)
     if _SKIPPED:
         sys.exit(2)
+    if mismatches:
+        sys.exit(3)
 
 
 def _refresh_pending() -> None:

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import yaml
 
 #: Top-level config keys that do not change a run's result, so not its identity.
-EXCLUDED_KEYS = ("results_dir", "overwrite", "logger", "hydra", "launcher", "local", "slurm", "paths", "wandb")
+EXCLUDED_KEYS = ("results_dir", "overwrite", "verify", "logger", "hydra", "launcher", "local", "slurm", "paths", "wandb")
 
 
 def canonicalize(config: dict[str, Any]) -> dict[str, Any]:

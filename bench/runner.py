@@ -16,6 +16,7 @@ recorded one:
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 import platform
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from bench.errors import BenchError, ConfigError
+from bench.errors import BenchError, ConfigError, CorruptFileError
 from bench.records import canonicalize, read_record, run_dir, run_id, write_json, write_jsonl, write_yaml
 from bench.schema import SCHEMA_VERSION
 
@@ -385,6 +386,9 @@ def _num(x: Any) -> float | None:
 def execute(cfg: dict[str, Any], refresh: bool = True) -> dict[str, Any]:
     """Run one fully resolved config; returns the record (existing one when skipped).
 
+    With ``verify=true`` a completed record is not skipped but re-run and compared with
+    (:func:`verify_run`, which returns its report); a run with no record runs as usual.
+
     ``refresh=False`` leaves the leaderboard alone: a sweep executed in one process rebuilds it once
     at its end (``bench.cli``) instead of after each of its runs.
     """
@@ -399,6 +403,8 @@ def execute(cfg: dict[str, Any], refresh: bool = True) -> dict[str, Any]:
     rdir = run_dir(cfg["results_dir"], rid)
     existing = read_record(rdir / "record.json")
     if existing is not None and existing.get("status") == "completed" and not cfg.get("overwrite", False):
+        if cfg.get("verify", False):
+            return verify_run(cfg, adapter, method, rid, rdir, existing)
         log.info("run %s already recorded at %s; skipping (overwrite=true re-runs it)", rid, rdir)
         print(f"[bench] skip {rid}: already recorded ({rdir / 'record.json'})")
         return existing
@@ -541,6 +547,62 @@ def execute(cfg: dict[str, Any], refresh: bool = True) -> dict[str, Any]:
         PENDING_REFRESH.add(str(cfg["results_dir"]))
     _print_summary(record, rdir)
     return record
+
+
+#: runs whose re-run under ``verify=true`` did not reproduce their record: one line each, for the CLI
+VERIFY_MISMATCHES: list[str] = []
+
+
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    """The per-document rows of a record's ``samples.jsonl``; a missing or unreadable file is an error."""
+    try:
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise CorruptFileError(f"{path} is missing: the record cannot be verified without its per-document predictions") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{path} cannot be read ({e}); re-run with overwrite=true to record it again") from None
+
+
+def verify_run(cfg: dict[str, Any], adapter, method, rid: str, rdir: Path, existing: dict[str, Any]) -> dict[str, Any]:
+    """Re-run a completed record's benchmark and compare the answers with it (``verify=true``).
+
+    Every document's prediction and the value of every recorded metric must come out identical;
+    lmms-eval's response cache is bypassed so that the model really answers again. Efficiency is not
+    compared: timings measure the machine, not the result. Nothing is written: the record, its samples
+    and the leaderboard stay as they are. Returns a report dict (``reproduced``: bool, or None when the
+    record has no answers to compare); a mismatch is also added to :data:`VERIFY_MISMATCHES`.
+    """
+    if not existing.get("accuracy_measured"):
+        why = next((n for n in existing.get("notes") or [] if n.startswith("accuracy not measured")), "accuracy not measured")
+        print(f"[bench] verify {rid}: nothing to compare ({why})")
+        return {"run_id": rid, "reproduced": None, "reason": why}
+    recorded = read_samples(rdir / "samples.jsonl")
+    adapter = _loaded(cfg, adapter)
+    t0 = time.time()
+    fresh_cfg = {**cfg, "benchmark": {**cfg["benchmark"], "use_cache": None}}
+    acc = accuracy_pass(fresh_cfg, adapter, method, rid)
+    old = {r["doc_id"]: r.get("prediction") for r in recorded}
+    new = {r["doc_id"]: r.get("prediction") for r in acc["samples"]}
+    missing = object()  # a document answered on one side only differs too
+    differ = sorted((d for d in old.keys() | new.keys() if old.get(d, missing) != new.get(d, missing)), key=str)
+    metrics = {}
+    for name, m in (existing.get("metrics") or {}).items():
+        now = (acc["metrics"].get(name) or {}).get("value")
+        metrics[name] = {"recorded": m.get("value"), "now": now}
+    changed = [k for k, v in metrics.items() if v["recorded"] != v["now"]]
+    ok = not differ and not changed
+    pm = existing.get("primary_metric")
+    head = f"[bench] verify {rid} ({existing.get('model')} / {existing.get('method')} / ratio={existing.get('ratio')} / {existing.get('benchmark')}): "
+    if ok:
+        print(head + f"reproduced: {len(new)}/{len(old)} answers identical, {pm}={metrics.get(pm, {}).get('now')} as recorded ({time.time() - t0:.0f} s)")
+    else:
+        shown = ", ".join(map(str, differ[:8])) + (" ..." if len(differ) > 8 else "")
+        parts = [f"{len(differ)} of {len(old)} answers differ" + (f" (documents {shown})" if differ else "")]
+        parts += [f"{k}: recorded {metrics[k]['recorded']}, now {metrics[k]['now']}" for k in changed]
+        line = "; ".join(parts)
+        print(head + "NOT reproduced: " + line)
+        VERIFY_MISMATCHES.append(f"{rid}: {line}")
+    return {"run_id": rid, "reproduced": ok, "answers": len(old), "differ": differ, "metrics": metrics}
 
 
 def _sink(record: dict[str, Any], cfg: dict[str, Any]) -> None:

@@ -121,3 +121,44 @@ def test_local_sweep_refreshes_leaderboard_once_at_its_end(monkeypatch, tmp_path
     runner.PENDING_REFRESH.update({str(tmp_path / "a"), str(tmp_path / "b")})
     cli._refresh_pending()
     assert calls == [str(tmp_path / "a"), str(tmp_path / "b")] and not runner.PENDING_REFRESH
+
+
+def _tree(results: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(results)): p.read_bytes() for p in sorted(results.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_verify_reanswers_a_record_and_catches_a_changed_answer(tmp_path):
+    """verify=true: the model answers again; identical -> exit 0, a changed answer -> exit 3, nothing written."""
+    results = tmp_path / "results"
+    args = ("run", "benchmark.limit=6", "logger=none", "measure.efficiency=false", f"results_dir={results}")
+    r = bench(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run,) = (results / "runs").iterdir()
+    before = _tree(results)
+
+    r = bench(*args, "verify=true")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"verify {run.name}" in r.stdout and "reproduced: 6/6 answers identical" in r.stdout
+    assert _tree(results) == before, "verify writes nothing"
+
+    # a record whose answer was changed by hand (or by a regression of the harness) is caught
+    lines = (run / "samples.jsonl").read_text().splitlines()
+    import json
+
+    row = json.loads(lines[2])
+    row["prediction"] = "not-" + str(row["prediction"])
+    (run / "samples.jsonl").write_text("\n".join([*lines[:2], json.dumps(row), *lines[3:]]) + "\n")
+    tampered = _tree(results)
+    r = bench(*args, "verify=true")
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "NOT reproduced: 1 of 6 answers differ (documents 2)" in r.stdout and "not reproduced" in r.stderr
+    assert _tree(results) == tampered, "a failed verification leaves the record as it was"
+
+    (run / "samples.jsonl").unlink()
+    r = bench(*args, "verify=true")
+    assert r.returncode == 2 and "samples.jsonl is missing" in r.stderr
+
+    # verify is not part of the run's identity, and a run without a record simply runs
+    r = bench(*args[:-1], f"results_dir={tmp_path / 'other'}", "verify=true")
+    assert r.returncode == 0 and (tmp_path / "other" / "runs" / run.name / "record.json").exists()
