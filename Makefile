@@ -66,9 +66,10 @@ demo: install ## run (or, if recorded, re-check) the default job, then every met
 	  ( OMP_NUM_THREADS=1 TQDM_DISABLE=1 $(PY) -m bench run $(DEMO_SWEEP) 2>&1; echo $$? > $$rcf ) \
 	    | grep --line-buffered -E '^\[bench\] (run|skip)|^error|Traceback|Error' | sed -u 's/^/[worker 2] /' & \
 	  w2=$$!; \
-	  OMP_NUM_THREADS=1 $(PY) -m bench run results_dir=$(RESULTS) verify=true; rc1=$$?; \
-	  if [ $$rc1 -eq 0 ] || [ $$rc1 -eq 3 ]; then OMP_NUM_THREADS=1 $(PY) -m bench run $(DEMO_SWEEP); rc1=$$?; fi; \
+	  OMP_NUM_THREADS=1 $(PY) -m bench run results_dir=$(RESULTS) verify=true; rc0=$$?; rc1=0; \
+	  if [ $$rc0 -eq 0 ] || [ $$rc0 -eq 3 ]; then OMP_NUM_THREADS=1 $(PY) -m bench run $(DEMO_SWEEP); rc1=$$?; fi; \
 	  wait $$w2; rc2=$$(cat $$rcf); rm -f $$rcf; \
+	  [ $$rc0 -eq 0 ] || [ $$rc0 -eq 3 ] || exit $$rc0; \
 	  for rc in $$rc1 $$rc2; do [ $$rc -eq 0 ] || [ $$rc -eq 2 ] || exit $$rc; done; \
 	fi
 	$(PY) -m bench aggregate --results-dir $(RESULTS)

@@ -166,10 +166,10 @@ def cmd_run(args: list[str]) -> None:
         for f in _FAILURES:
             print(f"  - {f}", file=sys.stderr)
         sys.exit(1)
+    if mismatches:  # a record that does not reproduce outweighs refused combinations
+        sys.exit(3)
     if _SKIPPED:
         sys.exit(2)
-    if mismatches:
-        sys.exit(3)
 
 
 def _refresh_pending() -> None:

@@ -30,7 +30,8 @@ bound by the CPU's kernel launches, and batch-16 throughput was seen to vary 1.6
 hits one round of every batch size rather than all rounds of one. A row reports its median round
 (``samples_per_s``, ``eval_s`` and the phase times all come from that round; ``median_low`` for an
 even count), the spread over rounds (``samples_per_s_min`` / ``_max``), whether every round generated
-the same ids (``identical_rate_across_repeats``) and the host's load (``loadavg_1m`` before that round).
+the same ids (``identical_rate_across_repeats``) and the host's load (``loadavg_1m``, read just before
+the reported round's timed evaluation).
 ``speedup_vs_b1`` divides the medians.
 
 Identity: for every method, the generated token ids of each question at batch > 1 are compared
@@ -400,8 +401,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     if args.batches[0] != 1:
         ap.error("--batches must start with 1: batch 1 is the reference of the identity rate")
-    if args.repeats < 1:
-        ap.error("--repeats must be at least 1")
+    if min(args.repeats, args.n_b1, args.n) < 1:
+        ap.error("--repeats, --n-b1 and --n must be at least 1")
     args.existing = read_existing(args.out) if args.append and args.out.exists() else None
     if args.threads:
         torch.set_num_threads(args.threads)

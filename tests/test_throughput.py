@@ -64,6 +64,7 @@ def test_smoke_run_writes_identical_batched_predictions(tmp_path):
     div = [r for r in got if r["method"] == "divprune"]
     assert all(float(r["visual_tokens_kept_mean"]) == 64 for r in div)
 
+
 @pytest.mark.slow
 def test_repeats_report_the_median_round_and_append_keeps_rows(tmp_path):
     out = tmp_path / "throughput.csv"
@@ -94,7 +95,6 @@ def test_repeats_report_the_median_round_and_append_keeps_rows(tmp_path):
     with pytest.raises(SystemExit, match="other columns"):
         script.main([*common[:-4], "--out", str(old), "--cache-dir", str(tmp_path), "--methods", "fastv", "--append"])
     assert old.read_text() == "method,batch\nfastv,1\n"
-
 
 
 @pytest.mark.slow
