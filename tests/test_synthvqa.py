@@ -173,3 +173,22 @@ def test_task_through_lmms_eval(tmp_path):
         assert o[f"acc_{q},none"] == 1.0
     assert c["exact_match,none"] < 0.5
     assert c["acc_color,none"] == 0.0 and 0.0 < c["acc_exist,none"] < 1.0
+
+
+def test_task_docs_keep_images_encoded_and_decode_the_same_pixels(tmp_path, monkeypatch):
+    """process_docs leaves the PNG bytes alone (lmms-eval re-reads documents after generation);
+    doc_to_visual decodes them into exactly the pixels the decoding column gives."""
+    import datasets
+
+    from bench.synthvqa import data
+    from bench.tasks.synthvqa.task_utils import synthvqa_doc_to_visual, synthvqa_process_docs
+
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path))
+    ds = datasets.load_dataset("parquet", data_files={"test": str(data.ensure_test_parquet(n=6))}, cache_dir=str(tmp_path / "hf"))["test"]
+    lazy = synthvqa_process_docs(ds)
+    for i in range(len(ds)):
+        enc = lazy[i]["image"]
+        assert isinstance(enc, dict) and isinstance(enc["bytes"], bytes)
+        (got,) = synthvqa_doc_to_visual(lazy[i])
+        assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(ds[i]["image"].convert("RGB")))
+        assert lazy[i]["question"] == ds[i]["question"] and lazy[i]["answer"] == ds[i]["answer"]

@@ -23,6 +23,7 @@ dataset_kwargs:
   data_files:
     test: {parquet}  # absolute path (JSON-quoted)
 test_split: test
+process_docs: !function utils.synthvqa_process_docs
 output_type: generate_until
 doc_to_visual: !function utils.synthvqa_doc_to_visual
 doc_to_text: !function utils.synthvqa_doc_to_text
