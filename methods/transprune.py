@@ -171,6 +171,9 @@ def _triton_kernels():
                             mask=qm[:, None] & jm[None, :], other=0.0).to(tl.float32)
                 iga += tl.sum(a * w[:, None], axis=0)
                 wsum += w
+            # the loop's reduction result must have exactly one use (the line below): a second read of the
+            # loop-carried `iga` trips Triton 3.6's OptimizeThreadLocality pass (hasOneUse assert), as it
+            # did in VisPruner's kernels
             iga = iga / tl.sum(wsum, axis=0)
             score = iga / (tl.sum(tl.where(jm, iga, 0.0), axis=0) + 1e-8)
             if HAS_NEW or HAS_PREV:
