@@ -298,7 +298,7 @@ class _Runner:
     plan: list
     impl: str
     n0: int
-    captures: dict = field(default_factory=dict)  # layer -> {"q": , "k": , "pe": , "cache_ok": }
+    captures: dict = field(default_factory=dict)  # layer -> {"q_rot", "k_rot" (tap) or "q", "k" (hooks), "pe", "seq"}
     capture_layers: frozenset = frozenset()
     seqs: list = field(default_factory=list)  # _Seq per executed stage
     stage_of_layer: list = field(default_factory=list)
@@ -413,6 +413,11 @@ class _Runner:
         if self.prefill:
             cap = self.captures.setdefault(layer, {})
             cap["q_rot"], cap["k_rot"] = query, key
+            # the projections' outputs (captured just before, in this layer's forward) are superseded:
+            # every reader prefers the rotated pair, so they are dropped rather than carried along
+            # (and gathered again) when a second stage prunes at the same boundary
+            cap.pop("q", None)
+            cap.pop("k", None)
 
     def sub_hook(self, fn, *args, **kwargs):
         """Method-installed hooks run through here (so the overhead script can find them)."""
@@ -591,8 +596,8 @@ class _View:
 
     def rope(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` ``(B or 1, T, d)`` that ``layer`` uses on the current sequence."""
-        cap = self._r.captures.get(layer)
-        if layer == self.layer - 1 and cap is not None and "k" in cap:
+        cap = self._captured(layer)
+        if cap is not None and ("k_rot" in cap or "k" in cap):
             return cap.get("pe") or self._s.pe
         self._norm_input(layer)
         return self._s.pe if self._s.pe is not None else self._r.lm.rotary_emb(self.hidden, self._s.pos)
