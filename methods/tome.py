@@ -124,7 +124,8 @@ def tome_schedule(n_tokens: int, n_keep: int, n_blocks: int, class_token: bool) 
     while lo < hi:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if sum(capped(mid)) >= need else (mid + 1, hi)
-    out, extra = capped(lo), sum(capped(lo)) - need
+    out = capped(lo)
+    extra = sum(out) - need
     for i in reversed(range(n_blocks)):  # trim from the back: earlier caps, hence feasibility, are unchanged
         cut = min(extra, out[i])
         out[i] -= cut

@@ -256,7 +256,8 @@ def point_row(name: str, stage: str, ratio: float, args, n_vis: int, batch, n: i
     The identity reference is the first round at ``ref_batch`` (batch 1); speedups divide medians.
     """
     rs = runs[batch]
-    r = rs[[x["sps"] for x in rs].index(statistics.median_low([x["sps"] for x in rs]))]
+    sps = [x["sps"] for x in rs]
+    r = rs[sps.index(statistics.median_low(sps))]
     ref_rs = runs[ref_batch]
     ref_sps = statistics.median_low([x["sps"] for x in ref_rs])
     first_ids = rs[0]["ids"]
@@ -287,8 +288,8 @@ def point_row(name: str, stage: str, ratio: float, args, n_vis: int, batch, n: i
         "prepare_s": r["phase_s"]["prepare"],
         "llm_s": r["phase_s"]["generate"],
         "repeats": len(rs),
-        "samples_per_s_min": min(x["sps"] for x in rs),
-        "samples_per_s_max": max(x["sps"] for x in rs),
+        "samples_per_s_min": min(sps),
+        "samples_per_s_max": max(sps),
         "identical_rate_across_repeats": same,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
