@@ -16,7 +16,8 @@ touching transformers' modeling code. It installs
   over the post-RoPE q/k they attend with (the ``"sdpa"`` entry of transformers' attention interface is
   wrapped while the context is open, :func:`_tap_attention`), so nothing is rotated again; otherwise
   (eager attention) the keys come from the KV cache when it is visible, or q/k are rotated from the
-  projections' outputs (:func:`apply_rope`, two kernels);
+  projections' outputs (:func:`apply_rope`: one Triton kernel on CUDA, :mod:`bench.models.fused`; two torch
+  kernels elsewhere); a layer scored on its own input gets its input norm from one Triton kernel too;
 * whatever extra hooks a method installs (TransPrune's sublayer input/output hooks), routed through
   :meth:`_Runner.sub_hook`.
 
@@ -83,7 +84,8 @@ def rope_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor, heads_first: bool = True) -> torch.Tensor:
-    """Llama's rotary embedding ``x * cos + rotate_half(x) * sin``, bit for bit, in two kernels.
+    """Llama's rotary embedding ``x * cos + rotate_half(x) * sin``, bit for bit, in two kernels (on CUDA
+    half/bfloat16 with Triton: one, :func:`bench.models.fused.rope`, the same values).
 
     Parameters
     ----------
@@ -101,6 +103,10 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor, heads_first: bool = True) -
     the two that land on each half (IEEE addition commutes): no ``roll``/``neg``/``cat`` of ``x`` and two
     passes over it instead of four.
     """
+    from bench.models import fused
+
+    if fused.available(x):  # the same values in one kernel (one read, one write)
+        return fused.rope(x, table, heads_first)
     b, t, h, d = x.shape
     xs = x.view(b, t, h, 2, 1, d // 2)
     w = table.unsqueeze(2)  # (B or 1, T, 1, 2, 2, d/2)
@@ -113,7 +119,7 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor, heads_first: bool = True) -
     return out.view(b, h, t, d) if heads_first else out.view(b, t, h, d)
 
 
-def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def rms_norm(norm: torch.nn.Module, x: torch.Tensor, exact: bool = True) -> torch.Tensor:
     """``norm(x)``; transformers' ``LlamaRMSNorm`` on CUDA half/bfloat16 in one kernel less, bit for bit.
 
     Llama computes ``weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)``. On CUDA a multiply of the
@@ -121,10 +127,18 @@ def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     conversion is exact) and rounds once when it stores into a half output, which is that product and
     its cast in one kernel. Other norms, hooked norms, fp32 and CPU (where TensorIterator would add the
     cast back as a temporary) call the module.
+
+    ``exact=False`` (the scoring recompute of a layer's input, :meth:`_View._norm_input`): one Triton
+    kernel instead of five, equal but for the mean's fp32 summation order (:mod:`bench.models.fused`).
     """
     if (type(norm).__name__ != "LlamaRMSNorm" or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16)
             or norm._forward_hooks or norm._forward_pre_hooks or norm.weight.dtype != x.dtype):
         return norm(x)
+    if not exact:
+        from bench.models import fused
+
+        if fused.available(x):
+            return fused.rms_norm(norm, x)
     var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
     y = torch.empty_like(x)
     torch.mul(x, torch.rsqrt(var + norm.variance_epsilon), out=y)
@@ -591,7 +605,7 @@ class _View:
         if layer != self.layer:
             raise IncompatibleMethodError(f"attention of layer {layer} is not available at the pruning boundary {self.layer}")
         if self._x is None:
-            self._x = rms_norm(self._r.lm.layers[layer].input_layernorm, self.hidden)
+            self._x = rms_norm(self._r.lm.layers[layer].input_layernorm, self.hidden, exact=False)
         return self._x
 
     def rope(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
