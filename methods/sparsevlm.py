@@ -37,6 +37,7 @@ import torch
 from bench.errors import ConfigError
 from methods.fastv import topk_sorted
 from methods.inllm import InLLMMethod, Stage, StageOut, StageView, per_layer_counts, scale_layer, solve_monotone
+from methods.select_kernels import dpc_scores, smallest_sorted, topk_rank
 
 #: official selected counts per stage, by budget (v1.5 / v2.0)
 SCHEDULES = {
@@ -138,7 +139,7 @@ def cluster_and_merge(x: torch.Tensor, n_clusters: int, jitter: torch.Tensor | N
         w = (torch.tensor(float(m), dtype=x.dtype) + 1e-6).reciprocal()  # ``weight`` below, as a host scalar
         return x.new_full((b, m, 1), float(w)).transpose(1, 2) @ x
     dist = pairwise_dist(x, x.dtype) / (c**0.5)
-    nearest = dist.topk(n_clusters, dim=-1, largest=False).values
+    nearest = smallest_sorted(dist, n_clusters)  # ``dist.topk(n, largest=False).values``, one kernel on CUDA
     if zero is None:
         zero = x.new_zeros(())
     # ``0 + (-1) * n * n`` is ``-(n**2)`` in one kernel (the product of two model-dtype values is exact in
@@ -146,10 +147,8 @@ def cluster_and_merge(x: torch.Tensor, n_clusters: int, jitter: torch.Tensor | N
     density = torch.addcmul(zero, nearest, nearest, value=-1).mean(-1).exp()
     if jitter is not None:
         density = density + jitter.to(density.dtype)
-    higher = density[:, None, :] > density[:, :, None]
-    dist_max = dist.flatten(1).max(-1).values.view(b, 1, 1)
-    parent_dist = torch.where(higher, dist, dist_max).min(-1).values
-    centres = (parent_dist * density).topk(n_clusters, dim=-1).indices  # (B, c)
+    # ``density * min(dist to a denser token, else the max dist)``: one kernel on CUDA, bit for bit
+    centres = dpc_scores(dist, density).topk(n_clusters, dim=-1).indices  # (B, c)
     assign = dist.gather(1, centres.unsqueeze(-1).expand(-1, -1, m)).argmin(1)  # (B, M)
     if cluster_ids is None:
         cluster_ids = torch.arange(n_clusters, device=x.device)
@@ -326,9 +325,10 @@ class SparseVLM(InLLMMethod):
         if m <= 0:
             return StageOut(topk_sorted(s, k))
         cand, _ = merge_counts(view.n_vis, k)
-        top = s.topk(k + cand, dim=1).indices  # kept, then the recycled candidates by descending score
-        keep = top[:, :k].sort(dim=1).values
-        x = view.visual(view.hidden).gather(1, top[:, k:].unsqueeze(-1).expand(-1, -1, view.hidden.shape[-1]))
+        # the kept (sorted by index), then the recycled candidates by descending score (the order of the
+        # official ``topk``: it orders the clustering's jitter and ties); one kernel on CUDA
+        keep, recycled = topk_rank(s, k, cand)
+        x = view.visual(view.hidden).gather(1, recycled.unsqueeze(-1).expand(-1, -1, view.hidden.shape[-1]))
         static = view.static
         jitter = static.get("jitter", {}).get(i)
         zero = static.get("zero")

@@ -1,0 +1,231 @@
+"""The selection kernels of ``methods/select_kernels.py`` against plain loops and against the torch path.
+
+CPU: the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, a fresh subprocess, as in
+``tests/test_transprune_kernels.py``); the torch path (what CPU runs) must equal the formulations the
+methods used before. GPU (``-m gpu``): the compiled kernels on CUDA at LLaVA-1.5-7B shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------- references
+def loop_rank(scores: torch.Tensor, k: int, extra: int, largest: bool = True) -> tuple[list, list]:
+    """Per row: the ``k`` best indices sorted, and the next ``extra`` in rank order (higher first, NaN
+    highest, ``-0.0 == +0.0``, ties by lower index); ``largest=False``: the smallest first."""
+    keep, rest = [], []
+    for row in scores.float().tolist():
+        def key(i, row=row):
+            v = row[i]
+            if math.isnan(v):
+                return (0, 0.0, i)
+            return (1, -v if largest else v, i)
+        order = sorted(range(len(row)), key=key)
+        keep.append(sorted(order[:k]))
+        rest.append(order[k : k + extra])
+    return keep, rest
+
+
+def _cases(g: torch.Generator, big: bool):
+    """``(scores, k, extra)``: distinct values, heavy ties, signed zeros, NaN, k = N, k = 1, extra = 0, B > 1."""
+    shapes = [(1, 37, 5, 7), (3, 64, 20, 14), (2, 16, 16, 0), (2, 16, 1, 0), (2, 16, 1, 15), (1, 5, 0, 5), (2, 100, 10, 90),
+              (2, 1, 1, 0), (1, 130, 48, 30)]
+    if big:
+        shapes += [(1, 576, 64, 154), (16, 576, 48, 159), (16, 576, 504, 0), (2, 2048, 300, 100), (1, 4096, 64, 154)]
+    for b, n, k, e in shapes:
+        yield torch.randn(b, n, generator=g), k, e
+        coarse = (torch.randint(-4, 5, (b, n), generator=g) / 4.0)  # many ties, zeros of both signs
+        coarse = torch.where(torch.rand(b, n, generator=g) < 0.3, -coarse * 0, coarse)
+        yield coarse, k, e
+    s = torch.randn(2, 40, generator=g)
+    s[0, 3] = s[1, 7] = float("nan")
+    yield s, 4, 6
+
+
+def check_topk_rank(device: str = "cpu", big: bool = False) -> None:
+    """:func:`topk_rank`'s kernel path == the loop reference (every dtype, ties included)."""
+    from methods.select_kernels import topk_rank, use_kernel
+
+    g = torch.Generator().manual_seed(0)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        for s, k, e in _cases(g, big):
+            s = s.to(device, dt)
+            assert use_kernel(s)
+            keep, rest = topk_rank(s, k, e)
+            assert keep.dtype == rest.dtype == torch.long and keep.shape == (s.shape[0], k) and rest.shape == (s.shape[0], e)
+            rk, rr = loop_rank(s.cpu(), k, e)
+            assert keep.cpu().tolist() == rk, (dt, s.shape, k, e)
+            assert rest.cpu().tolist() == rr, (dt, s.shape, k, e)
+
+
+def check_matches_torch(device: str = "cpu", big: bool = False) -> None:
+    """On distinct scores the kernel equals ``topk`` + ``sort`` (the torch path) exactly; the smallest values
+    equal ``topk(largest=False).values`` whatever the ties; :func:`dpc_scores` equals its torch path."""
+    from methods.fastv import topk_sorted
+    from methods.select_kernels import dpc_scores, dpc_scores_torch, smallest_sorted, topk_rank
+
+    g = torch.Generator().manual_seed(1)
+    shapes = [(1, 576, 64, 154), (16, 576, 48, 159), (3, 576, 504, 0)] if big else [(2, 96, 20, 30), (1, 33, 1, 0)]
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        for b, n, k, e in shapes:
+            s = torch.stack([torch.randperm(n, generator=g) for _ in range(b)]).float() / n  # distinct in every dtype
+            s = s.to(device, dt)
+            got, want = topk_rank(s, k, e), topk_rank(s, k, e, force_torch=True)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (dt, b, n, k, e)
+            assert torch.equal(topk_sorted(s, k), want[0])
+        for b, m, c in ((1, 159, 16), (2, 13, 2), (3, 40, 5)) if big else ((1, 20, 3), (2, 9, 2)):
+            x = torch.randn(b, m, 8, generator=g)
+            x[:, 1] = x[:, 0]  # zero distances off the diagonal: ties
+            dist = torch.cdist(x, x).to(device, dt)
+            assert torch.equal(smallest_sorted(dist, c), dist.topk(c, dim=-1, largest=False).values), (dt, b, m, c)
+            den = torch.rand(b, m, generator=g).to(device, dt)
+            den[:, 2] = den[:, 3]  # equal densities: neither is the other's parent
+            assert torch.equal(dpc_scores(dist, den), dpc_scores_torch(dist, den)), (dt, b, m)
+
+
+class _View:
+    """The parts of a StageView that :meth:`SparseVLM.prune` reads (attention rows given)."""
+
+    def __init__(self, attn_rows, embeds, hidden, s0, n, jitter):
+        b = hidden.shape[0]
+        self.hidden, self.n_vis, self.layer = hidden, n, 3
+        self.vis_start = torch.full((b,), s0, device=hidden.device)
+        self.state, self.static = {}, {"jitter": {0: jitter}}
+        self.uniform_start, self.vis_start_min = True, s0
+        self._rows, self._embeds = attn_rows, embeds
+
+    def attn_rows(self, layer, queries):
+        return self._rows, torch.ones(self._rows.shape[0], self._rows.shape[2], dtype=torch.bool, device=self._rows.device)
+
+    def input_embeds(self):
+        return self._embeds
+
+    def visual(self, x, dim=1):
+        return x.narrow(dim, self.vis_start_min, self.n_vis)
+
+
+def check_sparsevlm(device: str = "cpu", big: bool = False) -> None:
+    """:meth:`SparseVLM.prune` keeps and merges exactly what it did with ``topk`` + ``sort`` (the torch path)."""
+    import methods.select_kernels as sk
+    from methods.inllm import Stage
+    from methods.sparsevlm import SparseVLM, merge_counts
+
+    g = torch.Generator().manual_seed(2)
+    cfgs = [(1, 576, 48, 4096, torch.float16), (16, 576, 48, 4096, torch.float16), (2, 64, 22, 64, torch.float32)] if big \
+        else [(2, 64, 20, 32, torch.float32), (1, 48, 12, 32, torch.float16)]
+    for b, n, k, d, dt in cfgs:
+        s0, q = 5, 9
+        t = s0 + n + q
+        attn = torch.rand(b, 4, q, t, generator=g).softmax(-1).to(device, dt)
+        embeds = torch.randn(b, t, d, generator=g).to(device, dt)
+        hidden = torch.randn(b, t, d, generator=g).to(device, dt)
+        cand, c = merge_counts(n, k)
+        jitter = (torch.rand(b, cand, generator=g) * 1e-6).to(device, dt)
+        stage = Stage(3, k + c, True, n_select=k)
+        out = SparseVLM(prune_ratio=0.5).prune(0, stage, _View(attn, embeds, hidden, s0, n, jitter))
+        orig = sk.use_kernel
+        sk.use_kernel = lambda x: False
+        try:
+            ref = SparseVLM(prune_ratio=0.5).prune(0, stage, _View(attn, embeds, hidden, s0, n, jitter))
+        finally:
+            sk.use_kernel = orig
+        assert torch.equal(out.keep, ref.keep), (b, n, k)
+        assert torch.equal(out.extra, ref.extra), (b, n, k)
+
+
+# ----------------------------------------------------------------------------- CPU
+def _run_triton_interpreted(code: str, timeout: int) -> None:
+    """Run ``code`` (which prints ``ok``) in a fresh interpreter under Triton's CPU interpreter
+    (TRITON_INTERPRET must be set before triton is imported); skip where Triton is missing."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    if r.returncode != 0 and "No module named 'triton" in r.stderr:
+        pytest.skip(f"Triton interpreter unavailable: {r.stderr.splitlines()[-1:]}")
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+_IMPORT = ("import sys, torch\nsys.path.insert(0, 'tests')\ntorch.set_num_threads(2)\n"
+           "from test_select_kernels import check_topk_rank, check_matches_torch, check_sparsevlm\n")
+
+
+def test_kernels_interpreted():
+    pytest.importorskip("triton")
+    _run_triton_interpreted(_IMPORT + "check_topk_rank()\ncheck_matches_torch()\ncheck_sparsevlm()\nprint('ok')\n", timeout=300)
+
+
+def test_torch_path_is_the_previous_formulation():
+    """CPU (no interpreter) takes the torch path, which is exactly what the methods computed before."""
+    from methods.fastv import topk_sorted
+    from methods.select_kernels import dpc_scores, smallest_sorted, topk_rank, use_kernel
+
+    g = torch.Generator().manual_seed(3)
+    s = (torch.randint(0, 6, (3, 50), generator=g) / 5.0)  # ties: whatever torch.topk does with them
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert not use_kernel(s)
+    top = s.topk(20 + 7, dim=1).indices
+    keep, rest = topk_rank(s, 20, 7)
+    assert torch.equal(keep, top[:, :20].sort(dim=1).values) and torch.equal(rest, top[:, 20:])
+    assert torch.equal(topk_rank(s, 20)[0], s.topk(20, dim=1, sorted=False).indices.sort(dim=1).values)
+    assert torch.equal(topk_sorted(s, 20), s.topk(20, dim=1, sorted=False).indices.sort(dim=1).values)
+    assert torch.equal(topk_rank(s, 0, 5)[1], s.topk(5, dim=1).indices) and topk_rank(s, 0, 5)[0].shape == (3, 0)
+    d = torch.rand(2, 9, 9, generator=g)
+    assert torch.equal(smallest_sorted(d, 3), d.topk(3, dim=-1, largest=False).values)
+    den = torch.rand(2, 9, generator=g)
+    higher = den[:, None, :] > den[:, :, None]
+    parent = torch.where(higher, d, d.flatten(1).max(-1).values.view(2, 1, 1)).min(-1).values
+    assert torch.equal(dpc_scores(d, den), parent * den)
+
+
+def test_loop_reference_rank_rule():
+    keep, rest = loop_rank(torch.tensor([[0.5, 2.0, 0.5, -0.0, 0.0, float("nan")]]), 2, 3)
+    assert keep == [[1, 5]] and rest == [[0, 2, 3]]
+
+
+def test_topk_rank_validates_counts():
+    from methods.select_kernels import topk_rank
+
+    with pytest.raises(ValueError, match="k \\+ extra"):
+        topk_rank(torch.zeros(1, 4), 3, 2)
+    with pytest.raises(ValueError):
+        topk_rank(torch.zeros(1, 4), -1)
+
+
+# ----------------------------------------------------------------------------- GPU
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@gpu
+@pytest.mark.gpu
+def test_kernels_cuda():
+    pytest.importorskip("triton")
+    check_topk_rank("cuda", big=True)
+    check_matches_torch("cuda", big=True)
+    check_sparsevlm("cuda", big=True)
+
+
+@gpu
+@pytest.mark.gpu
+def test_topk_rank_graph_capture_cuda():
+    """No host synchronisation: the kernel path captures in a CUDA graph and replays on new scores."""
+    pytest.importorskip("triton")
+    from methods.select_kernels import topk_rank
+
+    s = torch.randn(1, 576, device="cuda")
+    topk_rank(s, 64, 154)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        keep, rest = topk_rank(s, 64, 154)
+    s.copy_(torch.randn(1, 576, device="cuda"))
+    graph.replay()
+    ref = topk_rank(s, 64, 154, force_torch=True)
+    assert torch.equal(keep, ref[0]) and torch.equal(rest, ref[1])
