@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -612,7 +613,10 @@ def test_tome_graph_tower_equals_eager_cuda(cuda_llava):
 
     from types import SimpleNamespace
 
+    from bench.models.llava import LlavaAdapter
+
     ad = SimpleNamespace(model=cuda_llava, device=torch.device("cuda"), dtype=torch.float16, grid=(24, 24))
+    ad.cached_graph = partial(LlavaAdapter.cached_graph, ad)  # the adapter's graph cache (captured once, replayed after)
     px = torch.randn(2, 3, 336, 336, device="cuda", dtype=torch.float16, generator=torch.Generator(device="cuda").manual_seed(3))
     m = ToMe(prune_ratio=0.5)
     ref = encode_with_merging(ad, px, m, torch.arange(2), graphs=False)
