@@ -155,7 +155,7 @@ def topk_rank_torch(scores: torch.Tensor, k: int, extra: int = 0) -> tuple[torch
     return top[:, :k].sort(dim=1).values, top[:, k:]
 
 
-def topk_rank(scores: torch.Tensor, k: int, extra: int = 0, *, num_warps: int | None = None,
+def topk_rank(scores: torch.Tensor, k: int, extra: int = 0, *, largest: bool = True, num_warps: int | None = None,
               force_torch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the ``k`` best scores per row in index order, and of the next ``extra`` in rank order.
 
@@ -165,6 +165,9 @@ def topk_rank(scores: torch.Tensor, k: int, extra: int = 0, *, num_warps: int | 
         ``(B, N)`` fp16 / bf16 / fp32.
     k, extra : int
         ``k >= 0``, ``extra >= 0``, ``k + extra <= N``.
+    largest : bool
+        ``False``: rank the smallest score first instead (ties still by lower index; the torch path ranks
+        the negated scores, an exact negation).
     num_warps : int, optional
         Warps per program of the kernel (default: by row length).
     force_torch : bool
@@ -182,8 +185,8 @@ def topk_rank(scores: torch.Tensor, k: int, extra: int = 0, *, num_warps: int | 
     if k < 0 or extra < 0 or k + extra > n:
         raise ValueError(f"topk_rank: need 0 <= k, 0 <= extra, k + extra <= N; got k={k}, extra={extra}, N={n}")
     if force_torch or not use_kernel(scores):
-        return topk_rank_torch(scores, k, extra)
-    keep, rest, _ = _launch(scores, k, extra, largest=True, values=False, num_warps=num_warps)
+        return topk_rank_torch(scores if largest else scores.neg(), k, extra)
+    keep, rest, _ = _launch(scores, k, extra, largest=largest, values=False, num_warps=num_warps)
     return keep, rest
 
 

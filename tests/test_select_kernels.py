@@ -66,6 +66,34 @@ def check_topk_rank(device: str = "cpu", big: bool = False) -> None:
             rk, rr = loop_rank(s.cpu(), k, e)
             assert keep.cpu().tolist() == rk, (dt, s.shape, k, e)
             assert rest.cpu().tolist() == rr, (dt, s.shape, k, e)
+            if not torch.isnan(s).any():  # smallest first (ToMe's unmerged set and its ascending sources)
+                keep, rest = topk_rank(s, k, e, largest=False)
+                rk, rr = loop_rank(s.cpu(), k, e, largest=False)
+                assert keep.cpu().tolist() == rk and rest.cpu().tolist() == rr, ("smallest", dt, s.shape, k, e)
+
+
+def check_tome(device: str = "cpu", big: bool = False) -> None:
+    """ToMe's matching with the kernel (unmerged set + sources from one :func:`topk_rank`) merges exactly
+    what ``argsort`` + ``sort`` did, on random keys (distinct scores) with the CLS row protected."""
+    import methods.tome as tome
+
+    g = torch.Generator().manual_seed(4)
+    cfgs = [(1, 577, 64, 1024, 23), (2, 289, 64, 1024, 48), (1, 65, 64, 64, 32)] if big else [(1, 33, 8, 16, 5), (2, 20, 8, 8, 9)]
+    for b, t, d, c, r in cfgs:
+        for dt in (torch.float32, torch.float16):
+            metric = torch.randn(b, t, d, generator=g).to(device, dt)
+            x = torch.randn(b, t, c, generator=g).to(device, dt)
+            size = torch.randint(1, 4, (b, t, 1), generator=g).to(device, dt)
+            merge, _ = tome.bipartite_soft_matching(metric, r, True)
+            out = tome.merge_wavg(merge, x, size)
+            orig = tome.use_kernel
+            tome.use_kernel = lambda s: False
+            try:
+                merge_ref, _ = tome.bipartite_soft_matching(metric, r, True)
+            finally:
+                tome.use_kernel = orig
+            ref = tome.merge_wavg(merge_ref, x, size)
+            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), (b, t, r, dt)
 
 
 def check_matches_torch(device: str = "cpu", big: bool = False) -> None:
@@ -155,12 +183,12 @@ def _run_triton_interpreted(code: str, timeout: int) -> None:
 
 
 _IMPORT = ("import sys, torch\nsys.path.insert(0, 'tests')\ntorch.set_num_threads(2)\n"
-           "from test_select_kernels import check_topk_rank, check_matches_torch, check_sparsevlm\n")
+           "from test_select_kernels import check_topk_rank, check_matches_torch, check_sparsevlm, check_tome\n")
 
 
 def test_kernels_interpreted():
     pytest.importorskip("triton")
-    _run_triton_interpreted(_IMPORT + "check_topk_rank()\ncheck_matches_torch()\ncheck_sparsevlm()\nprint('ok')\n", timeout=300)
+    _run_triton_interpreted(_IMPORT + "check_topk_rank()\ncheck_matches_torch()\ncheck_sparsevlm()\ncheck_tome()\nprint('ok')\n", timeout=300)
 
 
 def test_torch_path_is_the_previous_formulation():
@@ -211,6 +239,7 @@ def test_kernels_cuda():
     check_topk_rank("cuda", big=True)
     check_matches_torch("cuda", big=True)
     check_sparsevlm("cuda", big=True)
+    check_tome("cuda", big=True)
 
 
 @gpu
