@@ -445,6 +445,22 @@ def test_bench_selection_script_runs_on_cpu(tmp_path):
     assert all(row["median_ms"] not in ("", "nan") for row in rows)
 
 
+def test_profile_selection_script_runs_on_cpu(tmp_path):
+    """``scripts/profile_selection.py``: per-operator table on CPU (kernels on CUDA); bad names exit 2."""
+    out = tmp_path / "prof.csv"
+    cmd = [sys.executable, "scripts/profile_selection.py", "--device", "cpu", "--repeats", "1", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import csv
+
+    rows = list(csv.DictReader(out.open()))
+    assert {row["method"] for row in rows} == {"vispruner", "tome"}
+    assert all(float(row["us_per_call"]) > 0 and row["graph_median_ms"] == "" for row in rows)
+    assert any(row["kernel"] == "aten::bmm" for row in rows if row["method"] == "tome")  # the one-hot merge GEMM
+    bad = subprocess.run(cmd[:2] + ["--device", "cpu", "--methods", "fastv"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown method" in bad.stderr
+
+
 # ----------------------------------------------------------------------------- CUDA-graph safety
 GRAPH_SAFE = [("fastervlm", {}), ("visionzip", {}), ("divprune", {"backend": "torch"}), ("vispruner", {"backend": "torch"}), ("hiprune", {}), ("prumerge", {}), ("prumerge_plus", {})]
 
