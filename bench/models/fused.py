@@ -93,7 +93,7 @@ def _kernels() -> dict:
 def rope(x: torch.Tensor, table: torch.Tensor, heads_first: bool = True) -> torch.Tensor:
     """:func:`~bench.models.llm_pruning.apply_rope` in one kernel, bit for bit.
 
-    ``x`` ``(B, T, H, d)`` (head dim contiguous), ``table`` ``(B or 1, T, 2, 2, d/2)``; returns
+    ``x`` ``(B, T, H, d)`` (head dim contiguous), ``table`` ``(B or 1, T, 2, 2, d/2)`` in ``x``'s dtype; returns
     ``(B, H, T, d)`` (``heads_first``) or ``(B, T, H, d)``, contiguous, in ``x``'s dtype.
     """
     import triton
@@ -102,8 +102,10 @@ def rope(x: torch.Tensor, table: torch.Tensor, heads_first: bool = True) -> torc
     half = d // 2
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if table.dtype != x.dtype or table.stride(-1) != 1 or table.stride(-2) != half or table.stride(-3) != 2 * half:
-        table = table.to(x.dtype).contiguous()
+    if table.dtype != x.dtype:  # torch would promote the product to the table's dtype: not this kernel's result
+        raise TypeError(f"fused.rope: table dtype {table.dtype} differs from x dtype {x.dtype}")
+    if table.stride(-1) != 1 or table.stride(-2) != half or table.stride(-3) != 2 * half:
+        table = table.contiguous()
     tb = table.stride(0) if table.shape[0] == b and b > 1 else 0
     if heads_first:
         out = x.new_empty(b, h, t, d)

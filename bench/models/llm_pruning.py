@@ -105,7 +105,7 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor, heads_first: bool = True) -
     """
     from bench.models import fused
 
-    if fused.available(x):  # the same values in one kernel (one read, one write)
+    if fused.available(x) and table.dtype == x.dtype:  # the same values in one kernel (one read, one write)
         return fused.rope(x, table, heads_first)
     b, t, h, d = x.shape
     xs = x.view(b, t, h, 2, 1, d // 2)
