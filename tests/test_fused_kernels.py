@@ -7,15 +7,11 @@ bit for bit; the norm equals ``LlamaRMSNorm`` up to the mean's summation order.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from triton_interp import run_triton_interpreted
 
 
 def _torch_rope(x, table, heads_first):
@@ -83,19 +79,11 @@ def check_rms(dev: str, shapes, dtypes=(torch.float16, torch.bfloat16)) -> float
     return diff / total
 
 
-def _run_triton_interpreted(code: str, timeout: int) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    if r.returncode != 0 and "No module named 'triton" in r.stderr:
-        pytest.skip(f"Triton interpreter unavailable: {r.stderr.splitlines()[-1:]}")
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
-
-
 def test_rope_and_norm_kernels_interpreted():
     """fp16 only: the interpreter rounds fp32 -> bfloat16 by truncation (numpy has no bfloat16), the GPU
     to nearest even as torch does, so bfloat16 is checked on the GPU."""
     pytest.importorskip("triton")
-    _run_triton_interpreted(
+    run_triton_interpreted(
         "import sys, torch\nsys.path.insert(0, 'tests')\ntorch.set_num_threads(2)\n"
         "from test_fused_kernels import check_rope, check_rms\n"
         "h = (torch.float16,)\n"

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from triton_interp import run_triton_interpreted
 
 
 # ----------------------------------------------------------------------------- references
@@ -172,14 +169,6 @@ def check_sparsevlm(device: str = "cpu", big: bool = False) -> None:
 
 
 # ----------------------------------------------------------------------------- CPU
-def _run_triton_interpreted(code: str, timeout: int) -> None:
-    """Run ``code`` (which prints ``ok``) in a fresh interpreter under Triton's CPU interpreter
-    (TRITON_INTERPRET must be set before triton is imported); skip where Triton is missing."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    if r.returncode != 0 and "No module named 'triton" in r.stderr:
-        pytest.skip(f"Triton interpreter unavailable: {r.stderr.splitlines()[-1:]}")
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 
 
 _IMPORT = ("import sys, torch\nsys.path.insert(0, 'tests')\ntorch.set_num_threads(2)\n"
@@ -188,7 +177,7 @@ _IMPORT = ("import sys, torch\nsys.path.insert(0, 'tests')\ntorch.set_num_thread
 
 def test_kernels_interpreted():
     pytest.importorskip("triton")
-    _run_triton_interpreted(_IMPORT + "check_topk_rank()\ncheck_matches_torch()\ncheck_sparsevlm()\ncheck_tome()\nprint('ok')\n", timeout=300)
+    run_triton_interpreted(_IMPORT + "check_topk_rank()\ncheck_matches_torch()\ncheck_sparsevlm()\ncheck_tome()\nprint('ok')\n", timeout=300)
 
 
 def test_torch_path_is_the_previous_formulation():

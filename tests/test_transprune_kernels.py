@@ -9,13 +9,12 @@ precision).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from triton_interp import run_triton_interpreted
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -185,16 +184,6 @@ def check_end_to_end(device: str = "cpu", dtype: torch.dtype = torch.float32) ->
         torch.testing.assert_close(logits["triton"], logits["torch"], rtol=0, atol=0)
 
 
-def _run_triton_interpreted(code: str, timeout: int) -> None:
-    """Run ``code`` (which prints ``ok``) in a fresh interpreter under Triton's CPU interpreter
-    (TRITON_INTERPRET must be set before triton is imported); skip where Triton is missing."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    if r.returncode != 0 and "No module named 'triton" in r.stderr:
-        pytest.skip(f"Triton interpreter unavailable: {r.stderr.splitlines()[-1:]}")
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
-
-
 _IMPORT = ("import sys, torch\nsys.path.insert(0, 'tests')\ntorch.set_num_threads(2)\n"
            "from test_transprune_kernels import check_stats, check_stats_group, check_finish, check_end_to_end\n")
 
@@ -212,12 +201,12 @@ def test_backend_is_validated():
 
 def test_stats_and_finish_kernels_interpreted():
     pytest.importorskip("triton")
-    _run_triton_interpreted(_IMPORT + "check_stats()\ncheck_stats_group()\ncheck_finish()\nprint('ok')\n", timeout=300)
+    run_triton_interpreted(_IMPORT + "check_stats()\ncheck_stats_group()\ncheck_finish()\nprint('ok')\n", timeout=300)
 
 
 def test_triton_backend_keeps_what_torch_keeps_interpreted():
     pytest.importorskip("triton")
-    _run_triton_interpreted(_IMPORT + "check_end_to_end()\nprint('ok')\n", timeout=300)
+    run_triton_interpreted(_IMPORT + "check_end_to_end()\nprint('ok')\n", timeout=300)
 
 
 # ----------------------------------------------------------------------------- GPU

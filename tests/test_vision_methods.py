@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from functools import partial
@@ -32,6 +31,7 @@ from reference_vision import (
     ref_vispruner,
     ref_visionzip,
 )
+from triton_interp import run_triton_interpreted
 
 ROOT = Path(__file__).resolve().parent.parent
 RATIOS = [0.5, 2 / 3, 0.75, 0.9]
@@ -66,17 +66,6 @@ def test_divprune_matches_reference(ratio):
             assert idx[b].tolist() == ref_divprune(x[b], m.n_keep(576))
 
 
-def _run_triton_interpreted(code: str, timeout: int) -> None:
-    """Run ``code`` (which prints ``ok``) in a fresh interpreter under Triton's CPU interpreter
-    (TRITON_INTERPRET must be set before triton is imported); skip where the interpreter is missing."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    # skip only where Triton itself is missing: any other failure (an InterpreterError included) is a failure
-    if r.returncode != 0 and "No module named 'triton" in r.stderr:
-        pytest.skip(f"Triton interpreter unavailable: {r.stderr.splitlines()[-1:]}")
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
-
-
 def test_divprune_triton_kernel_equals_torch_loop():
     """The one-launch Triton kernel, run by Triton's CPU interpreter, picks what the torch loop picks."""
     pytest.importorskip("triton")
@@ -89,7 +78,7 @@ def test_divprune_triton_kernel_equals_torch_loop():
         "assert torch.equal(a, b), (a, b)\n"
         "print('ok')\n"
     )
-    _run_triton_interpreted(code, timeout=120)
+    run_triton_interpreted(code, timeout=120)
 
 
 @pytest.mark.parametrize("ratio,important", [(0.75, 0.5), (0.8889, 0.75), (0.9, 0.55)])
@@ -120,7 +109,7 @@ def test_hiprune_matches_reference(ratio):
         from methods.base import VisionContext
 
         ctx = VisionContext((24, 24), True, torch.arange(2), extras)
-        obj_key = f"attn_colmean:8@24"
+        obj_key = "attn_colmean:8@24"
         shallow = extras[obj_key]()[:, 1:]
         deep = extras["attn_colmean:-2"]()[:, 1:]
         idx = m.select(torch.zeros(2, 576, 8), ctx)
@@ -538,7 +527,7 @@ def test_vispruner_triton_kernel_equals_torch_rounds():
         "        assert torch.equal(a, b), (n, r0, a, b)\n"
         "print('ok')\n"
     )
-    _run_triton_interpreted(code, timeout=300)
+    run_triton_interpreted(code, timeout=300)
 
 
 def test_graph_cache_replays_and_keys_by_shape():
