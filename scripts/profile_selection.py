@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import sys
 from pathlib import Path
 
@@ -32,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from bench.measure.latency import capture_graph  # noqa: E402
+from bench.measure.timing import time_fn  # noqa: E402
 from methods.tome import bipartite_soft_matching, merge_wavg, tome_schedule  # noqa: E402
 from methods.vispruner import vispruner_select  # noqa: E402
 
@@ -61,25 +62,9 @@ def workloads(device: str, kept: int, g: torch.Generator) -> dict:
 
 
 def graph_median_ms(fn, n: int) -> float:
-    for _ in range(3):
-        fn()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median CUDA-event time of replaying ``fn`` captured in a CUDA graph (the harness's capture and timer)."""
+    graph, _ = capture_graph(fn, warmup=3)
+    return time_fn(graph.replay, torch.device("cuda"), warmup=3, repeats=n).median_ms
 
 
 def kernel_table(fn, device: str, repeats: int) -> list[tuple[str, float, float]]:
@@ -115,8 +100,8 @@ def main() -> int:
         ap.error("--device cuda: no CUDA device here (use --device cpu for a smoke check)")
     if not 0 < args.kept < 576:
         ap.error("--kept must be in 1..575")
-    if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
+    if args.repeats < 1 or args.graph_repeats < 1:
+        ap.error("--repeats and --graph-repeats must be >= 1")
     work = workloads(args.device, args.kept, torch.Generator().manual_seed(0))
     names = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(names) - set(work))
