@@ -15,13 +15,16 @@ from triton_interp import run_triton_interpreted
 
 
 def _torch_rope(x, table, heads_first):
-    """:func:`apply_rope`'s torch formulation, forced (on CUDA ``apply_rope`` itself takes the kernel)."""
-    b, t, h, d = x.shape
-    xs = x.view(b, t, h, 2, 1, d // 2)
-    prod = xs * table.unsqueeze(2)
-    out = torch.add(prod.select(-3, 0), prod.select(-3, 1))
-    out = out.view(b, t, h, d)
-    return out.transpose(1, 2).contiguous() if heads_first else out
+    """:func:`apply_rope`'s own torch path, forced (on CUDA ``apply_rope`` takes the kernel)."""
+    from bench.models import fused
+    from bench.models.llm_pruning import apply_rope
+
+    available = fused.available
+    fused.available = lambda t: False
+    try:
+        return apply_rope(x, table, heads_first)
+    finally:
+        fused.available = available
 
 
 def _tables(t, d, dt, dev, b=1, g=None):
