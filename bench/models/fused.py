@@ -13,8 +13,8 @@ Here each is one read and one write.
   of each half are added in fp32 and rounded once, as torch's half ``mul`` and ``add`` do (fp32 opmath,
   one rounding per op). Tested equal on the GPU and under Triton's interpreter. The launch turns Triton's
   floating-point fusion off: with it, the compiler drops the round trips through the model dtype and
-  contracts multiply and add into one FMA (23% of the values of a 636 x 32 x 128 fp16 rotation then
-  differed on the H100).
+  contracts multiply and add into one FMA, and the rotation then differs from torch's on the H100
+  (``tests/test_fused_kernels.py`` fails with fusion on).
 * :func:`rms_norm` computes ``weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)`` with the same roundings as
   ``LlamaRMSNorm`` except the mean: its fp32 sum runs in the kernel's order, not in torch's reduction
   order, so the inverse RMS can differ in the last fp32 bit and an output element then by one half ulp
