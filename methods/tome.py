@@ -18,6 +18,17 @@ The merge adds the sources into their destinations with a one-hot GEMM instead o
 ``scatter_reduce`` (a float atomic add on CUDA, whose summation order changes from run to run): the same
 sums, deterministic, so the merging tower can be replayed from a CUDA graph with bit-identical output.
 
+Speed (CUDA, or Triton's interpreter, with a CLS token): a block's matching + merge is ~22 small kernels
+in torch, and at batch 1 the tower's 23 blocks are launch-bound. There the row max of the scores (CLS row
+at ``-inf``) is one Triton kernel (:func:`row_max`), the unmerged set and the sources one
+:func:`~methods.select_kernels.topk_rank`, and for fp16 / bf16 the whole ``merge_wavg`` one more
+(:func:`fused_merge_wavg`): 6 kernels a block with the metric's norm, division and the score GEMM, which
+stay torch's (their rounding decides the matches). The matches are the torch path's (tested). The fused
+merge rounds where torch rounds (``x * size``, the sum, the quotient) and adds a destination's sources in
+fp32, rounding once: the exactly rounded sum. The torch path's fp16 one-hot GEMM (cuBLAS) may round
+partial sums, so where two or more sources meet one destination the two can differ in the last bits
+(tested equal everywhere else); ToMe's own ``scatter_reduce`` adds in fp16, in a run-dependent order.
+
 This module holds the pure tensor functions and the schedule; the block loop that calls them inside
 the tower is ``bench.models.vision_merge.encode_with_merging`` (``stage = "in_vision"``).
 """
@@ -50,49 +61,201 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool) -> 
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[:, ::2], metric[:, 1::2]
     scores = a @ b.transpose(-1, -2)
-    if class_token:
-        scores[:, 0, :] = -math.inf
-    node_max, node_idx = scores.max(dim=-1)
-    if class_token and use_kernel(node_max):
+    kernel = class_token and use_kernel(scores[:, :, 0])
+    if kernel:
+        node_max, node_idx = row_max(scores, protect_first=True)
+    else:
+        if class_token:
+            scores[:, 0, :] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)
+    if kernel:
         # one launch instead of an argsort and a sort (~50 us a block at B=1 on an H100): the ``t/2 - r``
-        # smallest in index order (unmerged, as the sort below leaves them) and the ``r`` largest, ascending,
-        # reversed to ToMe's descending edge order; ties, unordered by ``argsort``, go by index
+        # smallest in index order (unmerged, as the sort below leaves them) and the ``r`` largest, ascending
+        # (reversed to ToMe's descending edge order where the torch merge needs it); ties, unordered by
+        # ``argsort``, go by index
         unm, src = topk_rank(node_max, node_max.shape[1] - r, r, largest=False)
-        unm_idx, src_idx = unm.unsqueeze(-1), src.flip(1).unsqueeze(-1)
+        unm_idx, src_idx = unm.unsqueeze(-1), None
     else:
         edge_idx = node_max.argsort(dim=-1, descending=True).unsqueeze(-1)
         unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
         if class_token:
             unm_idx = unm_idx.sort(dim=1).values
-    dst_idx = node_idx.unsqueeze(-1).gather(1, src_idx)
-    # the scatter-add of the sources into their destinations as a one-hot GEMM: ToMe's scatter_reduce
-    # is a float atomic add on CUDA, whose order (and so rounding) changes from run to run
-    one_hot = torch.zeros(metric.shape[0], t // 2, r, dtype=metric.dtype, device=metric.device)
-    one_hot.scatter_(1, dst_idx.transpose(1, 2), 1.0)
+    torch_merge: dict = {}
+
+    def prepare() -> dict:
+        # built on the torch merge's first use only: the fused merge_wavg needs none of it (4 kernels a block)
+        if not torch_merge:
+            s_idx = src.flip(1).unsqueeze(-1) if src_idx is None else src_idx
+            dst_idx = node_idx.unsqueeze(-1).gather(1, s_idx)
+            # the scatter-add of the sources into their destinations as a one-hot GEMM: ToMe's scatter_reduce
+            # is a float atomic add on CUDA, whose order (and so rounding) changes from run to run
+            one_hot = torch.zeros(metric.shape[0], t // 2, r, dtype=metric.dtype, device=metric.device)
+            one_hot.scatter_(1, dst_idx.transpose(1, 2), 1.0)
+            torch_merge.update(src_idx=s_idx, one_hot=one_hot)
+        return torch_merge
 
     def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-        src, dst = x[:, ::2], x[:, 1::2]
-        n, t1, c = src.shape
-        unm = src.gather(1, unm_idx.expand(n, t1 - r, c))
-        src = src.gather(1, src_idx.expand(n, r, c))
-        oh = one_hot.to(x.dtype)
-        dst = torch.baddbmm(dst, oh, src)
+        p = prepare()
+        src_x, dst = x[:, ::2], x[:, 1::2]
+        n, t1, c = src_x.shape
+        unm_x = src_x.gather(1, unm_idx.expand(n, t1 - r, c))
+        src_x = src_x.gather(1, p["src_idx"].expand(n, r, c))
+        oh = p["one_hot"].to(x.dtype)
+        dst = torch.baddbmm(dst, oh, src_x)
         if mode == "mean":  # scatter_reduce's "mean" counts the destination itself
             dst = dst / (1 + oh.sum(dim=2, keepdim=True))
         elif mode != "sum":
             raise ValueError(f"tome merge mode must be 'sum' or 'mean', got {mode!r}")
-        return torch.cat([unm, dst], dim=1)
+        return torch.cat([unm_x, dst], dim=1)
 
+    if kernel:  # merge_wavg's one-kernel path (fp16 / bf16), on the same picks
+        merge.wavg = lambda x, size: fused_merge_wavg(x, size, unm, src, node_idx)  # type: ignore[attr-defined]
     return merge, r
 
 
 def merge_wavg(merge: Callable, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average merge: ``(B, T, C)``, ``(B, T, 1)`` -> merged ``x`` and summed ``size``."""
+    wavg = getattr(merge, "wavg", None)
+    if wavg is not None and x.dtype in (torch.float16, torch.bfloat16) and (size is None or size.dtype == x.dtype):
+        return wavg(x, size)
     if size is None:
         size = torch.ones_like(x[..., :1])
     x = merge(x * size, mode="sum")
     size = merge(size, mode="sum")
     return x / size, size
+
+
+_KERNELS: dict = {}
+
+
+def _kernels() -> dict:
+    if not _KERNELS:
+        import triton
+        import triton.language as tl
+
+        @triton.jit(do_not_specialize=["t1", "t2"])
+        def _row_max(s_ptr, max_ptr, idx_ptr, t1, t2, PROTECT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+            # ``scores.max(dim=-1)`` of ROWS rows: the first index of the maximum, NaN above all (as torch);
+            # with PROTECT, row 0 is ToMe's CLS row set to -inf (max -inf at index 0)
+            b = tl.program_id(0).to(tl.int64)
+            rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+            cols = tl.arange(0, BLOCK)
+            ok = (rows < t1)[:, None] & (cols < t2)[None, :]
+            v = tl.load(s_ptr + b * t1 * t2 + rows[:, None].to(tl.int64) * t2 + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+            nan = ok & (v != v)
+            m = tl.max(tl.where(nan, float("-inf"), v), axis=1)
+            idx = tl.min(tl.where(ok & (v == m[:, None]), cols[None, :], BLOCK), axis=1)
+            has_nan = tl.max(nan.to(tl.int32), axis=1) > 0
+            m = tl.where(has_nan, float("nan"), m)
+            idx = tl.where(has_nan, tl.min(tl.where(nan, cols[None, :], BLOCK), axis=1), idx)
+            if PROTECT:
+                m = tl.where(rows == 0, float("-inf"), m)
+                idx = tl.where(rows == 0, 0, idx)
+            tl.store(max_ptr + b * t1 + rows, m.to(max_ptr.dtype.element_ty), mask=rows < t1)
+            tl.store(idx_ptr + b * t1 + rows, idx.to(tl.int64), mask=rows < t1)
+
+        @triton.jit(do_not_specialize=["t", "n_unm", "r", "t1"])
+        def _merge_wavg(x_ptr, s_ptr, unm_ptr, src_ptr, nidx_ptr, xo_ptr, so_ptr, t, n_unm, r, t1,
+                        C: tl.constexpr, HAS_SIZE: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr):
+            # one output row per program (a whole row of C channels: at batch 1 this is latency-bound, so
+            # few dependent loads per program): an unmerged A token (rows 0 .. n_unm-1, in unm order) or B
+            # token j plus the A sources whose best match is j, visited one by one (there are few). Rounded
+            # where torch rounds: x * size to the dtype, the fp32 sum of the sources plus the destination
+            # once (module docstring: cuBLAS may round partial sums), then the IEEE quotient
+            b = tl.program_id(0).to(tl.int64)
+            i = tl.program_id(1)
+            dt = xo_ptr.dtype.element_ty
+            t_out = n_unm + t // 2
+            cc = tl.arange(0, BC)
+            cm = cc < C
+            xb = x_ptr + b * t * C
+            ob = xo_ptr + (b * t_out + i) * C
+            if i < n_unm:
+                ra = 2 * tl.load(unm_ptr + b * n_unm + i)
+                xv = tl.load(xb + ra * C + cc, mask=cm, other=0.0).to(tl.float32)
+                if HAS_SIZE:
+                    sv = tl.load(s_ptr + b * t + ra).to(tl.float32)
+                    xv = tl.math.div_rn((xv * sv).to(dt).to(tl.float32), sv)
+                else:
+                    sv = tl.full([], 1.0, tl.float32)
+                tl.store(ob + cc, xv.to(dt), mask=cm)
+                tl.store(so_ptr + b * t_out + i, sv.to(dt))
+            else:
+                j = i - n_unm
+                rb = 2 * j + 1
+                k = tl.arange(0, RB)
+                km = k < r
+                src = tl.load(src_ptr + b * r + k, mask=km, other=0)
+                left = km & (tl.load(nidx_ptr + b * t1 + src, mask=km, other=-1) == j)
+                xv = tl.load(xb + rb * C + cc, mask=cm, other=0.0).to(tl.float32)
+                if HAS_SIZE:
+                    sd = tl.load(s_ptr + b * t + rb).to(tl.float32)
+                    xv = (xv * sd).to(dt).to(tl.float32)
+                else:
+                    sd = tl.full([], 1.0, tl.float32)
+                acc = tl.zeros([BC], tl.float32)
+                ssum = tl.full([], 0.0, tl.float32)
+                while tl.max(left.to(tl.int32), axis=0) > 0:
+                    h = tl.min(tl.where(left, k, RB), axis=0)
+                    ra = 2 * tl.sum(tl.where(k == h, src, 0), axis=0)
+                    xr = tl.load(xb + ra * C + cc, mask=cm, other=0.0).to(tl.float32)
+                    if HAS_SIZE:
+                        sr = tl.load(s_ptr + b * t + ra).to(tl.float32)
+                        xr = (xr * sr).to(dt).to(tl.float32)
+                    else:
+                        sr = tl.full([], 1.0, tl.float32)
+                    acc += xr
+                    ssum += sr
+                    left = left & (k != h)
+                stot = (ssum + sd).to(dt).to(tl.float32)
+                tl.store(ob + cc, tl.math.div_rn((acc + xv).to(dt).to(tl.float32), stot).to(dt), mask=cm)
+                tl.store(so_ptr + b * t_out + i, stot.to(dt))
+
+        _KERNELS.update(row_max=_row_max, merge_wavg=_merge_wavg, next_pow2=triton.next_power_of_2)
+    return _KERNELS
+
+
+def row_max(scores: torch.Tensor, protect_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores.max(dim=-1)`` of ``(B, T1, T2)`` scores in one Triton launch: ``(B, T1)`` values and indices.
+
+    The first index of a row's maximum (NaN counts as the maximum, as in torch); ``protect_first`` gives
+    row 0 the value ``-inf`` at index 0, as ToMe's ``scores[..., 0, :] = -inf`` does for the CLS token.
+    """
+    kern = _kernels()
+    b, t1, t2 = scores.shape
+    scores = scores.contiguous()
+    node_max = torch.empty(b, t1, dtype=scores.dtype, device=scores.device)
+    node_idx = torch.empty(b, t1, dtype=torch.long, device=scores.device)
+    block = max(16, kern["next_pow2"](t2))
+    rows = max(1, 1024 // block)  # small programs: at batch 1 more of them run side by side
+    kern["row_max"][(b, -(-t1 // rows))](scores, node_max, node_idx, t1, t2, PROTECT=protect_first, ROWS=rows, BLOCK=block, num_warps=4)
+    return node_max, node_idx
+
+
+def fused_merge_wavg(x: torch.Tensor, size: torch.Tensor | None, unm: torch.Tensor, src: torch.Tensor,
+                     node_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge_wavg` of one matching in one Triton launch (fp16 / bf16).
+
+    Parameters
+    ----------
+    x : ``(B, T, C)``; size : ``(B, T, 1)`` or ``None`` (all ones)
+    unm : ``(B, T1 - r)`` unmerged A tokens (A = even rows, ``T1 = ceil(T / 2)``), in output order
+    src : ``(B, r)`` merged A tokens (any order); node_idx : ``(B, T1)`` each A token's best B token
+
+    Returns ``(B, T - r, C)`` merged ``x`` and ``(B, T - r, 1)`` sizes, equal to the torch path's.
+    """
+    kern = _kernels()
+    b, t, c = x.shape
+    n_unm, r, t1 = unm.shape[1], src.shape[1], node_idx.shape[1]
+    t_out = n_unm + t // 2
+    x = x.contiguous()
+    xo = torch.empty(b, t_out, c, dtype=x.dtype, device=x.device)
+    so = torch.empty(b, t_out, 1, dtype=x.dtype, device=x.device)
+    sz = x if size is None else size.contiguous()  # an unused pointer when there are no sizes
+    kern["merge_wavg"][(b, t_out)](x, sz, unm.contiguous(), src.contiguous(), node_idx.contiguous(), xo, so, t, n_unm, r, t1,
+                                   C=c, HAS_SIZE=size is not None, RB=max(16, kern["next_pow2"](r)), BC=max(16, kern["next_pow2"](c)),
+                                   num_warps=4, enable_fp_fusion=False)
+    return xo, so
 
 
 def tome_schedule(n_tokens: int, n_keep: int, n_blocks: int, class_token: bool) -> list[int]:

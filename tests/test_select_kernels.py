@@ -70,27 +70,55 @@ def check_topk_rank(device: str = "cpu", big: bool = False) -> None:
 
 
 def check_tome(device: str = "cpu", big: bool = False) -> None:
-    """ToMe's matching with the kernel (unmerged set + sources from one :func:`topk_rank`) merges exactly
-    what ``argsort`` + ``sort`` did, on random keys (distinct scores) with the CLS row protected."""
+    """ToMe's matching with the kernels (row max, unmerged set + sources from one :func:`topk_rank`, the fused
+    ``merge_wavg`` for fp16 / bf16) merges what ``max`` + ``argsort`` + ``sort`` + the one-hot GEMM merge do,
+    on random keys (distinct fp32 / fp16 scores; bf16 is only checked against the exact merge on its own picks)
+    with the CLS row protected, with and without sizes.
+
+    The fused merge adds a destination's sources in fp32 and rounds once: it equals the torch merge run in
+    float64 and rounded (bit for bit), and the fp16 torch path wherever a destination has at most one source.
+    Where two or more meet, cuBLAS's fp16 one-hot GEMM may round partial sums (it does on the H100)."""
     import methods.tome as tome
 
     g = torch.Generator().manual_seed(4)
+    # row_max is scores.max(-1) (first index of a tied maximum, NaN above all) with the CLS row at -inf
+    s = (torch.randint(0, 7, (2, 40, 30), generator=g) / 6.0).to(device, torch.float16)
+    s[1, 5, 3] = float("nan")
+    m, i = tome.row_max(s, protect_first=True)
+    s[:, 0] = -math.inf
+    want = s.max(dim=-1)
+    assert torch.equal(i, want.indices) and torch.equal(m[~m.isnan()], want.values[~want.values.isnan()]) and m[1, 5].isnan()
     cfgs = [(1, 577, 64, 1024, 23), (2, 289, 64, 1024, 48), (1, 65, 64, 64, 32)] if big else [(1, 33, 8, 16, 5), (2, 20, 8, 8, 9)]
+    # bf16 on the GPU only: the interpreter truncates to bf16 instead of rounding
+    dtypes = (torch.float32, torch.float16, torch.bfloat16) if device == "cuda" else (torch.float32, torch.float16)
     for b, t, d, c, r in cfgs:
-        for dt in (torch.float32, torch.float16):
-            metric = torch.randn(b, t, d, generator=g).to(device, dt)
-            x = torch.randn(b, t, c, generator=g).to(device, dt)
-            size = torch.randint(1, 4, (b, t, 1), generator=g).to(device, dt)
-            merge, _ = tome.bipartite_soft_matching(metric, r, True)
-            out = tome.merge_wavg(merge, x, size)
-            orig = tome.use_kernel
-            tome.use_kernel = lambda s: False
-            try:
-                merge_ref, _ = tome.bipartite_soft_matching(metric, r, True)
-            finally:
-                tome.use_kernel = orig
-            ref = tome.merge_wavg(merge_ref, x, size)
-            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), (b, t, r, dt)
+        for dt in dtypes:
+            for with_size in (True, False):
+                metric = torch.randn(b, t, d, generator=g).to(device, dt)
+                x = torch.randn(b, t, c, generator=g).to(device, dt)
+                size = torch.randint(1, 4, (b, t, 1), generator=g).to(device, dt) if with_size else None
+                merge, _ = tome.bipartite_soft_matching(metric, r, True)
+                out = tome.merge_wavg(merge, x, size)
+                orig = tome.use_kernel
+                tome.use_kernel = lambda s: False
+                try:
+                    merge_ref, _ = tome.bipartite_soft_matching(metric, r, True)
+                finally:
+                    tome.use_kernel = orig
+                ref = tome.merge_wavg(merge_ref, x, size)
+                case = (b, t, r, dt, with_size)
+                if dt != torch.bfloat16:  # bf16 scores tie often: argsort leaves ties unordered, the kernel goes by index
+                    assert torch.equal(out[1], ref[1]), case  # the same matches: the same merged sizes
+                if dt == torch.float32:  # no fused merge: the torch merge on the kernels' picks
+                    assert torch.equal(out[0], ref[0]), case
+                    continue
+                xs = x if size is None else x * size
+                exact = merge(xs.double(), mode="sum").to(dt)
+                assert torch.equal(out[0], (exact.float() / out[1].float()).to(dt)), case
+                sources = merge(torch.ones_like(x[..., :1]).double(), mode="sum") - 1  # per output row
+                one = (sources <= 1).expand_as(out[0])
+                if dt != torch.bfloat16:
+                    assert torch.equal(out[0][one], ref[0][one]), case
 
 
 def check_matches_torch(device: str = "cpu", big: bool = False) -> None:
