@@ -35,6 +35,7 @@ the tower is ``bench.models.vision_merge.encode_with_merging`` (``stage = "in_vi
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -64,11 +65,6 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool) -> 
     kernel = class_token and use_kernel(scores[:, :, 0])
     if kernel:
         node_max, node_idx = row_max(scores, protect_first=True)
-    else:
-        if class_token:
-            scores[:, 0, :] = -math.inf
-        node_max, node_idx = scores.max(dim=-1)
-    if kernel:
         # one launch instead of an argsort and a sort (~50 us a block at B=1 on an H100): the ``t/2 - r``
         # smallest in index order (unmerged, as the sort below leaves them) and the ``r`` largest, ascending
         # (reversed to ToMe's descending edge order where the torch merge needs it); ties, unordered by
@@ -76,31 +72,32 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool) -> 
         unm, src = topk_rank(node_max, node_max.shape[1] - r, r, largest=False)
         unm_idx, src_idx = unm.unsqueeze(-1), None
     else:
+        if class_token:
+            scores[:, 0, :] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)
         edge_idx = node_max.argsort(dim=-1, descending=True).unsqueeze(-1)
         unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
         if class_token:
             unm_idx = unm_idx.sort(dim=1).values
-    torch_merge: dict = {}
 
-    def prepare() -> dict:
+    @functools.cache
+    def prepare() -> tuple[torch.Tensor, torch.Tensor]:
         # built on the torch merge's first use only: the fused merge_wavg needs none of it (4 kernels a block)
-        if not torch_merge:
-            s_idx = src.flip(1).unsqueeze(-1) if src_idx is None else src_idx
-            dst_idx = node_idx.unsqueeze(-1).gather(1, s_idx)
-            # the scatter-add of the sources into their destinations as a one-hot GEMM: ToMe's scatter_reduce
-            # is a float atomic add on CUDA, whose order (and so rounding) changes from run to run
-            one_hot = torch.zeros(metric.shape[0], t // 2, r, dtype=metric.dtype, device=metric.device)
-            one_hot.scatter_(1, dst_idx.transpose(1, 2), 1.0)
-            torch_merge.update(src_idx=s_idx, one_hot=one_hot)
-        return torch_merge
+        s_idx = src.flip(1).unsqueeze(-1) if src_idx is None else src_idx
+        dst_idx = node_idx.unsqueeze(-1).gather(1, s_idx)
+        # the scatter-add of the sources into their destinations as a one-hot GEMM: ToMe's scatter_reduce
+        # is a float atomic add on CUDA, whose order (and so rounding) changes from run to run
+        one_hot = torch.zeros(metric.shape[0], t // 2, r, dtype=metric.dtype, device=metric.device)
+        one_hot.scatter_(1, dst_idx.transpose(1, 2), 1.0)
+        return s_idx, one_hot
 
     def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-        p = prepare()
+        s_idx, one_hot = prepare()
         src_x, dst = x[:, ::2], x[:, 1::2]
         n, t1, c = src_x.shape
         unm_x = src_x.gather(1, unm_idx.expand(n, t1 - r, c))
-        src_x = src_x.gather(1, p["src_idx"].expand(n, r, c))
-        oh = p["one_hot"].to(x.dtype)
+        src_x = src_x.gather(1, s_idx.expand(n, r, c))
+        oh = one_hot.to(x.dtype)
         dst = torch.baddbmm(dst, oh, src_x)
         if mode == "mean":  # scatter_reduce's "mean" counts the destination itself
             dst = dst / (1 + oh.sum(dim=2, keepdim=True))
@@ -154,6 +151,21 @@ def _kernels() -> dict:
             tl.store(max_ptr + b * t1 + rows, m.to(max_ptr.dtype.element_ty), mask=rows < t1)
             tl.store(idx_ptr + b * t1 + rows, idx.to(tl.int64), mask=rows < t1)
 
+        @triton.jit
+        def _scaled_row(xb, sb, row, cc, cm, C: tl.constexpr, HAS_SIZE: tl.constexpr):
+            # row ``row`` of x times its size, rounded to x's dtype as torch's ``x * size`` (fp32 out), and
+            # the size (1 without HAS_SIZE)
+            xv = tl.load(xb + row * C + cc, mask=cm, other=0.0).to(tl.float32)
+            if HAS_SIZE:
+                sv = tl.load(sb + row).to(tl.float32)
+                xv = (xv * sv).to(xb.dtype.element_ty).to(tl.float32)
+            else:
+                sv = tl.full([], 1.0, tl.float32)
+            return xv, sv
+
+        # a @triton.jit function calls others by their name in the module's globals (closures are not seen)
+        globals()["_scaled_row"] = _scaled_row
+
         @triton.jit(do_not_specialize=["t", "n_unm", "r", "t1"])
         def _merge_wavg(x_ptr, s_ptr, unm_ptr, src_ptr, nidx_ptr, xo_ptr, so_ptr, t, n_unm, r, t1,
                         C: tl.constexpr, HAS_SIZE: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr):
@@ -169,41 +181,25 @@ def _kernels() -> dict:
             cc = tl.arange(0, BC)
             cm = cc < C
             xb = x_ptr + b * t * C
+            sb = s_ptr + b * t
             ob = xo_ptr + (b * t_out + i) * C
             if i < n_unm:
-                ra = 2 * tl.load(unm_ptr + b * n_unm + i)
-                xv = tl.load(xb + ra * C + cc, mask=cm, other=0.0).to(tl.float32)
-                if HAS_SIZE:
-                    sv = tl.load(s_ptr + b * t + ra).to(tl.float32)
-                    xv = tl.math.div_rn((xv * sv).to(dt).to(tl.float32), sv)
-                else:
-                    sv = tl.full([], 1.0, tl.float32)
-                tl.store(ob + cc, xv.to(dt), mask=cm)
+                # (x * size) / size, as torch computes it (x itself without sizes: a division by 1)
+                xv, sv = _scaled_row(xb, sb, 2 * tl.load(unm_ptr + b * n_unm + i), cc, cm, C, HAS_SIZE)
+                tl.store(ob + cc, tl.math.div_rn(xv, sv).to(dt), mask=cm)
                 tl.store(so_ptr + b * t_out + i, sv.to(dt))
             else:
                 j = i - n_unm
-                rb = 2 * j + 1
                 k = tl.arange(0, RB)
                 km = k < r
                 src = tl.load(src_ptr + b * r + k, mask=km, other=0)
                 left = km & (tl.load(nidx_ptr + b * t1 + src, mask=km, other=-1) == j)
-                xv = tl.load(xb + rb * C + cc, mask=cm, other=0.0).to(tl.float32)
-                if HAS_SIZE:
-                    sd = tl.load(s_ptr + b * t + rb).to(tl.float32)
-                    xv = (xv * sd).to(dt).to(tl.float32)
-                else:
-                    sd = tl.full([], 1.0, tl.float32)
+                xv, sd = _scaled_row(xb, sb, 2 * j + 1, cc, cm, C, HAS_SIZE)
                 acc = tl.zeros([BC], tl.float32)
                 ssum = tl.full([], 0.0, tl.float32)
                 while tl.max(left.to(tl.int32), axis=0) > 0:
                     h = tl.min(tl.where(left, k, RB), axis=0)
-                    ra = 2 * tl.sum(tl.where(k == h, src, 0), axis=0)
-                    xr = tl.load(xb + ra * C + cc, mask=cm, other=0.0).to(tl.float32)
-                    if HAS_SIZE:
-                        sr = tl.load(s_ptr + b * t + ra).to(tl.float32)
-                        xr = (xr * sr).to(dt).to(tl.float32)
-                    else:
-                        sr = tl.full([], 1.0, tl.float32)
+                    xr, sr = _scaled_row(xb, sb, 2 * tl.sum(tl.where(k == h, src, 0), axis=0), cc, cm, C, HAS_SIZE)
                     acc += xr
                     ssum += sr
                     left = left & (k != h)
