@@ -4,7 +4,7 @@
 0.3 ms batch-1 target down by kernel, on random inputs of LLaVA-1.5's shapes (576 patches, 1024-wide
 CLIP features, 64-wide head-mean keys for ToMe's metric, fp16 on CUDA):
 
-* ``vispruner``: :func:`methods.vispruner.vispruner_select` (``backend="auto"``'s choice: ``triton_scan``
+* ``vispruner``: :func:`methods.vispruner.vispruner_select` (``backend="auto"``'s choice: ``cuda``
   on CUDA, ``torch`` elsewhere), 576 -> ``--kept``;
 * ``tome``: the matching and size-weighted merge of all 23 blocks (:func:`methods.tome.bipartite_soft_matching`,
   :func:`methods.tome.merge_wavg`) on the schedule that lands on ``--kept``, each block on its own
@@ -41,7 +41,7 @@ def workloads(device: str, kept: int, g: torch.Generator) -> dict:
     dtype = torch.float16 if device == "cuda" else torch.float32
     score = torch.rand(1, 576, generator=g).to(device, dtype)
     feats = torch.randn(1, 576, 1024, generator=g).to(device, dtype)
-    backend = "triton_scan" if device == "cuda" else "torch"
+    backend = "cuda" if device == "cuda" else "torch"
 
     def vispruner():
         return vispruner_select(score, feats, kept, 0.5, 8, backend)

@@ -500,6 +500,39 @@ def test_vispruner_triton_backend_refused_on_cpu():
         m.select(torch.zeros(1, 576, 8), ctx_from(t, m.needs))
 
 
+def test_vispruner_cuda_backend_refused_on_cpu():
+    from bench.errors import ConfigError
+    from methods.vispruner import VisPruner
+
+    m = VisPruner(prune_ratio=0.9, backend="cuda")
+    t = random_extras(1, d=32, gen=gen(0))
+    with pytest.raises(ConfigError, match="backend=cuda needs CUDA"):
+        m.select(torch.zeros(1, 576, 8), ctx_from(t, m.needs))
+    assert VisPruner(prune_ratio=0.9).select(torch.zeros(1, 576, 8), ctx_from(t, m.needs)).shape == (1, 58)  # auto: torch on CPU
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        VisPruner(prune_ratio=0.9, backend="cuda_graph")
+
+
+def test_vispruner_cuda_source_compiles():
+    """The CUDA kernel of backend=cuda compiles with NVRTC (torch's own CUDA libraries) for the H100 (sm_90),
+    for every pair of similarity and score dtypes; it runs in the GPU tests below."""
+    import torch.cuda._utils as cu
+
+    from methods.vispruner import cuda_source
+
+    try:
+        cu._get_gpu_rtc_library()
+    except (OSError, RuntimeError) as e:
+        pytest.skip(f"NVRTC not loadable here: {e}")
+    floats = (torch.float16, torch.bfloat16, torch.float32)
+    for sim_dt in floats:
+        for score_dt in floats:
+            binary, name = cu._nvrtc_compile(cuda_source(sim_dt, score_dt), "vispruner_select", "90")
+            assert name == "vispruner_select" and len(binary) > 1000
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        cuda_source(torch.float64, torch.float16)
+
+
 def test_vispruner_triton_kernel_equals_torch_rounds():
     """The one-launch de-duplication kernels (gather and sorted-row scan), run by Triton's CPU interpreter, keep
     what the torch rounds keep (including fp16-rounded similarities and repeated features, where ties are common
@@ -558,7 +591,7 @@ def cuda_llava():
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("ratio", [0.6667, 0.8889])
-@pytest.mark.parametrize("name,kw", GRAPH_SAFE + [("divprune", {"backend": "triton"}), ("vispruner", {"backend": "triton"}), ("vispruner", {"backend": "triton_scan"})], ids=[n + "-" + "".join(kw.values()) for n, kw in GRAPH_SAFE] + ["divprune-triton", "vispruner-triton", "vispruner-triton_scan"])
+@pytest.mark.parametrize("name,kw", GRAPH_SAFE + [("divprune", {"backend": "triton"}), ("vispruner", {"backend": "triton"}), ("vispruner", {"backend": "triton_scan"}), ("vispruner", {"backend": "cuda"})], ids=[n + "-" + "".join(kw.values()) for n, kw in GRAPH_SAFE] + ["divprune-triton", "vispruner-triton", "vispruner-triton_scan", "vispruner-cuda"])
 def test_graph_selection_equals_eager_cuda(cuda_llava, name, kw, ratio):
     from bench.models.clip_extras import GraphedSelection, build_extras
     from methods.base import VisionContext
@@ -605,9 +638,45 @@ def test_triton_backends_equal_torch_cuda(cuda_llava):
         for keep in (192, 128, 64):
             if dtype == torch.float16:  # VisPruner's auto backend uses Triton for float16 only (see VisPruner.select)
                 assert torch.equal(vispruner_select(score, x, keep, 0.5, backend="triton"), vispruner_select(score, x, keep, 0.5, backend="torch"))
-            assert torch.equal(vispruner_select(score, x, keep, 0.5, backend="triton_scan"), vispruner_select(score, x, keep, 0.5, backend="torch"))
+            ref = vispruner_select(score, x, keep, 0.5, backend="torch")
+            assert torch.equal(vispruner_select(score, x, keep, 0.5, backend="triton_scan"), ref)
+            assert torch.equal(vispruner_select(score, x, keep, 0.5, backend="cuda"), ref)
             d = cosine_distance(x)
             assert torch.equal(greedy_maxmin_triton(d, keep), greedy_maxmin_torch(d, keep))
+
+
+@gpu
+@pytest.mark.gpu
+def test_vispruner_cuda_equals_torch_cuda():
+    """backend=cuda (one NVRTC kernel) keeps exactly what the torch rounds keep: every pair of similarity and
+    score dtypes; batches; sizes from 17 to 2880 tokens (the widest needs a shorter cached row prefix); no
+    round, every token kept, no important or no diverse token; repeated features (runs of equal
+    similarities), a zero feature (NaN similarities), tied scores and a NaN score (ranked first, as the
+    stable descending argsort does)."""
+    from methods.vispruner import vispruner_select
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cases = [(100, 30, 0.5, 1), (100, 17, 0.3, 3), (64, 40, 1.0, 2), (64, 40, 0.0, 2), (300, 40, 0.5, 2), (576, 64, 0.5, 1), (576, 64, 0.5, 16),
+             (576, 16, 0.75, 2), (576, 192, 0.5, 4), (576, 128, 0.25, 1), (1200, 116, 0.5, 2), (2880, 320, 0.5, 2), (576, 576, 0.5, 1),
+             (17, 3, 0.4, 3), (576, 1, 0.5, 2)]
+    floats = (torch.float16, torch.bfloat16, torch.float32)
+    for fdt in floats:
+        for sdt in floats:
+            for n, keep, imp, b in cases:
+                for kind in ("plain", "dup", "nan", "tie", "scorenan"):
+                    x = torch.randn(b, n, 64, device="cuda", generator=g)
+                    if kind == "dup":
+                        x = x[:, torch.randint(0, min(40, n), (n,), device="cuda", generator=g)]
+                    if kind == "nan":
+                        x[:, 5] = 0
+                    score = torch.rand(b, n, device="cuda", generator=g)
+                    if kind == "tie":
+                        score = (score * 4).floor()
+                    if kind == "scorenan":
+                        score[:, 7] = float("nan")
+                    x, score = x.to(fdt), score.to(sdt)
+                    got = vispruner_select(score, x, keep, imp, backend="cuda")
+                    assert torch.equal(got, vispruner_select(score, x, keep, imp, backend="torch")), (fdt, sdt, n, keep, imp, b, kind)
 
 
 @gpu
