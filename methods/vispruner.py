@@ -314,7 +314,7 @@ typedef unsigned int word_t;      // rank word: (key + 2^15) << 15 | (32767 - po
 #else
 typedef unsigned long long word_t; // rank word: (key + 2^31) << 32 | (2^32 - 1 - position), never 0
 #endif
-#define NT 1024
+// NT: threads per block (defined by cuda_source from _CUDA_THREADS, the launch's block size)
 // launch shape, picked on the H100 at 576 -> 64 from CH 4/8/16 and rank spreads 1/2/4
 #define CH 4                      // sorted-row entries a thread reads per pass (a multiple of 4: 16-byte loads)
 #define RANK_SPREAD 4             // rank_all gives a word at most NT / (RANK_SPREAD * m) threads
@@ -574,7 +574,7 @@ extern "C" __global__ void __launch_bounds__(NT) vispruner_select(
 }
 """
 
-#: threads per block of the CUDA kernel (``NT`` in its source)
+#: threads per block of the CUDA kernel (``NT`` in its source, defined from this)
 _CUDA_THREADS = 1024
 #: most tokens per image the CUDA path takes (its cached row entries hold 16-bit token ids)
 CUDA_MAX_N = 32767
@@ -592,6 +592,7 @@ def cuda_source(sim_dtype: torch.dtype, score_dtype: torch.dtype) -> str:
     inf = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
     defs = f"#define KEY16 {int(sim_dtype in inf)}\n#define INF_BITS {inf.get(sim_dtype, 0):#x}\n"
     defs += f"#define SCORE16 {int(score_dtype in inf)}\n#define SCORE_INF_BITS {inf.get(score_dtype, 0):#x}\n"
+    defs += f"#define NT {_CUDA_THREADS}\n"
     return defs + _CUDA_SRC
 
 
@@ -641,12 +642,12 @@ def select_cuda(score: torch.Tensor, sim: torch.Tensor, n_imp: int, n_div: int, 
     kern = _cuda_kernel(sim.device, sim.dtype, score.dtype)
     limit = torch.cuda.get_device_properties(sim.device).shared_memory_per_block_optin
     # the longest cached row prefix that fits (64 entries hold the first odd-set token of almost every row)
-    k = next((k for k in (64, 32, 16, 8, 0) if _cuda_smem(n, n_imp, sim.dtype, score.dtype, k) <= limit), None)
+    fits = ((k, _cuda_smem(n, n_imp, sim.dtype, score.dtype, k)) for k in (64, 32, 16, 8, 0))
+    k, smem = next(((k, m) for k, m in fits if m <= limit), (None, None))
     if k is None:
         raise ValueError(f"vispruner cuda: {n} tokens need more shared memory than the device has")
     vals, order = sim.sort(dim=-1, descending=True)
     out = torch.empty(b, n_imp + n_div, dtype=torch.long, device=sim.device)
-    smem = _cuda_smem(n, n_imp, sim.dtype, score.dtype, k)
     if smem > 48 * 1024:
         kern.set_shared_memory_config(smem)
     kern(grid=(b, 1, 1), block=(_CUDA_THREADS, 1, 1), args=[score.contiguous(), vals, order, out, n, n_imp, n_div, step, k],
