@@ -37,17 +37,14 @@ def _kernels() -> dict:
         import triton
         import triton.language as tl
 
-        @triton.jit(do_not_specialize=["n", "k", "extra", "s_row"])
-        def _topk_rank(s_ptr, keep_ptr, rest_ptr, val_ptr, n, k, extra, s_row,
-                       BLOCK: tl.constexpr, HALF: tl.constexpr, INF_BITS: tl.constexpr, LARGEST: tl.constexpr,
-                       VALUES: tl.constexpr):
-            # One program per row. Each score becomes an order-preserving integer key (its IEEE bits with the
-            # lower bits of negatives flipped), packed above its reversed index: sorting the packed words in
-            # descending order ranks by score, then by lower index, with no ties left to break.
-            row = tl.program_id(0).to(tl.int64)
-            offs = tl.arange(0, BLOCK)
+        @triton.jit
+        def _rank_write(x, offs, n, k, extra, keep_ptr, rest_ptr, val_ptr, row_ptr, HALF: tl.constexpr, INF_BITS: tl.constexpr,
+                        LARGEST: tl.constexpr, VALUES: tl.constexpr):
+            # Ranks one row ``x`` (``offs = arange(BLOCK)``, valid below ``n``) and writes both outputs (``row_ptr``:
+            # the row in memory, for VALUES). Each score becomes an order-preserving integer key (its IEEE bits
+            # with the lower bits of negatives flipped), packed above its reversed index: sorting the packed
+            # words in descending order ranks by score, then by lower index, with no ties left to break.
             valid = offs < n
-            x = tl.load(s_ptr + row * s_row + offs, mask=valid, other=0.0)
             # zero and NaN are told from the bits (integer tests: the interpreter's bf16 compares differ)
             if HALF:
                 bits = x.to(tl.int16, bitcast=True).to(tl.int32)
@@ -75,16 +72,30 @@ def _kernels() -> dict:
             # the ranked rest: ranks k .. k + extra - 1 in rank order
             ridx = idx_mask - (srt & idx_mask)
             rmask = (offs >= k) & (offs < k + extra)
-            tl.store(rest_ptr + row * extra + (offs - k), ridx.to(tl.int64), mask=rmask)
+            tl.store(rest_ptr + (offs - k), ridx.to(tl.int64), mask=rmask)
             if VALUES:
-                v = tl.load(s_ptr + row * s_row + ridx, mask=rmask, other=0.0)
-                tl.store(val_ptr + row * extra + (offs - k), v, mask=rmask)
+                v = tl.load(row_ptr + ridx, mask=rmask, other=0.0)
+                tl.store(val_ptr + (offs - k), v, mask=rmask)
             # the kept: every word at or above the rank-(k-1) word, written in index order
             if k > 0:
                 thr = tl.sum(tl.where(offs == k - 1, srt, 0), 0)  # the rank-(k-1) word (the only nonzero term)
                 kept = comp >= thr
                 pos = tl.cumsum(kept.to(tl.int32), 0) - 1
-                tl.store(keep_ptr + row * k + pos, offs.to(tl.int64), mask=kept)
+                tl.store(keep_ptr + pos, offs.to(tl.int64), mask=kept)
+
+        # a @triton.jit function calls others by their name in the module's globals (closures are not seen)
+        globals()["_rank_write"] = _rank_write
+
+        @triton.jit(do_not_specialize=["n", "k", "extra", "s_row"])
+        def _topk_rank(s_ptr, keep_ptr, rest_ptr, val_ptr, n, k, extra, s_row,
+                       BLOCK: tl.constexpr, HALF: tl.constexpr, INF_BITS: tl.constexpr, LARGEST: tl.constexpr,
+                       VALUES: tl.constexpr):
+            # one program per row
+            row = tl.program_id(0).to(tl.int64)
+            offs = tl.arange(0, BLOCK)
+            x = tl.load(s_ptr + row * s_row + offs, mask=offs < n, other=0.0)
+            _rank_write(x, offs, n, k, extra, keep_ptr + row * k, rest_ptr + row * extra, val_ptr + row * extra, s_ptr + row * s_row,
+                        HALF, INF_BITS, LARGEST, VALUES)
 
         @triton.jit(do_not_specialize=["m"])
         def _dpc_scores(d_ptr, den_ptr, out_ptr, m, BM: tl.constexpr, R: tl.constexpr, BF16: tl.constexpr):
@@ -124,7 +135,7 @@ def _kernels() -> dict:
         # module globals too: Triton's interpreter re-creates kernels from their source with the module's globals
         globals()["_topk_rank"] = _topk_rank
         globals()["_dpc_scores"] = _dpc_scores
-        _KERNELS.update(topk_rank=_topk_rank, dpc_scores=_dpc_scores, next_pow2=triton.next_power_of_2)
+        _KERNELS.update(topk_rank=_topk_rank, rank_write=_rank_write, dpc_scores=_dpc_scores, next_pow2=triton.next_power_of_2)
     return _KERNELS
 
 

@@ -19,11 +19,16 @@ The merge adds the sources into their destinations with a one-hot GEMM instead o
 sums, deterministic, so the merging tower can be replayed from a CUDA graph with bit-identical output.
 
 Speed (CUDA, or Triton's interpreter, with a CLS token): a block's matching + merge is ~22 small kernels
-in torch, and at batch 1 the tower's 23 blocks are launch-bound. There the row max of the scores (CLS row
-at ``-inf``) is one Triton kernel (:func:`row_max`), the unmerged set and the sources one
-:func:`~methods.select_kernels.topk_rank`, and for fp16 / bf16 the whole ``merge_wavg`` one more
-(:func:`fused_merge_wavg`): 6 kernels a block with the metric's norm, division and the score GEMM, which
-stay torch's (their rounding decides the matches). The matches are the torch path's (tested). The fused
+in torch, and at batch 1 the tower's 23 blocks are launch-bound. There a block is 4 kernels and the score
+GEMM, whose rounding decides the matches, stays cuBLAS's: the metric's normalisation is one Triton kernel
+(:func:`l2_normalize`, torch's norm and division bit for bit: the squares are summed in the order of
+ATen's reduce kernel, which :func:`torch_norm_order` finds once per device), the row max of the scores
+(CLS row at ``-inf``) and the ranking of the maxima into the unmerged set and the sources are one more
+(:func:`row_max` with ``rank``: the last program of an image to finish ranks, as
+:func:`~methods.select_kernels.topk_rank`), and for fp16 / bf16 the whole ``merge_wavg`` one more
+(:func:`fused_merge_wavg`). ``results/selection_overhead.csv`` (H100, graph replay, B=1): 0.29 / 0.29 /
+0.27 ms at 192 / 128 / 64 kept, from 0.40 / 0.38 / 0.34 ms with a separate norm, division and ranking.
+The matches are the torch path's (tested). The fused
 merge rounds where torch rounds (``x * size``, the sum, the quotient) and adds a destination's sources in
 fp32, rounding once: the exactly rounded sum. The torch path's fp16 one-hot GEMM (cuBLAS) may round
 partial sums, so where two or more sources meet one destination the two can differ in the last bits
@@ -44,7 +49,7 @@ import torch
 
 from bench.errors import ConfigError
 from methods.base import PruningMethod, VisionContext, VisualSelection
-from methods.select_kernels import topk_rank, use_kernel
+from methods.select_kernels import MAX_N, topk_rank, use_kernel
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool) -> tuple[Callable, int]:
@@ -59,17 +64,16 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool) -> 
     r = min(r, (t - protected) // 2)
     if r <= 0:
         return (lambda x, mode="mean": x), 0
-    metric = metric / metric.norm(dim=-1, keepdim=True)
+    metric = l2_normalize(metric)
     a, b = metric[:, ::2], metric[:, 1::2]
     scores = a @ b.transpose(-1, -2)
     kernel = class_token and use_kernel(scores[:, :, 0])
     if kernel:
-        node_max, node_idx = row_max(scores, protect_first=True)
-        # one launch instead of an argsort and a sort (~50 us a block at B=1 on an H100): the ``t/2 - r``
-        # smallest in index order (unmerged, as the sort below leaves them) and the ``r`` largest, ascending
-        # (reversed to ToMe's descending edge order where the torch merge needs it); ties, unordered by
-        # ``argsort``, go by index
-        unm, src = topk_rank(node_max, node_max.shape[1] - r, r, largest=False)
+        # one launch for the row maxima and their ranking instead of a max, an argsort and a sort (~50 us a
+        # block at B=1 on an H100): the ``t/2 - r`` smallest in index order (unmerged, as the sort below
+        # leaves them) and the ``r`` largest, ascending (reversed to ToMe's descending edge order where the
+        # torch merge needs it); ties, unordered by ``argsort``, go by index
+        _, node_idx, unm, src = row_max(scores, protect_first=True, rank=r)
         unm_idx, src_idx = unm.unsqueeze(-1), None
     else:
         if class_token:
@@ -130,10 +134,19 @@ def _kernels() -> dict:
         import triton
         import triton.language as tl
 
-        @triton.jit(do_not_specialize=["t1", "t2"])
-        def _row_max(s_ptr, max_ptr, idx_ptr, t1, t2, PROTECT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        from methods.select_kernels import _kernels as select_kernels
+
+        globals()["_rank_write"] = select_kernels()["rank_write"]
+
+        @triton.jit(do_not_specialize=["t1", "t2", "n_unm", "r"])
+        def _row_max(s_ptr, max_ptr, idx_ptr, cnt_ptr, unm_ptr, src_ptr, t1, t2, n_unm, r, PROTECT: tl.constexpr,
+                     ROWS: tl.constexpr, BLOCK: tl.constexpr, RANK: tl.constexpr, RB: tl.constexpr, HALF: tl.constexpr,
+                     INF_BITS: tl.constexpr):
             # ``scores.max(dim=-1)`` of ROWS rows: the first index of the maximum, NaN above all (as torch);
-            # with PROTECT, row 0 is ToMe's CLS row set to -inf (max -inf at index 0)
+            # with PROTECT, row 0 is ToMe's CLS row set to -inf (max -inf at index 0). With RANK the image's
+            # last program to finish (a counter in ``cnt_ptr``, reset by that program) ranks the T1 maxima
+            # as ``topk_rank(node_max, n_unm, r, largest=False)``: the unmerged A tokens in index order and
+            # the sources, smallest maximum first
             b = tl.program_id(0).to(tl.int64)
             rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
             cols = tl.arange(0, BLOCK)
@@ -150,6 +163,15 @@ def _kernels() -> dict:
                 idx = tl.where(rows == 0, 0, idx)
             tl.store(max_ptr + b * t1 + rows, m.to(max_ptr.dtype.element_ty), mask=rows < t1)
             tl.store(idx_ptr + b * t1 + rows, idx.to(tl.int64), mask=rows < t1)
+            if RANK:
+                tl.debug_barrier()  # every thread's stores happen before the release below
+                done = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel", scope="gpu")
+                if done == tl.num_programs(1) - 1:
+                    tl.store(cnt_ptr + b, 0)
+                    offs = tl.arange(0, RB)
+                    x = tl.load(max_ptr + b * t1 + offs, mask=offs < t1, other=0.0, cache_modifier=".cg")
+                    _rank_write(x, offs, t1, n_unm, r, unm_ptr + b * n_unm, src_ptr + b * r, src_ptr, max_ptr,  # noqa: F821
+                                HALF, INF_BITS, False, False)
 
         @triton.jit
         def _scaled_row(xb, sb, row, cc, cm, C: tl.constexpr, HAS_SIZE: tl.constexpr):
@@ -207,15 +229,106 @@ def _kernels() -> dict:
                 tl.store(ob + cc, tl.math.div_rn((acc + xv).to(dt).to(tl.float32), stot).to(dt), mask=cm)
                 tl.store(so_ptr + b * t_out + i, stot.to(dt))
 
-        _KERNELS.update(row_max=_row_max, merge_wavg=_merge_wavg, next_pow2=triton.next_power_of_2)
+        @triton.jit(do_not_specialize=["n_rows"])
+        def _l2_normalize(x_ptr, y_ptr, n_rows, D: tl.constexpr, ROWS: tl.constexpr, DESC: tl.constexpr):
+            # x / x.norm(dim=-1) for rows of D (a power of two <= 64) as torch's CUDA kernels round it: the
+            # squares summed in fp32 in the order of ATen's reduce kernel (lane l of a warp adds x[l]^2 and
+            # x[l + 32]^2, then the warp's shuffle tree: DESC pairs lanes l and l + 16 first, else l and
+            # l + 1), the IEEE square root rounded to the dtype, then each element's IEEE fp32 quotient
+            rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+            cols = tl.arange(0, D)
+            ok = (rows < n_rows)[:, None]
+            off = rows[:, None].to(tl.int64) * D + cols[None, :]
+            x = tl.load(x_ptr + off, mask=ok, other=1.0).to(tl.float32)
+            s = x * x  # exact for fp16 / bf16 inputs; fp32: the one rounding ATen's fma(x, x, 0) makes too
+            if D > 32:
+                s = tl.sum(tl.reshape(s, [ROWS, 2, 32]), axis=1)
+            L: tl.constexpr = min(D, 32)
+            for lv in tl.static_range(L.bit_length() - 1):  # a reshape into pairs and a sum of two: one add each
+                if DESC:
+                    s = tl.sum(tl.reshape(s, [ROWS, 2, (L >> lv) // 2]), axis=1)
+                else:
+                    s = tl.sum(tl.reshape(s, [ROWS, (L >> lv) // 2, 2]), axis=2)
+            dt = y_ptr.dtype.element_ty
+            nrm = tl.sqrt_rn(tl.reshape(s, [ROWS])).to(dt).to(tl.float32)
+            tl.store(y_ptr + off, tl.math.div_rn(x, nrm[:, None]).to(dt), mask=ok)
+
+        _KERNELS.update(row_max=_row_max, merge_wavg=_merge_wavg, l2_normalize=_l2_normalize, next_pow2=triton.next_power_of_2)
     return _KERNELS
 
 
-def row_max(scores: torch.Tensor, protect_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def norm_tree(x: torch.Tensor, desc: bool) -> torch.Tensor:
+    """``(M, D)`` -> ``(M,)`` float32 2-norms summed as ATen's CUDA reduce kernel sums rows of ``D`` (a power of two <= 64).
+
+    Lane ``l`` of a warp holds ``x[l]^2 + x[l + 32]^2`` (for ``D = 64``); the warp's shuffle tree then pairs
+    lanes ``l`` and ``l + 16`` first (``desc``: torch 2.13 on CUDA) or ``l`` and ``l + 1`` (torch 2.9, and
+    ROCm builds). The square root is IEEE's (float64, then rounded: exact for a float32 argument).
+    """
+    s = x.float() * x.float()
+    if s.shape[1] > 32:
+        s = s[:, :32] + s[:, 32:]
+    while s.shape[1] > 1:
+        h = s.shape[1] // 2
+        s = s[:, :h] + s[:, h:] if desc else s[:, 0::2] + s[:, 1::2]
+    return s[:, 0].double().sqrt().float()
+
+
+_NORM_ORDER: dict = {}
+
+
+def torch_norm_order(device: torch.device, d: int) -> bool | None:
+    """Which :func:`norm_tree` order ``x.norm(dim=-1)`` follows on ``device`` for rows of ``d``; ``None``: neither.
+
+    Found once per device and width by comparing torch's result on 512 random float32 rows with both
+    orders (they differ on many of them); not while a CUDA graph is being captured (nothing is cached
+    then, and the caller takes the torch path).
+    """
+    key = (str(device), d)
+    if key not in _NORM_ORDER:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return None
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(512, d, generator=g) * torch.exp2(torch.randint(-8, 9, (512, d), generator=g).float())
+        got = x.to(device).norm(dim=-1).cpu()
+        hits = [o for o in (True, False) if torch.equal(got, norm_tree(x, o))]
+        _NORM_ORDER[key] = hits[0] if hits else None  # both: the orders are one (d <= 2)
+    return _NORM_ORDER[key]
+
+
+def l2_normalize(metric: torch.Tensor) -> torch.Tensor:
+    """``metric / metric.norm(dim=-1, keepdim=True)`` for ``(B, T, D)``, bit for bit, in one Triton launch where it can.
+
+    The kernel (fp16 / bf16 / fp32, ``D`` a power of two <= 64, Triton available) sums the squares in the
+    order torch's CUDA reduce kernel does (:func:`torch_norm_order` finds which) and rounds where torch
+    rounds; elsewhere it is the torch expression itself (two kernels on CUDA).
+    """
+    d = metric.shape[-1]
+    if d > 64 or d & (d - 1) or not use_kernel(metric.reshape(-1, d)[:1]):
+        return metric / metric.norm(dim=-1, keepdim=True)
+    desc = torch_norm_order(metric.device, d)
+    if desc is None:
+        return metric / metric.norm(dim=-1, keepdim=True)
+    kern = _kernels()
+    x = metric.contiguous()
+    y = torch.empty_like(x)
+    n_rows = x.numel() // d
+    rows = max(1, 1024 // d)
+    # no fp fusion: an fma of x * x into the sum would round fp32 squares differently from ATen's adds
+    kern["l2_normalize"][(-(-n_rows // rows),)](x, y, n_rows, D=d, ROWS=rows, DESC=desc, num_warps=4, enable_fp_fusion=False)
+    return y
+
+
+def row_max(scores: torch.Tensor, protect_first: bool = False, rank: int | None = None):
     """``scores.max(dim=-1)`` of ``(B, T1, T2)`` scores in one Triton launch: ``(B, T1)`` values and indices.
 
     The first index of a row's maximum (NaN counts as the maximum, as in torch); ``protect_first`` gives
     row 0 the value ``-inf`` at index 0, as ToMe's ``scores[..., 0, :] = -inf`` does for the CLS token.
+
+    ``rank=r`` (ToMe's matching, CUDA or the interpreter) also ranks the maxima in the same launch and
+    returns ``(node_max, node_idx, unm, src)`` with ``unm, src = topk_rank(node_max, T1 - r, r,
+    largest=False)``: the last program of each image to finish ranks them (a per-device counter, so one
+    stream at a time per device). While a CUDA graph is captured before any eager call has made the
+    counters, the ranking is a second launch (:func:`~methods.select_kernels.topk_rank`).
     """
     kern = _kernels()
     b, t1, t2 = scores.shape
@@ -224,8 +337,36 @@ def row_max(scores: torch.Tensor, protect_first: bool = False) -> tuple[torch.Te
     node_idx = torch.empty(b, t1, dtype=torch.long, device=scores.device)
     block = max(16, kern["next_pow2"](t2))
     rows = max(1, 1024 // block)  # small programs: at batch 1 more of them run side by side
-    kern["row_max"][(b, -(-t1 // rows))](scores, node_max, node_idx, t1, t2, PROTECT=protect_first, ROWS=rows, BLOCK=block, num_warps=4)
-    return node_max, node_idx
+    cnt = None if rank is None or t1 > MAX_N else _counters(scores.device, b)
+    n_unm, r = (t1 - rank, rank) if cnt is not None else (1, 1)
+    unm = torch.empty(b, n_unm, dtype=torch.long, device=scores.device)
+    src = torch.empty(b, r, dtype=torch.long, device=scores.device)
+    kern["row_max"][(b, -(-t1 // rows))](scores, node_max, node_idx, node_idx if cnt is None else cnt, unm, src, t1, t2, n_unm, r,
+                                         PROTECT=protect_first, ROWS=rows, BLOCK=block, RANK=cnt is not None,
+                                         RB=max(16, kern["next_pow2"](t1)), HALF=scores.dtype != torch.float32,
+                                         INF_BITS=0x7F80 if scores.dtype == torch.bfloat16 else 0x7C00, num_warps=4)
+    if rank is None:
+        return node_max, node_idx
+    if cnt is None:
+        unm, src = topk_rank(node_max, t1 - rank, rank, largest=False)
+    return node_max, node_idx, unm, src
+
+
+_COUNTERS: dict = {}
+_COUNTER_BUFS: list = []  # every counter buffer stays alive: a captured graph keeps using the one it was captured with
+
+
+def _counters(device: torch.device, b: int) -> torch.Tensor | None:
+    """The per-device int32 counters of :func:`row_max`'s ranking (zero between launches), at least ``b`` of them."""
+    key = str(device)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < b:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = torch.zeros(max(b, 256), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+        _COUNTER_BUFS.append(buf)
+    return buf
 
 
 def fused_merge_wavg(x: torch.Tensor, size: torch.Tensor | None, unm: torch.Tensor, src: torch.Tensor,

@@ -88,6 +88,20 @@ def check_tome(device: str = "cpu", big: bool = False) -> None:
     s[:, 0] = -math.inf
     want = s.max(dim=-1)
     assert torch.equal(i, want.indices) and torch.equal(m[~m.isnan()], want.values[~want.values.isnan()]) and m[1, 5].isnan()
+    # rank=r: the last program of each image ranks the maxima in the same launch (its counter reset for the next)
+    from methods.select_kernels import topk_rank
+
+    g2 = torch.Generator().manual_seed(7)
+    for dt in (torch.float32, torch.float16):
+        for b, t1, t2, r in ((2, 40, 30, 7), (3, 300, 288, 23), (1, 9, 8, 4)):
+            for _ in range(2):
+                s = torch.randn(b, t1, t2, generator=g2).to(device, dt)
+                m, i, unm, src = tome.row_max(s, protect_first=True, rank=r)
+                m2, i2 = tome.row_max(s, protect_first=True)
+                assert torch.equal(m, m2) and torch.equal(i, i2)
+                want = topk_rank(m2, t1 - r, r, largest=False)
+                assert torch.equal(unm, want[0]) and torch.equal(src, want[1]), (dt, b, t1, r)
+    assert int(tome._counters(torch.device(device), 1).abs().sum()) == 0
     cfgs = [(1, 577, 64, 1024, 23), (2, 289, 64, 1024, 48), (1, 65, 64, 64, 32)] if big else [(1, 33, 8, 16, 5), (2, 20, 8, 8, 9)]
     # bf16 on the GPU only: the interpreter truncates to bf16 instead of rounding
     dtypes = (torch.float32, torch.float16, torch.bfloat16) if device == "cuda" else (torch.float32, torch.float16)
@@ -119,6 +133,33 @@ def check_tome(device: str = "cpu", big: bool = False) -> None:
                 one = (sources <= 1).expand_as(out[0])
                 if dt != torch.bfloat16:
                     assert torch.equal(out[0][one], ref[0][one]), case
+
+
+def check_l2_normalize(device: str = "cpu", big: bool = False) -> None:
+    """ToMe's fused ``metric / metric.norm(dim=-1)`` kernel rounds as :func:`~methods.tome.norm_tree` says, in both
+    orders (interpreter and GPU); on the GPU, :func:`~methods.tome.l2_normalize` equals torch's two kernels bit
+    for bit (fp32 / fp16 / bf16, rows spanning a wide range of magnitudes, zero rows included)."""
+    from methods import tome
+
+    g = torch.Generator().manual_seed(5)
+    kern = tome._kernels()["l2_normalize"]
+    dtypes = (torch.float32, torch.float16, torch.bfloat16) if device == "cuda" else (torch.float32, torch.float16)
+    for d in (64, 32, 8, 1):
+        for dt in dtypes:
+            n = 2000 if big else 70
+            x = (torch.randn(n, d, generator=g) * torch.exp2(torch.randint(-6, 7, (n, d), generator=g).float())).to(dt)
+            x[3] = 0  # 0 / 0: NaN, as torch
+            for desc in (True, False):
+                y = torch.empty_like(x, device=device)
+                rows = max(1, 1024 // d)
+                kern[(-(-n // rows),)](x.to(device), y, n, D=d, ROWS=rows, DESC=desc, num_warps=4, enable_fp_fusion=False)
+                nrm = tome.norm_tree(x, desc).to(dt)
+                want = (x.double() / nrm.double()[:, None]).float().to(dt)
+                assert torch.equal(y.cpu()[~want.isnan()], want[~want.isnan()]) and y[3].isnan().all(), (d, dt, desc)
+            if device == "cuda":
+                m = x.to(device).view(1, n, d)
+                assert tome.torch_norm_order(m.device, d) is not None, d
+                assert torch.equal(tome.l2_normalize(m).nan_to_num(), (m / m.norm(dim=-1, keepdim=True)).nan_to_num()), (d, dt)
 
 
 def check_matches_torch(device: str = "cpu", big: bool = False) -> None:
@@ -200,12 +241,12 @@ def check_sparsevlm(device: str = "cpu", big: bool = False) -> None:
 
 
 _IMPORT = ("import sys, torch\nsys.path.insert(0, 'tests')\ntorch.set_num_threads(2)\n"
-           "from test_select_kernels import check_topk_rank, check_matches_torch, check_sparsevlm, check_tome\n")
+           "from test_select_kernels import check_topk_rank, check_matches_torch, check_sparsevlm, check_tome, check_l2_normalize\n")
 
 
 def test_kernels_interpreted():
     pytest.importorskip("triton")
-    run_triton_interpreted(_IMPORT + "check_topk_rank()\ncheck_matches_torch()\ncheck_sparsevlm()\ncheck_tome()\nprint('ok')\n", timeout=300)
+    run_triton_interpreted(_IMPORT + "check_topk_rank()\ncheck_matches_torch()\ncheck_sparsevlm()\ncheck_tome()\ncheck_l2_normalize()\nprint('ok')\n", timeout=300)
 
 
 def test_torch_path_is_the_previous_formulation():
@@ -229,6 +270,45 @@ def test_torch_path_is_the_previous_formulation():
     higher = den[:, None, :] > den[:, :, None]
     parent = torch.where(higher, d, d.flatten(1).max(-1).values.view(2, 1, 1)).min(-1).values
     assert torch.equal(dpc_scores(d, den), parent * den)
+
+
+def test_norm_tree_is_atens_reduce_order():
+    """``norm_tree`` sums as ATen's CUDA reduce kernel does for rows of D <= 64 (Reduce.cuh, simulated lane by lane
+    in numpy float32): ``thread_reduce``'s ``vt0 = 4`` accumulators over a stride of ``blockDim.x = min(D, 32)``,
+    combined in order, then ``block_x_reduce``'s ``shfl_down`` loop (a lane past the warp reads its own value)
+    with decreasing or increasing offsets; then the IEEE square root."""
+    import numpy as np
+
+    from methods.tome import norm_tree
+
+    g = torch.Generator().manual_seed(6)
+    for d in (1, 2, 8, 32, 64):
+        x = torch.randn(64, d, generator=g) * torch.exp2(torch.randint(-8, 9, (64, d), generator=g).float())
+        xs = x.numpy()
+        for desc in (True, False):
+            lanes = min(d, 32)
+            offsets = [lanes >> k for k in range(1, lanes.bit_length())] if desc else [1 << k for k in range(lanes.bit_length() - 1)]
+            want = []
+            for row in xs:
+                vals = []
+                for lane in range(lanes):
+                    acc, idx = [np.float32(0)] * 4, lane
+                    while idx + 3 * lanes < d:
+                        acc = [acc[i] + row[idx + i * lanes] * row[idx + i * lanes] for i in range(4)]
+                        idx += 4 * lanes
+                    for i in range(4):
+                        if idx >= d:
+                            break
+                        acc[i] = acc[i] + row[idx] * row[idx]
+                        idx += lanes
+                    v = acc[0]
+                    for i in range(1, 4):
+                        v = v + acc[i]
+                    vals.append(v)
+                for off in offsets:
+                    vals = [vals[lane] + (vals[lane + off] if lane + off < lanes else vals[lane]) for lane in range(lanes)]
+                want.append(np.sqrt(vals[0]))
+            assert torch.equal(norm_tree(x, desc), torch.from_numpy(np.array(want, dtype=np.float32))), (d, desc)
 
 
 def test_loop_reference_rank_rule():
@@ -256,6 +336,7 @@ def test_kernels_cuda():
     check_topk_rank("cuda", big=True)
     check_matches_torch("cuda", big=True)
     check_sparsevlm("cuda", big=True)
+    check_l2_normalize("cuda", big=True)
     check_tome("cuda", big=True)
 
 
