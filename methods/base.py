@@ -109,6 +109,10 @@ class PruningMethod:
     #: output shapes independent of values, deterministic, ``ctx.sample_seeds`` unused (a graph would
     #: freeze it). Adapters may then replay it through :class:`CudaGraphCache`.
     graph_safe: ClassVar[bool] = False
+    #: Whether :meth:`select` reads only the shape of ``vis`` (its picks come from the extras alone). With
+    #: the default :meth:`reduce`, a CUDA-graph replay then captures the selection without the projected
+    #: features (no copy of them into the graph) and gathers them after the replay.
+    select_reads_shape_only: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         try:

@@ -315,9 +315,11 @@ typedef unsigned int word_t;      // rank word: (key + 2^15) << 15 | (32767 - po
 typedef unsigned long long word_t; // rank word: (key + 2^31) << 32 | (2^32 - 1 - position), never 0
 #endif
 // NT: threads per block (defined by cuda_source from _CUDA_THREADS, the launch's block size)
-// launch shape, picked on the H100 at 576 -> 64 from CH 4/8/16 and rank spreads 1/2/4
+// launch shape, picked on the H100 at 576 -> 64 (graph replay) from CH 4/8/16, rank spreads 1/2/4/8
+// (2: 0.02-0.05 ms faster than 4 on the same machine) and FILL 4/8/16 (within the noise)
 #define CH 4                      // sorted-row entries a thread reads per pass (a multiple of 4: 16-byte loads)
-#define RANK_SPREAD 4             // rank_all gives a word at most NT / (RANK_SPREAD * m) threads
+#define RANK_SPREAD 2             // rank_all gives a word at most NT / (RANK_SPREAD * m) threads
+#define FILL 8                    // cached entries a thread loads at once
 #define NONE 0x7fffffff
 
 // an order-preserving integer of a float's bits: -0 == +0, NaN above every number (torch's sort)
@@ -382,13 +384,20 @@ __device__ __forceinline__ int entry_key(ent_t e) {
 
 // rank of every word of words[0 .. m) among them (the count of larger words), G threads a word:
 // calls fn(i, rank) once per word (lane 0 of its group). words is padded with zeros to PAD(m)
+// log2 of the threads a work item gets: the count of k in 0..4 with (spread << k) * m <= NT (NT = 2^LOG_NT),
+// in closed form and without a division (every warp computes it every round)
+__device__ __forceinline__ int group_log2(int spread, int m) {
+  const int x = spread * m;  // (x << k) <= 2^LOG_NT  <=>  k <= LOG_NT - ceil(log2(x))
+  return x <= NT ? min(5, LOG_NT + 1 - (32 - __clz(x - 1))) : 0;
+}
+
 template <class F>
 __device__ __forceinline__ void rank_all(const word_t* words, int m, int tid, F fn) {
-  int lg = 0;
-  while (lg < 5 && (RANK_SPREAD << lg) * m <= NT) ++lg;
+  const int lg = group_log2(RANK_SPREAD, m);
   const int G = 1 << lg, lane = tid & (G - 1), mv = (m + PER_VEC - 1) / PER_VEC;
   const uint4* wv = (const uint4*)words;
   for (int base = 0; base < m * G; base += NT) {
+    if (base + (tid & ~31) >= m * G) break;  // a warp with no word left: nothing to count or shuffle
     const int i = (base + tid) >> lg;
     const word_t w = i < m ? words[i] : 0;
     int cnt = 0;
@@ -453,10 +462,25 @@ extern "C" __global__ void __launch_bounds__(NT) vispruner_select(
     }
   });
   __syncthreads();
-  for (int i = tid; i < r0 * K; i += NT) {
-    const int s = i / K, p = i - s * K;
-    const long long at = (long long)tok[s] * n + p;
-    cache[s * ks + p] = p < n ? entry(sim_key(vals[at]), (int)order[at]) : (ent_t)0;
+  const int kshift = K > 0 ? __ffs(K) - 1 : 0;  // K: a power of two (or 0)
+  // the cache fill, FILL entries a thread at a time: their global loads are all in flight together
+  // (one at a time, the fill is a chain of dependent L2 round trips)
+  for (int i0 = 0; i0 < r0 * K; i0 += NT * FILL) {
+    vbits_t v[FILL];
+    long long o[FILL];
+#pragma unroll
+    for (int u = 0; u < FILL; ++u) {
+      const int i = i0 + u * NT + tid, s = i >> kshift, p = i - (s << kshift);
+      const bool ok = i < r0 * K && p < n;
+      const long long at = ok ? (long long)tok[s] * n + p : 0;
+      v[u] = ok ? vals[at] : (vbits_t)0;
+      o[u] = ok ? order[at] : 0;
+    }
+#pragma unroll
+    for (int u = 0; u < FILL; ++u) {
+      const int i = i0 + u * NT + tid, s = i >> kshift, p = i - (s << kshift);
+      if (i < r0 * K) cache[s * ks + p] = p < n ? entry(sim_key(v[u]), (int)o[u]) : (ent_t)0;
+    }
   }
   __syncthreads();
   int length = r0, cur = 0, mark = 1;
@@ -470,10 +494,10 @@ extern "C" __global__ void __launch_bounds__(NT) vispruner_select(
     //    (the cached prefix first, then global memory for groups without a hit there). G threads per
     //    even token (a power of two <= 32: a group is inside one warp) read G * CH entries a pass; the
     //    hit with the lowest position is the one
-    int lg = 0;
-    while (lg < 5 && (2 << lg) * ne <= NT) ++lg;
+    const int lg = group_log2(2, ne);
     const int G = 1 << lg, lane = tid & (G - 1);
     for (int base = 0; base < ne * G; base += NT) {
+      if (base + (tid & ~31) >= PAD(ne) * G) break;  // a warp past the (padded) evens: no word to write
       const int i = (base + tid) >> lg;
       bool done = i >= ne;
       const int s = done ? 0 : src[2 * i];
@@ -511,6 +535,14 @@ extern "C" __global__ void __launch_bounds__(NT) vispruner_select(
             }
           }
         }
+#if KEY16
+        {  // (position, key) in one word: one shuffle a step (positions < 2^15, NONE the largest word)
+          unsigned int hk = hit == NONE ? 0xffffffffu : ((unsigned int)hit << 16) | (unsigned int)(key + 32768);
+          for (int o = 1; o < G; o <<= 1) hk = min(hk, __shfl_xor_sync(0xffffffffu, hk, o));
+          hit = hk == 0xffffffffu ? NONE : (int)(hk >> 16);
+          key = (int)(hk & 0xffffu) - 32768;
+        }
+#else
         for (int o = 1; o < G; o <<= 1) {
           const int h2 = __shfl_xor_sync(0xffffffffu, hit, o);
           const int k2 = __shfl_xor_sync(0xffffffffu, key, o);
@@ -519,6 +551,7 @@ extern "C" __global__ void __launch_bounds__(NT) vispruner_select(
             key = k2;
           }
         }
+#endif
         if (hit != NONE) done = true;
         if (__all_sync(0xffffffffu, done)) break;
         p0 += G * CH;  // a pass starts at the same position in every group of the warp
@@ -592,7 +625,7 @@ def cuda_source(sim_dtype: torch.dtype, score_dtype: torch.dtype) -> str:
     inf = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
     defs = f"#define KEY16 {int(sim_dtype in inf)}\n#define INF_BITS {inf.get(sim_dtype, 0):#x}\n"
     defs += f"#define SCORE16 {int(score_dtype in inf)}\n#define SCORE_INF_BITS {inf.get(score_dtype, 0):#x}\n"
-    defs += f"#define NT {_CUDA_THREADS}\n"
+    defs += f"#define NT {_CUDA_THREADS}\n#define LOG_NT {_CUDA_THREADS.bit_length() - 1}\n"
     return defs + _CUDA_SRC
 
 
@@ -704,6 +737,7 @@ class VisPruner(PruningMethod):
 
     requires_cls: ClassVar[bool] = True
     graph_safe: ClassVar[bool] = True
+    select_reads_shape_only: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -611,6 +611,8 @@ def test_graph_selection_equals_eager_cuda(cuda_llava, name, kw, ratio):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         graphed = GraphedSelection(model, m, (24, 24), True)
+        # VisPruner picks from the tower's states alone: its graph holds the selection, the gather follows it
+        assert graphed.select_only == (name == "vispruner" and m.prune_ratio > 0)
         for _ in range(2):  # capture, then a plain replay
             got = graphed(feats, hidden)
             assert torch.equal(got.features, ref.features)

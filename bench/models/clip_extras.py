@@ -181,15 +181,23 @@ class GraphedSelection:
     shapes, ``ctx.sample_seeds`` unused). The graph's inputs are the projected features and only the
     hidden states the method's extras read (:func:`hidden_indices`); outputs are bit-identical to
     ``method.reduce(feats, VisionContext(..., build_extras(model, hidden_states, method.needs)))``.
+    A method whose ``select`` reads only the features' shape (``select_reads_shape_only``) and that
+    keeps the default ``reduce`` has only its selection in the graph (``select_only``); the features
+    are gathered after the replay, as ``reduce`` gathers them.
     """
 
     def __init__(self, model, method, grid: tuple[int, int], has_cls: bool) -> None:
-        from methods.base import CudaGraphCache, VisionContext
+        from methods.base import CudaGraphCache, PruningMethod, VisionContext
 
         if not method.graph_safe:
             raise ValueError(f"method {method.name!r} is not CUDA-graph safe")
         self.method = method
         self.index = hidden_indices(model, method.needs)
+        # picks from the extras alone, gathered by the default reduce: the graph needs no features (a copy
+        # of all of them into its static input saved), and the gather runs after the replay
+        self.select_only = (method.select_reads_shape_only and type(method).reduce is PruningMethod.reduce
+                            and method.prune_ratio > 0)
+        n = self.n_tokens = grid[0] * grid[1]
 
         def fn(feats, *hs):
             hidden = dict(zip(self.index, hs))
@@ -197,10 +205,23 @@ class GraphedSelection:
             sel = method.reduce(feats, ctx)
             return sel.features, sel.kept_index, sel.n_kept
 
-        self.cache = CudaGraphCache(fn)
+        def select(*hs):
+            hidden = dict(zip(self.index, hs))
+            b = hs[0].shape[0]
+            ctx = VisionContext(grid, has_cls, torch.zeros(b, dtype=torch.long), build_extras(model, hidden, method.needs))
+            return method.select(hs[0].new_empty(b, n, 0), ctx)  # the shape of the features, no values
+
+        self.cache = CudaGraphCache(select if self.select_only else fn)
 
     def __call__(self, feats: torch.Tensor, hidden_states):
         from methods.base import VisualSelection
 
-        f, k, n = self.cache(feats, *[hidden_states[i] for i in self.index])
+        hs = [hidden_states[i] for i in self.index]
+        if self.select_only:
+            if feats.shape[1] != self.n_tokens:
+                raise ValueError(f"{self.method.name}: {feats.shape[1]} features for a grid of {self.n_tokens} patches")
+            idx = self.cache(*hs)
+            f = feats.gather(1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+            return VisualSelection(f, idx, torch.full((feats.shape[0],), idx.shape[1], dtype=torch.long))
+        f, k, n = self.cache(feats, *hs)
         return VisualSelection(f, k, n)
