@@ -20,9 +20,9 @@ the host and the selection is CUDA-graph capturable. ``backend="auto"`` is ``cud
 similarity GEMM and one torch sort of its rows, the whole selection (the score ranking, all rounds, the
 sorted kept set) is one CUDA kernel compiled with NVRTC (:func:`select_cuda`; one block per image, the
 list and the first entries of every sorted row in shared memory, two block barriers a round).
-``results/selection_overhead.csv`` (H100, graph replay, B=1, extras + reduce): 0.275 / 0.305 / 0.321 ms
-at 192 / 128 / 64 kept, against 0.867 / 0.926 / 1.607 ms for ``triton_scan``; at 576 -> 64 the kernel is
-184 us of the selection's 218 us of device time (``results/profile_selection_h100.csv``), about 3 us for
+``results/selection_overhead.csv`` (H100, graph replay, B=1, extras + reduce): 0.248 / 0.276 / 0.293 ms
+at 192 / 128 / 64 kept, against 0.835 / 0.996 / 1.579 ms for ``triton_scan``; at 576 -> 64 the kernel is
+166 us of the selection's 199 us of device time (``results/profile_selection_h100.csv``), about 2.6 us for
 each of the 64 rounds. ``backend="triton_scan"`` / ``"triton"`` run the rounds in one Triton launch each
 (the list in global memory: a chain of dependent L2 round trips per round, slower); ``"torch"`` runs them
 as a few batched kernels each, 4 kernels a round. Every backend keeps the same tokens (tested).

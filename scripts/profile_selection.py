@@ -1,7 +1,7 @@
 """Where a vision-side selection's time goes: per-kernel table of VisPruner's and ToMe's selection (issue 4).
 
-``scripts/bench_selection.py`` times whole selections; this script breaks the two that miss the
-0.3 ms batch-1 target down by kernel, on random inputs of LLaVA-1.5's shapes (576 patches, 1024-wide
+``scripts/bench_selection.py`` times whole selections; this script breaks the two slowest (the last
+two to meet the 0.3 ms batch-1 target) down by kernel, on random inputs of LLaVA-1.5's shapes (576 patches, 1024-wide
 CLIP features, 64-wide head-mean keys for ToMe's metric, fp16 on CUDA):
 
 * ``vispruner``: :func:`methods.vispruner.vispruner_select` (``backend="auto"``'s choice: ``cuda``
