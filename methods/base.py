@@ -80,6 +80,12 @@ class VisualSelection:
     n_kept: torch.Tensor
 
 
+def gather_selection(vis: torch.Tensor, idx: torch.Tensor) -> VisualSelection:
+    """The default :meth:`PruningMethod.reduce` on given picks: ``(B, N, D)`` features, ``(B, K)`` indices."""
+    feats = vis.gather(1, idx.unsqueeze(-1).expand(-1, -1, vis.shape[-1]))
+    return VisualSelection(feats, idx, torch.full((vis.shape[0],), idx.shape[1], dtype=torch.long))
+
+
 @dataclass
 class PruningMethod:
     """Base class of every pruning method.
@@ -167,9 +173,7 @@ class PruningMethod:
         if self.prune_ratio == 0.0:
             idx = torch.arange(n, device=vis.device).expand(b, n)
             return VisualSelection(vis, idx, torch.full((b,), n, dtype=torch.long))
-        idx = self.select(vis, ctx)
-        feats = vis.gather(1, idx.unsqueeze(-1).expand(-1, -1, vis.shape[-1]))
-        return VisualSelection(feats, idx, torch.full((b,), idx.shape[1], dtype=torch.long))
+        return gather_selection(vis, self.select(vis, ctx))
 
     def describe(self) -> dict[str, Any]:
         """Settings that identify this method's behaviour (go into records and lmms-eval ``model_args``)."""

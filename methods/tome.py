@@ -308,13 +308,18 @@ def l2_normalize(metric: torch.Tensor) -> torch.Tensor:
     desc = torch_norm_order(metric.device, d)
     if desc is None:
         return metric / metric.norm(dim=-1, keepdim=True)
-    kern = _kernels()
-    x = metric.contiguous()
+    return normalize_kernel(metric, desc)
+
+
+def normalize_kernel(x: torch.Tensor, desc: bool) -> torch.Tensor:
+    """:func:`l2_normalize`'s Triton kernel on ``(..., D)`` rows, summing the squares in :func:`norm_tree`'s ``desc`` order."""
+    d = x.shape[-1]
+    x = x.contiguous()
     y = torch.empty_like(x)
     n_rows = x.numel() // d
     rows = max(1, 1024 // d)
     # no fp fusion: an fma of x * x into the sum would round fp32 squares differently from ATen's adds
-    kern["l2_normalize"][(-(-n_rows // rows),)](x, y, n_rows, D=d, ROWS=rows, DESC=desc, num_warps=4, enable_fp_fusion=False)
+    _kernels()["l2_normalize"][(-(-n_rows // rows),)](x, y, n_rows, D=d, ROWS=rows, DESC=desc, num_warps=4, enable_fp_fusion=False)
     return y
 
 

@@ -382,8 +382,6 @@ __device__ __forceinline__ int entry_key(ent_t e) {
 #define PER_VEC (16 / (int)sizeof(word_t))  // rank words per 16-byte shared load
 #define PAD(m) (((m) + PER_VEC - 1) / PER_VEC * PER_VEC)
 
-// rank of every word of words[0 .. m) among them (the count of larger words), G threads a word:
-// calls fn(i, rank) once per word (lane 0 of its group). words is padded with zeros to PAD(m)
 // log2 of the threads a work item gets: the count of k in 0..4 with (spread << k) * m <= NT (NT = 2^LOG_NT),
 // in closed form and without a division (every warp computes it every round)
 __device__ __forceinline__ int group_log2(int spread, int m) {
@@ -391,6 +389,8 @@ __device__ __forceinline__ int group_log2(int spread, int m) {
   return x <= NT ? min(5, LOG_NT + 1 - (32 - __clz(x - 1))) : 0;
 }
 
+// rank of every word of words[0 .. m) among them (the count of larger words), G threads a word:
+// calls fn(i, rank) once per word (lane 0 of its group). words is padded with zeros to PAD(m)
 template <class F>
 __device__ __forceinline__ void rank_all(const word_t* words, int m, int tid, F fn) {
   const int lg = group_log2(RANK_SPREAD, m);

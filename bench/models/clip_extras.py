@@ -196,32 +196,29 @@ class GraphedSelection:
         # picks from the extras alone, gathered by the default reduce: the graph needs no features (a copy
         # of all of them into its static input saved), and the gather runs after the replay
         self.select_only = (method.select_reads_shape_only and type(method).reduce is PruningMethod.reduce
-                            and method.prune_ratio > 0)
+                            and method.prune_ratio > 0 and bool(self.index))
         n = self.n_tokens = grid[0] * grid[1]
 
+        def context(b, hs):
+            return VisionContext(grid, has_cls, torch.zeros(b, dtype=torch.long), build_extras(model, dict(zip(self.index, hs)), method.needs))
+
         def fn(feats, *hs):
-            hidden = dict(zip(self.index, hs))
-            ctx = VisionContext(grid, has_cls, torch.zeros(feats.shape[0], dtype=torch.long), build_extras(model, hidden, method.needs))
-            sel = method.reduce(feats, ctx)
+            sel = method.reduce(feats, context(feats.shape[0], hs))
             return sel.features, sel.kept_index, sel.n_kept
 
-        def select(*hs):
-            hidden = dict(zip(self.index, hs))
+        def select(*hs):  # the features' shape, no values (select_only: hs is never empty)
             b = hs[0].shape[0]
-            ctx = VisionContext(grid, has_cls, torch.zeros(b, dtype=torch.long), build_extras(model, hidden, method.needs))
-            return method.select(hs[0].new_empty(b, n, 0), ctx)  # the shape of the features, no values
+            return method.select(hs[0].new_empty(b, n, 0), context(b, hs))
 
         self.cache = CudaGraphCache(select if self.select_only else fn)
 
     def __call__(self, feats: torch.Tensor, hidden_states):
-        from methods.base import VisualSelection
+        from methods.base import VisualSelection, gather_selection
 
         hs = [hidden_states[i] for i in self.index]
         if self.select_only:
             if feats.shape[1] != self.n_tokens:
                 raise ValueError(f"{self.method.name}: {feats.shape[1]} features for a grid of {self.n_tokens} patches")
-            idx = self.cache(*hs)
-            f = feats.gather(1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
-            return VisualSelection(f, idx, torch.full((feats.shape[0],), idx.shape[1], dtype=torch.long))
+            return gather_selection(feats, self.cache(*hs))
         f, k, n = self.cache(feats, *hs)
         return VisualSelection(f, k, n)
