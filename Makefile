@@ -3,38 +3,54 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
-# torch + torchvision are installed as a matching pair first: PyPI's torchvision breaks
-# `import lmms_eval` beside a CPU-only torch build (see docs/footguns.md).
-# On x86_64 that pair is a CUDA build (~7 GB in .venv with its nvidia-* wheels), so the set-up checks
-# the free space first and says so, rather than letting pip die halfway with "No space left on device".
-ifeq ($(shell uname -m),aarch64)
-TORCH_PINS := torch==2.9.1 torchvision==0.24.1
+# The environment is locked: one lock per machine type, every distribution pinned with its hashes,
+# generated from pyproject.toml's ranges + requirements/constraints.txt by `make lock` (uv).
+# The locks are for CPython 3.11 (the CI machine's python3); PYTHON=python3.11 picks another binary.
+PYTHON ?= python3
+LOCK_PY := 3.11
+ARCH := $(shell uname -m)
+LOCK := requirements/lock-$(ARCH).txt
+UV_VERSION := 0.13.9
+# uv lives in its own tools venv, so that .venv holds exactly the lock.
+UV := .cache/tools/bin/uv
+STAMP := $(VENV)/.installed-$(shell cat $(LOCK) pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
+# x86_64's torch is a CUDA build (~7 GB in .venv with its nvidia-* wheels), so the set-up checks the
+# free space first and says so, rather than letting pip die halfway with "No space left on device".
+ifeq ($(ARCH),aarch64)
 MIN_FREE_GB ?= 3
 else
-TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 MIN_FREE_GB ?= 8
 endif
 
-.PHONY: help install slurm-deps demo test test-gpu leaderboard list clean-venv
+.PHONY: help install lock slurm-deps demo test check test-gpu leaderboard list clean-venv
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+$(STAMP): pyproject.toml $(LOCK)
+	@test -f $(LOCK) || { echo "error: no lock for this machine type ($(ARCH)): $(LOCK). Locks exist for x86_64 and aarch64." >&2; exit 2; }
+	@test -x $(PY) || $(PYTHON) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; sys.exit(0 if v == "$(LOCK_PY)" else "error: the lock is for Python $(LOCK_PY); $(PYTHON) is " + v + ". Run make PYTHON=python$(LOCK_PY) <target>, or install the package with its ranges: pip install -e .")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c 'import torch' 2>/dev/null || { \
 	  free=$$(df -Pk $(VENV) | awk 'NR==2 {print int($$4 / 1048576)}'); \
 	  [ "$$free" -ge $(MIN_FREE_GB) ] || { \
-	    echo "error: installing $(TORCH_PINS) into $(VENV) needs about $(MIN_FREE_GB) GB free; $$free GB free there." >&2; \
+	    echo "error: installing the locked environment into $(VENV) needs about $(MIN_FREE_GB) GB free; $$free GB free there." >&2; \
 	    echo "       Free some space, or put the environment elsewhere: make VENV=/path/with/space <target>" >&2; exit 1; }; }
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -c "import lmms_eval, transformers, hydra, torch; print('environment ok: torch', torch.__version__, 'transformers', transformers.__version__)"
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
+	$(PY) -c "import lmms_eval, transformers, hydra, torch; print('environment ok (locked): torch', torch.__version__, 'transformers', transformers.__version__)"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install the project (idempotent)
+install: $(STAMP) ## create .venv with exactly the lock, then the project itself (idempotent)
+
+lock: ## regenerate requirements/lock-{x86_64,aarch64}.txt from pyproject.toml (needs PyPI)
+	test -x $(UV) || { $(PYTHON) -m venv .cache/tools && .cache/tools/bin/pip install -q uv==$(UV_VERSION); }
+	for arch in x86_64 aarch64; do \
+	  $(UV) pip compile -q pyproject.toml requirements/build.in --extra test --generate-hashes \
+	    --python-version $(LOCK_PY) --python-platform $$arch-manylinux_2_28 -c requirements/constraints.txt \
+	    --custom-compile-command 'make lock' -o requirements/lock-$$arch.txt || exit 1; \
+	done
 
 # The default job runs the full SynthVQA test split (1000 questions). The sweep over every method x
 # 0.5/0.75/0.9 uses the first 100 questions (types are interleaved, so 20 per type) to finish in
@@ -85,6 +101,9 @@ slurm-deps: ## install Debian's slurm-wlm and munge if missing (for the Slurm te
 
 test: install slurm-deps ## run every test that needs no GPU (GPU tests skip themselves), the real-Slurm sweep included
 	$(PY) -m pytest
+
+check: install ## fast tier for the edit-test loop: unit and config tests (no lmms-eval end-to-end runs, no Slurm), < 3 min
+	$(PY) -m pytest -m "not slow and not gpu" -q
 
 test-gpu: install ## run the GPU-marked tests (needs CUDA)
 	$(PY) -m pytest -m gpu

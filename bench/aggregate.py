@@ -32,6 +32,9 @@ COLUMNS: dict[str, str] = {
     "device": "where efficiency was measured",
     "n_samples": "samples evaluated (smaller than the split when benchmark.limit was set)",
     "run_id": "run id (results/runs/<run_id>/record.json)",
+    "env": "digest of the installed Python distributions the row was measured under (provenance.env_digest; "
+    "'unrecorded' for records older than that field): rows of one model and benchmark with different values "
+    "were measured under different environments",
 }
 
 
@@ -66,6 +69,7 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
                 "device": eff.get("device"),
                 "n_samples": r.get("n_samples"),
                 "run_id": r["run_id"],
+                "env": ((r.get("provenance") or {}).get("env_digest") or "unrecorded")[:8],
                 "_acc": bool(r.get("accuracy_measured")),
                 "_full": r.get("limit") is None,
                 # per-sample efficiency columns come from a batch-1 measurement when there is one
@@ -131,14 +135,27 @@ def aggregate(results_dir: str | Path = "results", quiet: bool = False, reports:
         log_summary(tables, written["plots"], wandb, group=wandb.get("group"))
     if not quiet:
         print(format_table(df))
+        for line in mixed_environments(df):
+            print(f"[bench] note: {line}")
         print(f"\n[bench] {len(df)} rows from {len(pairs)} records -> {results_dir / 'leaderboard.csv'}")
         if written["tables"] or written["plots"]:
             print(f"[bench] {len(written['tables'])} tables under {results_dir}/leaderboards and {results_dir}/tables, {len(written['plots'])} plots under {results_dir}/plots")
     return df
 
 
+def mixed_environments(df: pd.DataFrame) -> list[str]:
+    """One line per model x benchmark whose rows were measured under more than one environment."""
+    out = []
+    for (model, bench), g in df.groupby(["model", "benchmark"], sort=True):
+        envs = sorted(set(g["env"]))
+        if len(envs) > 1:
+            counts = ", ".join(f"{e} ({int((g['env'] == e).sum())} rows)" for e in envs)
+            out.append(f"{model} / {bench}: rows measured under {len(envs)} environments: {counts} (column env)")
+    return out
+
+
 def format_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "(no completed runs yet: python -m bench run)"
-    show = df.drop(columns=["run_id"]).copy()
+    show = df.drop(columns=["run_id", "env"] if df["env"].nunique() <= 1 else ["run_id"]).copy()
     return show.to_string(index=False, na_rep="-", float_format=lambda x: f"{x:.4g}")

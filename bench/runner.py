@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from bench import environment
 from bench.errors import BenchError, ConfigError, CorruptFileError
 from bench.records import canonicalize, read_record, run_dir, run_id, write_json, write_jsonl, write_yaml
 from bench.schema import SCHEMA_VERSION
@@ -124,6 +125,25 @@ def task_manager(bcfg: dict[str, Any]):
     return TaskManager(verbosity="ERROR")
 
 
+#: what ``git_dirty`` looks at: the code and settings that decide a run's result
+RESULT_DECIDING_PATHS = ("bench", "methods", "conf", "pyproject.toml", "requirements")
+
+
+def git_state(root: Path) -> tuple[str | None, bool | None]:
+    """``(HEAD commit, dirty)`` of the checkout at ``root``; ``dirty`` looks only at uncommitted changes to
+    :data:`RESULT_DECIDING_PATHS` (results/, rewritten by every run, and docs never count).
+    ``(None, None)`` outside a git checkout (an installed wheel)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        except Exception:  # noqa: BLE001
+            return None
+
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", *RESULT_DECIDING_PATHS)
+    return git("rev-parse", "HEAD"), None if dirty is None else bool(dirty)
+
+
 def provenance(cfg: dict[str, Any], adapter, fingerprints: dict[str, str], batch_size: int | None = None) -> dict[str, Any]:
     """``batch_size``: the evaluation batch actually used (``benchmark.batch_size=auto`` resolved)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -134,18 +154,13 @@ def provenance(cfg: dict[str, Any], adapter, fingerprints: dict[str, str], batch
         except PackageNotFoundError:
             return None
 
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        except Exception:  # noqa: BLE001 - not a git checkout (e.g. an installed wheel)
-            return None
-
-    dirty = git("status", "--porcelain", "--untracked-files=no")
     setting = cfg["benchmark"]["batch_size"]  # an int, or "auto" (unresolved when no evaluation ran)
+    sha, dirty = git_state(REPO_ROOT)
     return {
-        "git_sha": git("rev-parse", "HEAD"),
-        "git_dirty": None if dirty is None else bool(dirty),
+        "git_sha": sha,
+        "git_dirty": dirty,
         "versions": {"torch": torch.__version__, "transformers": ver("transformers"), "lmms_eval": ver("lmms_eval"), "python": platform.python_version()},
+        **environment.summary(),
         "dtype": str(adapter.dtype).replace("torch.", ""),
         "attn_implementation": adapter.attn_implementation,
         "batch_size": batch_size if batch_size is not None else (setting if isinstance(setting, int) else None),
@@ -601,8 +616,28 @@ def verify_run(cfg: dict[str, Any], adapter, method, rid: str, rdir: Path, exist
         parts += [f"{k}: recorded {metrics[k]['recorded']}, now {metrics[k]['now']}" for k in changed]
         line = "; ".join(parts)
         print(head + "NOT reproduced: " + line)
+        env_diff = environment_difference(existing)
+        if env_diff is None:
+            print("[bench]   the record names no installed distributions (recorded before environments were recorded)")
+        elif env_diff:
+            print(f"[bench]   the environment differs from the record's in {len(env_diff)} package(s):")
+            for d in env_diff[:40]:
+                print(f"[bench]     {d}")
+            if len(env_diff) > 40:
+                print(f"[bench]     ... and {len(env_diff) - 40} more")
+        else:
+            print("[bench]   the installed distributions are the record's: the difference is not the Python environment")
         VERIFY_MISMATCHES.append(f"{rid}: {line}")
-    return {"run_id": rid, "reproduced": ok, "answers": len(old), "differ": differ, "metrics": metrics}
+    return {"run_id": rid, "reproduced": ok, "answers": len(old), "differ": differ, "metrics": metrics,
+            "environment_differs": None if ok else environment_difference(existing)}
+
+
+def environment_difference(record: dict[str, Any]) -> list[str] | None:
+    """``name: recorded -> installed`` per differing distribution; None if the record lists none."""
+    recorded = (record.get("provenance") or {}).get("distributions")
+    if not isinstance(recorded, dict):
+        return None
+    return environment.compare(recorded, environment.installed())
 
 
 def _sink(record: dict[str, Any], cfg: dict[str, Any]) -> None:

@@ -44,8 +44,12 @@ class Efficiency(TypedDict):
 
 class Provenance(TypedDict):
     git_sha: str | None  # commit of the harness that produced the record
-    git_dirty: bool | None  # uncommitted changes to tracked files at run time
+    git_dirty: bool | None  # uncommitted changes at run time to the code that decides results (bench/, methods/, conf/, pyproject.toml, requirements/)
     versions: dict[str, str | None]  # torch, transformers, lmms_eval, python
+    lock_file: str | None  # the lock this machine type installs (requirements/lock-<machine>.txt); null outside a checkout
+    lock_digest: str | None  # sha256 (16 hex) of that lock file
+    env_digest: str  # sha256 (16 hex) of the sorted name==version lines of `distributions`
+    distributions: dict[str, str]  # every installed distribution (normalized name -> version), the project and pip excluded
     dtype: str  # model dtype
     attn_implementation: str  # attention backend of the LLM and vision tower
     batch_size: int | None  # batch size the accuracy pass ran at; without an accuracy pass, the configured integer (null for "auto")

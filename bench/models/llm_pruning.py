@@ -345,7 +345,10 @@ class _Runner:
         else:
             b, q = emb.shape[:2]
             device = emb.device
+        # transformers <= 5.24 names the KV cache `past_key_values`; 5.25 passes it as `cache`.
         cache = kwargs.get("past_key_values")
+        if cache is None:
+            cache = kwargs.get("cache")
         past = int(cache.get_seq_length()) if cache is not None else 0
         mask2d = kwargs.get("attention_mask")
         if mask2d is not None and mask2d.dim() != 2:
