@@ -22,7 +22,7 @@ else
 MIN_FREE_GB ?= 8
 endif
 
-.PHONY: help install lock slurm-deps demo test check test-gpu leaderboard list clean-venv
+.PHONY: help install lock slurm-deps browser-deps demo test check test-gpu leaderboard list clean-venv
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -99,7 +99,14 @@ slurm-deps: ## install Debian's slurm-wlm and munge if missing (for the Slurm te
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null && echo "installed $$(slurmctld -V)"; \
 	else echo "warning: cannot install slurm-wlm/munge (not root or no apt-get); the Slurm test will fail with the reason"; fi
 
-test: install slurm-deps ## run every test that needs no GPU (GPU tests skip themselves), the real-Slurm sweep included
+# The site's browser tests drive Debian's chromium through playwright (which never downloads a browser).
+browser-deps: ## install Debian's chromium if missing (for the leaderboard site's browser tests)
+	@if command -v chromium >/dev/null; then echo "chromium present: $$(chromium --version 2>/dev/null)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null && echo "installed $$(chromium --version 2>/dev/null)"; \
+	else echo "warning: cannot install chromium (not root or no apt-get); the browser tests will fail with the reason"; fi
+
+test: install slurm-deps browser-deps ## run every test that needs no GPU (GPU tests skip themselves), the real-Slurm sweep included
 	$(PY) -m pytest
 
 check: install ## fast tier for the edit-test loop: unit and config tests (no lmms-eval end-to-end runs, no Slurm), < 3 min
