@@ -801,6 +801,14 @@ def evaluate(args, out_dir, device, log):
 
 
 # ---------------------------------------------------------------------------------------------- output
+def _card_example() -> list[str]:
+    """SynthVQA test document 0's question and answer, quoted in the card (tests/test_tiny_llava.py asks it)."""
+    from bench.synthvqa.data import load_test
+
+    doc = load_test()[0]
+    return [doc["question"], doc["answer"]]
+
+
 def write_card(out_dir: Path, m: dict):
     acc = m["accuracy"]
     lines = [
@@ -811,7 +819,9 @@ def write_card(out_dir: Path, m: dict):
         "projector, Llama LM, word-level tokenizer), trained by tokenprune-bench on SynthVQA so that the",
         "harness measures real accuracy losses from visual-token pruning on a CPU, offline.",
         "Load it like llava-hf/llava-1.5-7b-hf: `LlavaForConditionalGeneration.from_pretrained(path)`,",
-        "`AutoProcessor.from_pretrained(path)`; prompt `USER: <image>\\n{question} ASSISTANT:`.",
+        "`AutoProcessor.from_pretrained(path)`; prompt `USER: <image>\\n{question}" + POST_PROMPT.replace("\n", "\\n") + " ASSISTANT:`",
+        "(the format it was trained and is evaluated with; without the post-prompt it answers \"1\" to almost everything).",
+        f"Example (SynthVQA test document 0): `{{question}}` = `{m['example'][0]}`, answer `{m['example'][1]}`.",
         "",
         "## Training",
         "",
@@ -1098,6 +1108,7 @@ def main(argv=None):
         "pruned": pruned,
         "pruned_tokens": ntok,
         "random_r0.9_gap_points": 100 * (acc["overall"] - pruned["random_r0.9"]["overall"]),
+        "example": _card_example(),
     }
     (args.out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_card(args.out, metrics)

@@ -261,3 +261,30 @@ def test_training_script_refuses_bad_question_mix(argv, message, tmp_path, capsy
         tt.main(["--out", str(tmp_path / "o"), "--device", "cpu", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_model_card_prompt_answers_its_example():
+    """The card's prompt is the format the model was trained with: filled with the card's example question
+    (and with the first test questions), the model answers correctly."""
+    import re
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from bench.synthvqa.data import load_test
+    from bench.tiny_llava import first_word
+
+    card = (TINY_LLAVA_PATH / "MODEL_CARD.md").read_text()
+    template = re.search(r"prompt `(USER: <image>[^`]*ASSISTANT:)`", card).group(1).replace("\\n", "\n")
+    question, answer = re.search(r"`\{question\}` = `([^`]+)`, answer `([^`]+)`", card).groups()
+    docs = load_test()[:12]
+    assert (docs[0]["question"], docs[0]["answer"]) == (question, answer)
+    model = LlavaForConditionalGeneration.from_pretrained(TINY_LLAVA_PATH).eval()
+    proc = AutoProcessor.from_pretrained(TINY_LLAVA_PATH)
+    right = []
+    for d in docs:
+        inputs = proc(images=[d["image"]], text=[template.replace("{question}", d["question"])], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        right.append(first_word(proc.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)) == d["answer"])
+    assert right[0], "the card's example question is answered wrongly with the card's prompt"
+    assert sum(right) >= 10, f"only {sum(right)}/12 test questions answered right with the card's prompt"
