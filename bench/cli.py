@@ -41,11 +41,19 @@ sweeps on Slurm:            python -m bench run -m +sweep=paper_table hydra/laun
 
 
 def choices(group: str) -> list[str]:
+    if group == "method":  # the one registry of methods (checks each YAML against its module)
+        from methods import registry
+
+        return registry.names()
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def describe(group: str, name: str) -> str:
     """First comment line of a config file, for ``list``."""
+    if group == "method":
+        from methods import registry
+
+        return registry.get(name).summary
     for line in (CONF_DIR / group / f"{name}.yaml").read_text().splitlines():
         if line.startswith("#") and not line.startswith("# @package"):
             return line.lstrip("# ").strip()
@@ -71,10 +79,12 @@ def check_overrides(args: list[str]) -> None:
         key, value = arg.split("=", 1)
         key = key.lstrip("+~")
         if key in GROUPS:
+            from methods.registry import suggest
+
             valid = choices(key)
             for v in _split_values(value):
                 if v not in valid:
-                    _die(f"unknown {key} {v!r}. Valid {key}s: {', '.join(valid)}")
+                    _die(f"unknown {key} {v!r}{suggest(v, valid)}. Valid {key}s: {', '.join(valid)}")
         elif key == "ratio":
             for v in _split_values(value):
                 try:

@@ -131,7 +131,19 @@ class PruningMethod:
 
     @property
     def name(self) -> str:
-        return type(self).__name__.lower()
+        """The registered name (``conf/method/<name>.yaml``, :mod:`methods.registry`)."""
+        from methods.registry import name_of
+
+        return name_of(type(self))
+
+    def selection_flops(self, cost) -> int:
+        """FLOPs (2 x multiply-adds) of the method's own scoring and selection matrix products for a batch.
+
+        ``cost`` is a :class:`bench.measure.flops.CostModel`: the batch's shapes, the model's widths and the
+        cost of the model work the method asks for. Every method states its own (0 where it runs no matrix
+        product); the base class has none, so a new method is never reported without its selection cost.
+        """
+        raise NotImplementedError(f"{type(self).__name__} defines no selection_flops")
 
     def n_keep(self, n: int) -> int:
         """Tokens kept out of ``n``: ``round(n * (1 - prune_ratio))``, at least 1."""

@@ -242,9 +242,10 @@ class DART(InLLMMethod):
 
     capture_offsets: ClassVar[tuple[int, ...]] = (-1,)
 
-    @property
-    def name(self) -> str:
-        return "dart"
+    def selection_flops(self, cost) -> int:
+        """Keys come from the captured ``k_proj``; the cosines to the 8 pivots (``2 * 8 * N * d``) are
+        elementwise in the implementation and, like other elementwise work, not counted."""
+        return 0
 
     def layers_for(self, n_layers: int) -> list[int]:
         return [scale_layer(self.k_layer, n_layers, self.ref_layers)]

@@ -120,9 +120,9 @@ class DivPrune(PruningMethod):
         if self.backend not in ("auto", "torch", "triton"):
             raise ConfigError(f"divprune: backend must be auto, torch or triton, got {self.backend!r}")
 
-    @property
-    def name(self) -> str:
-        return "divprune"
+    def selection_flops(self, cost) -> int:
+        """The ``N x N`` cosine matrix of the projected tokens (``bmm`` of LLM-wide rows)."""
+        return 0 if self.prune_ratio == 0.0 else cost.batch * 2 * cost.n_visual * cost.n_visual * cost.llm_width
 
     def select(self, vis: torch.Tensor, ctx: VisionContext) -> torch.Tensor:
         """``(B, N, D)`` projected tokens -> ``(B, K)`` sorted indices of the greedy max-min set."""

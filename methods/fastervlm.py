@@ -37,9 +37,9 @@ class FasterVLM(PruningMethod):
     requires_cls: ClassVar[bool] = True
     graph_safe: ClassVar[bool] = True
 
-    @property
-    def name(self) -> str:
-        return "fastervlm"
+    def selection_flops(self, cost) -> int:
+        """The CLS attention row of layer ``layer``, recomputed from its q/k (``bench.measure.flops.CostModel``)."""
+        return 0 if self.prune_ratio == 0.0 else cost.batch * cost.vision_extras(self.needs)
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]

@@ -105,9 +105,9 @@ class FastV(InLLMMethod):
 
     capture_offsets: ClassVar[tuple[int, ...]] = (-1,)
 
-    @property
-    def name(self) -> str:
-        return "fastv"
+    def selection_flops(self, cost) -> int:
+        """Last token's row at layer ``K-1`` from its captured q/k (``K = 0``: random, free)."""
+        return cost.batch * sum(cost.attention_rows(t, 1, False) for _, st, t, _ in cost.llm_stages(self) if st.layer > 0)
 
     def layers_for(self, n_layers: int) -> list[int]:
         return [0 if self.k_layer == 0 else scale_layer(self.k_layer, n_layers, self.ref_layers)]

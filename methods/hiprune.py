@@ -76,9 +76,9 @@ class HiPrune(PruningMethod):
         if int(self.object_layer) < 1:
             raise ConfigError(f"hiprune: object_layer is 1-based, got {self.object_layer}")
 
-    @property
-    def name(self) -> str:
-        return "hiprune"
+    def selection_flops(self, cost) -> int:
+        """The full attention maps of the two layers, recomputed from their q/k (``bench.measure.flops.CostModel``)."""
+        return 0 if self.prune_ratio == 0.0 else cost.batch * cost.vision_extras(self.needs)
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]

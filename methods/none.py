@@ -23,9 +23,9 @@ class NoPruning(PruningMethod):
 
             raise ConfigError(f"method=none keeps every token; it only runs at ratio=0, got ratio={self.prune_ratio}")
 
-    @property
-    def name(self) -> str:
-        return "none"
+    def selection_flops(self, cost) -> int:
+        """No selection."""
+        return 0
 
     def reduce(self, vis: torch.Tensor, ctx: VisionContext) -> VisualSelection:
         b, n, _ = vis.shape

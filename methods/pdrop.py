@@ -48,9 +48,9 @@ class PyramidDrop(InLLMMethod):
     lambda_: float = 0.5
     renumber_positions: bool = True
 
-    @property
-    def name(self) -> str:
-        return "pdrop"
+    def selection_flops(self, cost) -> int:
+        """Last token's row at each stage's layer, with that layer's k/q projections run on its input."""
+        return cost.batch * sum(cost.attention_rows(t, 1, True) for _, _, t, _ in cost.llm_stages(self))
 
     def layers_for(self, n_layers: int) -> list[int]:
         return [scale_layer(x, n_layers, self.ref_layers) for x in self.layer_list]

@@ -40,9 +40,9 @@ class Pool(PruningMethod):
     ``reduce`` maps ``(B, N, D) -> (B, h*w, D)``; tokens are merged, so ``kept_index`` is ``None``.
     """
 
-    @property
-    def name(self) -> str:
-        return "pool"
+    def selection_flops(self, cost) -> int:
+        """Average pooling: no matrix product."""
+        return 0
 
     def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
         return pooled_grid(grid, self.n_keep(grid[0] * grid[1]))

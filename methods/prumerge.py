@@ -147,9 +147,18 @@ class PruMerge(PruningMethod):
         if self.budget not in ("fixed", "adaptive"):
             raise ConfigError(f"{self.name}: budget must be 'fixed' or 'adaptive', got {self.budget!r}")
 
-    @property
-    def name(self) -> str:
-        return "prumerge_plus" if self.plus else "prumerge"
+    def selection_flops(self, cost) -> int:
+        """Layer ``attn_layer``'s q/k, the single-head CLS row, the extra token, key similarity of the ``L``
+        kept tokens to all ``N``, their neighbour merge (``(L x N) @ (N x C)``) and the projector on ``L + 1``."""
+        if self.prune_ratio == 0.0:
+            return 0
+        d, n = cost.vision_width, cost.n_visual
+        s = n + int(cost.has_cls)
+        total = 0
+        for kept in cost.kept:  # adaptive budgets differ per sample; L = kept - 1 (the extra token)
+            l = kept - 1
+            total += 2 * s * d + 2 * n * d + (4 * l * n * d if l > 0 else 0) + kept * cost.projector_per_token
+        return cost.batch * cost.vision_extras({f"q_proj:{self.attn_layer}"}) + total
 
     @property
     def graph_safe(self) -> bool:  # type: ignore[override]

@@ -21,9 +21,9 @@ class RandomPruning(PruningMethod):
     seed and the sample's identity), so a sample keeps the same tokens alone or in any batch.
     """
 
-    @property
-    def name(self) -> str:
-        return "random"
+    def selection_flops(self, cost) -> int:
+        """A seeded permutation: no matrix product."""
+        return 0
 
     def select(self, vis: torch.Tensor, ctx: VisionContext) -> torch.Tensor:
         b, n, _ = vis.shape

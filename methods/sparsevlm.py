@@ -216,9 +216,25 @@ class SparseVLM(InLLMMethod):
             self.scoring_layers = [2, 6, 15]
         self.scoring_layers = [int(x) for x in self.scoring_layers]
 
-    @property
-    def name(self) -> str:
-        return "sparsevlm"
+    def selection_flops(self, cost) -> int:
+        """Rater matrix ``V T^T`` (once), rows after the image from the captured q/k at each stage, v2.0's
+        RoPE-only bias, the recycled candidates' Gram matrix for their distances (``(M x D) @ (D x M)``, stages
+        with more than one cluster) and their cluster means (``(c x M) @ (M x D)``)."""
+        d, q = cost.llm_width, cost.after_image_rows
+        total = 0
+        for j, (_, st, t, n_vis) in enumerate(cost.llm_stages(self)):
+            if j == 0:
+                total += 2 * cost.n_visual * q * d
+            total += cost.attention_rows(t, q, False)
+            if self.version == "2.0":
+                total += 2 * q * cost.llm_head_dim * t
+            m = st.n_keep - st.n_selected
+            if m > 0:
+                cand, _ = merge_counts(n_vis, st.n_selected)
+                total += 2 * m * cand * d
+                if m > 1:  # the candidates' pairwise distances: one (M x D) @ (D x M) Gram matrix (fp64)
+                    total += 2 * cand * cand * d
+        return cost.batch * total
 
     @property
     def merging(self) -> bool:

@@ -463,9 +463,18 @@ class ToMe(PruningMethod):
 
     stage: ClassVar[str] = "in_vision"
 
-    @property
-    def name(self) -> str:
-        return "tome"
+    def selection_flops(self, cost) -> int:
+        """In every merging block: the ``ceil(T/2) x floor(T/2)`` cosine on head-averaged keys, and the merge of
+        the ``r`` sources, a one-hot ``(floor(T/2) x r) @ (r x C)`` GEMM for the features and one for the sizes."""
+        blocks = cost.tome_blocks(self)
+        if blocks is None:
+            return 0
+        total = 0
+        for t, t_out in blocks:
+            r = t - t_out
+            if r > 0:
+                total += 2 * ((t + 1) // 2) * (t // 2) * cost.vision_head_dim + 2 * (t // 2) * r * (cost.vision_width + 1)
+        return cost.batch * total
 
     def schedule(self, n_tokens: int, n_blocks: int, class_token: bool) -> list[int]:
         """Per-block ``r`` for ``n_blocks`` blocks on ``n_tokens`` patches (CLS not counted)."""

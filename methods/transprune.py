@@ -367,9 +367,10 @@ class TransPrune(InLLMMethod):
         if self.backend not in BACKENDS:
             raise ConfigError(f"transprune: backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
-    @property
-    def name(self) -> str:
-        return "transprune"
+    def selection_flops(self, cost) -> int:
+        """Rows of every token after the image at each stage's layer (its k/q projections run again)."""
+        q = cost.after_image_rows
+        return cost.batch * sum(cost.attention_rows(t, q, True) for _, _, t, _ in cost.llm_stages(self))
 
     def layers_for(self, n_layers: int) -> list[int]:
         return [scale_layer(x, n_layers, self.ref_layers) for x in self.pruning_layer_list]

@@ -115,9 +115,19 @@ class VisionZip(PruningMethod):
         if not 0.0 <= float(self.contextual_share) < 1.0:
             raise ConfigError(f"visionzip: contextual_share must be in [0, 1), got {self.contextual_share}")
 
-    @property
-    def name(self) -> str:
-        return "visionzip"
+    def selection_flops(self, cost) -> int:
+        """CLS row and keys of the layer, contextual-token similarity and merge, the projector on the ``D + C`` tokens."""
+        if self.prune_ratio == 0.0 and self.dominant is None:
+            return 0
+        dom, ctxn = self.counts(cost.n_visual)
+        total = cost.vision_extras(self.needs) + (dom + ctxn) * cost.projector_per_token
+        if ctxn > 0:
+            r = cost.n_visual + int(cost.has_cls) - dom
+            step = max(1, r // ctxn)
+            n_tgt = min(ctxn, -(-r // step))
+            # key cosine of the others to the targets, then their one-hot assignment sums (a bmm)
+            total += 2 * (r - n_tgt) * n_tgt * cost.vision_head_dim + 2 * n_tgt * (r - n_tgt) * cost.vision_width
+        return cost.batch * total
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]

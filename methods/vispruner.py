@@ -748,9 +748,12 @@ class VisPruner(PruningMethod):
         if self.backend not in BACKENDS:
             raise ConfigError(f"vispruner: backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
-    @property
-    def name(self) -> str:
-        return "vispruner"
+    def selection_flops(self, cost) -> int:
+        """The CLS row and the cosine matrix of all ``N`` patch features (one GEMM whose entries every round
+        then indexes; the official code runs one smaller GEMM per round instead)."""
+        if self.prune_ratio == 0.0:
+            return 0
+        return cost.batch * (cost.vision_extras(self.needs) + 2 * cost.n_visual * cost.n_visual * cost.vision_width)
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]

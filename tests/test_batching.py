@@ -15,8 +15,10 @@ import torch
 
 from bench.errors import BenchError
 
+from methods import registry
+
 CONF = Path(__file__).resolve().parent.parent / "conf"
-METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+METHODS = registry.names()
 N_DOCS = 48  # six batches of 8 of mixed prompt lengths
 
 

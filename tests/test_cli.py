@@ -30,20 +30,30 @@ def test_help_and_list():
         assert name in r.stdout
 
 
-def test_list_sees_a_new_yaml(tmp_path):
-    """Adding conf/method/x.yaml is all it takes to appear in `list`."""
+def test_a_new_method_is_two_files(tmp_path):
+    """Adding methods/x.py + conf/method/x.yaml is all it takes to appear in `list` and pass validation;
+    a near miss gets a suggestion."""
+    py = ROOT / "methods" / "zz_probe_tmp.py"
     f = ROOT / "conf" / "method" / "zz_probe_tmp.yaml"
-    f.write_text("# probe method for a test\nname: zz_probe_tmp\n_target_: methods.random.RandomPruning\nprune_ratio: ${ratio}\nseed: ${seed}\n")
+    py.write_text("from dataclasses import dataclass\n\nfrom methods.random import RandomPruning\n\n\n@dataclass\nclass Probe(RandomPruning):\n    pass\n")
+    f.write_text("# probe method for a test\nname: zz_probe_tmp\n_target_: methods.zz_probe_tmp.Probe\nprune_ratio: ${ratio}\nseed: ${seed}\n")
     try:
         assert "zz_probe_tmp" in bench("list", "methods").stdout
+        r = bench("run", "method=zz_probe_tmpp", f"results_dir={tmp_path / 'results'}")
+        assert r.returncode == 2 and "did you mean 'zz_probe_tmp'?" in r.stderr, r.stderr
+        r = subprocess.run([sys.executable, "-c", "from methods import registry; m = registry.create('zz_probe_tmp', 0.5); print(m.name)"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.stdout.strip() == "zz_probe_tmp", r.stderr
     finally:
         f.unlink()
+        py.unlink()
 
 
 @pytest.mark.parametrize(
     "override,needle",
     [
         ("method=nope", "Valid methods:"),
+        ("method=divprun", "unknown method 'divprun' (did you mean 'divprune'?)"),
         ("model=gpt5", "Valid models:"),
         ("benchmark=imagenet", "Valid benchmarks:"),
         ("ratio=1.0", "ratio must be in [0, 1)"),

@@ -2,8 +2,8 @@
 every layer, ``lm_head``) equals the FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` on
 the same forward (``adapter.prepare`` + ``adapter.prefill``), for every method of the Hydra registry.
 
-A method added under ``conf/method/`` is covered automatically: without a formula in
-``bench/measure/flops.py`` its cases fail with ``NoSelectionFormula``. Combinations a method refuses
+A method added to the registry (``conf/method/`` + ``methods/``) is covered automatically: without its own
+``selection_flops`` its cases fail with ``NoSelectionFormula``. Combinations a method refuses
 on a tiny model (ToMe cannot merge 576 tokens down to 10% in the 2 blocks of a 3-layer tower) are
 skipped with the method's own reason.
 """
@@ -27,9 +27,10 @@ from bench.measure.flops import (
 )
 from bench.models.llava import LlavaAdapter
 from bench.runner import probe_batch
+from methods import registry
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+METHODS = registry.names()
 RATIOS = (0.5, 0.75, 0.9)
 CASES = [(m, r) for m in METHODS for r in ((0.0,) if m == "none" else RATIOS)]
 # A deeper tiny model: 12 CLIP layers (ToMe reaches 90% in 11 blocks, HiPrune's two layers differ), 8 LLM layers with
@@ -272,7 +273,7 @@ def test_fvcore_pruned_llm_prefill(eager_adapter, name, ratio):
 
 def test_fvcore_selection_kernels(adapter):
     """Selection matrix products of the kernels that trace with fixed sizes, against the formulas."""
-    from bench.measure.flops import Shapes, _tome, _vision_extras, selection_flops
+    from bench.measure.flops import CostModel, Shapes, _vision_extras, selection_flops
     from methods.divprune import cosine_distance
     from methods.tome import bipartite_soft_matching
     from methods.vispruner import vispruner_select
@@ -296,4 +297,4 @@ def test_fvcore_selection_kernels(adapter):
     counted, skipped = fvcore_flops(lambda m: bipartite_soft_matching(m, r0, True)[0](m), torch.randn(1, n + 1, head_dim, generator=g))
     first_block_sim = 2 * ((n + 2) // 2) * ((n + 1) // 2) * head_dim
     assert counted == first_block_sim and "aten::baddbmm" in skipped
-    assert _tome(cfg, tome, sh) > first_block_sim
+    assert tome.selection_flops(CostModel(cfg, sh)) > first_block_sim

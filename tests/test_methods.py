@@ -1,4 +1,4 @@
-"""Invariants every pre-LLM method must satisfy, for every ``conf/method/*.yaml`` (found by glob)."""
+"""Invariants every pre-LLM method must satisfy, for every method of the registry (``methods.registry``)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from methods import registry
 from methods.base import VisionContext
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+METHODS = registry.names()
 RATIOS = [0.0, 0.1, 0.5, 2 / 3, 0.75, 0.9, 0.95]
 
 

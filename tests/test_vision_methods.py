@@ -369,18 +369,19 @@ def test_tome_encoder_matches_reference(adapter, batch, ratio):
         assert torch.equal(zero.features, adapter.encode_images(px))
 
 
-ALL = ["fastervlm", "visionzip", "divprune", "vispruner", "hiprune", "prumerge", "prumerge_plus", "tome"]
+def _vision_side():
+    from methods import registry
+
+    return [n for n in registry.names() if registry.get(n).cls.stage in ("pre_llm", "in_vision") and n not in ("random", "pool")]
+
+
+ALL = _vision_side()
 
 
 def _make(name, ratio, **kw):
-    import importlib
+    from methods import registry
 
-    mod, cls = {
-        "fastervlm": ("fastervlm", "FasterVLM"), "visionzip": ("visionzip", "VisionZip"), "divprune": ("divprune", "DivPrune"),
-        "vispruner": ("vispruner", "VisPruner"), "hiprune": ("hiprune", "HiPrune"), "prumerge": ("prumerge", "PruMerge"),
-        "prumerge_plus": ("prumerge", "PruMergePlus"), "tome": ("tome", "ToMe"),
-    }[name]
-    return getattr(importlib.import_module(f"methods.{mod}"), cls)(prune_ratio=ratio, **kw)
+    return registry.get(name).cls(prune_ratio=ratio, **kw)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -7,8 +7,8 @@ All numbers are FLOPs = 2 x multiply-adds, counting matrix products only (projec
 ``torch.utils.flop_counter`` counts, so the two can be compared exactly. Norms, softmax, activations,
 RoPE, top-k/sorting and other elementwise work are counted by neither.
 
-Selection (:func:`selection_flops`, one formula per method in ``_SELECTION``, dispatched on
-``method.name``): recomputed CLIP ``q_proj``/``k_proj`` and CLS-row or full attention maps
+Selection (:func:`selection_flops`: each method's ``selection_flops(cost)``, beside its rule in
+``methods/<name>.py``, in terms of a :class:`CostModel`): recomputed CLIP ``q_proj``/``k_proj`` and CLS-row or full attention maps
 (FasterVLM, VisionZip, VisPruner, HiPrune, PruMerge), DivPrune's ``N x N`` cosine matrix, VisPruner's
 de-duplication rounds, VisionZip's key similarity and the projector run again on merged tokens,
 PruMerge's key similarity and neighbour merge, ToMe's bipartite similarity in every block (its
@@ -179,7 +179,7 @@ def paper_convention(config, text_tokens: int, visual_per_layer: Sequence[int]) 
 
 # ----------------------------------------------------------------------------------- selection
 class NoSelectionFormula(NotImplementedError):
-    """A method has no entry in ``_SELECTION``: its analytic FLOPs cannot be computed (yet)."""
+    """A method defines no ``selection_flops``: its analytic FLOPs cannot be computed (yet)."""
 
 
 @dataclass(frozen=True)
@@ -281,103 +281,6 @@ def _vision_extras(config, needs) -> int:
     return len(qk) * 2 * (2 * s * d * d) + len(cls_rows) * 2 * s * d + len(full) * 2 * s * s * d
 
 
-_SELECTION: dict[str, Callable[[object, object, Shapes], int]] = {}
-
-
-def _formula(*names: str):
-    def register(fn):
-        for name in names:
-            _SELECTION[name] = fn
-        return fn
-
-    return register
-
-
-@_formula("none", "random", "pool")
-def _free(config, method, sh: Shapes) -> int:
-    """No matrix products: a seeded permutation, or average pooling."""
-    return 0
-
-
-@_formula("fastervlm", "hiprune")
-def _attention_scored(config, method, sh: Shapes) -> int:
-    """CLS-row (FasterVLM) or full attention maps (HiPrune) recomputed from the named CLIP layers."""
-    if method.prune_ratio == 0.0:
-        return 0
-    return sh.batch * _vision_extras(config, method.needs)
-
-
-@_formula("divprune")
-def _divprune(config, method, sh: Shapes) -> int:
-    """``N x N`` cosine matrix of the projected tokens (``bmm`` of ``D``-wide rows)."""
-    if method.prune_ratio == 0.0:
-        return 0
-    return sh.batch * 2 * sh.n_visual * sh.n_visual * config.text_config.hidden_size
-
-
-@_formula("vispruner")
-def _vispruner(config, method, sh: Shapes) -> int:
-    """CLS row, and the cosine matrix of all ``N`` patch features (one GEMM whose entries every
-    de-duplication round then indexes, ``methods/vispruner.py``; the official code runs one smaller
-    GEMM per round instead)."""
-    if method.prune_ratio == 0.0:
-        return 0
-    d = config.vision_config.hidden_size
-    return sh.batch * (_vision_extras(config, method.needs) + 2 * sh.n_visual * sh.n_visual * d)
-
-
-@_formula("visionzip")
-def _visionzip(config, method, sh: Shapes) -> int:
-    """CLS row and keys of the layer, contextual-token similarity and merge, the projector on the ``D + C`` tokens."""
-    if method.prune_ratio == 0.0 and method.dominant is None:
-        return 0
-    vc = config.vision_config
-    head_dim = vc.hidden_size // vc.num_attention_heads
-    dom, ctxn = method.counts(sh.n_visual)
-    total = _vision_extras(config, method.needs) + (dom + ctxn) * _projector_per_token(config)
-    if ctxn > 0:
-        r = sh.n_visual + int(_has_cls(vc)) - dom
-        step = max(1, r // ctxn)
-        n_tgt = min(ctxn, -(-r // step))
-        # key cosine of the others to the targets, then their one-hot assignment sums (a bmm)
-        total += 2 * (r - n_tgt) * n_tgt * head_dim + 2 * n_tgt * (r - n_tgt) * vc.hidden_size
-    return sh.batch * total
-
-
-@_formula("prumerge", "prumerge_plus")
-def _prumerge(config, method, sh: Shapes) -> int:
-    """Layer ``attn_layer``'s q/k, the single-head CLS row, the extra token, key similarity of the ``L``
-    kept tokens to all ``N``, their neighbour merge (``(L x N) @ (N x C)``) and the projector on ``L + 1``."""
-    if method.prune_ratio == 0.0:
-        return 0
-    d = config.vision_config.hidden_size
-    n = sh.n_visual
-    s = n + int(_has_cls(config.vision_config))
-    total = 0
-    for kept in sh.kept:  # adaptive budgets differ per sample; L = kept - 1 (the extra token)
-        l = kept - 1
-        total += 2 * s * d + 2 * n * d + (4 * l * n * d if l > 0 else 0) + kept * _projector_per_token(config)
-    return sh.batch * _vision_extras(config, {f"q_proj:{method.attn_layer}"}) + total
-
-
-@_formula("tome")
-def _tome(config, method, sh: Shapes) -> int:
-    """In every merging block: bipartite matching, ``ceil(T/2) x floor(T/2)`` cosine on head-averaged
-    keys, and the size-weighted merge of the ``r`` sources into their destinations, a one-hot
-    ``(floor(T/2) x r) @ (r x C)`` GEMM for the features and one for the sizes (``C = 1``)."""
-    blocks = _tome_blocks(config, method)
-    if blocks is None:
-        return 0
-    vc = config.vision_config
-    head_dim = vc.hidden_size // vc.num_attention_heads
-    total = 0
-    for t, t_out in blocks:
-        r = t - t_out
-        if r > 0:
-            total += 2 * ((t + 1) // 2) * (t // 2) * head_dim + 2 * (t // 2) * r * (vc.hidden_size + 1)
-    return sh.batch * total
-
-
 def _llm_stages(config, method, sh: Shapes):
     """Yield ``(index, stage, sequence length before it, visual tokens before it)`` in execution order."""
     n_layers = config.text_config.num_hidden_layers
@@ -398,72 +301,57 @@ def _rows_cost(config, t: int, rows: int, projected: bool) -> int:
     return cost
 
 
-@_formula("fastv")
-def _fastv(config, method, sh: Shapes) -> int:
-    """Last token's row at layer ``K-1`` from its captured q/k (``K = 0``: random, free)."""
-    return sh.batch * sum(_rows_cost(config, t, 1, False) for _, st, t, _ in _llm_stages(config, method, sh) if st.layer > 0)
+class CostModel:
+    """What a method's ``selection_flops(cost)`` reads: the batch (:class:`Shapes`), the model's widths, and
+    the cost of the model work a method asks for (tower extras, recomputed attention rows). Every count is
+    FLOPs = 2 x multiply-adds; the method itself states its own matrix products in these terms, so no
+    method reads a model config.
+    """
 
+    def __init__(self, config, shapes: Shapes) -> None:
+        self.config, self.shapes = config, shapes
+        vc, tc = config.vision_config, config.text_config
+        self.batch, self.n_visual, self.kept = shapes.batch, shapes.n_visual, shapes.kept
+        #: vision tower width, its heads' width and whether it has a CLS token
+        self.vision_width = vc.hidden_size
+        self.vision_head_dim = vc.hidden_size // vc.num_attention_heads
+        self.has_cls = _has_cls(vc)
+        #: LLM width (= the projected visual tokens' width) and its attention heads' width
+        self.llm_width = tc.hidden_size
+        self.llm_head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        #: the projector on one token
+        self.projector_per_token = _projector_per_token(config)
+        #: query rows after the image (the in-LLM methods' text rows, from the earliest image's end)
+        self.after_image_rows = shapes.seq_len - shapes.vis_start - shapes.n_visual
 
-@_formula("pdrop")
-def _pdrop(config, method, sh: Shapes) -> int:
-    """Last token's row at each stage's layer, with that layer's k/q projections run on its input."""
-    return sh.batch * sum(_rows_cost(config, t, 1, True) for _, _, t, _ in _llm_stages(config, method, sh))
+    def vision_extras(self, needs) -> int:
+        """Per image: the tower quantities ``needs`` names (``VisionContext`` keys), recomputed."""
+        return _vision_extras(self.config, needs)
 
+    def tome_blocks(self, method) -> list[tuple[int, int]] | None:
+        """``(tokens at attention, tokens after the merge)`` per block an in-tower method runs; ``None``: unmerged."""
+        return _tome_blocks(self.config, method)
 
-@_formula("dart")
-def _dart(config, method, sh: Shapes) -> int:
-    """Keys come from the captured ``k_proj``; the pivot cosines are elementwise (see the module doc)."""
-    return 0
+    def llm_stages(self, method):
+        """Yield ``(index, stage, sequence length before it, visual tokens before it)`` in execution order."""
+        return _llm_stages(self.config, method, self.shapes)
 
-
-def _after_image_rows(sh: Shapes) -> int:
-    return sh.seq_len - sh.vis_start - sh.n_visual
-
-
-@_formula("transprune")
-def _transprune(config, method, sh: Shapes) -> int:
-    """Rows of every token after the image at each stage's layer (k/q projections run again)."""
-    q = _after_image_rows(sh)
-    return sh.batch * sum(_rows_cost(config, t, q, True) for _, _, t, _ in _llm_stages(config, method, sh))
-
-
-@_formula("sparsevlm")
-def _sparsevlm(config, method, sh: Shapes) -> int:
-    """Rater matrix ``V T^T`` (once), rows after the image from the captured q/k at each stage,
-    v2.0's RoPE-only bias, the recycled candidates' Gram matrix for their distances (``(M x D) @ (D x M)``,
-    stages with more than one cluster) and their cluster means (``(c x M) @ (M x D)``)."""
-    from methods.sparsevlm import merge_counts
-
-    d, _, _ = _head_dims(config.text_config)
-    tc = config.text_config
-    head_dim = getattr(tc, "head_dim", None) or d // tc.num_attention_heads
-    q = _after_image_rows(sh)
-    total = 0
-    for j, (_, st, t, n_vis) in enumerate(_llm_stages(config, method, sh)):
-        if j == 0:
-            total += 2 * sh.n_visual * q * d
-        total += _rows_cost(config, t, q, False)
-        if method.version == "2.0":
-            total += 2 * q * head_dim * t
-        m = st.n_keep - st.n_selected
-        if m > 0:
-            cand, _ = merge_counts(n_vis, st.n_selected)
-            total += 2 * m * cand * d
-            if m > 1:  # the candidates' pairwise distances: one (M x D) @ (D x M) Gram matrix (fp64)
-                total += 2 * cand * cand * d
-    return sh.batch * total
+    def attention_rows(self, t: int, rows: int, projected: bool) -> int:
+        """Attention rows recomputed for ``rows`` queries over ``t`` keys; ``projected``: the layer's ``k_proj``
+        (all ``t``) and ``q_proj`` (the rows) are run again on its input."""
+        return _rows_cost(self.config, t, rows, projected)
 
 
 def selection_flops(config, method, shapes: Shapes) -> int:
-    """The method's own scoring/selection matrix products for the whole batch (see the module doc).
+    """The method's own scoring/selection matrix products for the whole batch: its ``selection_flops``.
 
-    Raises :class:`NoSelectionFormula` for a method without a formula, so that a new method is not
-    silently reported without its selection cost.
+    Raises :class:`NoSelectionFormula` for a method without one (the base class's), so that a new method
+    is not silently reported without its selection cost.
     """
-    fn = _SELECTION.get(method.name)
-    if fn is None:
-        raise NoSelectionFormula(f"no selection-FLOPs formula for method {method.name!r}: add one to bench/measure/flops.py (_SELECTION)")
-    return int(fn(config, method, shapes))
+    try:
+        return int(method.selection_flops(CostModel(config, shapes)))
+    except NotImplementedError as e:
+        raise NoSelectionFormula(f"no selection-FLOPs formula for method {method.name!r}: define {type(method).__name__}.selection_flops") from e
 
 
 def analytic_batch(config, method, prepared, with_selection: bool = True) -> Breakdown:
