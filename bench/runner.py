@@ -126,7 +126,7 @@ def task_manager(bcfg: dict[str, Any]):
 
 
 #: what ``git_dirty`` looks at: the code and settings that decide a run's result
-RESULT_DECIDING_PATHS = ("bench", "methods", "conf", "pyproject.toml", "requirements")
+RESULT_DECIDING_PATHS = ("bench", "methods", "kernels", "conf", "pyproject.toml", "requirements")
 
 
 def git_state(root: Path) -> tuple[str | None, bool | None]:

@@ -10,10 +10,10 @@ Official defects handled per sample here (documented, methods.md policy): the im
 hard-coded at sequence position 35 (the adapter gives the real span), and batch element 0's
 selection is applied to the whole batch (here every sample selects its own tokens).
 
-Speed: the greedy loop keeps a running ``(B, N)`` min-distance vector, so a step is one argmax, one
-row gather and one ``minimum`` for the whole batch, with no host synchronisation. On CUDA with Triton
-available (``backend="auto"``) the whole loop runs in one kernel launch (one program per image).
-``min`` is exact, so the running minimum equals the official ``min`` over the selected rows bit for bit.
+The greedy loop keeps a running ``(B, N)`` min-distance vector, so a step is one argmax, one row
+gather and one ``minimum`` for the whole batch, with no host synchronisation. ``min`` is exact, so the
+running minimum equals the official ``min`` over the selected rows bit for bit. On CUDA the whole loop
+is one kernel launch (:mod:`kernels.divprune`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 
 from bench.errors import ConfigError
+from kernels import fast_path
 from methods.base import PruningMethod, VisionContext
 
 
@@ -38,7 +39,8 @@ def first_pick(dist: torch.Tensor) -> torch.Tensor:
     return dist.topk(2, dim=1, largest=False).values[:, 1, :].argmax(dim=1)
 
 
-def greedy_maxmin_torch(dist: torch.Tensor, k: int) -> torch.Tensor:
+@fast_path("kernels.divprune:greedy_maxmin")
+def greedy_maxmin(dist: torch.Tensor, k: int) -> torch.Tensor:
     """``(B, N, N)`` distances -> ``(B, k)`` picks in pick order; batched, no host sync."""
     b, n, _ = dist.shape
     j = first_pick(dist)
@@ -51,56 +53,6 @@ def greedy_maxmin_torch(dist: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack(picks, dim=1)
 
 
-_TRITON_KERNEL = None
-
-
-def _triton_kernel():
-    global _TRITON_KERNEL
-    if _TRITON_KERNEL is None:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def _maxmin(dist_ptr, first_ptr, out_ptr, n, k, BLOCK: tl.constexpr):
-            b = tl.program_id(0)
-            offs = tl.arange(0, BLOCK)
-            valid = offs < n
-            base = dist_ptr + b.to(tl.int64) * n * n
-            j = tl.load(first_ptr + b)
-            tl.store(out_ptr + b * k, j)
-            mind = tl.load(base + j * n + offs, mask=valid, other=float("-inf")).to(tl.float32)
-            for i in range(1, k):
-                j = tl.argmax(mind, axis=0, tie_break_left=True)
-                tl.store(out_ptr + b * k + i, j)
-                row = tl.load(base + j * n + offs, mask=valid, other=float("-inf")).to(tl.float32)
-                mind = tl.minimum(mind, row)
-
-        _TRITON_KERNEL = _maxmin
-    return _TRITON_KERNEL
-
-
-def greedy_maxmin_triton(dist: torch.Tensor, k: int) -> torch.Tensor:
-    """Same result as :func:`greedy_maxmin_torch`; one Triton launch, one program per image."""
-    import triton
-
-    b, n, _ = dist.shape
-    dist = dist.contiguous()
-    first = first_pick(dist).to(torch.int32).contiguous()
-    out = torch.empty(b, k, dtype=torch.int32, device=dist.device)
-    _triton_kernel()[(b,)](dist, first, out, n, k, BLOCK=triton.next_power_of_2(n), num_warps=4)
-    return out.long()
-
-
-def _triton_ok(x: torch.Tensor) -> bool:
-    if x.device.type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @dataclass
 class DivPrune(PruningMethod):
     """Greedy max-min diversity selection of ``round(N * (1 - prune_ratio))`` projected tokens.
@@ -108,7 +60,7 @@ class DivPrune(PruningMethod):
     Parameters
     ----------
     backend : {"auto", "torch", "triton"}
-        Implementation of the greedy loop (identical picks); ``auto`` = Triton on CUDA when available.
+        Implementation of the greedy loop (identical picks); ``auto`` = the Triton kernel on CUDA.
     """
 
     backend: str = "auto"
@@ -128,6 +80,4 @@ class DivPrune(PruningMethod):
         """``(B, N, D)`` projected tokens -> ``(B, K)`` sorted indices of the greedy max-min set."""
         k = self.n_keep(vis.shape[1])
         dist = cosine_distance(vis)
-        use_triton = self.backend == "triton" or (self.backend == "auto" and _triton_ok(vis))
-        picks = greedy_maxmin_triton(dist, k) if use_triton else greedy_maxmin_torch(dist, k)
-        return picks.sort(dim=1).values
+        return greedy_maxmin.run(self.backend, dist, k).sort(dim=1).values

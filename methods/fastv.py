@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 
 from methods.inllm import InLLMMethod, Stage, StageOut, StageView, scale_layer, visual_columns
-from methods.select_kernels import topk_rank
+from methods.ranking import topk_sorted
 
 
 def fastv_scores(attn_last: torch.Tensor, vis_start: torch.Tensor, n_vis: int) -> torch.Tensor:
@@ -49,18 +49,6 @@ def view_scores(view, attn_last: torch.Tensor) -> torch.Tensor:
     if visual is None:
         return fastv_scores(attn_last, view.vis_start, view.n_vis)
     return visual(attn_last.mean(dim=1), dim=-1)
-
-
-def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """``(B, N) -> (B, k)``: indices of the ``k`` largest scores, sorted.
-
-    On CUDA (with Triton): one kernel, :func:`methods.select_kernels.topk_rank` (ties: the lower index
-    wins). Elsewhere: ``topk`` without order, then ``sort`` (ties follow ``torch.topk``); ``topk`` picks the
-    same set whether or not it orders it, and an ordered ``topk`` costs one more kernel. The two paths
-    keep the same set whenever the scores around the ``k``-th are distinct (CPU tensors take the torch path
-    even under Triton's interpreter, so CPU tests of the methods run as before).
-    """
-    return topk_rank(scores, k, force_torch=not scores.is_cuda)[0]
 
 
 def random_keep(seeds: torch.Tensor, n: int, k: int, device) -> torch.Tensor:

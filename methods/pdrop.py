@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from methods.fastv import topk_sorted, view_scores
+from methods.fastv import view_scores
 from methods.inllm import InLLMMethod, Stage, StageOut, StageView, per_layer_counts, scale_layer, solve_monotone
+from methods.ranking import topk_sorted
 
 
 def pdrop_counts(n: int, lam: float, n_stages: int) -> list[int]:

@@ -35,9 +35,8 @@ from typing import ClassVar
 import torch
 
 from bench.errors import ConfigError
-from methods.fastv import topk_sorted
 from methods.inllm import InLLMMethod, Stage, StageOut, StageView, per_layer_counts, scale_layer, solve_monotone
-from methods.select_kernels import dpc_scores, smallest_sorted, topk_rank
+from methods.ranking import dpc_scores, smallest_sorted, topk_rank, topk_sorted
 
 #: official selected counts per stage, by budget (v1.5 / v2.0)
 SCHEDULES = {

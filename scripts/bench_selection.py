@@ -70,9 +70,8 @@ def variants(ratio: float, device: str):
         ("divprune", DivPrune(prune_ratio=ratio)),
         ("vispruner", VisPruner(prune_ratio=ratio)),
     ]
-    if device == "cuda":  # "auto" is Triton (DivPrune) / CUDA (VisPruner) there; the batched-torch rounds and VisPruner's Triton kernels for comparison
-        out += [("divprune[torch]", DivPrune(prune_ratio=ratio, backend="torch")), ("vispruner[torch]", VisPruner(prune_ratio=ratio, backend="torch")),
-                ("vispruner[triton]", VisPruner(prune_ratio=ratio, backend="triton")), ("vispruner[triton_scan]", VisPruner(prune_ratio=ratio, backend="triton_scan"))]
+    if device == "cuda":  # "auto" is Triton (DivPrune) / CUDA (VisPruner) there; the batched-torch rules for comparison
+        out += [("divprune[torch]", DivPrune(prune_ratio=ratio, backend="torch")), ("vispruner[torch]", VisPruner(prune_ratio=ratio, backend="torch"))]
     out += [
         ("hiprune", HiPrune(prune_ratio=ratio)),
         ("prumerge", PruMerge(prune_ratio=ratio)),

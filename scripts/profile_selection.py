@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from bench.measure.latency import capture_graph  # noqa: E402
 from bench.measure.timing import time_fn  # noqa: E402
 from methods.tome import bipartite_soft_matching, merge_wavg, tome_schedule  # noqa: E402
-from methods.vispruner import vispruner_select  # noqa: E402
+from methods.vispruner import cosine_similarity, vispruner_select  # noqa: E402
 
 
 def workloads(device: str, kept: int, g: torch.Generator) -> dict:
@@ -44,7 +44,7 @@ def workloads(device: str, kept: int, g: torch.Generator) -> dict:
     backend = "cuda" if device == "cuda" else "torch"
 
     def vispruner():
-        return vispruner_select(score, feats, kept, 0.5, 8, backend)
+        return vispruner_select.run(backend, score, cosine_similarity(feats), kept // 2, kept - kept // 2, 8)
 
     sched = tome_schedule(576, kept, 23, True)
     blocks, t = [], 577
@@ -56,7 +56,7 @@ def workloads(device: str, kept: int, g: torch.Generator) -> dict:
         t -= r
 
     def tome():
-        return [merge_wavg(bipartite_soft_matching(m, r, True)[0], x, s) for x, m, s, r in blocks]
+        return [merge_wavg(x, s, bipartite_soft_matching(m, r, True)) for x, m, s, r in blocks]
 
     return {"vispruner": vispruner, "tome": tome}
 

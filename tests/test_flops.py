@@ -27,6 +27,7 @@ from bench.measure.flops import (
 )
 from bench.models.llava import LlavaAdapter
 from bench.runner import probe_batch
+
 from methods import registry
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -275,8 +276,8 @@ def test_fvcore_selection_kernels(adapter):
     """Selection matrix products of the kernels that trace with fixed sizes, against the formulas."""
     from bench.measure.flops import CostModel, Shapes, _vision_extras, selection_flops
     from methods.divprune import cosine_distance
-    from methods.tome import bipartite_soft_matching
-    from methods.vispruner import vispruner_select
+    from methods.tome import bipartite_soft_matching, merge_sum
+    from methods.vispruner import cosine_similarity, vispruner_select
 
     cfg = adapter.model.config
     vc = cfg.vision_config
@@ -288,13 +289,14 @@ def test_fvcore_selection_kernels(adapter):
     assert counted == selection_flops(cfg, build("divprune", 0.75), sh)
     # VisPruner: everything but the recomputed CLS row (the tower extras) is the select function
     vp = build("vispruner", 0.75)
-    counted, _ = fvcore_flops(lambda s, f: vispruner_select(s, f, vp.n_keep(n), vp.important_ratio, vp.step), torch.rand(1, n, generator=g), torch.randn(1, n, vc.hidden_size, generator=g))
+    n_imp = int(vp.n_keep(n) * vp.important_ratio)
+    counted, _ = fvcore_flops(lambda s, f: vispruner_select(s, cosine_similarity(f), n_imp, vp.n_keep(n) - n_imp, vp.step), torch.rand(1, n, generator=g), torch.randn(1, n, vc.hidden_size, generator=g))
     assert counted == selection_flops(cfg, vp, sh) - _vision_extras(cfg, vp.needs)
     # ToMe's first block: the matching's A x B cosine (its merge is a baddbmm, which fvcore skips)
     tome = build("tome", 0.5)
     head_dim = vc.hidden_size // vc.num_attention_heads
     r0 = tome.schedule(n, 2, True)[0]
-    counted, skipped = fvcore_flops(lambda m: bipartite_soft_matching(m, r0, True)[0](m), torch.randn(1, n + 1, head_dim, generator=g))
+    counted, skipped = fvcore_flops(lambda m: merge_sum(m, bipartite_soft_matching(m, r0, True)), torch.randn(1, n + 1, head_dim, generator=g))
     first_block_sim = 2 * ((n + 2) // 2) * ((n + 1) // 2) * head_dim
     assert counted == first_block_sim and "aten::baddbmm" in skipped
     assert tome.selection_flops(CostModel(cfg, sh)) > first_block_sim

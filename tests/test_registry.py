@@ -3,6 +3,7 @@ lives in ``methods/<name>.py``, and every method states its name, its selection 
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,17 @@ def test_yaml_name_must_equal_the_file(tmp_path, monkeypatch):
     (tmp_path / "baz.yaml").write_text("# x\nname: baz\n_target_: methods.random.RandomPruning\n")
     with pytest.raises(ConfigError, match="must live in methods/baz.py"):
         registry._read(tmp_path / "baz.yaml")
+
+
+def test_methods_hold_no_kernels_and_no_names():
+    """``methods/`` is plain torch: no Triton import, no kernel source, no repeated ``name`` property."""
+    for path in sorted((ROOT / "methods").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(m.split(".")[0] == "triton" for m in mods), f"{path.name} imports triton"
+            if isinstance(node, ast.FunctionDef) and node.name == "name" and path.name != "base.py":
+                raise AssertionError(f"{path.name} repeats a name property (the registry names methods)")
+        text = path.read_text()
+        assert "__global__" not in text and "@triton.jit" not in text, f"{path.name} holds kernel source"

@@ -1,4 +1,4 @@
-"""The selection kernels of ``methods/select_kernels.py`` against plain loops and against the torch path.
+"""The ranking kernels (``kernels/ranking.py``) and ToMe's (``kernels/tome.py``) against plain loops and their torch rules.
 
 CPU: the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, a fresh subprocess, as in
 ``tests/test_transprune_kernels.py``); the torch path (what CPU runs) must equal the formulations the
@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+from kernels import reference_only
 from triton_interp import run_triton_interpreted
 
 
@@ -51,13 +52,14 @@ def _cases(g: torch.Generator, big: bool):
 
 def check_topk_rank(device: str = "cpu", big: bool = False) -> None:
     """:func:`topk_rank`'s kernel path == the loop reference (every dtype, ties included)."""
-    from methods.select_kernels import topk_rank, use_kernel
+    from kernels import available
+    from methods.ranking import topk_rank
 
     g = torch.Generator().manual_seed(0)
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         for s, k, e in _cases(g, big):
             s = s.to(device, dt)
-            assert use_kernel(s)
+            assert available(s)
             keep, rest = topk_rank(s, k, e)
             assert keep.dtype == rest.dtype == torch.long and keep.shape == (s.shape[0], k) and rest.shape == (s.shape[0], e)
             rk, rr = loop_rank(s.cpu(), k, e)
@@ -78,30 +80,31 @@ def check_tome(device: str = "cpu", big: bool = False) -> None:
     The fused merge adds a destination's sources in fp32 and rounds once: it equals the torch merge run in
     float64 and rounded (bit for bit), and the fp16 torch path wherever a destination has at most one source.
     Where two or more meet, cuBLAS's fp16 one-hot GEMM may round partial sums (it does on the H100)."""
+    import kernels.tome as ktome
     import methods.tome as tome
 
     g = torch.Generator().manual_seed(4)
     # row_max is scores.max(-1) (first index of a tied maximum, NaN above all) with the CLS row at -inf
     s = (torch.randint(0, 7, (2, 40, 30), generator=g) / 6.0).to(device, torch.float16)
     s[1, 5, 3] = float("nan")
-    m, i = tome.row_max(s, protect_first=True)
+    m, i = ktome.row_max(s, protect_first=True)
     s[:, 0] = -math.inf
     want = s.max(dim=-1)
     assert torch.equal(i, want.indices) and torch.equal(m[~m.isnan()], want.values[~want.values.isnan()]) and m[1, 5].isnan()
     # rank=r: the last program of each image ranks the maxima in the same launch (its counter reset for the next)
-    from methods.select_kernels import topk_rank
+    from methods.ranking import topk_rank
 
     g2 = torch.Generator().manual_seed(7)
     for dt in (torch.float32, torch.float16):
         for b, t1, t2, r in ((2, 40, 30, 7), (3, 300, 288, 23), (1, 9, 8, 4)):
             for _ in range(2):
                 s = torch.randn(b, t1, t2, generator=g2).to(device, dt)
-                m, i, unm, src = tome.row_max(s, protect_first=True, rank=r)
-                m2, i2 = tome.row_max(s, protect_first=True)
+                m, i, unm, src = ktome.row_max(s, protect_first=True, rank=r)
+                m2, i2 = ktome.row_max(s, protect_first=True)
                 assert torch.equal(m, m2) and torch.equal(i, i2)
                 want = topk_rank(m2, t1 - r, r, largest=False)
                 assert torch.equal(unm, want[0]) and torch.equal(src, want[1]), (dt, b, t1, r)
-    assert int(tome._counters(torch.device(device), 1).abs().sum()) == 0
+    assert int(ktome._counters(torch.device(device), 1).abs().sum()) == 0
     cfgs = [(1, 577, 64, 1024, 23), (2, 289, 64, 1024, 48), (1, 65, 64, 64, 32)] if big else [(1, 33, 8, 16, 5), (2, 20, 8, 8, 9)]
     # bf16 on the GPU only: the interpreter truncates to bf16 instead of rounding
     dtypes = (torch.float32, torch.float16, torch.bfloat16) if device == "cuda" else (torch.float32, torch.float16)
@@ -111,15 +114,11 @@ def check_tome(device: str = "cpu", big: bool = False) -> None:
                 metric = torch.randn(b, t, d, generator=g).to(device, dt)
                 x = torch.randn(b, t, c, generator=g).to(device, dt)
                 size = torch.randint(1, 4, (b, t, 1), generator=g).to(device, dt) if with_size else None
-                merge, _ = tome.bipartite_soft_matching(metric, r, True)
-                out = tome.merge_wavg(merge, x, size)
-                orig = tome.use_kernel
-                tome.use_kernel = lambda s: False
-                try:
-                    merge_ref, _ = tome.bipartite_soft_matching(metric, r, True)
-                finally:
-                    tome.use_kernel = orig
-                ref = tome.merge_wavg(merge_ref, x, size)
+                m = tome.bipartite_soft_matching(metric, r, True)
+                out = tome.merge_wavg(x, size, m)
+                with reference_only():
+                    m_ref = tome.bipartite_soft_matching(metric, r, True)
+                    ref = tome.merge_wavg(x, size, m_ref)
                 case = (b, t, r, dt, with_size)
                 if dt != torch.bfloat16:  # bf16 scores tie often: argsort leaves ties unordered, the kernel goes by index
                     assert torch.equal(out[1], ref[1]), case  # the same matches: the same merged sizes
@@ -127,19 +126,20 @@ def check_tome(device: str = "cpu", big: bool = False) -> None:
                     assert torch.equal(out[0], ref[0]), case
                     continue
                 xs = x if size is None else x * size
-                exact = merge(xs.double(), mode="sum").to(dt)
+                exact = tome.merge_sum(xs.double(), m).to(dt)
                 assert torch.equal(out[0], (exact.float() / out[1].float()).to(dt)), case
-                sources = merge(torch.ones_like(x[..., :1]).double(), mode="sum") - 1  # per output row
+                sources = tome.merge_sum(torch.ones_like(x[..., :1]).double(), m) - 1  # per output row
                 one = (sources <= 1).expand_as(out[0])
                 if dt != torch.bfloat16:
                     assert torch.equal(out[0][one], ref[0][one]), case
 
 
 def check_l2_normalize(device: str = "cpu", big: bool = False) -> None:
-    """ToMe's fused ``metric / metric.norm(dim=-1)`` kernel rounds as :func:`~methods.tome.norm_tree` says, in both
-    orders (interpreter and GPU); on the GPU, :func:`~methods.tome.l2_normalize` equals torch's two kernels bit
+    """ToMe's fused ``metric / metric.norm(dim=-1)`` kernel rounds as :func:`~kernels.tome.norm_tree` says, in both
+    orders (interpreter and GPU); on the GPU, :func:`methods.tome.normalize` equals torch's two kernels bit
     for bit (fp32 / fp16 / bf16, rows spanning a wide range of magnitudes, zero rows included)."""
-    from methods import tome
+    from kernels import tome
+    from methods.tome import normalize
 
     g = torch.Generator().manual_seed(5)
     dtypes = (torch.float32, torch.float16, torch.bfloat16) if device == "cuda" else (torch.float32, torch.float16)
@@ -156,14 +156,13 @@ def check_l2_normalize(device: str = "cpu", big: bool = False) -> None:
             if device == "cuda":
                 m = x.to(device).view(1, n, d)
                 assert tome.torch_norm_order(m.device, d) is not None, d
-                assert torch.equal(tome.l2_normalize(m).nan_to_num(), (m / m.norm(dim=-1, keepdim=True)).nan_to_num()), (d, dt)
+                assert torch.equal(normalize(m).nan_to_num(), (m / m.norm(dim=-1, keepdim=True)).nan_to_num()), (d, dt)
 
 
 def check_matches_torch(device: str = "cpu", big: bool = False) -> None:
     """On distinct scores the kernel equals ``topk`` + ``sort`` (the torch path) exactly; the smallest values
     equal ``topk(largest=False).values`` whatever the ties; :func:`dpc_scores` equals its torch path."""
-    from methods.fastv import topk_sorted
-    from methods.select_kernels import dpc_scores, dpc_scores_torch, smallest_sorted, topk_rank
+    from methods.ranking import dpc_scores, smallest_sorted, topk_rank, topk_sorted
 
     g = torch.Generator().manual_seed(1)
     shapes = [(1, 576, 64, 154), (16, 576, 48, 159), (3, 576, 504, 0)] if big else [(2, 96, 20, 30), (1, 33, 1, 0)]
@@ -171,7 +170,7 @@ def check_matches_torch(device: str = "cpu", big: bool = False) -> None:
         for b, n, k, e in shapes:
             s = torch.stack([torch.randperm(n, generator=g) for _ in range(b)]).float() / n  # distinct in every dtype
             s = s.to(device, dt)
-            got, want = topk_rank(s, k, e), topk_rank(s, k, e, force_torch=True)
+            got, want = topk_rank(s, k, e), topk_rank.reference(s, k, e)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (dt, b, n, k, e)
             assert torch.equal(topk_sorted(s, k), want[0])
         for b, m, c in ((1, 159, 16), (2, 13, 2), (3, 40, 5)) if big else ((1, 20, 3), (2, 9, 2)):
@@ -181,7 +180,7 @@ def check_matches_torch(device: str = "cpu", big: bool = False) -> None:
             assert torch.equal(smallest_sorted(dist, c), dist.topk(c, dim=-1, largest=False).values), (dt, b, m, c)
             den = torch.rand(b, m, generator=g).to(device, dt)
             den[:, 2] = den[:, 3]  # equal densities: neither is the other's parent
-            assert torch.equal(dpc_scores(dist, den), dpc_scores_torch(dist, den)), (dt, b, m)
+            assert torch.equal(dpc_scores(dist, den), dpc_scores.reference(dist, den)), (dt, b, m)
 
 
 class _View:
@@ -207,7 +206,6 @@ class _View:
 
 def check_sparsevlm(device: str = "cpu", big: bool = False) -> None:
     """:meth:`SparseVLM.prune` keeps and merges exactly what it did with ``topk`` + ``sort`` (the torch path)."""
-    import methods.select_kernels as sk
     from methods.inllm import Stage
     from methods.sparsevlm import SparseVLM, merge_counts
 
@@ -224,12 +222,8 @@ def check_sparsevlm(device: str = "cpu", big: bool = False) -> None:
         jitter = (torch.rand(b, cand, generator=g) * 1e-6).to(device, dt)
         stage = Stage(3, k + c, True, n_select=k)
         out = SparseVLM(prune_ratio=0.5).prune(0, stage, _View(attn, embeds, hidden, s0, n, jitter))
-        orig = sk.use_kernel
-        sk.use_kernel = lambda x: False
-        try:
+        with reference_only():
             ref = SparseVLM(prune_ratio=0.5).prune(0, stage, _View(attn, embeds, hidden, s0, n, jitter))
-        finally:
-            sk.use_kernel = orig
         assert torch.equal(out.keep, ref.keep), (b, n, k)
         assert torch.equal(out.extra, ref.extra), (b, n, k)
 
@@ -248,13 +242,13 @@ def test_kernels_interpreted():
 
 def test_torch_path_is_the_previous_formulation():
     """CPU (no interpreter) takes the torch path, which is exactly what the methods computed before."""
-    from methods.fastv import topk_sorted
-    from methods.select_kernels import dpc_scores, smallest_sorted, topk_rank, use_kernel
+    from kernels import available
+    from methods.ranking import dpc_scores, smallest_sorted, topk_rank, topk_sorted
 
     g = torch.Generator().manual_seed(3)
     s = (torch.randint(0, 6, (3, 50), generator=g) / 5.0)  # ties: whatever torch.topk does with them
     if os.environ.get("TRITON_INTERPRET") != "1":
-        assert not use_kernel(s)
+        assert not available(s)
     top = s.topk(20 + 7, dim=1).indices
     keep, rest = topk_rank(s, 20, 7)
     assert torch.equal(keep, top[:, :20].sort(dim=1).values) and torch.equal(rest, top[:, 20:])
@@ -276,7 +270,7 @@ def test_norm_tree_is_atens_reduce_order():
     with decreasing or increasing offsets; then the IEEE square root."""
     import numpy as np
 
-    from methods.tome import norm_tree
+    from kernels.tome import norm_tree
 
     g = torch.Generator().manual_seed(6)
     for d in (1, 2, 8, 32, 64):
@@ -314,7 +308,7 @@ def test_loop_reference_rank_rule():
 
 
 def test_topk_rank_validates_counts():
-    from methods.select_kernels import topk_rank
+    from methods.ranking import topk_rank
 
     with pytest.raises(ValueError, match="k \\+ extra"):
         topk_rank(torch.zeros(1, 4), 3, 2)
@@ -342,7 +336,7 @@ def test_kernels_cuda():
 def test_topk_rank_graph_capture_cuda():
     """No host synchronisation: the kernel path captures in a CUDA graph and replays on new scores."""
     pytest.importorskip("triton")
-    from methods.select_kernels import topk_rank
+    from methods.ranking import topk_rank
 
     s = torch.randn(1, 576, device="cuda")
     topk_rank(s, 64, 154)  # compile outside the capture
@@ -351,5 +345,5 @@ def test_topk_rank_graph_capture_cuda():
         keep, rest = topk_rank(s, 64, 154)
     s.copy_(torch.randn(1, 576, device="cuda"))
     graph.replay()
-    ref = topk_rank(s, 64, 154, force_torch=True)
+    ref = topk_rank.reference(s, 64, 154)
     assert torch.equal(keep, ref[0]) and torch.equal(rest, ref[1])

@@ -1,4 +1,4 @@
-"""TransPrune's Triton kernels (``methods/transprune.py``) against its torch path.
+"""TransPrune's Triton kernels (``kernels/transprune.py``) against its torch rule (``methods/transprune.py``).
 
 CPU: the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, a fresh subprocess, as in
 ``tests/test_vision_methods.py``). GPU (``-m gpu``): the compiled kernels on CUDA, fp16 included, at
@@ -20,25 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------- checks (CPU interpreter or CUDA)
-class _View:
-    """The parts of a StageView that :func:`methods.transprune._score_torch` reads."""
-
-    def __init__(self, vis_start: torch.Tensor, n: int):
-        self.vis_start, self.n_vis = vis_start, n
-        self.uniform_start = bool((vis_start == vis_start[0]).all())
-        self.vis_start_min = int(vis_start.min())
-
-    def visual(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        from methods.inllm import visual_block, visual_columns
-
-        if self.uniform_start:
-            return x.narrow(dim, self.vis_start_min, self.n_vis)
-        return visual_block(x, self.vis_start, self.n_vis) if dim == 1 else visual_columns(x, self.vis_start, self.n_vis)
-
-
 def check_stats(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     """One-launch statistics == torch reductions of the fp32-cast inputs (hidden dims below, at and above one block)."""
-    from methods.transprune import _launch_stats, _token_stats
+    from kernels.transprune import _launch_stats
+    from methods.transprune import token_stats as _token_stats
 
     g = torch.Generator().manual_seed(0)
     shapes = [(2, 37, 40), (1, 3, 5000)] if device == "cpu" else [(1, 636, 4096), (16, 636, 4096), (16, 124, 4096), (2, 9, 5000)]
@@ -60,7 +45,8 @@ def check_stats(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None
 
 def check_stats_group(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     """All sublayers of a stage in one launch == one ``_stats`` launch per sublayer, bit for bit."""
-    from methods.transprune import _launch_stats, _launch_stats_group
+    from kernels.transprune import _launch_stats, _launch_stats_group
+    from methods.transprune import sublayer_stats
 
     g = torch.Generator().manual_seed(2)
     cases = [(1, 2, 37, 40), (3, 1, 9, 5000), (7, 2, 5, 64)] if device == "cpu" else \
@@ -77,6 +63,7 @@ def check_stats_group(device: str = "cpu", dtype: torch.dtype = torch.float32) -
         for j, (x_in, x_out) in enumerate(pairs):
             _launch_stats(x_in, x_out, ref[:, j])
         assert torch.equal(got, ref), (n_pairs, b, t, d)
+        assert torch.equal(sublayer_stats.run("triton", pairs), ref)  # the dispatch's fast path
 
 
 def _finish_case(g, device, b, t, n, q, h, padded, has_stats, has_prev, n_sub, attn_dtype):
@@ -106,9 +93,10 @@ def _finish_case(g, device, b, t, n, q, h, padded, has_stats, has_prev, n_sub, a
 
 
 def check_finish(device: str = "cpu") -> None:
-    """The one-launch stage finish == :func:`_score_torch` (accumulated TTV, score, and the top-k kept)."""
-    from methods.fastv import topk_sorted
-    from methods.transprune import _launch_finish, _score_torch
+    """The one-launch stage finish == :func:`methods.transprune.transprune_score` (accumulated TTV, score, and the top-k kept)."""
+    from kernels.transprune import transprune_score as fast
+    from methods.ranking import topk_sorted
+    from methods.transprune import transprune_score
 
     g = torch.Generator().manual_seed(1)
     cases = [  # b, t, n, q, h, padded, stats, prev, n_sub, attn dtype
@@ -125,8 +113,9 @@ def check_finish(device: str = "cpu") -> None:
                   (4, 700, 576, 60, 32, True, True, False, 2, torch.bfloat16)]
     for b, t, n, q, h, padded, has_stats, has_prev, n_sub, dt in cases:
         stats, valid, vs, prev, attn, q_valid = _finish_case(g, device, b, t, n, q, h, padded, has_stats, has_prev, n_sub, dt)
-        ttv_t, score_t = _score_torch(stats, valid, _View(vs, n), prev, attn, q_valid)
-        ttv_k, score_k = _launch_finish(stats, valid, vs, prev, attn.mean(1), q_valid, n)
+        uniform = bool((vs == vs[0]).all())
+        ttv_t, score_t = transprune_score.reference(stats, valid, vs, prev, attn.mean(1), q_valid, n, uniform)
+        ttv_k, score_k = fast(stats, valid, vs, prev, attn.mean(1), q_valid, n, uniform)
         assert (ttv_t is None) == (ttv_k is None) == (not has_stats and not has_prev)
         if ttv_t is not None:
             torch.testing.assert_close(ttv_k, ttv_t, rtol=1e-5, atol=1e-7)
@@ -191,12 +180,16 @@ _IMPORT = ("import sys, torch\nsys.path.insert(0, 'tests')\ntorch.set_num_thread
 # ----------------------------------------------------------------------------- CPU
 def test_backend_is_validated():
     from bench.errors import ConfigError
-    from methods.transprune import TransPrune, _use_triton
+    from kernels import interpreting
+    from methods.transprune import TransPrune, sublayer_stats
 
     with pytest.raises(ConfigError, match="backend"):
         TransPrune(prune_ratio=0.5, backend="cuda")
     x = torch.zeros(2, 3, dtype=torch.float16)
-    assert not _use_triton("auto", x) and not _use_triton("torch", x)  # CPU tensors: torch
+    assert interpreting() or not sublayer_stats.takes([(x, x)])  # CPU tensors: torch
+    if not interpreting():
+        with pytest.raises(ConfigError, match="backend=triton needs CUDA"):
+            sublayer_stats.run("triton", [(x, x)])
 
 
 def test_stats_and_finish_kernels_interpreted():
@@ -235,8 +228,10 @@ def test_finish_kernel_cuda():
 @pytest.mark.gpu
 def test_triton_backend_keeps_what_torch_keeps_cuda():
     pytest.importorskip("triton")
-    from methods.transprune import _use_triton
+    from methods.transprune import sublayer_stats, transprune_score
 
-    assert _use_triton("auto", torch.zeros(1, device="cuda", dtype=torch.float16))  # the default backend on CUDA fp16
+    x = torch.zeros(1, 2, 8, device="cuda", dtype=torch.float16)
+    assert sublayer_stats.takes([(x, x)]) and transprune_score.takes(None, None, None, None, x[:, :, :1], None, 1)  # auto on CUDA fp16
+    assert not sublayer_stats.takes([(x.float(), x.float())])  # fp32: the torch rule unless backend=triton
     check_end_to_end("cuda", torch.float32)
     check_end_to_end("cuda", torch.float16)

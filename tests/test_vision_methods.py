@@ -67,15 +67,18 @@ def test_divprune_matches_reference(ratio):
 
 
 def test_divprune_triton_kernel_equals_torch_loop():
-    """The one-launch Triton kernel, run by Triton's CPU interpreter, picks what the torch loop picks."""
+    """The one-launch Triton kernel, run by Triton's CPU interpreter, picks what the torch loop picks (also
+    through the dispatch: ``auto`` takes the kernel under the interpreter)."""
     pytest.importorskip("triton")
     code = (
         "import torch\n"
-        "from methods.divprune import cosine_distance, greedy_maxmin_torch, greedy_maxmin_triton\n"
+        "import kernels.divprune\n"
+        "from methods.divprune import cosine_distance, greedy_maxmin\n"
         "x = torch.randn(2, 576, 16, generator=torch.Generator().manual_seed(0))\n"
         "d = cosine_distance(x)\n"
-        "a = greedy_maxmin_torch(d, 12); b = greedy_maxmin_triton(d, 12)\n"
+        "a = greedy_maxmin.reference(d, 12); b = kernels.divprune.greedy_maxmin(d, 12)\n"
         "assert torch.equal(a, b), (a, b)\n"
+        "assert greedy_maxmin.takes(d) and torch.equal(greedy_maxmin(d, 12), a)\n"
         "print('ok')\n"
     )
     run_triton_interpreted(code, timeout=120)
@@ -237,8 +240,7 @@ def test_tome_matching_matches_reference(r, class_token):
         x = torch.randn(2, 300, 16, generator=g)
         metric = torch.randn(2, 300, 8, generator=g)
         size = torch.randint(1, 4, (2, 300, 1), generator=g).float()
-        merge, _ = bipartite_soft_matching(metric, r, class_token)
-        y, s = merge_wavg(merge, x, size)
+        y, s = merge_wavg(x, size, bipartite_soft_matching(metric, r, class_token))
         for b in range(2):
             ry, rs = ref_tome_merge(x[b], size[b], metric[b], r, class_token)
             torch.testing.assert_close(y[b], ry, rtol=1e-5, atol=1e-5)
@@ -491,16 +493,6 @@ def test_tome_merging_tower_needs_no_host_values(tiny_dir):
     assert out.device.type == "meta" and out.shape[1] == 144
 
 
-def test_vispruner_triton_backend_refused_on_cpu():
-    from bench.errors import ConfigError
-    from methods.vispruner import VisPruner
-
-    m = VisPruner(prune_ratio=0.9, backend="triton_scan")
-    t = random_extras(1, d=32, gen=gen(0))
-    with pytest.raises(ConfigError, match="needs CUDA"):
-        m.select(torch.zeros(1, 576, 8), ctx_from(t, m.needs))
-
-
 def test_vispruner_cuda_backend_refused_on_cpu():
     from bench.errors import ConfigError
     from methods.vispruner import VisPruner
@@ -519,7 +511,7 @@ def test_vispruner_cuda_source_compiles():
     for every pair of similarity and score dtypes; it runs in the GPU tests below."""
     import torch.cuda._utils as cu
 
-    from methods.vispruner import cuda_source
+    from kernels.vispruner import cuda_source
 
     try:
         cu._get_gpu_rtc_library()
@@ -532,36 +524,6 @@ def test_vispruner_cuda_source_compiles():
             assert name == "vispruner_select" and len(binary) > 1000
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         cuda_source(torch.float64, torch.float16)
-
-
-def test_vispruner_triton_kernel_equals_torch_rounds():
-    """The one-launch de-duplication kernels (gather and sorted-row scan), run by Triton's CPU interpreter, keep
-    what the torch rounds keep (including fp16-rounded similarities and repeated features, where ties are common
-    and go to the earlier list position; 560 -> 3 leaves odd sets of a few tokens, so the scan reads deep into its
-    rows; 1100 residual tokens take the widest tile)."""
-    pytest.importorskip("triton")
-    code = (
-        "import torch\n"
-        "from methods.vispruner import dedup_torch, dedup_triton\n"
-        "g = torch.Generator().manual_seed(0)\n"
-        "cases = [(100, 90, 7, True), (100, 91, 12, False), (64, 40, 0, False), (300, 280, 20, True), (576, 544, 32, 'fp16'),\n"
-        "         (576, 560, 3, 'fp16'), (576, 544, 32, 'dup'), (1200, 1100, 16, 'fp16')]\n"
-        "for n, r0, n_div, half in cases:\n"
-        "    x = torch.randn(2, n, 16, generator=g)\n"
-        "    if half == 'dup':  # 40 distinct features repeated: whole runs of exactly equal similarities\n"
-        "        x = x[:, torch.randint(0, 40, (n,), generator=g)]\n"
-        "    xn = x / x.norm(dim=-1, keepdim=True)\n"
-        "    sim = xn @ xn.transpose(1, 2)\n"
-        "    sim = sim.half() if half in ('fp16', 'dup') else (sim.half().float() if half else sim)\n"
-        "    res = torch.stack([torch.randperm(n, generator=g)[:r0] for _ in range(2)])\n"
-        "    a = dedup_torch(sim, res, n_div, 8); b = dedup_triton(sim, res, n_div, 8, scan=True)\n"
-        "    assert torch.equal(a, b), ('scan', n, r0, a, b)\n"
-        "    if n < 576:  # the gather kernel is slow under the interpreter\n"
-        "        b = dedup_triton(sim, res, n_div, 8)\n"
-        "        assert torch.equal(a, b), (n, r0, a, b)\n"
-        "print('ok')\n"
-    )
-    run_triton_interpreted(code, timeout=300)
 
 
 def test_graph_cache_replays_and_keys_by_shape():
@@ -592,7 +554,7 @@ def cuda_llava():
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("ratio", [0.6667, 0.8889])
-@pytest.mark.parametrize("name,kw", GRAPH_SAFE + [("divprune", {"backend": "triton"}), ("vispruner", {"backend": "triton"}), ("vispruner", {"backend": "triton_scan"}), ("vispruner", {"backend": "cuda"})], ids=[n + "-" + "".join(kw.values()) for n, kw in GRAPH_SAFE] + ["divprune-triton", "vispruner-triton", "vispruner-triton_scan", "vispruner-cuda"])
+@pytest.mark.parametrize("name,kw", GRAPH_SAFE + [("divprune", {"backend": "triton"}), ("vispruner", {"backend": "cuda"})], ids=[n + "-" + "".join(kw.values()) for n, kw in GRAPH_SAFE] + ["divprune-triton", "vispruner-cuda"])
 def test_graph_selection_equals_eager_cuda(cuda_llava, name, kw, ratio):
     from bench.models.clip_extras import GraphedSelection, build_extras
     from methods.base import VisionContext
@@ -628,24 +590,30 @@ def test_graph_selection_equals_eager_cuda(cuda_llava, name, kw, ratio):
         assert torch.equal(graphed(feats2, hidden2).features, ref2.features)
 
 
+def _vispruner_select(score, feats, keep, important_ratio, backend):
+    """VisPruner's picks from scores and features, as :meth:`VisPruner.select` computes them."""
+    from methods.vispruner import cosine_similarity, vispruner_select
+
+    n_imp = int(keep * important_ratio)
+    return vispruner_select.run(backend, score, cosine_similarity(feats), n_imp, keep - n_imp, 8)
+
+
 @gpu
 @pytest.mark.gpu
-def test_triton_backends_equal_torch_cuda(cuda_llava):
-    from methods.divprune import cosine_distance, greedy_maxmin_torch, greedy_maxmin_triton
-    from methods.vispruner import vispruner_select
+def test_kernel_backends_equal_torch_cuda(cuda_llava):
+    from methods.divprune import cosine_distance, greedy_maxmin
 
     g = torch.Generator(device="cuda").manual_seed(2)
     for dtype in (torch.float32, torch.float16):
         x = torch.randn(4, 576, 1024, device="cuda", dtype=dtype, generator=g)
         score = torch.rand(4, 576, device="cuda", generator=g)
         for keep in (192, 128, 64):
-            if dtype == torch.float16:  # VisPruner's auto backend uses Triton for float16 only (see VisPruner.select)
-                assert torch.equal(vispruner_select(score, x, keep, 0.5, backend="triton"), vispruner_select(score, x, keep, 0.5, backend="torch"))
-            ref = vispruner_select(score, x, keep, 0.5, backend="torch")
-            assert torch.equal(vispruner_select(score, x, keep, 0.5, backend="triton_scan"), ref)
-            assert torch.equal(vispruner_select(score, x, keep, 0.5, backend="cuda"), ref)
+            ref = _vispruner_select(score, x, keep, 0.5, backend="torch")
+            assert torch.equal(_vispruner_select(score, x, keep, 0.5, backend="cuda"), ref)
+            assert torch.equal(_vispruner_select(score, x, keep, 0.5, backend="auto"), ref)
             d = cosine_distance(x)
-            assert torch.equal(greedy_maxmin_triton(d, keep), greedy_maxmin_torch(d, keep))
+            assert greedy_maxmin.takes(d)
+            assert torch.equal(greedy_maxmin.run("triton", d, keep), greedy_maxmin.reference(d, keep))
 
 
 @gpu
@@ -656,8 +624,6 @@ def test_vispruner_cuda_equals_torch_cuda():
     round, every token kept, no important or no diverse token; repeated features (runs of equal
     similarities), a zero feature (NaN similarities), tied scores and a NaN score (ranked first, as the
     stable descending argsort does)."""
-    from methods.vispruner import vispruner_select
-
     g = torch.Generator(device="cuda").manual_seed(0)
     cases = [(100, 30, 0.5, 1), (100, 17, 0.3, 3), (64, 40, 1.0, 2), (64, 40, 0.0, 2), (300, 40, 0.5, 2), (576, 64, 0.5, 1), (576, 64, 0.5, 16),
              (576, 16, 0.75, 2), (576, 192, 0.5, 4), (576, 128, 0.25, 1), (1200, 116, 0.5, 2), (2880, 320, 0.5, 2), (576, 576, 0.5, 1),
@@ -678,8 +644,8 @@ def test_vispruner_cuda_equals_torch_cuda():
                     if kind == "scorenan":
                         score[:, 7] = float("nan")
                     x, score = x.to(fdt), score.to(sdt)
-                    got = vispruner_select(score, x, keep, imp, backend="cuda")
-                    assert torch.equal(got, vispruner_select(score, x, keep, imp, backend="torch")), (fdt, sdt, n, keep, imp, b, kind)
+                    got = _vispruner_select(score, x, keep, imp, backend="cuda")
+                    assert torch.equal(got, _vispruner_select(score, x, keep, imp, backend="torch")), (fdt, sdt, n, keep, imp, b, kind)
 
 
 @gpu

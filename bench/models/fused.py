@@ -22,7 +22,8 @@ Here each is one read and one write.
   the scoring recompute (the layer itself still runs its own norm on the kept tokens); the selections
   it feeds are exact comparisons of attention rows that are themselves fp16-rounded.
 
-Both need CUDA, Triton and a half/bfloat16 tensor (:func:`available`); callers fall back to torch.
+Both need CUDA, Triton and a half/bfloat16 tensor (``kernels.available(x, dtypes=kernels.HALF)``, the one
+availability check of every fast path); callers fall back to torch.
 """
 
 from __future__ import annotations
@@ -30,17 +31,6 @@ from __future__ import annotations
 import torch
 
 _K: dict = {}
-
-
-def available(x: torch.Tensor) -> bool:
-    """``x`` is a CUDA half/bfloat16 tensor and Triton imports."""
-    if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _kernels() -> dict:

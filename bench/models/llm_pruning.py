@@ -67,6 +67,7 @@ import torch
 
 from bench.errors import IncompatibleMethodError
 from bench.models import fused
+from kernels import HALF, available
 
 __all__ = ["apply_rope", "attention_rows", "prune_in_llm", "rms_norm", "rope_table"]
 
@@ -104,7 +105,7 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor, heads_first: bool = True) -
     the two that land on each half (IEEE addition commutes): no ``roll``/``neg``/``cat`` of ``x`` and two
     passes over it instead of four.
     """
-    if fused.available(x) and table.dtype == x.dtype:  # the same values in one kernel (one read, one write)
+    if available(x, dtypes=HALF) and table.dtype == x.dtype:  # the same values in one kernel (one read, one write)
         return fused.rope(x, table, heads_first)
     b, t, h, d = x.shape
     xs = x.view(b, t, h, 2, 1, d // 2)
@@ -133,7 +134,7 @@ def rms_norm(norm: torch.nn.Module, x: torch.Tensor, exact: bool = True) -> torc
     if (type(norm).__name__ != "LlamaRMSNorm" or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16)
             or norm._forward_hooks or norm._forward_pre_hooks or norm.weight.dtype != x.dtype):
         return norm(x)
-    if not exact and fused.available(x):
+    if not exact and available(x, dtypes=HALF):
         return fused.rms_norm(norm, x)
     var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
     y = torch.empty_like(x)

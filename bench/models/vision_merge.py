@@ -39,9 +39,9 @@ def _attention(layer, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch
 
 def merge_step(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor, r: int, class_token: bool):
     """ToMe's per-block matching + size-weighted merge: ``(B, T, C)`` -> ``(B, T - r, C)`` and sizes."""
-    merge, _ = bipartite_soft_matching(metric, r, class_token)
+    m = bipartite_soft_matching(metric, r, class_token)
     if size is not None or r > 0:  # ToMe's merge_wavg with r = 0 still rescales by size / size
-        x, size = merge_wavg(merge, x, size)
+        x, size = merge_wavg(x, size, m)
     return x, size
 
 

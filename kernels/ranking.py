@@ -1,4 +1,4 @@
-"""Top-k selection of visual tokens in one GPU kernel (Triton), for the in-LLM methods' scoring paths.
+"""Fast paths of :mod:`methods.ranking`: top-k selection of visual tokens in one GPU kernel (Triton).
 
 Why: at batch 1 an in-LLM prefill is launch-bound, and ``scores.topk(k + extra)`` followed by
 ``top[:, :k].sort()`` costs five to seven kernels per stage on CUDA (the radix select, a sort of the
@@ -15,14 +15,12 @@ an unspecified rule (CUDA: the set by lower index, the sorted order not stable; 
 ties only this kernel follows the rule above.
 
 The kernel handles rows of up to :data:`MAX_N` scores (fp16 / bf16: 16-bit keys in int32; fp32: 32-bit
-keys in int64); longer rows, CPU tensors without the interpreter, a missing Triton, or a
-``torch.compile`` trace take the torch path (``topk`` + ``sort``, what the methods computed before).
+keys in int64); it declines longer rows, and :func:`kernels.available` sends CPU tensors (without the
+interpreter), a missing Triton or a ``torch.compile`` trace to the torch rule (``topk`` + ``sort``).
 No host synchronisation: capturable in a CUDA graph.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -139,81 +137,28 @@ def _kernels() -> dict:
     return _KERNELS
 
 
-def use_kernel(scores: torch.Tensor) -> bool:
-    """Whether :func:`topk_rank` runs the Triton kernel for ``scores`` (else the torch path)."""
-    if scores.dim() != 2 or scores.shape[1] > MAX_N or scores.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    if not scores.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    if torch.compiler.is_compiling():  # a traced forward keeps ATen's ops (the compiler fuses those)
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def topk_rank_torch(scores: torch.Tensor, k: int, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch path of :func:`topk_rank`: ``topk`` then ``sort`` of the kept (ties as ``torch.topk``)."""
-    if k == 0:
-        rest = scores.topk(extra, dim=1).indices
-        return rest.new_empty(rest.shape[0], 0), rest
-    if extra == 0:  # the set is all that is needed: an unordered ``topk`` (one kernel less on CUDA)
-        keep = scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
-        return keep, keep.new_empty(keep.shape[0], 0)
-    top = scores.topk(k + extra, dim=1).indices
-    return top[:, :k].sort(dim=1).values, top[:, k:]
-
-
-def topk_rank(scores: torch.Tensor, k: int, extra: int = 0, *, largest: bool = True, num_warps: int | None = None,
-              force_torch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the ``k`` best scores per row in index order, and of the next ``extra`` in rank order.
-
-    Parameters
-    ----------
-    scores : torch.Tensor
-        ``(B, N)`` fp16 / bf16 / fp32.
-    k, extra : int
-        ``k >= 0``, ``extra >= 0``, ``k + extra <= N``.
-    largest : bool
-        ``False``: rank the smallest score first instead (ties still by lower index; the torch path ranks
-        the negated scores, an exact negation).
-    num_warps : int, optional
-        Warps per program of the kernel (default: by row length).
-    force_torch : bool
-        Take the torch path (tests, timing baselines).
-
-    Returns
-    -------
-    keep : torch.LongTensor
-        ``(B, k)``: the ranks ``0 .. k-1`` (module docstring: higher score first, ties by lower index),
-        sorted ascending by index.
-    rest : torch.LongTensor
-        ``(B, extra)``: the ranks ``k .. k+extra-1``, in rank order (descending score).
-    """
-    n = scores.shape[1]
-    if k < 0 or extra < 0 or k + extra > n:
-        raise ValueError(f"topk_rank: need 0 <= k, 0 <= extra, k + extra <= N; got k={k}, extra={extra}, N={n}")
-    if force_torch or not use_kernel(scores):
-        return topk_rank_torch(scores if largest else scores.neg(), k, extra)
+def topk_rank(scores: torch.Tensor, k: int, extra: int = 0, *, largest: bool = True, num_warps: int | None = None):
+    """:func:`methods.ranking.topk_rank` in one launch (``num_warps``: warps per program, default by row length)."""
+    if scores.dim() != 2 or scores.shape[1] > MAX_N:
+        return NotImplemented
+    _check_counts(scores.shape[1], k, extra)
     keep, rest, _ = _launch(scores, k, extra, largest=largest, values=False, num_warps=num_warps)
     return keep, rest
 
 
-def smallest_sorted(x: torch.Tensor, k: int, *, num_warps: int | None = None,
-                    force_torch: bool = False) -> torch.Tensor:
-    """``x.topk(k, dim=-1, largest=False).values``: the ``k`` smallest values of each row, ascending.
-
-    ``x`` ``(..., N)``; the kernel path returns the very values (loaded from ``x``), so it equals
-    ``torch.topk`` bit for bit whatever the ties (equal values are interchangeable).
-    """
+def smallest_sorted(x: torch.Tensor, k: int, *, num_warps: int | None = None) -> torch.Tensor:
+    """:func:`methods.ranking.smallest_sorted` in one launch: the values are loaded from ``x``, so they equal
+    ``torch.topk``'s bit for bit whatever the ties (equal values are interchangeable)."""
     n = x.shape[-1]
-    rows = x.reshape(-1, n)
-    if force_torch or not use_kernel(rows) or not 0 < k <= n:
-        return x.topk(k, dim=-1, largest=False).values
-    _, _, vals = _launch(rows, 0, k, largest=False, values=True, num_warps=num_warps)
+    if n > MAX_N or not 0 < k <= n:
+        return NotImplemented
+    _, _, vals = _launch(x.reshape(-1, n), 0, k, largest=False, values=True, num_warps=num_warps)
     return vals.view(*x.shape[:-1], k)
+
+
+def _check_counts(n: int, k: int, extra: int) -> None:
+    if k < 0 or extra < 0 or k + extra > n:
+        raise ValueError(f"topk_rank: need 0 <= k, 0 <= extra, k + extra <= N; got k={k}, extra={extra}, N={n}")
 
 
 def _launch(scores: torch.Tensor, k: int, extra: int, largest: bool, values: bool, num_warps: int | None):
@@ -238,28 +183,13 @@ def _launch(scores: torch.Tensor, k: int, extra: int, largest: bool, values: boo
     return keep, rest, vals
 
 
-def dpc_scores_torch(dist: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
-    """The torch path of :func:`dpc_scores` (five kernels on CUDA)."""
-    b = dist.shape[0]
-    higher = density[:, None, :] > density[:, :, None]
-    dist_max = dist.flatten(1).max(-1).values.view(b, 1, 1)
-    parent_dist = torch.where(higher, dist, dist_max).min(-1).values
-    return parent_dist * density
-
-
-def dpc_scores(dist: torch.Tensor, density: torch.Tensor, *, force_torch: bool = False) -> torch.Tensor:
-    """DPC-kNN centre scores ``(B, M)``: ``density * (distance to the nearest denser token)``.
-
-    ``dist`` ``(B, M, M)``, ``density`` ``(B, M)``, one dtype. A token with no denser token takes the
-    largest distance of its sample, as the official ``dist * mask + dist_max * (1 - mask)`` then ``min``.
-    On CUDA (``M <= MAX_N``, no NaN) one kernel that equals the torch path bit for bit: comparisons,
-    ``max`` and ``min`` are exact, and the product of two model-dtype values is exact in fp32 and
-    rounded once, as ATen's opmath multiply.
-    """
+def dpc_scores(dist: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
+    """:func:`methods.ranking.dpc_scores` in one launch (``M <= MAX_N``), bit for bit: comparisons, ``max`` and
+    ``min`` are exact, and the product of two model-dtype values is exact in fp32 and rounded once, as ATen's
+    opmath multiply."""
     b, m, _ = dist.shape
-    if (force_torch or dist.dtype != density.dtype or not use_kernel(dist.view(b, -1)[:, :1]) or m > MAX_N
-            or m == 0 or b == 0):
-        return dpc_scores_torch(dist, density)
+    if dist.dtype != density.dtype or m > MAX_N or m == 0 or b == 0:
+        return NotImplemented
     kern = _kernels()
     dist = dist.contiguous()
     density = density.contiguous()
