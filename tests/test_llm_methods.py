@@ -287,7 +287,7 @@ def test_dart_selection_matches_loop():
 
 
 def test_dart_pivot_order_is_python_set_order():
-    from methods.dart import pivot_order
+    from methods.pyset import pivot_order
 
     img, txt = [300, 40, 575, 100], [620, 612, 700, 650]
     assert pivot_order(img, txt) == list(set(img + txt))
@@ -297,7 +297,7 @@ def test_dart_set_order_matches_python():
     """The device replay of CPython's set (insertions, probing, resizes) gives ``list(set(...))`` exactly."""
     import random
 
-    from methods.dart import set_order
+    from methods.pyset import set_order
 
     rng = random.Random(0)
     rows, ts = [], []
