@@ -1,6 +1,6 @@
 """Leaderboard: a pure function of the run records (``results/runs/*/record.json``).
 
-``results/leaderboard.csv`` has one row per (model, method, ratio, benchmark); columns are documented
+``results/leaderboard.csv`` has one row per (model, method, ratio, benchmark, data); columns are documented
 in :data:`COLUMNS`. When several records share a key (other seeds, limits, batch sizes), the row
 comes from the record that measured accuracy on the full split, then the newest, then the largest
 run id, so the choice is deterministic.
@@ -31,6 +31,8 @@ COLUMNS: dict[str, str] = {
     "kv_cache_mb": "KV-cache size after one sample's prefill, MiB, read from the cache tensors",
     "device": "where efficiency was measured",
     "n_samples": "samples evaluated (smaller than the split when benchmark.limit was set)",
+    "data": "where the data came from: generated (SynthVQA), hub (the task's hub dataset or its cache), local (benchmark.dataset_path)",
+    "data_items": "rows of the evaluated split before benchmark.limit (a local copy may be a subset of the benchmark)",
     "run_id": "run id (results/runs/<run_id>/record.json)",
     "env": "digest of the installed Python distributions the row was measured under (provenance.env_digest; "
     "'unrecorded' for records older than that field): rows of one model and benchmark with different values "
@@ -53,6 +55,8 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
         mval = (r.get("metrics") or {}).get(metric) or {}
         eff = r.get("efficiency") or {}
         kv = eff.get("kv_cache_bytes")
+        data = r.get("data") or {}
+        prov = r.get("provenance") or {}
         rows.append(
             {
                 "model": r["model"],
@@ -68,6 +72,8 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
                 "kv_cache_mb": None if kv is None else round(kv / 2**20, 4),
                 "device": eff.get("device"),
                 "n_samples": r.get("n_samples"),
+                "data": data.get("origin") or _origin(prov.get("benchmark_fingerprint")),
+                "data_items": data.get("n_items") if data else (r.get("n_samples") if r.get("limit") is None else None),
                 "run_id": r["run_id"],
                 "env": ((r.get("provenance") or {}).get("env_digest") or "unrecorded")[:8],
                 "_acc": bool(r.get("accuracy_measured")),
@@ -77,6 +83,8 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
                 "_hib": bool(mval.get("higher_is_better", True)),
                 "report_scale": float(((r.get("config") or {}).get("benchmark") or {}).get("report_scale", 1)),
                 "_when": r.get("finished_at") or "",
+                # rows of other data (a local copy, another revision) never replace or baseline each other
+                "_data": data.get("identity") or prov.get("benchmark_fingerprint") or "",
             }
         )
     if not rows:
@@ -86,17 +94,24 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
     # subset run is compared with the unpruned run on the same subset (newest wins on ties)
     base: dict[tuple, float] = {}
     for _, b in df[(df["method"] == "none") & df["score"].notna()].sort_values(["_when", "run_id"]).iterrows():
-        base[(b["model"], b["benchmark"], b["n_samples"])] = b["score"]
-    df = df.sort_values(["_acc", "_full", "_b1", "_when", "run_id"]).groupby(["model", "method", "ratio", "benchmark"], as_index=False).tail(1)
+        base[(b["model"], b["benchmark"], b["_data"], b["n_samples"])] = b["score"]
+    df = df.sort_values(["_acc", "_full", "_b1", "_when", "run_id"]).groupby(["model", "method", "ratio", "benchmark", "_data"], as_index=False).tail(1)
     ret = []
     for _, row in df.iterrows():
-        b = base.get((row["model"], row["benchmark"], row["n_samples"]))
+        b = base.get((row["model"], row["benchmark"], row["_data"], row["n_samples"]))
         ok = b is not None and b != 0 and pd.notna(row["score"])
         ret.append(round(100.0 * row["score"] / b, 2) if ok else None)
     df["retention_pct"] = ret
     df["_rank"] = df.apply(lambda r: -r["score"] if (r["_hib"] and pd.notna(r["score"])) else (r["score"] if pd.notna(r["score"]) else float("inf")), axis=1)
     df = df.sort_values(["model", "benchmark", "_rank", "method", "ratio"], kind="mergesort")
     return df[[*COLUMNS, "report_scale"]].reset_index(drop=True)
+
+
+def _origin(fingerprint: str | None) -> str | None:
+    """``data`` of a record written before records carried it (issue 26)."""
+    if not fingerprint:
+        return None
+    return "generated" if fingerprint.startswith("synthvqa-gen") else "hub"
 
 
 def _tokens(eff: dict[str, Any]) -> float | None:

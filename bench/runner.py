@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from bench import environment
+from bench import environment, task_data
 from bench.errors import BenchError, ConfigError, CorruptFileError
 from bench.records import canonicalize, read_record, run_dir, run_id, write_json, write_jsonl, write_yaml
 from bench.schema import SCHEMA_VERSION
@@ -101,28 +101,14 @@ def build_adapter(cfg: dict[str, Any]):
 
 
 def benchmark_fingerprint(bcfg: dict[str, Any]) -> str:
-    """Identity of the benchmark data: SynthVQA's generator version, or the lmms-eval release."""
-    if bcfg["task"] == "synthvqa":
-        from bench.synthvqa.generator import GENERATOR_VERSION
-
-        return f"synthvqa-gen{GENERATOR_VERSION}"
-    try:
-        from importlib.metadata import version
-
-        return f"lmms_eval-{version('lmms_eval')}:{bcfg['task']}"
-    except Exception:  # noqa: BLE001
-        return f"lmms_eval-unknown:{bcfg['task']}"
+    """Identity of the benchmark data (``bench.task_data``): SynthVQA's generator version, or for an
+    lmms-eval task its YAML digest, dataset fingerprint/revision, split, size and limit. Checks that the
+    data is available (ConfigError, exit 2) before anything is loaded or written."""
+    return task_data.resolve(bcfg).fingerprint
 
 
 def task_manager(bcfg: dict[str, Any]):
-    from lmms_eval.tasks import TaskManager
-
-    if bcfg["task"] == "synthvqa":
-        from bench.tasks.synthvqa import prepare_task_dir
-
-        return TaskManager(include_path=str(prepare_task_dir()), include_defaults=False, verbosity="ERROR")
-    # indexing every built-in task costs ~10 s; only paid when a built-in task is asked for
-    return TaskManager(verbosity="ERROR")
+    return task_data.task_manager(task_data.resolve(bcfg))
 
 
 #: what ``git_dirty`` looks at: the code and settings that decide a run's result
@@ -258,7 +244,7 @@ def accuracy_pass(cfg: dict[str, Any], adapter, method, rid: str) -> dict[str, A
     from bench.lmms_model import TokenPruneLlava
 
     bcfg = cfg["benchmark"]
-    task = bcfg["task"]
+    task = task_data.resolve(bcfg).task  # a generated name when the data is overridden
     lm = TokenPruneLlava(adapter=adapter, method=method, batch_size=bcfg["batch_size"], seed=cfg["seed"])
     # every setting that changes answers goes into model_args: lmms-eval's response cache keys on it
     margs = {"run_id": rid, "model": cfg["model"]["name"], "method": cfg["method"]["name"], "ratio": cfg["ratio"], "seed": cfg["seed"]}
@@ -434,6 +420,7 @@ def execute(cfg: dict[str, Any], refresh: bool = True) -> dict[str, Any]:
         "ratio": float(cfg["ratio"]),
         "benchmark": cfg["benchmark"]["name"],
         "task": cfg["benchmark"]["task"],
+        "data": task_data.resolve(cfg["benchmark"]).info,
         "seed": int(cfg["seed"]),
         "limit": cfg["benchmark"].get("limit"),
         "primary_metric": cfg["benchmark"]["metric"],

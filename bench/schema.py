@@ -55,9 +55,25 @@ class Provenance(TypedDict):
     batch_size: int | None  # batch size the accuracy pass ran at; without an accuracy pass, the configured integer (null for "auto")
     batch_size_setting: int | str | None  # benchmark.batch_size as configured: an integer, or "auto" (then batch_size is what the memory probe chose)
     model_fingerprint: str  # content hash of local weights, hub snapshot commit, or "random-init"
-    benchmark_fingerprint: str  # e.g. the SynthVQA generator version
+    benchmark_fingerprint: str  # synthvqa-gen<version>, or lmms_eval-<version>:<task>:yaml=<digest>:data=<identity>:limit=<limit>
     date: str  # ISO-8601 UTC time the record was written
     hostname: str
+
+
+class Data(TypedDict, total=False):
+    """What was evaluated (bench/task_data.py); its ``identity`` is part of the run id's benchmark fingerprint."""
+
+    task: str  # the lmms-eval task run: benchmark.task, or a generated <task>__local_<digest> / <task>__hub_<digest> over other data
+    origin: str  # "generated" (SynthVQA), "hub" (the task's or another hub dataset, or its copy in the HF cache), "local" (benchmark.dataset_path)
+    dataset_path: str | None  # hub id or local path read
+    dataset_name: str | None  # hub config (subset), where one was set
+    split: str  # the split evaluated
+    n_items: int | None  # rows of that split before benchmark.limit (null where the hub card does not say)
+    fingerprint: str  # datasets' fingerprint of a save_to_disk split, <hub id>@<revision>, or files-<digest of names, sizes, mtimes>
+    revision: str | None  # the hub revision datasets resolved (hub origin only)
+    task_yaml_digest: str  # sha256 (12 hex) of the task's YAML include chain and its hook modules
+    identity: str  # origin:fingerprint:split:n (+ images): what the leaderboard groups rows by
+    images: dict[str, Any] | None  # GQA: the second dataset its images come from (same keys), or origin "embedded"
 
 
 class Record(TypedDict, total=False):
@@ -68,7 +84,8 @@ class Record(TypedDict, total=False):
     method: str  # method config name (divprune)
     ratio: float  # nominal fraction of visual tokens removed
     benchmark: str  # benchmark config name (gqa)
-    task: str  # the lmms-eval task it ran
+    task: str  # benchmark.task (the lmms-eval task actually run is data.task)
+    data: Data  # origin, size and identity of the data evaluated (absent in records older than issue 26)
     seed: int
     limit: int | None  # benchmark.limit: number of samples evaluated when not the full split
     n_samples: int | None  # samples evaluated
