@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-KELLY = [
+KELLY = [  # ordered so that the first 16 are the most distinct from each other
     "#0067A5", "#BE0032", "#008856", "#F38400", "#875692", "#A1CAF1", "#F3C300", "#882D17", "#8DB600", "#E68FAC",
-    "#604E97", "#F6A600", "#B3446C", "#DCD300", "#654522", "#E25822", "#2B3D26", "#848482", "#C2B280", "#F99379",
+    "#604E97", "#848482", "#2B3D26", "#C2B280", "#B3446C", "#654522", "#F6A600", "#DCD300", "#E25822", "#F99379",
 ]
 #: matplotlib marker -> plotly symbol
 MARKERS = [("o", "circle"), ("s", "square"), ("^", "triangle-up"), ("D", "diamond"), ("v", "triangle-down"), ("P", "cross"), ("X", "x"), ("h", "hexagon")]
