@@ -25,7 +25,7 @@ from bench.site.figures import PARETO_X, efficiency_figures, efficiency_frames, 
 from bench.site.kept import IMAGES, PANEL, RATIOS, kept_pictures
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "site"
-PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
+PLOTLY_CONFIG = {"displaylogo": False}  # fixed-size figures: a responsive one drawn before the page settles keeps a wrong width
 
 
 @dataclass

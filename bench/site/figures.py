@@ -15,7 +15,7 @@ from bench.plotstyle import Style
 from bench.report import pareto_front
 
 PARETO_X = {"tflops_prefill": "prefill TFLOPs per sample", "prefill_ms": "prefill ms per sample", "kv_cache_mb": "KV cache per sample, MiB"}
-LAYOUT = dict(template="plotly_white", height=460, margin=dict(l=60, r=20, t=50, b=50), legend=dict(font=dict(size=11)), hoverlabel=dict(font_size=12))
+LAYOUT = dict(template="plotly_white", width=640, height=460, margin=dict(l=60, r=20, t=50, b=50), legend=dict(font=dict(size=11)), hoverlabel=dict(font_size=12))
 STAGE_NAMES = {"pre_llm": "pre-LLM", "in_vision": "in-vision", "in_llm": "in-LLM", "none": "baseline"}
 
 
