@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from bench.records import atomic_write_text, iter_records
+from bench.uncertainty import STAT_COLUMNS, with_uncertainty
 
 #: column -> meaning
 COLUMNS: dict[str, str] = {
@@ -121,19 +122,23 @@ def _tokens(eff: dict[str, Any]) -> float | None:
     return None if v is None else round(float(v), 1)
 
 
-def aggregate(results_dir: str | Path = "results", quiet: bool = False, reports: bool = True, wandb: dict[str, Any] | None = None) -> pd.DataFrame:
-    """Rebuild ``<results_dir>/leaderboard.csv`` (and, with ``reports``, tables and plots).
+def aggregate(results_dir: str | Path = "results", quiet: bool = False, reports: bool = True, wandb: dict[str, Any] | None = None,
+              site: bool = True, kept: bool | list[str] = True) -> pd.DataFrame:
+    """Rebuild ``<results_dir>/leaderboard.csv`` (and, with ``reports``, tables and plots; with ``site``, the
+    static site ``<results_dir>/site/``, kept-token pictures per ``kept``: every method, none, or a list).
 
+    The CSV carries :data:`COLUMNS` plus the uncertainty columns of :data:`bench.uncertainty.STAT_COLUMNS`.
     ``wandb``: a logger config (``conf/logger/wandb.yaml`` keys) to also log the leaderboard as W&B
-    Tables and the plots to one summary run.
+    Tables, the plots, the site's figures and the kept-token pictures to one summary run.
     """
     results_dir = Path(results_dir)
     pairs = iter_records(results_dir)
     bad = [str(p) for p, r in pairs if r is None]
     for p in bad:
         print(f"[bench] warning: unreadable record skipped: {p}")
-    full = leaderboard_full([r for _, r in pairs if r is not None])
-    df = full[list(COLUMNS)]
+    records = [r for _, r in pairs if r is not None]
+    full = with_uncertainty(leaderboard_full(records), records, results_dir)
+    df = full[[*COLUMNS, *STAT_COLUMNS]]
     buf = io.StringIO()
     df.to_csv(buf, index=False)
     atomic_write_text(results_dir / "leaderboard.csv", buf.getvalue())
@@ -142,12 +147,18 @@ def aggregate(results_dir: str | Path = "results", quiet: bool = False, reports:
         from bench.report import write_reports
 
         written = write_reports(full, results_dir)
+    built = None
+    if site:
+        from bench.site.build import build_site
+
+        built = build_site(full, records, results_dir, kept=kept)
     if wandb:
         from bench.wandb_sink import log_summary
 
         tables = {"leaderboard": df}
         tables.update({p.stem: pd.read_csv(p) for p in written["tables"] if p.suffix == ".csv"})
-        log_summary(tables, written["plots"], wandb, group=wandb.get("group"))
+        log_summary(tables, written["plots"], wandb, group=wandb.get("group"),
+                    figures=built.figures if built else None, images=built.pictures if built else None)
     if not quiet:
         print(format_table(df))
         for line in mixed_environments(df):
@@ -155,6 +166,8 @@ def aggregate(results_dir: str | Path = "results", quiet: bool = False, reports:
         print(f"\n[bench] {len(df)} rows from {len(pairs)} records -> {results_dir / 'leaderboard.csv'}")
         if written["tables"] or written["plots"]:
             print(f"[bench] {len(written['tables'])} tables under {results_dir}/leaderboards and {results_dir}/tables, {len(written['plots'])} plots under {results_dir}/plots")
+        if built:
+            print(f"[bench] site: {len(built.files)} files -> {results_dir / 'site' / 'index.html'} (open it from the file system, no server needed)")
     return df
 
 
@@ -172,5 +185,6 @@ def mixed_environments(df: pd.DataFrame) -> list[str]:
 def format_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "(no completed runs yet: python -m bench run)"
-    show = df.drop(columns=["run_id", "env"] if df["env"].nunique() <= 1 else ["run_id"]).copy()
+    show = df[[c for c in [*COLUMNS, "score_ci_low", "score_ci_high", "rank"] if c in df]]
+    show = show.drop(columns=["run_id", "env"] if show["env"].nunique() <= 1 else ["run_id"]).copy()
     return show.to_string(index=False, na_rep="-", float_format=lambda x: f"{x:.4g}")

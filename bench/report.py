@@ -5,8 +5,10 @@
   the units papers use, plus average retention %), like Table A of methods.md.
 * ``tables/<model>_vs_reported.{csv,md}``: measured minus reported score where a published number
   exists for the same model, method, visual-token count and benchmark (``bench/reference``).
-* ``plots/<model>__<benchmark>__{tflops,latency}.png``: score vs compute, one line per method, the
-  Pareto frontier dashed.
+* ``tables/<model>__<benchmark>__ranked.md``: the rows of one model and benchmark with their 95%
+  intervals, tied ranks and paired tests against the baseline and the row above (``bench.uncertainty``).
+* ``plots/<model>__<benchmark>__{tflops,latency}.png``: score vs compute, one line per method (its own
+  colour and marker, ``bench.plotstyle``), 95% intervals as error bars, the Pareto frontier dashed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.records import atomic_write_text
+from bench.plotstyle import method_styles, place_labels
+from bench.records import atomic_write_bytes, atomic_write_text
+from bench.uncertainty import STAT_COLUMNS
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
 BENCH_ORDER = ["gqa", "mmbench_en_dev", "mme", "pope", "scienceqa_img", "vqav2_val", "textvqa_val", "mmmu_val", "seedbench", "synthvqa"]
@@ -44,7 +48,7 @@ def paper_table(df: pd.DataFrame, model: str) -> str:
     m["tokens"] = m["visual_tokens"].round().astype("Int64")
     m["shown"] = m["score"] * m["report_scale"]
     benches = sorted(m["benchmark"].unique(), key=_bench_key)
-    lines = [f"# {model}: accuracy by visual tokens kept", "", "Scores in the units papers report (percent; MME as perception + cognition). Retention = score / unpruned score, averaged over the row's benchmarks.", ""]
+    lines = [f"# {model}: accuracy by visual tokens kept", "", "Scores in the units papers report (percent; MME as perception + cognition), with their 95% confidence interval in brackets where per-document scores allow one (`ci_method` in the CSVs). Retention = score / unpruned score, averaged over the row's benchmarks.", ""]
     lines.append("| Tokens | Method | " + " | ".join(benches) + " | Avg retention % |")
     lines.append("|---|---|" + "---|" * len(benches) + "---|")
     base = m[m["method"] == "none"]
@@ -56,10 +60,49 @@ def paper_table(df: pd.DataFrame, model: str) -> str:
         cells = []
         for b in benches:
             r = rows[rows["benchmark"] == b]
-            cells.append(_fmt(r["shown"].iloc[0], 0 if b == "mme" else 1) if len(r) else "–")
+            cells.append(_with_ci(r.iloc[0], 0 if b == "mme" else 1) if len(r) else "–")
         ret = rows["retention_pct"].dropna()
         avg = ret.mean() if len(ret) == len(rows) and len(ret) else None
         lines.append(f"| {tokens} | {method} | " + " | ".join(cells) + f" | {_fmt(avg)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _with_ci(row, digits: int) -> str:
+    """``score [low, high]`` in report units; the bare score where the row has no interval."""
+    scale = row["report_scale"]
+    out = _fmt(row["score"] * scale, digits)
+    lo, hi = row.get("score_ci_low"), row.get("score_ci_high")
+    if lo is not None and hi is not None and not pd.isna(lo) and not pd.isna(hi):
+        out += f" [{_fmt(lo * scale, digits)}, {_fmt(hi * scale, digits)}]"
+    return out
+
+
+def _p_cell(delta, p, sig, scale: float) -> str:
+    if delta is None or pd.isna(delta):
+        return "–"
+    return f"{delta * scale:+.1f} (p={p:.2g}{', significant' if sig else ''})"
+
+
+def ranked_table(df: pd.DataFrame, model: str, bench: str) -> str:
+    """Markdown: one model x benchmark by score, with intervals, tied ranks and paired tests."""
+    d = df[(df["model"] == model) & (df["benchmark"] == bench) & df["score"].notna()]
+    if d.empty:
+        return f"# {model} / {bench}\n\n(no accuracy measured yet)\n"
+    test = ", ".join(sorted({t for t in d.get("paired_test", pd.Series(dtype=object)).dropna()})) or "none"
+    lines = [f"# {model} / {bench}: ranked by {d['metric'].iloc[0]}", "",
+             "Rank: 1 + rows whose 95% interval lies entirely above (overlapping intervals share a rank). "
+             f"Δ: difference on the same documents, with the two-sided p of the paired test ({test}); "
+             "'significant' means p < 0.05, not corrected for the many comparisons of one table.", "",
+             "| Rank | Method | Ratio | Tokens | Score [95% CI] | n | Δ vs none | Δ vs row above | Run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for _, r in d.iterrows():
+        rank = r.get("rank")
+        lines.append(
+            f"| {'–' if rank is None or pd.isna(rank) else int(rank)} | {r['method']} | {r['ratio']:.3g} | {_fmt(r['visual_tokens'], 0)} | "
+            f"{_with_ci(r, 1)} | {'–' if pd.isna(r['n_samples']) else int(r['n_samples'])} | "
+            f"{_p_cell(r.get('delta_vs_baseline'), r.get('p_vs_baseline'), r.get('sig_vs_baseline'), r['report_scale'])} | "
+            f"{_p_cell(r.get('delta_vs_neighbour'), r.get('p_vs_neighbour'), r.get('sig_vs_neighbour'), r['report_scale'])} | {r['run_id']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -86,7 +129,16 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def pareto_plot(df: pd.DataFrame, model: str, bench: str, xcol: str, path: Path) -> bool:
+XLABEL = {"tflops_prefill": "prefill TFLOPs per sample (measured)", "prefill_ms": "prefill latency per sample, ms", "kv_cache_mb": "KV cache per sample, MiB"}
+
+
+def pareto_figure(df: pd.DataFrame, model: str, bench: str, xcol: str, styles=None):
+    """``(figure, placed labels, labels left out)`` of score vs ``xcol`` for one model x benchmark, or ``None``.
+
+    One colour and marker per method (``bench.plotstyle``), 95% intervals as vertical error bars where
+    the rows have them, the Pareto front of the point estimates dashed, and one label per visual-token
+    budget, placed where it overlaps no other label.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,28 +146,53 @@ def pareto_plot(df: pd.DataFrame, model: str, bench: str, xcol: str, path: Path)
 
     d = df[(df["model"] == model) & (df["benchmark"] == bench) & df["score"].notna() & df[xcol].notna()].copy()
     if d.empty:
-        return False
-    d["shown"] = d["score"] * d["report_scale"]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+        return None
+    styles = styles or method_styles(df["method"].unique())
+    scale = d["report_scale"]
+    d["shown"] = d["score"] * scale
+    has_ci = "score_ci_low" in d
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
     for method, g in sorted(d.groupby("method"), key=lambda kv: kv[0]):
         g = g.sort_values(xcol)
-        style = dict(marker="*", markersize=14, linestyle="none") if method == "none" else dict(marker="o", markersize=5)
-        ax.plot(g[xcol], g["shown"], label=method, **style)
-        if method != "none":
-            for _, r in g.iterrows():
-                ax.annotate(f"{int(round(r['visual_tokens']))}", (r[xcol], r["shown"]), textcoords="offset points", xytext=(3, 3), fontsize=7, alpha=0.7)
+        st = styles[method]
+        yerr = None
+        if has_ci and g["score_ci_low"].notna().all():
+            yerr = [(g["shown"] - g["score_ci_low"].astype(float) * g["report_scale"]).clip(lower=0), (g["score_ci_high"].astype(float) * g["report_scale"] - g["shown"]).clip(lower=0)]
+        size = 13 if method == "none" else 6
+        ax.errorbar(g[xcol], g["shown"], yerr=yerr, label=method, color=st.color, marker=st.marker, markersize=size, linewidth=1,
+                    linestyle="none" if len(g) == 1 else "-", elinewidth=0.7, capsize=2, alpha=0.9)
     front = pareto_front(list(zip(d[xcol], d["shown"])))
     ax.plot([p[0] for p in front], [p[1] for p in front], linestyle="--", color="grey", linewidth=1, label="Pareto front")
-    xlabel = {"tflops_prefill": "prefill TFLOPs per sample (measured)", "prefill_ms": f"prefill latency per sample, ms ({', '.join(sorted(d['device'].dropna().unique()))})"}[xcol]
+    xlabel = XLABEL[xcol] + (f" ({', '.join(sorted(d['device'].dropna().unique()))})" if xcol == "prefill_ms" else "")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"{d['metric'].iloc[0]} ({'%' if d['report_scale'].iloc[0] == 100 else 'score'})")
-    ax.set_title(f"{model} on {bench}: accuracy vs {'compute' if xcol == 'tflops_prefill' else 'latency'} (labels: visual tokens)", fontsize=10)
+    ax.set_ylabel(f"{d['metric'].iloc[0]} ({'%' if scale.iloc[0] == 100 else 'score'})" + (", 95% CI" if has_ci else ""))
+    what = {"tflops_prefill": "compute", "prefill_ms": "latency", "kv_cache_mb": "KV cache"}[xcol]
+    ax.set_title(f"{model} on {bench}: accuracy vs {what} (labels: visual tokens)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ymin, ymax = ax.get_ylim()
+    ax.set_ylim(ymin, ymax + 0.08 * (ymax - ymin))  # head room for the budget labels
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, metadata={"Software": None})
+    # one label per budget (rounded visual tokens), above the budget's best point
+    d["tok"] = d["visual_tokens"].round().astype(int)
+    items = [(float(g[xcol].median()), float(g["shown"].max()), f"{tok} tok") for tok, g in sorted(d.groupby("tok"), key=lambda kv: -kv[0])]
+    fig.canvas.draw()
+    placed, skipped = place_labels(ax, items)
+    return fig, placed, skipped
+
+
+def pareto_plot(df: pd.DataFrame, model: str, bench: str, xcol: str, path: Path, styles=None) -> bool:
+    """Write :func:`pareto_figure` as a PNG (atomically); False when there is nothing to plot."""
+    import matplotlib.pyplot as plt
+
+    out = pareto_figure(df, model, bench, xcol, styles)
+    if out is None:
+        return False
+    fig = out[0]
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return True
 
 
@@ -125,10 +202,12 @@ def write_reports(full: pd.DataFrame, results_dir: Path) -> dict[str, list[Path]
 
     written: dict[str, list[Path]] = {"tables": [], "plots": []}
     reference = pd.read_csv(REFERENCE / "reported_llava15_7b.csv")
+    cols = [*COLUMNS, *(c for c in STAT_COLUMNS if c in full)]
+    styles = method_styles(full["method"].unique())
     for model in sorted(full["model"].unique()):
         part = full[full["model"] == model]
         p = results_dir / "leaderboards" / f"{model}.csv"
-        atomic_write_text(p, _csv(part[list(COLUMNS)]))
+        atomic_write_text(p, _csv(part[cols]))
         written["tables"].append(p)
         p = results_dir / "tables" / f"{model}.md"
         atomic_write_text(p, paper_table(full, model))
@@ -139,8 +218,12 @@ def write_reports(full: pd.DataFrame, results_dir: Path) -> dict[str, list[Path]
             atomic_write_text(p, _csv(gap))
             written["tables"].append(p)
         for bench in sorted(part["benchmark"].unique(), key=_bench_key):
+            if part[part["benchmark"] == bench]["score"].notna().any():
+                p = results_dir / "tables" / f"{model}__{bench}__ranked.md"
+                atomic_write_text(p, ranked_table(full, model, bench))
+                written["tables"].append(p)
             for xcol, tag in (("tflops_prefill", "tflops"), ("prefill_ms", "latency")):
                 p = results_dir / "plots" / f"{model}__{bench}__{tag}.png"
-                if pareto_plot(full, model, bench, xcol, p):
+                if pareto_plot(full, model, bench, xcol, p, styles):
                     written["plots"].append(p)
     return written

@@ -65,8 +65,11 @@ def log_run(record: dict[str, Any], logger_cfg: dict[str, Any]) -> str | None:
         return None
 
 
-def log_summary(tables: dict[str, Any], plots: list[Path], logger_cfg: dict[str, Any], group: str | None = None) -> str | None:
-    """Log the leaderboard (as W&B Tables) and the Pareto plots to one summary run."""
+def log_summary(tables: dict[str, Any], plots: list[Path], logger_cfg: dict[str, Any], group: str | None = None,
+                figures: dict[str, Any] | None = None, images: dict[str, Path] | None = None) -> str | None:
+    """Log the leaderboard (as W&B Tables), the Pareto plots, the site's interactive figures (``figures``:
+    name -> plotly figure, as ``wandb.Plotly``) and the kept-token pictures (``images``: name -> PNG, as
+    ``wandb.Image``) to one summary run."""
     try:
         _check_no_secrets(logger_cfg)
         import wandb
@@ -88,6 +91,10 @@ def log_summary(tables: dict[str, Any], plots: list[Path], logger_cfg: dict[str,
             payload[f"table/{name}"] = wandb.Table(dataframe=df.astype(object).where(df.notna(), None))
         for p in plots:
             payload[f"plot/{p.stem}"] = wandb.Image(str(p))
+        for name, fig in sorted((figures or {}).items()):
+            payload[f"figure/{name}"] = wandb.Plotly(fig)
+        for name, p in sorted((images or {}).items()):
+            payload[f"kept/{name}"] = wandb.Image(str(p), caption=name)
         run.log(payload)
         path = run.dir
         run.finish(quiet=True)
