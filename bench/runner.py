@@ -642,7 +642,9 @@ def refresh_leaderboard(results_dir: str) -> None:
     from bench.aggregate import aggregate
 
     try:
-        aggregate(results_dir, quiet=True)
+        # the site (kept-token pictures: a minute of CPU on a cold cache) is built by `python -m bench
+        # aggregate` and `make demo`, not after every run
+        aggregate(results_dir, quiet=True, site=False)
     except Exception:  # noqa: BLE001 - the record is safe; `python -m bench aggregate` can redo this
         log.exception("leaderboard refresh failed; run `python -m bench aggregate`")
 
