@@ -173,3 +173,29 @@ def test_probe_batch_runs(adapter, size):
     prepared = adapter.prepare(batch, create("divprune", 0.5), seeds(2))
     assert prepared.visual_tokens_in[0] == (size[0] // 28) * (size[1] // 28)
     assert adapter.prefill(prepared).logits.shape[:2] == (2, 1)
+
+
+@pytest.mark.parametrize("model", ["qwen25vl_7b", "qwen25vl_3b", "llava_next_7b", "llava_next_mistral_7b"])
+def test_real_configs_build_and_probe_at_real_shapes(model):
+    """The committed architecture configs build the real model (on the meta device) and the probe has the real counts."""
+    import yaml
+    from hydra.utils import get_class
+
+    from bench.models.base import FlopsDescription
+
+    cfg = yaml.safe_load(open(f"conf/model/{model}.yaml"))
+    cfg.update(device="cpu", weights="random")
+    a = get_class(cfg.pop("_target_"))(**cfg)
+    import transformers
+
+    conf = a._architecture_config()
+    with torch.device("meta"):
+        a.model = getattr(transformers, a.model_class_name)(conf)
+    desc = a.flops_description()
+    assert isinstance(desc, FlopsDescription) and desc.llm_layers == a.num_llm_layers
+    if model.startswith("qwen"):
+        assert desc.llm_kv_heads < desc.llm_heads and desc.vision_full_layers == (7, 15, 23, 31) and desc.vision_window == 8
+        for size, n in (((448, 448), 256), ((1008, 1008), 1296)):
+            assert a.probe_batch(size=size)["input_ids"].eq(a.image_token_id).sum() == n
+    else:
+        assert a.probe_batch()["input_ids"].eq(a.image_token_id).sum() == 576 + 48 * 48 + 48
