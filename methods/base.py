@@ -111,6 +111,9 @@ class PruningMethod:
     needs: ClassVar[frozenset[str]] = frozenset()
     #: Whether the method needs a CLS token in the vision tower.
     requires_cls: ClassVar[bool] = False
+    #: Whether the method reads ``ctx.grid`` as a 2-D raster (pooling, spatial neighbours); adapters whose
+    #: budget unit is no single grid (LLaVA-NeXT's per-image budget) refuse it.
+    needs_grid: ClassVar[bool] = False
     #: Whether :meth:`reduce` (with the extras it asks for) is CUDA-graph capturable: no host sync,
     #: output shapes independent of values, deterministic, ``ctx.sample_seeds`` unused (a graph would
     #: freeze it). Adapters may then replay it through :class:`CudaGraphCache`.

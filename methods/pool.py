@@ -9,6 +9,7 @@ few tokens from the nominal one; records state the measured count.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,8 @@ class Pool(PruningMethod):
 
     ``reduce`` maps ``(B, N, D) -> (B, h*w, D)``; tokens are merged, so ``kept_index`` is ``None``.
     """
+
+    needs_grid: ClassVar[bool] = True
 
     def selection_flops(self, cost) -> int:
         """Average pooling: no matrix product."""

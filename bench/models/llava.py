@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from bench.errors import ConfigError, CorruptFileError, IncompatibleMethodError, MissingWeightsError
-from bench.models.base import ModelAdapter, PreparedBatch
+from bench.models.base import FlopsDescription, ImageBlock, ModelAdapter, PreparedBatch
 from methods.base import PruningMethod, VisionContext
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,10 @@ class LlavaAdapter(ModelAdapter):
         would otherwise hang on network retries).
     """
 
+    family = "llava"
+    #: transformers classes of the family (a subclass for another LLaVA-style family names its own)
+    model_class_name = "LlavaForConditionalGeneration"
+    config_class_name = "LlavaConfig"
     # "in_vision" and "in_llm" are added when bench/models/vision_merge.py and llm_pruning.py exist
     supported_stages = frozenset({"none", "pre_llm", "in_vision", "in_llm"})
     #: Replay ``graph_safe`` selections (and ToMe's merging tower) from CUDA graphs on CUDA: the same
@@ -164,7 +168,8 @@ class LlavaAdapter(ModelAdapter):
         return local_fingerprint(path) if local else hub_fingerprint(path)
 
     def _architecture_config(self):
-        from transformers import AutoConfig, LlavaConfig
+        import transformers
+        from transformers import AutoConfig
 
         path, local = resolve_source(self.source)
         if local and (Path(path) / "config.json").exists():
@@ -179,7 +184,7 @@ class LlavaAdapter(ModelAdapter):
                 raise ConfigError(f"model.config_file {self.config_file!r} not found at {cfile}") from None
             except json.JSONDecodeError as e:
                 raise CorruptFileError(f"model.config_file {cfile} is not valid JSON: {e}") from None
-            return LlavaConfig(**data)
+            return getattr(transformers, self.config_class_name)(**data)
         try:
             return AutoConfig.from_pretrained(path, local_files_only=not self.download)
         except OSError:
@@ -195,16 +200,19 @@ class LlavaAdapter(ModelAdapter):
         """Load weights (or build random ones) and the processor. Idempotent."""
         if self.model is not None:
             return self
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        import transformers
+        from transformers import AutoProcessor
+
+        model_class = getattr(transformers, self.model_class_name)
 
         path, local = resolve_source(self.source)
         if self.weights == "random":
-            self.model = build_random_llava(self._architecture_config(), self.device, self.dtype, self.attn_implementation)
+            self.model = build_random_llava(self._architecture_config(), self.device, self.dtype, self.attn_implementation, model_class)
         else:
             if local and not (Path(path) / "config.json").exists():
                 raise MissingWeightsError(self._no_local_weights(path))
             try:
-                self.model = LlavaForConditionalGeneration.from_pretrained(
+                self.model = model_class.from_pretrained(
                     path,
                     dtype=self.dtype,
                     attn_implementation=self.attn_implementation,
@@ -276,6 +284,61 @@ class LlavaAdapter(ModelAdapter):
                 f"method {method.name!r} prunes at stage {method.stage!r}, which {type(self).__name__} does not implement yet"
             )
         method.check_compatible(VisionContext(self.grid, self.has_cls, torch.zeros(1, dtype=torch.long)))
+
+    #: the synthetic probe prompt: text tokens before and after the image (60 in all, methods.md's worked
+    #: example) and the ids they are drawn from (below the tokenizer's added tokens, 32000 = ``<image>``)
+    PROBE_TEXT = (35, 25)
+    PROBE_VOCAB = 32000
+
+    def probe_batch(self, batch_size: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+        """LLaVA-1.5-shaped synthetic prompt: :attr:`PROBE_TEXT` seeded random text ids around one image's
+        ``N`` placeholders, and seeded random pixels at the tower's resolution. Costs and latency do not
+        depend on the values, so methods compared on it see identical work."""
+        g = torch.Generator().manual_seed(seed)
+        cfg = self.config
+        n = self.grid[0] * self.grid[1]
+        before, after = self.PROBE_TEXT
+        text = torch.randint(3, min(cfg.text_config.vocab_size, self.PROBE_VOCAB), (before + after,), generator=g)
+        text[text == self.image_token_id] = 3
+        ids = torch.cat([text[:before], torch.full((n,), self.image_token_id), text[before:]]).unsqueeze(0).repeat(batch_size, 1)
+        side = cfg.vision_config.image_size
+        pix = torch.randn(1, 3, side, side, generator=g).repeat(batch_size, 1, 1, 1)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix}
+
+    def visual_layout(self, batch: dict[str, torch.Tensor]) -> list[list[ImageBlock]]:
+        """One contiguous block of ``N`` image tokens per sample on the square :attr:`grid`."""
+        out = []
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            seq = ids[mask.bool()]
+            pos = (seq == self.image_token_id).nonzero().flatten()
+            out.append([ImageBlock(int(pos[0]), len(pos), [self.grid])] if len(pos) else [])
+        return out
+
+    def is_llama_rms_norm(self, norm: torch.nn.Module) -> bool:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        return type(norm) is LlamaRMSNorm
+
+    def flops_description(self) -> FlopsDescription:
+        vc, tc = self.config.vision_config, self.config.text_config
+        heads = tc.num_attention_heads
+        return FlopsDescription(
+            family=self.family,
+            vision_layers=vc.num_hidden_layers,
+            vision_width=vc.hidden_size,
+            vision_mlp=vc.intermediate_size,
+            vision_tokens_per_tile=(vc.image_size // vc.patch_size) ** 2 + (1 if self.has_cls else 0),
+            vision_window=0,
+            vision_full_layers=tuple(range(vc.num_hidden_layers)),
+            projector="mlp2x_gelu",
+            llm_layers=tc.num_hidden_layers,
+            llm_width=tc.hidden_size,
+            llm_mlp=tc.intermediate_size,
+            llm_heads=heads,
+            llm_kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+            llm_head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
+            vocab=tc.vocab_size,
+        )
 
     # --------------------------------------------------------------- forward
     @torch.no_grad()
@@ -406,17 +469,30 @@ class LlavaAdapter(ModelAdapter):
         b = ids.shape[0]
         n = self.grid[0] * self.grid[1]
         sel = self.visual_selection(batch["pixel_values"], method, sample_seeds)
+        feats = [sel.features[i, : int(sel.n_kept[i])] for i in range(b)]
+        new_ids, new_mask, embeds, spans = self.assemble(ids, mask, [n] * b, feats)
+        kept = [int(f.shape[0]) for f in feats]
+        return PreparedBatch(new_ids, embeds, new_mask, [n] * b, kept, extras={"image_spans": spans, "sample_seeds": sample_seeds})
+
+    def assemble(self, ids: torch.Tensor, mask: torch.Tensor, n_in: list[int], feats: list[torch.Tensor]):
+        """Rebuild left-padded prompts around the kept visual features.
+
+        ``ids``/``mask`` ``(B, T)`` (CPU) hold sample ``i``'s image as ``n_in[i]`` contiguous placeholder tokens;
+        ``feats[i]`` ``(K_i, D)`` replaces them. Returns ``(input_ids, attention_mask, inputs_embeds, image_spans)``
+        on the device; ``image_spans`` ``(B, 2)`` is where each sample's visual block sits in the padded sequence
+        (in-LLM methods prune there). Positions are renumbered contiguously (``generate``'s cumulative mask).
+        """
         img = self.image_token_id
-        rows, kept = [], []
+        b = ids.shape[0]
+        rows = []
         for i in range(b):
             seq = ids[i][mask[i].bool()]
             pos = (seq == img).nonzero().flatten()
+            n = n_in[i]
             if len(pos) != n or (len(pos) and pos[-1] - pos[0] + 1 != n):
                 raise ValueError(f"sample {i}: expected one image of {n} contiguous image tokens, found {len(pos)}")
-            k = int(sel.n_kept[i])
             start = int(pos[0])
-            rows.append(torch.cat([seq[:start], torch.full((k,), img, dtype=seq.dtype), seq[start + n :]]))
-            kept.append(k)
+            rows.append(torch.cat([seq[:start], torch.full((int(feats[i].shape[0]),), img, dtype=seq.dtype), seq[start + n :]]))
         t = max(len(r) for r in rows)
         new_ids = torch.full((b, t), self.pad_token_id, dtype=ids.dtype)
         new_mask = torch.zeros((b, t), dtype=mask.dtype)
@@ -425,13 +501,12 @@ class LlavaAdapter(ModelAdapter):
             new_mask[i, t - len(r) :] = 1
         new_ids, new_mask = new_ids.to(self.device), new_mask.to(self.device)
         embeds = self.model.get_input_embeddings()(new_ids)
-        vis = torch.cat([sel.features[i, : kept[i]] for i in range(b)]).to(embeds.dtype)
+        vis = torch.cat(list(feats)).to(embeds.device, embeds.dtype)
         slot = (new_ids == img) & new_mask.bool()
         embeds = embeds.masked_scatter(slot.unsqueeze(-1), vis)
-        # where each sample's image tokens sit in the padded sequence: in-LLM methods prune there
         starts = [t - len(r) + int((r == img).nonzero()[0]) for r in rows]
-        spans = torch.tensor([[s0, s0 + k] for s0, k in zip(starts, kept)], dtype=torch.long)
-        return PreparedBatch(new_ids, embeds, new_mask, [n] * b, kept, extras={"image_spans": spans, "sample_seeds": sample_seeds})
+        spans = torch.tensor([[s0, s0 + int(f.shape[0])] for s0, f in zip(starts, feats)], dtype=torch.long)
+        return new_ids, new_mask, embeds, spans
 
     def llm_pruning(self, method: PruningMethod, prepared: PreparedBatch):
         """Context manager that applies an ``in_llm`` method inside the decoder layers.
@@ -493,13 +568,14 @@ def chat_prompt(processor, text: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def build_random_llava(config, device, dtype: torch.dtype, attn_implementation: str = "sdpa"):
+def build_random_llava(config, device, dtype: torch.dtype, attn_implementation: str = "sdpa", model_class=None):
     """The real architecture of ``config`` with random weights, built directly on ``device`` in ``dtype``.
 
     Compute cost, latency and KV-cache size do not depend on weight values, so efficiency measured
     on it is real; accuracy is not (records say so).
     """
-    from transformers import LlavaForConditionalGeneration
+    if model_class is None:
+        from transformers import LlavaForConditionalGeneration as model_class
 
     for c in (config, config.text_config, config.vision_config):
         c._attn_implementation = attn_implementation
@@ -507,23 +583,14 @@ def build_random_llava(config, device, dtype: torch.dtype, attn_implementation: 
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return LlavaForConditionalGeneration(config).eval()
+            return model_class(config).eval()
     finally:
         torch.set_default_dtype(prev)
 
 
 def kv_cache_bytes(cache) -> list[int]:
-    """Bytes held by each layer's keys and values in a transformers cache, read from the tensors."""
-    layers = getattr(cache, "layers", None)
-    out = []
-    if layers is not None:
-        for layer in layers:
-            k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
-            out.append(sum(t.numel() * t.element_size() for t in (k, v) if isinstance(t, torch.Tensor)))
-        return out
-    for k, v in cache:  # legacy tuple-of-tuples caches
-        out.append(k.numel() * k.element_size() + v.numel() * v.element_size())
-    return out
+    """Bytes held by each layer's keys and values in a transformers cache (:meth:`ModelAdapter.kv_cache_bytes`)."""
+    return ModelAdapter.kv_cache_bytes(cache)
 
 
 def _hf_home() -> str:

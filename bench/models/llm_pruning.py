@@ -119,7 +119,7 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor, heads_first: bool = True) -
     return out.view(b, h, t, d) if heads_first else out.view(b, t, h, d)
 
 
-def rms_norm(norm: torch.nn.Module, x: torch.Tensor, exact: bool = True) -> torch.Tensor:
+def rms_norm(norm: torch.nn.Module, x: torch.Tensor, exact: bool = True, llama: bool = True) -> torch.Tensor:
     """``norm(x)``; transformers' ``LlamaRMSNorm`` on CUDA half/bfloat16 in one kernel less, bit for bit.
 
     Llama computes ``weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)``. On CUDA a multiply of the
@@ -128,10 +128,12 @@ def rms_norm(norm: torch.nn.Module, x: torch.Tensor, exact: bool = True) -> torc
     its cast in one kernel. Other norms, hooked norms, fp32 and CPU (where TensorIterator would add the
     cast back as a temporary) call the module.
 
+    ``llama`` says ``norm`` is Llama's RMSNorm (``ModelAdapter.is_llama_rms_norm``); otherwise the module runs.
+
     ``exact=False`` (the scoring recompute of a layer's input, :meth:`_View._norm_input`): one Triton
     kernel instead of five, equal but for the mean's fp32 summation order (:mod:`bench.models.fused`).
     """
-    if (type(norm).__name__ != "LlamaRMSNorm" or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16)
+    if (not llama or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16)
             or norm._forward_hooks or norm._forward_pre_hooks or norm.weight.dtype != x.dtype):
         return norm(x)
     if not exact and available(x, dtypes=HALF):
@@ -334,7 +336,14 @@ class _Runner:
 
     @property
     def lm(self):
-        return self.adapter.model.model.language_model
+        return self.adapter.language_model
+
+    @property
+    def llama_norm(self) -> bool:
+        """Whether the LM's norms are Llama's RMSNorm (the adapter says; :func:`rms_norm`'s fused path)."""
+        if "llama_norm" not in self.static:
+            self.static["llama_norm"] = bool(self.adapter.is_llama_rms_norm(self.lm.norm))
+        return self.static["llama_norm"]
 
     # ------------------------------------------------------------------ hooks
     def lm_pre(self, module, args, kwargs):
@@ -605,7 +614,7 @@ class _View:
         if layer != self.layer:
             raise IncompatibleMethodError(f"attention of layer {layer} is not available at the pruning boundary {self.layer}")
         if self._x is None:
-            self._x = rms_norm(self._r.lm.layers[layer].input_layernorm, self.hidden, exact=False)
+            self._x = rms_norm(self._r.lm.layers[layer].input_layernorm, self.hidden, exact=False, llama=self._r.llama_norm)
         return self._x
 
     def rope(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -756,7 +765,7 @@ class _View:
         return visual_columns(x, self.vis_start, n)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        return rms_norm(self._r.lm.norm, h)
+        return rms_norm(self._r.lm.norm, h, llama=self._r.llama_norm)
 
     def input_embeds(self) -> torch.Tensor:
         return self._r.prepared.inputs_embeds
@@ -781,8 +790,8 @@ def prune_in_llm(adapter, method, prepared):
         written on the first prefill.
     """
     model = adapter.model
-    lm = model.model.language_model
-    layers = lm.layers
+    lm = adapter.language_model
+    layers = adapter.decoder_layers
     n_layers = len(layers)
     impl = getattr(lm.config, "_attn_implementation", None) or "sdpa"
     if impl not in ("sdpa", "eager"):

@@ -1,0 +1,226 @@
+"""LLaVA-NeXT (LLaVA-1.6) through transformers' native ``LlavaNextForConditionalGeneration``.
+
+An image is encoded as a base 336 px tile plus the anyres crops of the best-fitting grid pinpoint
+(``image_grid_pinpoints``); the crops' features are stitched into one high-resolution grid, cut back to
+the image's aspect ratio (*unpadding*) and followed, row by row, by the learned ``image_newline``
+embedding. The number of visual tokens therefore varies per image (2,928 at 672x672: 576 + 48 x 48 + 48
+newlines). The adapter runs exactly ``LlavaNextModel.get_image_features`` (tower, feature layer, CLS
+dropped, projector, ``pack_image_features``) and learns where each packed token came from by packing
+a tensor of token indices through the same ``pack_image_features`` (so unpadding is transformers' own).
+
+Pruning is pre-LLM on the packed projected tokens, with the budget convention ``model.budget``:
+
+* ``image``: one budget per image, ``round(N * (1 - ratio))`` of its ``N`` non-newline tokens, chosen by
+  one call of the method over all of them (the method sees them as a ``1 x N`` sequence, so methods that
+  read a 2-D grid are refused);
+* ``tile``: one budget per tile, as VisionZip's and CDPruner's LLaVA-NeXT code do: the base tile and each
+  anyres crop (its part that survives unpadding, a rectangle) get ``round(n_t * (1 - ratio))`` each,
+  chosen by one call per tile on its own raster grid.
+
+``image_newline`` tokens are layout markers, not image content: they never count in the budget and are
+all kept, at their place in the sequence. Selected tokens keep their packed order; a merging method's
+outputs take the place of the first token of what they merge. Positions are renumbered contiguously,
+as ``bench.models.llava`` does (the official pre-LLM code). ``visual_tokens_in`` / ``visual_tokens_kept``
+count what reaches the LLM, newlines included; ``extras["newline_tokens"]`` says how many of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bench.errors import ConfigError, IncompatibleMethodError
+from bench.models.base import FlopsDescription, ImageBlock, PreparedBatch
+from bench.models.llava import LlavaAdapter
+from methods.base import PruningMethod, VisionContext
+
+BUDGETS = ("image", "tile")
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """Adapter for ``LlavaNextForConditionalGeneration`` (``llava-hf/llava-v1.6-*``).
+
+    Parameters
+    ----------
+    budget : {"image", "tile"}
+        The budget convention (module docstring); part of the model config, so it is recorded with the run.
+    Other parameters as :class:`bench.models.llava.LlavaAdapter`.
+    """
+
+    family = "llava_next"
+    model_class_name = "LlavaNextForConditionalGeneration"
+    config_class_name = "LlavaNextConfig"
+    supported_stages = frozenset({"none", "pre_llm"})
+    selection_graphs = False
+
+    def __init__(self, *args: Any, budget: str = "image", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if budget not in BUDGETS:
+            raise ConfigError(f"model.budget must be one of {', '.join(BUDGETS)} for LLaVA-NeXT, got {budget!r}")
+        self.budget = budget
+
+    # --------------------------------------------------------------- geometry
+    @property
+    def tile_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def check_method(self, method: PruningMethod) -> None:
+        if method.stage not in self.supported_stages:
+            raise IncompatibleMethodError(
+                f"method {method.name!r} prunes at stage {method.stage!r}; on LLaVA-NeXT only pre-LLM pruning is "
+                "implemented (in-LLM hooks assume one image block of equal size in every sample)"
+            )
+        if method.needs:
+            raise IncompatibleMethodError(
+                f"method {method.name!r} needs vision-tower quantities ({', '.join(sorted(method.needs))}); on LLaVA-NeXT "
+                "they exist per 336 px crop and mapping them onto the unpadded anyres layout is not implemented"
+            )
+        if self.budget == "image" and getattr(method, "needs_grid", False):
+            raise IncompatibleMethodError(
+                f"method {method.name!r} reads the 2-D patch grid; with model.budget=image the base tile and the "
+                "anyres grid form no single grid (use model.budget=tile)"
+            )
+        method.check_compatible(VisionContext(self.grid, self.has_cls, torch.zeros(1, dtype=torch.long)))
+
+    def source_map(self, image_size: torch.Tensor, num_tiles: int) -> torch.Tensor:
+        """``(N_packed,)`` for one image: the index ``tile * n + patch`` (raster within the tile) each packed token
+        comes from, ``-1`` for an ``image_newline`` token; from ``pack_image_features`` itself."""
+        n = self.tile_tokens
+        labels = torch.arange(num_tiles * n, dtype=torch.float64).view(num_tiles, n, 1)
+        packed, _ = self.model.model.pack_image_features(
+            [labels], image_size.view(1, 2).cpu(), self.config.vision_feature_select_strategy,
+            image_newline=torch.tensor([-1.0], dtype=torch.float64),
+        )
+        return packed[0][:, 0].round().long()
+
+    def _num_tiles(self, image_size: torch.Tensor) -> int:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.config
+        return image_size_to_num_patches(image_size.cpu(), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+
+    def segments(self, src: torch.Tensor) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """The budget units of one image: ``(packed positions (n_u,), grid)`` per unit, non-newline tokens only."""
+        vis = (src >= 0).nonzero().flatten()
+        if self.budget == "image":
+            return [(vis, (1, len(vis)))]
+        n, side = self.tile_tokens, self.grid[1]
+        out = []
+        tile = src[vis] // n
+        for t in tile.unique().tolist():  # ascending: the base tile first
+            pos = vis[tile == t]
+            local = src[pos] % n
+            h, w = len((local // side).unique()), len((local % side).unique())
+            out.append((pos, (h, w)))
+        return out
+
+    def visual_layout(self, batch: dict[str, torch.Tensor]) -> list[list[ImageBlock]]:
+        out = []
+        for i, (ids, mask) in enumerate(zip(batch["input_ids"], batch["attention_mask"])):
+            seq = ids[mask.bool()]
+            pos = (seq == self.image_token_id).nonzero().flatten()
+            size = batch["image_sizes"][i]
+            tiles = self._num_tiles(size)
+            src = self.source_map(size, tiles)
+            grids = [self.grid]
+            hi = src[self.tile_tokens :]
+            if len(hi):
+                rows = int((hi < 0).sum())
+                grids.append((rows, (len(hi) - rows) // max(rows, 1)))
+            out.append([ImageBlock(int(pos[0]) if len(pos) else -1, len(src), grids, tiles)])
+        return out
+
+    # --------------------------------------------------------------- forward
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, P, 3, H, W)`` pixels + ``(B, 2)`` sizes -> per image its packed ``(N_i, D_llm)`` tokens (newlines in).
+
+        One image at a time, so a sample's features never depend on its batch neighbours (GEMM kernels are
+        chosen by row count on CUDA).
+        """
+        cfg = self.config
+        out = []
+        for i in range(pixel_values.shape[0]):
+            feats = self.model.model.get_image_features(
+                pixel_values=pixel_values[i : i + 1].to(self.device, self.dtype),
+                image_sizes=image_sizes[i : i + 1].to(self.device),
+                vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                return_dict=True,
+            ).pooler_output
+            out.append(feats[0])
+        return out
+
+    def select_image(self, feats: torch.Tensor, src: torch.Tensor, method: PruningMethod, seed: torch.Tensor):
+        """One image: packed ``(N, D)`` features -> ``(kept (K, D), packed positions selected or None)``."""
+        if method.prune_ratio == 0.0 or method.stage == "none":
+            return feats, torch.arange(feats.shape[0])
+        keys, parts = [], []
+        for pos, grid in self.segments(src):
+            ctx = VisionContext(grid=grid, has_cls=self.has_cls, sample_seeds=seed.view(1))
+            sel = method.reduce(feats[pos.to(feats.device)].unsqueeze(0), ctx)
+            k = int(sel.n_kept[0])
+            parts.append(sel.features[0, :k])
+            if sel.kept_index is not None:
+                keys.append(pos[sel.kept_index[0, :k].cpu()].double())
+            else:  # merged tokens take the place of the first token they come from, in output order
+                keys.append(float(pos[0]) + torch.arange(k, dtype=torch.float64) / (k + 1))
+        newline = (src < 0).nonzero().flatten()
+        parts.append(feats[newline.to(feats.device)])
+        keys.append(newline.double())
+        order = torch.cat(keys).argsort(stable=True)
+        return torch.cat(parts)[order.to(feats.device)], None
+
+    @torch.no_grad()
+    def prepare(self, batch: dict[str, torch.Tensor], method: PruningMethod, sample_seeds: torch.Tensor) -> PreparedBatch:
+        """Apply a pre-LLM ``method`` per image (``budget``) to a processor batch (one image per sample, left padded).
+
+        ``batch`` holds ``input_ids``/``attention_mask`` ``(B, T)`` with the image's packed token count of
+        placeholders, ``pixel_values`` ``(B, P, 3, H, W)`` and ``image_sizes`` ``(B, 2)``.
+        """
+        if method.stage not in self.supported_stages:
+            self.check_method(method)
+        ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
+        sizes = batch["image_sizes"].cpu()
+        packed = self.encode_images(batch["pixel_values"], sizes)
+        feats, n_in, newlines = [], [], []
+        for i, f in enumerate(packed):
+            src = self.source_map(sizes[i], self._num_tiles(sizes[i]))
+            if len(src) != f.shape[0]:
+                raise ValueError(f"sample {i}: {f.shape[0]} packed tokens, the layout says {len(src)}")
+            kept, _ = self.select_image(f, src, method, sample_seeds[i])
+            feats.append(kept)
+            n_in.append(int(f.shape[0]))
+            newlines.append(int((src < 0).sum()))
+        new_ids, new_mask, embeds, spans = self.assemble(ids, mask, n_in, feats)
+        kept = [int(f.shape[0]) for f in feats]
+        extras = {"image_spans": spans, "sample_seeds": sample_seeds, "budget": self.budget, "newline_tokens": newlines}
+        return PreparedBatch(new_ids, embeds, new_mask, n_in, kept, extras=extras)
+
+    # --------------------------------------------------------------- synthetic input and costs
+    #: the probe image's size (height, width): 672 x 672 picks the 2 x 2 pinpoint, 2,880 tokens + 48 newlines
+    PROBE_IMAGE = (672, 672)
+
+    def probe_batch(self, batch_size: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Synthetic prompt of :attr:`PROBE_TEXT` text ids around one :attr:`PROBE_IMAGE` image's packed tokens,
+        with seeded random pixels for its tiles."""
+        g = torch.Generator().manual_seed(seed)
+        cfg = self.config
+        size = torch.tensor(self.PROBE_IMAGE)
+        if cfg.vision_config.image_size != 336:  # a small test config: an image twice its tile
+            size = torch.tensor([2 * cfg.vision_config.image_size] * 2)
+        tiles = self._num_tiles(size)
+        n = len(self.source_map(size, tiles))
+        before, after = self.PROBE_TEXT
+        text = torch.randint(3, min(cfg.text_config.vocab_size, self.PROBE_VOCAB), (before + after,), generator=g)
+        text[text == self.image_token_id] = 3
+        ids = torch.cat([text[:before], torch.full((n,), self.image_token_id), text[before:]]).unsqueeze(0).repeat(batch_size, 1)
+        side = cfg.vision_config.image_size
+        pix = torch.randn(1, tiles, 3, side, side, generator=g).repeat(batch_size, 1, 1, 1, 1)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix, "image_sizes": size.view(1, 2).repeat(batch_size, 1)}
+
+    def flops_description(self) -> FlopsDescription:
+        from dataclasses import replace
+
+        return replace(super().flops_description(), family=self.family)

@@ -1,0 +1,275 @@
+"""Qwen2.5-VL through transformers' native ``Qwen2_5_VLForConditionalGeneration``.
+
+Images are processed at dynamic resolution (the processor resizes each image to multiples of 28 px with
+``min_pixels <= H * W <= max_pixels``, Hydra fields ``model.min_pixels`` / ``model.max_pixels``), encoded
+by the windowed-attention ViT and merged 2x2 by the patch merger; ``image_grid_thw`` gives each image's
+``(T, H, W)`` patch grid, so an image reaches the LLM as ``H/2 x W/2`` merged tokens in raster order.
+Pruning acts on those merged tokens (``VisionContext.grid`` is the merged grid).
+
+M-RoPE: the LLM's positions are 3-D (temporal, height, width) for image tokens and equal 1-D counters for
+text. The adapter computes the unpruned positions with the model's own ``get_rope_index``, drops the
+rows of the pruned tokens and passes the kept ones as ``position_ids`` ``(3, B, T')``: kept image tokens
+keep their original 3-D positions and the text after the image keeps its original positions. Decoding
+continues from the last prompt position + 1 in every dimension (``generate`` extends the given position
+ids that way), which is the unpruned model's ``rope_deltas`` rule: the next position is
+``max(position) + 1`` whatever was removed.
+
+The tower has no [CLS] token: methods whose definition needs one (CLS attention) are refused, as are
+methods needing CLIP-tower quantities; in-LLM pruning is not implemented for Qwen2's decoder with 3-D
+positions and is refused (exit code 2) rather than approximated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bench.errors import ConfigError, IncompatibleMethodError
+from bench.models.base import FlopsDescription, ImageBlock, PreparedBatch
+from bench.models.llava import LlavaAdapter
+from methods.base import PruningMethod, VisionContext
+
+
+class Qwen25VLAdapter(LlavaAdapter):
+    """Adapter for ``Qwen2_5_VLForConditionalGeneration`` (``Qwen/Qwen2.5-VL-{3B,7B}-Instruct``).
+
+    Loading, fingerprints and ``weights=random`` follow :class:`bench.models.llava.LlavaAdapter`.
+
+    Parameters
+    ----------
+    min_pixels, max_pixels : int
+        The processor's dynamic-resolution bounds (pixels of the resized image).
+    """
+
+    family = "qwen25vl"
+    model_class_name = "Qwen2_5_VLForConditionalGeneration"
+    config_class_name = "Qwen2_5_VLConfig"
+    supported_stages = frozenset({"none", "pre_llm"})
+    selection_graphs = False
+    #: the synthetic probe image's (height, width) in pixels (a multiple of 28); ``probe_batch(size=...)`` overrides
+    PROBE_IMAGE = (448, 448)
+
+    def __init__(self, *args: Any, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not 0 < int(min_pixels) <= int(max_pixels):
+            raise ConfigError(f"model.min_pixels and model.max_pixels must satisfy 0 < min <= max, got {min_pixels}, {max_pixels}")
+        self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
+
+    def load(self) -> "Qwen25VLAdapter":
+        super().load()
+        if self.processor is not None:
+            ip = self.processor.image_processor
+            ip.min_pixels, ip.max_pixels = self.min_pixels, self.max_pixels
+            ip.size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+        return self
+
+    # --------------------------------------------------------------- geometry
+    @property
+    def merge(self) -> int:
+        return self.config.vision_config.spatial_merge_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Merged grid of the :attr:`PROBE_IMAGE` (an image's own grid comes from its ``image_grid_thw``)."""
+        f = self.config.vision_config.patch_size * self.merge
+        return (self.PROBE_IMAGE[0] // f, self.PROBE_IMAGE[1] // f)
+
+    @property
+    def has_cls(self) -> bool:
+        return False
+
+    @property
+    def num_llm_layers(self) -> int:
+        return self.config.text_config.num_hidden_layers
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    def check_method(self, method: PruningMethod) -> None:
+        if method.stage not in self.supported_stages:
+            raise IncompatibleMethodError(
+                f"method {method.name!r} prunes at stage {method.stage!r}; on Qwen2.5-VL only pre-LLM pruning is implemented "
+                "(in-LLM hooks on Qwen2's decoder with 3-D M-RoPE positions are not)"
+            )
+        if method.requires_cls:
+            raise IncompatibleMethodError(f"method {method.name!r} is defined by [CLS] attention; Qwen2.5-VL's vision tower has no [CLS] token")
+        if method.needs:
+            raise IncompatibleMethodError(
+                f"method {method.name!r} needs CLIP vision-tower quantities ({', '.join(sorted(method.needs))}) that Qwen2.5-VL's tower does not provide"
+            )
+        method.check_compatible(VisionContext(self.grid, False, torch.zeros(1, dtype=torch.long)))
+
+    def image_grids(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        """Merged ``(H, W)`` grid per sample (one image per sample)."""
+        thw = batch["image_grid_thw"]
+        if thw.shape[0] != batch["input_ids"].shape[0]:
+            raise ValueError(f"{thw.shape[0]} images for {batch['input_ids'].shape[0]} prompts; one image per sample is supported")
+        if (thw[:, 0] != 1).any():
+            raise ValueError("image_grid_thw with T > 1 (video) is not supported")
+        return [(int(h) // self.merge, int(w) // self.merge) for _, h, w in thw.tolist()]
+
+    def visual_layout(self, batch: dict[str, torch.Tensor]) -> list[list[ImageBlock]]:
+        out = []
+        for (ids, mask), grid in zip(zip(batch["input_ids"], batch["attention_mask"]), self.image_grids(batch)):
+            seq = ids[mask.bool()]
+            pos = (seq == self.image_token_id).nonzero().flatten()
+            out.append([ImageBlock(int(pos[0]) if len(pos) else -1, len(pos), [grid])])
+        return out
+
+    # --------------------------------------------------------------- forward
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Flattened patches ``(sum_i T*H*W, C*t*p*p)`` + ``(B, 3)`` grids -> per image ``(H/2 * W/2, D_llm)`` merged
+        tokens in raster order; one image at a time (batch-neighbour independent)."""
+        sizes = image_grid_thw.prod(-1).tolist()
+        out = []
+        for px, thw in zip(pixel_values.split(sizes), image_grid_thw):
+            feats = self.model.model.get_image_features(px.to(self.device, self.dtype), thw.view(1, 3).to(self.device), return_dict=True).pooler_output
+            out.append(feats[0])
+        return out
+
+    def rope_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The unpruned model's ``(3, B, T)`` M-RoPE positions (``get_rope_index``; 0 on padding)."""
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        types = batch.get("mm_token_type_ids")
+        types = (ids == self.image_token_id).int() if types is None else types.to(self.device)
+        pos, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=batch["image_grid_thw"].to(self.device), attention_mask=mask)
+        return pos
+
+    @torch.no_grad()
+    def prepare(self, batch: dict[str, torch.Tensor], method: PruningMethod, sample_seeds: torch.Tensor) -> PreparedBatch:
+        """Apply a pre-LLM ``method`` to each image's merged tokens; kept tokens keep their 3-D positions.
+
+        ``batch``: ``input_ids``/``attention_mask`` ``(B, T)`` left padded with ``H/2 * W/2`` image tokens per
+        sample, ``pixel_values`` (flattened patches) and ``image_grid_thw`` ``(B, 3)``. ``position_ids`` of the
+        result's ``extras`` are ``(3, B, T')``.
+        """
+        if method.stage not in self.supported_stages:
+            self.check_method(method)
+        ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
+        grids = self.image_grids(batch)
+        feats = self.encode_images(batch["pixel_values"], batch["image_grid_thw"].cpu())
+        pos_full = self.rope_positions(batch).cpu()
+        img = self.image_token_id
+        rows, row_pos, kept_feats, n_in = [], [], [], []
+        for i, (f, grid) in enumerate(zip(feats, grids)):
+            n = grid[0] * grid[1]
+            valid = mask[i].bool()
+            seq, pos = ids[i][valid], pos_full[:, i][:, valid]
+            at = (seq == img).nonzero().flatten()
+            if len(at) != n or at[-1] - at[0] + 1 != n or f.shape[0] != n:
+                raise ValueError(f"sample {i}: expected one image of {n} contiguous image tokens, found {len(at)} (features {f.shape[0]})")
+            if method.prune_ratio == 0.0 or method.stage == "none":
+                keep_idx, k_feats = torch.arange(n), f
+            else:
+                sel = method.reduce(f.unsqueeze(0), VisionContext(grid=grid, has_cls=False, sample_seeds=sample_seeds[i].view(1)))
+                k = int(sel.n_kept[0])
+                if sel.kept_index is None:
+                    raise IncompatibleMethodError(
+                        f"method {method.name!r} merges tokens; on Qwen2.5-VL a merged token has no original M-RoPE position"
+                    )
+                keep_idx, k_feats = sel.kept_index[0, :k].cpu(), sel.features[0, :k]
+            s0 = int(at[0])
+            keep_rows = torch.cat([torch.arange(s0), s0 + keep_idx, torch.arange(s0 + n, len(seq))])
+            rows.append(seq[keep_rows])
+            row_pos.append(pos[:, keep_rows])
+            kept_feats.append(k_feats)
+            n_in.append(n)
+        t = max(len(r) for r in rows)
+        b = len(rows)
+        new_ids = torch.full((b, t), self.pad_token_id, dtype=ids.dtype)
+        new_mask = torch.zeros((b, t), dtype=mask.dtype)
+        new_pos = torch.zeros((3, b, t), dtype=pos_full.dtype)
+        for i, (r, p) in enumerate(zip(rows, row_pos)):
+            new_ids[i, t - len(r):] = r
+            new_mask[i, t - len(r):] = 1
+            new_pos[:, i, t - len(r):] = p
+        new_ids, new_mask = new_ids.to(self.device), new_mask.to(self.device)
+        embeds = self.model.get_input_embeddings()(new_ids)
+        vis = torch.cat(kept_feats).to(embeds.device, embeds.dtype)
+        embeds = embeds.masked_scatter(((new_ids == img) & new_mask.bool()).unsqueeze(-1), vis)
+        starts = [t - len(r) + int((r == img).nonzero()[0]) for r in rows]
+        spans = torch.tensor([[s, s + int(f.shape[0])] for s, f in zip(starts, kept_feats)], dtype=torch.long)
+        kept = [int(f.shape[0]) for f in kept_feats]
+        extras = {"image_spans": spans, "sample_seeds": sample_seeds, "position_ids": new_pos.to(self.device), "grids": grids}
+        return PreparedBatch(new_ids, embeds, new_mask, n_in, kept, extras=extras)
+
+    def generate(self, prepared: PreparedBatch, max_new_tokens: int = 16, method: PruningMethod | None = None, **gen_kwargs) -> torch.Tensor:
+        """Greedy generation; prompt positions are the kept M-RoPE ones, decoding continues from their last + 1."""
+        if method is not None and method.stage == "in_llm":
+            self.check_method(method)
+        tok = self.processor.tokenizer if self.processor is not None else None
+        out = self.model.generate(
+            input_ids=prepared.input_ids,
+            inputs_embeds=prepared.inputs_embeds,
+            attention_mask=prepared.attention_mask,
+            position_ids=prepared.extras["position_ids"],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=tok.eos_token_id if tok is not None else self.config.text_config.eos_token_id,
+            **gen_kwargs,
+        )
+        return out[:, prepared.input_ids.shape[1]:]
+
+    @torch.no_grad()
+    def prefill(self, prepared: PreparedBatch, method: PruningMethod | None = None):
+        """One LLM prefill with the KV cache on, at the kept M-RoPE positions (those ``generate`` uses)."""
+        return self.model(
+            inputs_embeds=prepared.inputs_embeds,
+            attention_mask=prepared.attention_mask,
+            position_ids=prepared.extras["position_ids"],
+            use_cache=True,
+            logits_to_keep=1,
+        )
+
+    def llm_pruning(self, method: PruningMethod, prepared: PreparedBatch):
+        return super(LlavaAdapter, self).llm_pruning(method, prepared)
+
+    def is_llama_rms_norm(self, norm: torch.nn.Module) -> bool:
+        return False
+
+    # --------------------------------------------------------------- synthetic input and costs
+    def probe_batch(self, batch_size: int = 1, seed: int = 0, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """Synthetic prompt of :attr:`PROBE_TEXT` text ids around one image of ``size`` (default :attr:`PROBE_IMAGE`,
+        pixels, multiples of 28) as the processor would give it: flattened patches and ``image_grid_thw``."""
+        g = torch.Generator().manual_seed(seed)
+        vc, tc = self.config.vision_config, self.config.text_config
+        h, w = size or self.PROBE_IMAGE
+        p, f = vc.patch_size, vc.patch_size * self.merge
+        if h % f or w % f:
+            raise ConfigError(f"probe image {h}x{w} is not a multiple of {f} px")
+        gh, gw = h // p, w // p
+        n = (gh // self.merge) * (gw // self.merge)
+        before, after = self.PROBE_TEXT
+        text = torch.randint(3, min(tc.vocab_size, self.PROBE_VOCAB), (before + after,), generator=g)
+        text[text >= min(self.image_token_id, tc.vocab_size)] = 3
+        ids = torch.cat([text[:before], torch.full((n,), self.image_token_id), text[before:]]).unsqueeze(0).repeat(batch_size, 1)
+        dim = vc.in_channels * vc.temporal_patch_size * p * p
+        pix = torch.randn(gh * gw, dim, generator=g).repeat(batch_size, 1)
+        thw = torch.tensor([[1, gh, gw]]).repeat(batch_size, 1)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix, "image_grid_thw": thw,
+                "mm_token_type_ids": (ids == self.image_token_id).int()}
+
+    def flops_description(self) -> FlopsDescription:
+        vc, tc = self.config.vision_config, self.config.text_config
+        heads = tc.num_attention_heads
+        return FlopsDescription(
+            family=self.family,
+            vision_layers=vc.depth,
+            vision_width=vc.hidden_size,
+            vision_mlp=vc.intermediate_size,
+            vision_tokens_per_tile=(self.PROBE_IMAGE[0] // vc.patch_size) * (self.PROBE_IMAGE[1] // vc.patch_size),
+            vision_window=vc.window_size // vc.patch_size,
+            vision_full_layers=tuple(vc.fullatt_block_indexes),
+            projector="patch_merger_2x2",
+            llm_layers=tc.num_hidden_layers,
+            llm_width=tc.hidden_size,
+            llm_mlp=tc.intermediate_size,
+            llm_heads=heads,
+            llm_kv_heads=tc.num_key_value_heads,
+            llm_head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
+            vocab=tc.vocab_size,
+        )

@@ -1,0 +1,201 @@
+"""LLaVA-NeXT adapter on a tiny random-config ``LlavaNextForConditionalGeneration`` (CPU, float32).
+
+Tiles are 56 px / patch 14 (4 x 4 = 16 tokens per tile); the pinpoints give 2 or 4 anyres crops, and the
+image sizes below make unpadding cut rows or columns, so token counts differ per sample.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.errors import IncompatibleMethodError
+from methods.registry import create
+
+PAD, IMG, EOS = 0, 127, 2
+SIZES = [(100, 60), (56, 112), (112, 112), (90, 100), (60, 110), (112, 56), (70, 70), (100, 101)]
+
+
+def tiny_llava_next(seed: int = 0):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32)
+    tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                     pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS)
+    cfg = LlavaNextConfig(vision_config=vc, text_config=tc, image_token_index=IMG, image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+                          vision_feature_layer=-2, vision_feature_select_strategy="default")
+    cfg.pad_token_id = PAD
+    for c in (cfg, vc, tc):
+        c._attn_implementation = "sdpa"
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # a random newline of the init's scale; make it distinguishable from image tokens
+        model.model.image_newline.normal_()
+    return model
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    from bench.models.llava_next import LlavaNextAdapter
+
+    a = LlavaNextAdapter(name="tiny_next", source="none", weights="random", device="cpu", dtype="float32")
+    a.model = tiny_llava_next()
+    return a
+
+
+def make_batch(adapter, sizes, seed=0):
+    """Left-padded prompts (random text of varying length around each image's packed placeholder count)."""
+    g = torch.Generator().manual_seed(seed)
+    rows, pix = [], []
+    for i, (h, w) in enumerate(sizes):
+        size = torch.tensor([h, w])
+        tiles = adapter._num_tiles(size)
+        n = len(adapter.source_map(size, tiles))
+        before, after = 3 + i % 3, 4 + (i * 2) % 5
+        text = torch.randint(3, IMG, (before + after,), generator=g)
+        rows.append(torch.cat([text[:before], torch.full((n,), IMG), text[before:]]))
+        p = torch.randn(5, 3, 56, 56, generator=g)
+        p[tiles:] = 0
+        pix.append(p)
+    t = max(len(r) for r in rows)
+    ids = torch.full((len(rows), t), PAD)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):] = r
+        mask[i, t - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.stack(pix), "image_sizes": torch.tensor(sizes)}
+
+
+def seeds(n):
+    return torch.arange(n, dtype=torch.long) + 11
+
+
+def test_layout_varies_per_image_and_matches_transformers(adapter):
+    batch = make_batch(adapter, SIZES[:4])
+    layout = adapter.visual_layout(batch)
+    counts = [blocks[0].length for blocks in layout]
+    assert len(set(counts)) > 1  # unpadding: a count per image
+    packed = adapter.encode_images(batch["pixel_values"], batch["image_sizes"])
+    assert [f.shape[0] for f in packed] == counts
+    for i, f in enumerate(packed):  # newline rows are the model's image_newline, the rest image features
+        src = adapter.source_map(batch["image_sizes"][i], adapter._num_tiles(batch["image_sizes"][i]))
+        nl = adapter.model.model.image_newline
+        assert torch.equal(f[src < 0], nl.expand(int((src < 0).sum()), -1))
+        assert not (f[src >= 0] == nl).all(-1).any()
+        assert layout[i][0].grids[0] == (4, 4)
+
+
+def test_ratio_zero_is_the_unpruned_model_bit_for_bit(adapter):
+    batch = make_batch(adapter, SIZES[:3])
+    prepared = adapter.prepare(batch, create("divprune", 0.0), seeds(3))
+    ours = adapter.generate(prepared, max_new_tokens=6)
+    ref = adapter.model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
+    assert torch.equal(ours, ref)
+    out = adapter.prefill(prepared)
+    pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # generate's positions under left padding
+    with torch.no_grad():
+        full = adapter.model(**batch, position_ids=pos, logits_to_keep=1)
+    assert torch.equal(out.logits, full.logits)
+
+
+@pytest.mark.parametrize("budget", ["image", "tile"])
+@pytest.mark.parametrize("method", ["divprune", "random"])
+def test_pruned_generate_equals_physical_removal(adapter, budget, method):
+    adapter.budget = budget
+    try:
+        batch = make_batch(adapter, SIZES[:2])
+        m = create(method, 0.75)
+        prepared = adapter.prepare(batch, m, seeds(2))
+        ours = adapter.generate(prepared, max_new_tokens=5)
+        packed = adapter.encode_images(batch["pixel_values"], batch["image_sizes"])
+        for i in range(2):
+            size = batch["image_sizes"][i]
+            src = adapter.source_map(size, adapter._num_tiles(size))
+            # the reference: the full packed sequence, with the method's picks made per budget unit here
+            keep = (src < 0).clone()
+            for pos, grid in adapter.segments(src):
+                from methods.base import VisionContext
+
+                idx = m.select(packed[i][pos].unsqueeze(0), VisionContext(grid, True, seeds(2)[i].view(1)))[0]
+                assert idx.shape[0] == m.n_keep(len(pos))
+                keep[pos[idx]] = True
+            seq = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+            start = int((seq == IMG).nonzero()[0])
+            emb = adapter.model.get_input_embeddings()(seq).clone()
+            emb[start:start + len(src)] = packed[i]
+            rows = torch.cat([torch.ones(start, dtype=torch.bool), keep, torch.ones(len(seq) - start - len(src), dtype=torch.bool)])
+            emb = emb[rows].unsqueeze(0)
+            assert prepared.visual_tokens_kept[i] == int(keep.sum())
+            # greedy decoding by hand: contiguous positions, KV cache
+            out = adapter.model(inputs_embeds=emb, use_cache=True)
+            toks = []
+            for _ in range(5):
+                nxt = out.logits[:, -1].argmax(-1)
+                toks.append(int(nxt))
+                if int(nxt) == EOS:
+                    break
+                out = adapter.model(input_ids=nxt.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+            got = ours[i].tolist()[: len(toks)]
+            assert got == toks
+    finally:
+        adapter.budget = "image"
+
+
+@pytest.mark.parametrize("budget", ["image", "tile"])
+def test_batch_of_8_equals_batch_of_1(adapter, budget):
+    adapter.budget = budget
+    try:
+        batch = make_batch(adapter, SIZES)
+        m = create("divprune", 0.6)
+        prepared = adapter.prepare(batch, m, seeds(8))
+        together = adapter.generate(prepared, max_new_tokens=4)
+        for i in range(8):
+            one = {k: v[i:i + 1] for k, v in batch.items()}
+            one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
+            one["attention_mask"] = torch.ones_like(one["input_ids"])
+            p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
+            assert p1.visual_tokens_kept[0] == prepared.visual_tokens_kept[i]
+            alone = adapter.generate(p1, max_new_tokens=4)
+            assert together[i].tolist() == alone[0].tolist()
+    finally:
+        adapter.budget = "image"
+
+
+@pytest.mark.parametrize("budget", ["image", "tile"])
+def test_kept_tokens_keep_their_order_and_newlines(adapter, budget):
+    """Kept features are the unpruned ones, in their unpruned (packed) order; every newline is kept, in place."""
+    adapter.budget = budget
+    try:
+        batch = make_batch(adapter, SIZES[:1])
+        full = adapter.encode_images(batch["pixel_values"], batch["image_sizes"])[0]
+        prepared = adapter.prepare(batch, create("random", 0.5), seeds(1))
+        s0, s1 = prepared.extras["image_spans"][0].tolist()
+        kept = prepared.inputs_embeds[0, s0:s1]
+        # each kept row is a packed row; their packed indices strictly increase
+        match = (kept.unsqueeze(1) == full.unsqueeze(0)).all(-1)
+        src = adapter.source_map(batch["image_sizes"][0], adapter._num_tiles(batch["image_sizes"][0]))
+        vis_rows = (src >= 0)
+        idx = [int(r.nonzero()[0]) if not (full[r.nonzero().flatten()] == adapter.model.model.image_newline).all() else -1 for r in match]
+        vis_idx = [j for j in idx if j >= 0]
+        assert vis_idx == sorted(vis_idx) and len(set(vis_idx)) == len(vis_idx)
+        assert len(idx) - len(vis_idx) == int((~vis_rows).sum()) == prepared.extras["newline_tokens"][0]
+        assert prepared.extras["budget"] == budget
+    finally:
+        adapter.budget = "image"
+
+
+def test_refusals(adapter):
+    with pytest.raises(IncompatibleMethodError, match="vision-tower quantities"):
+        adapter.check_method(create("visionzip", 0.5))
+    with pytest.raises(IncompatibleMethodError, match="pre-LLM"):
+        adapter.check_method(create("fastv", 0.5))
+    with pytest.raises(IncompatibleMethodError, match="budget=tile"):
+        adapter.check_method(create("pool", 0.5))
+    adapter.check_method(create("divprune", 0.5))
+
+
+def test_probe_batch_runs(adapter):
+    batch = adapter.probe_batch(batch_size=2)
+    prepared = adapter.prepare(batch, create("divprune", 0.5), seeds(2))
+    assert prepared.visual_tokens_in[0] == 16 + 64 + 8  # base tile + 8 x 8 grid + 8 newlines
+    assert adapter.prefill(prepared).logits.shape[:2] == (2, 1)
