@@ -52,7 +52,9 @@ from bench.models.vision_merge import feature_block_count, merge_step, merged_fe
 from methods.base import CudaGraphCache, VisionContext  # noqa: E402
 from methods.divprune import DivPrune  # noqa: E402
 from methods.fastervlm import FasterVLM  # noqa: E402
+from methods.gprune import GPrune  # noqa: E402
 from methods.hiprune import HiPrune  # noqa: E402
+from methods.holov import HoloV  # noqa: E402
 from methods.prumerge import PruMerge, PruMergePlus  # noqa: E402
 from methods.tome import ToMe  # noqa: E402
 from methods.visionzip import VisionZip  # noqa: E402
@@ -78,6 +80,8 @@ def variants(ratio: float, device: str):
         ("prumerge_plus", PruMergePlus(prune_ratio=ratio)),
         ("prumerge[adaptive]", PruMerge(prune_ratio=ratio, budget="adaptive")),
         ("tome", ToMe(prune_ratio=ratio)),
+        ("gprune", GPrune(prune_ratio=ratio, rounding="round")),
+        ("holov", HoloV(prune_ratio=ratio)),
     ]
     return out
 

@@ -213,3 +213,59 @@ def ref_tome_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r:
     new_s = [ss[a_ids[i]] for i in unm] + dst_s
     nx, ns = torch.stack(new_x), torch.stack(new_s)
     return nx / ns, ns
+
+
+def ref_gprune(x: torch.Tensor, keep: int, similarity: float = 0.5, temperature: float = 0.03, steps: int = 5) -> list[int]:
+    """G-Prune on one image ``(N, D)``: a thresholded-cosine graph, row-softmax transitions, the feature
+    norms pushed ``steps`` times along it (one vector-matrix product per step), divided by the degree."""
+    n = x.shape[0]
+    xn = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    sim = xn @ xn.t()
+    trans = torch.zeros(n, n, dtype=x.dtype)
+    degree = []
+    for i in range(n):
+        nb = torch.nonzero(sim[i] >= similarity).flatten()  # the row's edges (itself included)
+        trans[i, nb] = torch.softmax(sim[i, nb] / temperature, dim=0)
+        degree.append(len(nb))
+    mass = x.norm(dim=1)
+    for _ in range(steps):
+        mass = mass @ trans
+    score = [float(mass[j]) / degree[j] for j in range(n)]
+    return sorted(argsort_desc(score)[:keep])
+
+
+def ref_holov(x: torch.Tensor, attn: torch.Tensor, budget: int, chunks: int = 16, alpha: float = 0.09, eps: float = 1e-6) -> list[int]:
+    """HoloV on one image: ``(N, D)`` tokens, ``(N,)`` attention -> kept indices in output order, ``-1``
+    for the zero rows that pad the output to ``budget``."""
+    n = x.shape[0]
+    base, rem = divmod(n, chunks)
+    bounds, start = [], 0
+    for c in range(chunks):
+        size = base + (1 if c < rem else 0)
+        bounds.append(list(range(start, start + size)))
+        start += size
+    scores = []
+    for toks in bounds:
+        m = len(toks)
+        f = torch.stack([x[j] / (x[j].norm() + eps) for j in toks])
+        gram = (f @ f.t()).tolist()
+        var = []
+        for i in range(m):
+            row = [0.0 if i == j else gram[i][j] for j in range(m)]
+            mu = sum(row) / (m - 1)
+            var.append(sum((v - mu) ** 2 for v in row) / (m - 1))
+        a = [1e3 * float(attn[j]) for j in toks]
+        scale = (sum(abs(v) for v in a) / m) / (sum(abs(v) for v in var) / m + eps)
+        scores.append(sum(a[i] + alpha * var[i] * scale for i in range(m)) / m)
+    total = sum(scores) + eps
+    weights = [s / total for s in scores]
+    quota = [math.floor(w * budget) for w in weights]
+    for c in argsort_desc(weights)[: budget - sum(quota)]:
+        quota[c] += 1
+    out = []
+    for toks, q in zip(bounds, quota):
+        if q >= len(toks):
+            out += toks
+        elif q > 0:
+            out += [toks[i] for i in argsort_desc([float(attn[j]) for j in toks])[:q]]
+    return out + [-1] * (budget - len(out))

@@ -472,7 +472,10 @@ class LlavaAdapter(ModelAdapter):
         feats = [sel.features[i, : int(sel.n_kept[i])] for i in range(b)]
         new_ids, new_mask, embeds, spans = self.assemble(ids, mask, [n] * b, feats)
         kept = [int(f.shape[0]) for f in feats]
-        return PreparedBatch(new_ids, embeds, new_mask, [n] * b, kept, extras={"image_spans": spans, "sample_seeds": sample_seeds})
+        extras = {"image_spans": spans, "sample_seeds": sample_seeds}
+        if original_positions(method, sel):
+            extras["position_ids"] = kept_position_ids(ids, mask, sel.kept_index.cpu(), kept, self.image_token_id, n, new_ids.shape[1]).to(self.device)
+        return PreparedBatch(new_ids, embeds, new_mask, [n] * b, kept, extras=extras)
 
     def assemble(self, ids: torch.Tensor, mask: torch.Tensor, n_in: list[int], feats: list[torch.Tensor]):
         """Rebuild left-padded prompts around the kept visual features.
@@ -529,6 +532,8 @@ class LlavaAdapter(ModelAdapter):
             with self.llm_pruning(method, prepared):
                 return self.generate(prepared, max_new_tokens=max_new_tokens, **gen_kwargs)
         tok = self.processor.tokenizer if self.processor is not None else None
+        if "position_ids" in prepared.extras:  # original ids kept (G-Prune); generate continues at last + 1
+            gen_kwargs = {"position_ids": prepared.extras["position_ids"], **gen_kwargs}
         out = self.model.generate(
             input_ids=prepared.input_ids,
             inputs_embeds=prepared.inputs_embeds,
@@ -551,7 +556,9 @@ class LlavaAdapter(ModelAdapter):
         if method is not None and method.stage == "in_llm":
             with self.llm_pruning(method, prepared):
                 return self.prefill(prepared)
-        pos = (prepared.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        pos = prepared.extras.get("position_ids")
+        if pos is None:
+            pos = (prepared.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return self.model(
             inputs_embeds=prepared.inputs_embeds,
             attention_mask=prepared.attention_mask,
@@ -559,6 +566,26 @@ class LlavaAdapter(ModelAdapter):
             use_cache=True,
             logits_to_keep=1,
         )
+
+
+def original_positions(method: PruningMethod, sel) -> bool:
+    """Whether a pre-LLM selection keeps its tokens' original position ids (``renumber_positions: false``,
+    G-Prune's official behaviour) instead of the contiguous ids of LLaVA's own code."""
+    return method.stage == "pre_llm" and getattr(method, "renumber_positions", True) is False and sel.kept_index is not None
+
+
+def kept_position_ids(ids: torch.Tensor, mask: torch.Tensor, kept_index: torch.Tensor, kept: list[int], img: int, n: int, t: int) -> torch.Tensor:
+    """``(B, t)`` left-padded position ids of the pruned rows as they were in the unpruned prompt ``ids``/``mask``
+    ``(B, T)``: text before the image as is, kept image token ``j`` at ``start + j``, the text after it at its
+    old place."""
+    out = torch.zeros(ids.shape[0], t, dtype=torch.long)
+    for i, k in enumerate(kept):
+        seq = ids[i][mask[i].bool()]
+        start = int((seq == img).nonzero()[0])
+        after = len(seq) - start - n
+        pos = torch.cat([torch.arange(start), start + kept_index[i, :k].long(), start + n + torch.arange(after)])
+        out[i, t - len(pos) :] = pos
+    return out
 
 
 def chat_prompt(processor, text: str) -> str:

@@ -1,0 +1,218 @@
+"""Wave-2 methods (issue 24): G-Prune, HoloV, FlowCut, on CPU.
+
+* the vectorised rules == the plain loop references of ``tests/reference_vision.py`` on random inputs of
+  the real shapes (576 tokens, 24x24 grid, D = 1024 / 4096), float64 so that only true ties could differ:
+  exact kept index sets, output order, zero padding;
+* budgets: G-Prune rounds down like the official ``int(keep_ratio * 576)``;
+* end to end on a tiny LLaVA: prepare + generate, per-sample batches, G-Prune's original position ids.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from reference_vision import ref_gprune, ref_holov
+
+from methods.base import VisionContext
+from methods.gprune import GPrune
+from methods.holov import HoloV, chunk_layout
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def clustered(b: int, n: int, d: int, g, clusters: int = 8, noise: float = 0.8) -> torch.Tensor:
+    """Tokens around a few centres, so that a 0.5 cosine threshold leaves a real graph."""
+    centres = torch.randn(clusters, d, generator=g, dtype=torch.float64)
+    return centres[torch.randint(0, clusters, (b, n), generator=g)] + noise * torch.randn(b, n, d, generator=g, dtype=torch.float64)
+
+
+def peaked_cls(b: int, n: int, heads: int, g, hot: int = 40) -> torch.Tensor:
+    """``(B, H, 1 + N)`` CLS-row probabilities with a few hot tokens packed into the first chunks (so that
+    some chunk quotas exceed their size)."""
+    logits = torch.randn(b, heads, n + 1, generator=g, dtype=torch.float64) * 2.0
+    idx = 1 + torch.randint(0, n // 3, (b, hot), generator=g)
+    logits.scatter_add_(2, idx.unsqueeze(1).expand(-1, heads, -1), torch.full((b, heads, hot), 4.0, dtype=torch.float64))
+    return logits.softmax(dim=-1)
+
+
+def cls_ctx(cls_attn: torch.Tensor) -> VisionContext:
+    return VisionContext((24, 24), True, torch.zeros(cls_attn.shape[0], dtype=torch.long), {"cls_attn:-2": lambda: cls_attn})
+
+
+# ----------------------------------------------------------------------------- G-Prune
+@pytest.mark.parametrize("ratio,d", [(0.5, 1024), (0.667, 4096), (0.75, 1024), (0.9, 4096)])
+def test_gprune_matches_reference(ratio, d):
+    x = clustered(2, 576, d, gen(int(ratio * 100) + d))
+    m = GPrune(prune_ratio=ratio)
+    got = m.select(x, None)
+    assert got.shape == (2, m.n_keep(576))
+    for i in range(2):
+        assert got[i].tolist() == ref_gprune(x[i], m.n_keep(576))
+
+
+def test_gprune_budget_rounds_down_like_official():
+    assert [GPrune(prune_ratio=r).n_keep(576) for r in (0.5, 0.667, 0.75, 0.9)] == [288, 191, 144, 57]
+    assert [GPrune(prune_ratio=r, rounding="round").n_keep(576) for r in (0.667, 0.9)] == [192, 58]
+    assert GPrune(prune_ratio=0.0).n_keep(576) == 576
+
+
+def test_gprune_is_per_sample():
+    x = clustered(3, 576, 64, gen(5))
+    m = GPrune(prune_ratio=0.75)
+    whole = m.select(x, None)
+    for i in range(3):
+        assert torch.equal(whole[i], m.select(x[i : i + 1], None)[0])
+
+
+def test_gprune_selection_flops_counts_matrix_power():
+    from bench.measure.flops import count_flops
+    from methods.gprune import gprune_scores
+
+    x = torch.randn(1, 100, 16)
+    counted, _ = count_flops(lambda: gprune_scores(x))
+    cost = SimpleNamespace(batch=1, n_visual=100, llm_width=16)  # the CostModel fields the formula reads
+    assert counted == GPrune(prune_ratio=0.5).selection_flops(cost)
+
+
+# ----------------------------------------------------------------------------- HoloV
+def test_chunk_layout_uneven():
+    idx, valid = chunk_layout(35, 4)
+    assert valid.sum(dim=1).tolist() == [9, 9, 9, 8]
+    assert idx[valid].tolist() == list(range(35))
+
+
+@pytest.mark.parametrize("ratio,d", [(0.5, 4096), (0.75, 1024), (0.889, 1024), (0.9, 4096)])
+def test_holov_matches_reference(ratio, d):
+    g = gen(int(ratio * 1000) + d)
+    x = clustered(2, 576, d, g)
+    cls = peaked_cls(2, 576, 16, g)
+    m = HoloV(prune_ratio=ratio)
+    sel = m.reduce(x, cls_ctx(cls))
+    t = m.n_keep(576)
+    assert sel.features.shape == (2, t, d) and sel.n_kept.tolist() == [t, t]
+    attn = cls[:, :, 1:].mean(dim=1).float()
+    for i in range(2):
+        ref = ref_holov(x[i], attn[i], t)
+        assert sel.kept_index[i].tolist() == ref
+        real = torch.tensor(ref) >= 0
+        assert torch.equal(sel.features[i, real], x[i, torch.tensor(ref)[real]])
+        assert torch.count_nonzero(sel.features[i, ~real]) == 0  # the official zero rows
+
+
+def test_holov_pads_with_zero_rows_when_chunks_overflow():
+    """A hot chunk's quota above its 36 tokens: the excess becomes zero rows (official), or is not sent (drop)."""
+    g = gen(11)
+    x = clustered(1, 576, 64, g)
+    cls = torch.full((1, 4, 577), 1e-4, dtype=torch.float64)
+    cls[:, :, 1:37] = 1.0  # chunk 0 holds nearly all the attention
+    cls = cls / cls.sum(dim=-1, keepdim=True)
+    sel = HoloV(prune_ratio=0.5).reduce(x, cls_ctx(cls))
+    idx = sel.kept_index[0]
+    assert idx[:36].tolist() == list(range(36))  # a whole chunk: raster order
+    n_zero = int((idx < 0).sum())
+    assert n_zero > 0 and (idx[-n_zero:] < 0).all() and sel.n_kept.tolist() == [288]
+    dropped = HoloV(prune_ratio=0.5, overflow="drop").reduce(x, cls_ctx(cls))
+    assert dropped.n_kept.tolist() == [288 - n_zero]
+    assert torch.equal(dropped.features[0, : 288 - n_zero], sel.features[0, : 288 - n_zero])
+    assert not HoloV(prune_ratio=0.5, overflow="drop").graph_safe and HoloV(prune_ratio=0.5).graph_safe
+
+
+def test_holov_order_is_by_attention_inside_a_chunk():
+    g = gen(2)
+    x = clustered(1, 576, 64, g)
+    cls = peaked_cls(1, 576, 4, g)
+    sel = HoloV(prune_ratio=0.9).reduce(x, cls_ctx(cls))
+    attn = cls[0, :, 1:].mean(dim=0)
+    idx = [j for j in sel.kept_index[0].tolist() if j >= 0]
+    chunk = [j // 36 for j in idx]
+    assert chunk == sorted(chunk)
+    for c in set(chunk):
+        mine = [j for j in idx if j // 36 == c]
+        if len(mine) < 36:
+            assert [float(attn[j]) for j in mine] == sorted((float(attn[j]) for j in mine), reverse=True)
+
+
+def test_holov_refuses_towers_without_cls():
+    from bench.errors import IncompatibleMethodError
+
+    with pytest.raises(IncompatibleMethodError):
+        HoloV(prune_ratio=0.5).check_compatible(VisionContext((24, 24), False, torch.zeros(1)))
+
+
+# ----------------------------------------------------------------------------- on a tiny LLaVA
+SIZES = {"vision_hidden": 32, "vision_layers": 4, "vision_heads": 2, "vision_mlp": 64, "text_hidden": 64, "text_layers": 2, "text_heads": 2, "text_mlp": 128}
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    from bench.models.llava import LlavaAdapter
+    from bench.tiny_llava import build_model, build_processor
+
+    model = build_model(SIZES, seed=0)
+    g = gen(3)
+    with torch.no_grad():  # larger vision weights than the 0.02 init: attention far from uniform
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "vision_tower" in name:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5 * 2.0)
+    path = tmp_path_factory.mktemp("tiny-wave2")
+    model.save_pretrained(path)
+    build_processor().save_pretrained(path)
+    return LlavaAdapter("tiny", str(path), device="cpu", dtype="float32").load()
+
+
+@pytest.fixture(scope="module")
+def batch(adapter):
+    import numpy as np
+    from PIL import Image
+
+    from bench.tiny_llava import prompt_text
+
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (336, 336, 3), dtype=np.uint8)) for _ in range(2)]
+    return adapter.processor(images=imgs, text=[prompt_text("what color is it"), prompt_text("how many")], return_tensors="pt", padding=True)
+
+
+WAVE2 = {"gprune": lambda r: GPrune(prune_ratio=r), "holov": lambda r: HoloV(prune_ratio=r)}
+
+
+@pytest.mark.parametrize("name", sorted(WAVE2))
+def test_end_to_end_prepare_generate_per_sample(adapter, batch, name):
+    m = WAVE2[name](0.75)
+    adapter.check_method(m)
+    seeds = torch.tensor([5, 6])
+    prepared = adapter.prepare(batch, m, seeds)
+    assert prepared.visual_tokens_kept == [m.n_keep(576)] * 2
+    out = adapter.generate(prepared, max_new_tokens=3, method=m)
+    assert out.shape[0] == 2
+    one = adapter.prepare({k: v[1:] for k, v in batch.items()}, m, seeds[1:])
+    tok = prepared.inputs_embeds[1][prepared.input_ids[1] == adapter.image_token_id]
+    tok1 = one.inputs_embeds[0][one.input_ids[0] == adapter.image_token_id]
+    torch.testing.assert_close(tok, tok1, rtol=1e-5, atol=1e-5)
+
+
+def test_gprune_keeps_original_position_ids(adapter, batch):
+    m = GPrune(prune_ratio=0.75)
+    p = adapter.prepare(batch, m, torch.tensor([0, 1]))
+    pos = p.extras["position_ids"]
+    full = adapter.prepare(batch, GPrune(prune_ratio=0.0), torch.tensor([0, 1]))
+    assert "position_ids" in full.extras
+    kept = m.select(adapter.encode_images(batch["pixel_values"]), None)
+    for i in range(2):
+        s0, s1 = p.extras["image_spans"][i].tolist()
+        f0 = int(full.extras["image_spans"][i, 0])
+        valid = p.attention_mask[i].bool()
+        n_text_after = int(valid[s1:].sum())
+        assert pos[i, s0:s1].tolist() == (int(full.extras["position_ids"][i, f0]) + kept[i]).tolist()
+        assert pos[i, s1:].tolist() == full.extras["position_ids"][i, -n_text_after:].tolist()  # text keeps its old ids
+    # the prefill and generation use them: the same logits as the model run with those ids by hand
+    out = adapter.prefill(p)
+    ref = adapter.model(inputs_embeds=p.inputs_embeds, attention_mask=p.attention_mask, position_ids=pos, logits_to_keep=1)
+    torch.testing.assert_close(out.logits, ref.logits)
+    renum = adapter.prepare(batch, GPrune(prune_ratio=0.75, renumber_positions=True), torch.tensor([0, 1]))
+    assert "position_ids" not in renum.extras
+    assert not torch.allclose(adapter.prefill(renum).logits, out.logits)
+    assert adapter.generate(p, max_new_tokens=2).shape == (2, 2)
