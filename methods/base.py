@@ -73,11 +73,15 @@ class VisualSelection:
     n_kept : torch.LongTensor
         ``(B,)`` number of valid rows per sample (``K`` for every sample unless the method is
         adaptive, in which case rows past ``n_kept[b]`` are padding and are dropped by the adapter).
+    extras : dict
+        What the adapter records beside the features (``"vision_tokens_per_layer"``: per sample, the
+        visual tokens entering each vision block when a method cuts inside the tower).
     """
 
     features: torch.Tensor
     kept_index: torch.Tensor | None
     n_kept: torch.Tensor
+    extras: dict = field(default_factory=dict)
 
 
 def gather_selection(vis: torch.Tensor, idx: torch.Tensor) -> VisualSelection:

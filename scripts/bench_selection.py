@@ -52,6 +52,7 @@ from bench.models.vision_merge import feature_block_count, merge_step, merged_fe
 from methods.base import CudaGraphCache, VisionContext  # noqa: E402
 from methods.divprune import DivPrune  # noqa: E402
 from methods.fastervlm import FasterVLM  # noqa: E402
+from methods.flowcut import FlowCut  # noqa: E402
 from methods.gprune import GPrune  # noqa: E402
 from methods.hiprune import HiPrune  # noqa: E402
 from methods.holov import HoloV  # noqa: E402
@@ -82,6 +83,7 @@ def variants(ratio: float, device: str):
         ("tome", ToMe(prune_ratio=ratio)),
         ("gprune", GPrune(prune_ratio=ratio, rounding="round")),
         ("holov", HoloV(prune_ratio=ratio)),
+        ("flowcut", FlowCut(prune_ratio=ratio)),
     ]
     return out
 
@@ -196,7 +198,9 @@ def main() -> int:
                         continue
                     for mode in modes:
                         try:
-                            if m.stage == "in_vision":
+                            if m.stage == "in_vision" and hasattr(m, "after_block"):
+                                cut_tower_rows(label, m, mode, b, kept, px, ad, plain, timed, emit)
+                            elif m.stage == "in_vision":
                                 tome_rows(m, mode, b, kept, px, ad, plain, timed, emit)
                             else:
                                 selection_row(label, m, mode, b, kept, feats, hidden, ad, timed, emit)
@@ -242,6 +246,22 @@ def selection_row(label, m, mode, b, kept, feats, hidden, ad, timed, emit):
     got = g(feats, hidden)
     matches = same((got.features, got.kept_index, got.n_kept), (ref.features, ref.kept_index, ref.n_kept))
     emit(label, mode, b, kept, timed(lambda: g(feats, hidden)), note + "; graph replay incl. input copies and output clones", str(matches).lower())
+
+
+def cut_tower_rows(label, m, mode, b, kept, px, ad, plain, timed, emit):
+    """FlowCut: its pruning tower (one image at a time, eager: its cuts are read back to the host) minus the
+    plain tower, pixels to projected features."""
+    from bench.models.vision_prune import encode_with_pruning
+
+    if mode != "eager":
+        emit(label, mode, b, kept, note="not measured: the per-block cut depends on the attention values (host sync); eager only")
+        return
+    key = (mode, b)
+    if key not in plain:
+        plain[key] = timed(lambda: ad.encode_images(px))
+    tower = timed(lambda: encode_with_pruning(ad, px, m))
+    diff = tuple(x - y for x, y in zip(tower, plain[key]))
+    emit(f"{label}[tower-plain]", mode, b, kept, diff, f"pruning tower (per image) minus plain tower, pixels to projected features (pruning median {tower[1]:.3f} ms, plain median {plain[key][1]:.3f} ms)")
 
 
 def tome_rows(m, mode, b, kept, px, ad, plain, timed, emit):

@@ -269,3 +269,50 @@ def ref_holov(x: torch.Tensor, attn: torch.Tensor, budget: int, chunks: int = 16
         elif q > 0:
             out += [toks[i] for i in argsort_desc([float(attn[j]) for j in toks])[:q]]
     return out + [-1] * (budget - len(out))
+
+
+def ref_flowcut(layers, x: torch.Tensor, n_blocks: int, target: int) -> tuple[torch.Tensor, list[int]]:
+    """FlowCut on one image: ``x`` ``(1 + N, C)`` tower input (CLS first) through the first ``n_blocks``
+    CLIP ``layers``, explicit softmax attention; after each block, while more than ``target`` patches
+    remain, score the patches and cut at the blocks ``n_blocks - 2 - i`` (remaining) even before the last.
+    Returns the last block's output ``(1 + target, C)`` and the kept patches' original indices."""
+    patches = list(range(x.shape[0] - 1))
+    cum = None
+    for i, layer in enumerate(layers[:n_blocks]):
+        at = layer.self_attn
+        h = layer.layer_norm1(x)
+        s = x.shape[0]
+        q, k, v = (p(h).view(s, at.num_heads, at.head_dim) for p in (at.q_proj, at.k_proj, at.v_proj))
+        heads, cls_rows, sem_rows = [], [], []
+        for hh in range(at.num_heads):
+            p = torch.softmax((q[:, hh] @ k[:, hh].t()) * at.scale, dim=-1)
+            heads.append(p @ v[:, hh])
+            cls_rows.append(p[0].tolist())
+            sem_rows.append(torch.softmax(v[0, hh] @ v[:, hh].t(), dim=0).tolist())
+        x = x + at.out_proj(torch.cat(heads, dim=-1))
+        x = x + layer.mlp(layer.layer_norm2(x))
+        n = len(patches)
+        if n <= target:
+            continue
+        nh = at.num_heads
+        a = [sum(cls_rows[hh][j + 1] for hh in range(nh)) / nh for j in range(n)]
+        sem = [sum(sem_rows[hh][j + 1] for hh in range(nh)) / nh for j in range(n)]
+        vbar = v.mean(dim=1)
+        l1 = [float(vbar[j + 1].abs().sum()) for j in range(n)]
+        sa, ss = sum(a), sum(sem)
+        score = [(a[j] / sa + sem[j] / ss) * l1[j] for j in range(n)]
+        cum = score if cum is None else [0.5 * c + 0.5 * sc for c, sc in zip(cum, score)]
+        rpl = n_blocks - 2 - i
+        if rpl % 2:
+            continue
+        if rpl == 0:
+            keep_n = target
+        else:
+            ent = -sum(pj / sa * math.log(pj / sa) for pj in a if pj > 0) / math.log(n)
+            cut = round((n - target) / rpl**0.5 * (1 - ent**2))
+            keep_n = max(n - cut, target)
+        keep = sorted(argsort_desc(cum)[:keep_n])
+        cum = [cum[j] for j in keep]
+        patches = [patches[j] for j in keep]
+        x = torch.cat([x[:1], x[1:][torch.tensor(keep)]])
+    return x, patches

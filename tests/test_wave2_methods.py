@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -216,3 +217,77 @@ def test_gprune_keeps_original_position_ids(adapter, batch):
     assert "position_ids" not in renum.extras
     assert not torch.allclose(adapter.prefill(renum).logits, out.logits)
     assert adapter.generate(p, max_new_tokens=2).shape == (2, 2)
+
+
+# ----------------------------------------------------------------------------- FlowCut
+DEEP = {"vision_hidden": 32, "vision_layers": 12, "vision_heads": 2, "vision_mlp": 64, "text_hidden": 64, "text_layers": 2, "text_heads": 2, "text_mlp": 128}
+
+
+@pytest.fixture(scope="module")
+def deep_tower():
+    """A 12-layer tiny CLIP (11 blocks up to the feature layer: entropy cuts after blocks 1, 3, 5, 7, the
+    last cut after block 9) in float64, weights scaled so that attention is far from uniform."""
+    from bench.tiny_llava import build_model
+
+    model = build_model(DEEP, seed=0).double()
+    g = gen(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "vision_tower" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) / p.shape[1] ** 0.5 * 3.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("target", [288, 144, 58])
+def test_flowcut_tower_matches_reference(deep_tower, target):
+    from reference_vision import ref_flowcut
+
+    from bench.models.clip_extras import vision_model
+    from bench.models.vision_merge import feature_block_count
+    from bench.models.vision_prune import pruning_encoder
+    from methods.flowcut import FlowCut
+
+    m = FlowCut(prune_ratio=1 - target / 576)
+    assert m.n_keep(576) == target
+    vm = vision_model(deep_tower)
+    nb = feature_block_count(deep_tower)
+    px = torch.randn(1, 3, 336, 336, generator=gen(target), dtype=torch.float64)
+    for i in range(1):
+        x, kept, counts = pruning_encoder(deep_tower, px[i : i + 1], m, 576)
+        with torch.no_grad():
+            ref_x, ref_kept = ref_flowcut(vm.encoder.layers, vm.pre_layrnorm(vm.embeddings(px[i : i + 1]))[0], nb, target)
+        assert kept[0].tolist() == ref_kept
+        torch.testing.assert_close(x[0], ref_x, rtol=1e-9, atol=1e-9)
+        assert len(set(counts)) > 3 and counts[0] == 576  # the entropy rule cut at several blocks
+
+
+def test_flowcut_entropy_cut_formula():
+    from methods.flowcut import entropy_cut
+
+    g = gen(9)
+    a = torch.softmax(torch.randn(1, 500, generator=g, dtype=torch.float64) * 2, dim=-1)
+    p = (a / a.sum()).flatten().tolist()
+    ent = -sum(x * math.log(x) for x in p) / math.log(500)
+    assert entropy_cut(a, 4, 64) == round((500 - 64) / 2 * (1 - ent**2))
+    # a batch is cut by its maximum (official); the adapter runs one image at a time
+    b = torch.cat([a, torch.full((1, 500), 1 / 500, dtype=torch.float64)])
+    assert entropy_cut(b, 4, 64) == entropy_cut(a, 4, 64) and entropy_cut(b[1:], 4, 64) == 0
+
+
+def test_flowcut_end_to_end_per_sample(adapter, batch):
+    from methods.flowcut import FlowCut
+
+    m = FlowCut(prune_ratio=0.75)
+    adapter.check_method(m)
+    p = adapter.prepare(batch, m, torch.tensor([0, 1]))
+    assert p.visual_tokens_kept == [144, 144]
+    vt = p.extras["vision_tokens_per_layer"]
+    assert len(vt) == 2 and vt[0][0] == 576
+    assert adapter.generate(p, max_new_tokens=2, method=m).shape == (2, 2)
+    one = adapter.prepare({k: v[1:] for k, v in batch.items()}, m, torch.tensor([1]))
+    tok = p.inputs_embeds[1][p.input_ids[1] == adapter.image_token_id]
+    tok1 = one.inputs_embeds[0][one.input_ids[0] == adapter.image_token_id]
+    torch.testing.assert_close(tok, tok1, rtol=1e-5, atol=1e-5)
+    assert one.extras["vision_tokens_per_layer"][0] == vt[1]
+    full = adapter.prepare(batch, FlowCut(prune_ratio=0.0), torch.tensor([0, 1]))
+    assert full.visual_tokens_kept == [576, 576]

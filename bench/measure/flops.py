@@ -206,6 +206,7 @@ class Shapes:
     kept: tuple[int, ...]
     seq_len: int
     vis_start: int
+    vision_tokens: tuple[tuple[int, ...], ...] | None = None  # per sample, patches entering each block (FlowCut)
 
     @classmethod
     def of(cls, config, prepared) -> Shapes:
@@ -213,7 +214,9 @@ class Shapes:
         n = (vc.image_size // vc.patch_size) ** 2
         spans = prepared.extras.get("image_spans")
         start = int(spans[:, 0].min()) if spans is not None else 0
-        return cls(len(prepared.visual_tokens_kept), n, tuple(int(k) for k in prepared.visual_tokens_kept), int(prepared.attention_mask.shape[1]), start)
+        vt = prepared.extras.get("vision_tokens_per_layer")
+        vt = tuple(tuple(int(t) for t in row) for row in vt) if vt is not None else None
+        return cls(len(prepared.visual_tokens_kept), n, tuple(int(k) for k in prepared.visual_tokens_kept), int(prepared.attention_mask.shape[1]), start, vt)
 
 
 def _has_cls(vc) -> bool:
@@ -256,7 +259,7 @@ def _tome_blocks(config, method) -> list[tuple[int, int]] | None:
 
 def vision_blocks(config, method) -> list[tuple[int, int]] | None:
     """Tokens per CLIP layer for ``analytic_prefill``'s ``vision_tokens_per_layer`` (``None``: all layers, full)."""
-    return _tome_blocks(config, method) if method.stage == "in_vision" else None
+    return _tome_blocks(config, method) if method.stage == "in_vision" and hasattr(method, "schedule") else None
 
 
 def _vision_extras(config, needs) -> int:
@@ -366,6 +369,8 @@ def analytic_batch(config, method, prepared, with_selection: bool = True) -> Bre
     out = Breakdown(per_llm_layer=[0] * n_layers)
     for i in range(sh.batch):
         kept = sh.kept[i]
+        if sh.vision_tokens is not None:  # cut inside the tower per image: the blocks that ran, CLS included
+            blocks = [t + int(_has_cls(config.vision_config)) for t in sh.vision_tokens[i]]
         part = analytic_prefill(config, sh.seq_len - kept, rows[i], n_visual_in=kept if blocks is not None else sh.n_visual, vision_tokens_per_layer=blocks)
         out.vision += part.vision
         out.projector += part.projector

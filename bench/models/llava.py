@@ -417,6 +417,10 @@ class LlavaAdapter(ModelAdapter):
         """
         from methods.base import VisualSelection
 
+        if method.stage == "in_vision" and hasattr(method, "after_block"):
+            from bench.models.vision_prune import encode_with_pruning
+
+            return encode_with_pruning(self, pixel_values, method)
         if method.stage == "in_vision":
             from bench.models.vision_merge import encode_with_merging
 
@@ -473,6 +477,8 @@ class LlavaAdapter(ModelAdapter):
         new_ids, new_mask, embeds, spans = self.assemble(ids, mask, [n] * b, feats)
         kept = [int(f.shape[0]) for f in feats]
         extras = {"image_spans": spans, "sample_seeds": sample_seeds}
+        if "vision_tokens_per_layer" in sel.extras:
+            extras["vision_tokens_per_layer"] = sel.extras["vision_tokens_per_layer"]
         if original_positions(method, sel):
             extras["position_ids"] = kept_position_ids(ids, mask, sel.kept_index.cpu(), kept, self.image_token_id, n, new_ids.shape[1]).to(self.device)
         return PreparedBatch(new_ids, embeds, new_mask, [n] * b, kept, extras=extras)
