@@ -22,8 +22,9 @@ the head-mean CLS attention ``a`` of CLIP layer -2 (patch columns, ``.float()``)
   zero rows are not sent, so fewer than ``T`` tokens may reach the LLM (recorded per sample).
 
 The official ``new_image_token_num = 64`` is hard-coded; here ``T = round(N (1 - prune_ratio))``.
-The official loop runs per sample; this version is batched (same arithmetic per chunk).
-``kept_index`` holds ``-1`` for the zero rows.
+The official loop runs per sample; this version is batched (same arithmetic per chunk). The output is
+not a raster-ordered pure selection, so ``kept_index`` is ``None``; ``extras["source_index"]`` holds each
+row's token index, ``-1`` for the zero rows.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ class HoloV(PruningMethod):
         real = idx >= 0
         feats = vis.gather(1, idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, d)) * real.unsqueeze(-1).to(vis.dtype)
         n_kept = torch.full((b,), idx.shape[1], dtype=torch.long) if self.overflow == "zero_pad" else real.sum(dim=1).cpu()
-        return VisualSelection(feats, idx, n_kept)
+        # not a raster-ordered pure selection (zero rows, chunk-major order): kept_index stays None
+        return VisualSelection(feats, None, n_kept, {"source_index": idx})
 
     def selection_flops(self, cost) -> int:
         """Per image: the CLS row of the layer, and the ``M x M`` cosine matrix of every chunk of projected

@@ -98,7 +98,7 @@ def test_holov_matches_reference(ratio, d):
     attn = cls[:, :, 1:].mean(dim=1).float()
     for i in range(2):
         ref = ref_holov(x[i], attn[i], t)
-        assert sel.kept_index[i].tolist() == ref
+        assert sel.extras["source_index"][i].tolist() == ref
         real = torch.tensor(ref) >= 0
         assert torch.equal(sel.features[i, real], x[i, torch.tensor(ref)[real]])
         assert torch.count_nonzero(sel.features[i, ~real]) == 0  # the official zero rows
@@ -112,7 +112,7 @@ def test_holov_pads_with_zero_rows_when_chunks_overflow():
     cls[:, :, 1:37] = 1.0  # chunk 0 holds nearly all the attention
     cls = cls / cls.sum(dim=-1, keepdim=True)
     sel = HoloV(prune_ratio=0.5).reduce(x, cls_ctx(cls))
-    idx = sel.kept_index[0]
+    idx = sel.extras["source_index"][0]
     assert idx[:36].tolist() == list(range(36))  # a whole chunk: raster order
     n_zero = int((idx < 0).sum())
     assert n_zero > 0 and (idx[-n_zero:] < 0).all() and sel.n_kept.tolist() == [288]
@@ -128,7 +128,7 @@ def test_holov_order_is_by_attention_inside_a_chunk():
     cls = peaked_cls(1, 576, 4, g)
     sel = HoloV(prune_ratio=0.9).reduce(x, cls_ctx(cls))
     attn = cls[0, :, 1:].mean(dim=0)
-    idx = [j for j in sel.kept_index[0].tolist() if j >= 0]
+    idx = [j for j in sel.extras["source_index"][0].tolist() if j >= 0]
     chunk = [j // 36 for j in idx]
     assert chunk == sorted(chunk)
     for c in set(chunk):
