@@ -42,8 +42,9 @@ def chunk_layout(n: int, chunks: int, device=None) -> tuple[torch.Tensor, torch.
     """``(C, M)`` token index of each chunk slot (``M = ceil(N / C)``; the first ``N % C`` chunks hold one
     more) and its validity mask; invalid slots point at token 0."""
     base, rem = divmod(n, chunks)
-    sizes = torch.tensor([base + (c < rem) for c in range(chunks)], device=device)
-    starts = sizes.cumsum(0) - sizes
+    c = torch.arange(chunks, device=device)
+    sizes = base + (c < rem).long()  # device arithmetic only: no host-to-device copy inside a graph capture
+    starts = c * base + c.clamp(max=rem)
     m = base + (rem > 0)
     r = torch.arange(m, device=device)
     valid = r.unsqueeze(0) < sizes.unsqueeze(1)

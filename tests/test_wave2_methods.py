@@ -291,3 +291,57 @@ def test_flowcut_end_to_end_per_sample(adapter, batch):
     assert one.extras["vision_tokens_per_layer"][0] == vt[1]
     full = adapter.prepare(batch, FlowCut(prune_ratio=0.0), torch.tensor([0, 1]))
     assert full.visual_tokens_kept == [576, 576]
+
+
+@pytest.mark.parametrize("name", ["gprune", "holov"])
+def test_graph_safe_selections_need_no_host_values(name):
+    """On ``meta`` tensors every host read raises: the selections are CUDA-graph capturable (as
+    ``test_vision_methods.test_graph_safe_selections_need_no_host_values``)."""
+    m = WAVE2[name](0.9)
+    assert m.graph_safe
+    cls = torch.zeros(2, 4, 577, device="meta")
+    ctx = VisionContext((24, 24), True, torch.zeros(2, dtype=torch.long), {"cls_attn:-2": lambda: cls})
+    out = m.reduce(torch.zeros(2, 576, 64, device="meta"), ctx)
+    assert out.features.device.type == "meta" and out.features.shape[:2] == (2, m.n_keep(576))
+    assert out.n_kept.tolist() == [m.n_keep(576)] * 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("ratio", [0.6667, 0.8889])
+@pytest.mark.parametrize("name", ["gprune", "holov"])
+def test_graph_selection_equals_eager_cuda(name, ratio):
+    """fp16 on CUDA: no host synchronisation in the eager selection, and the CUDA-graph replay the adapter
+    runs gives the eager result bit for bit (also on new values through the same graph)."""
+    from bench.models.clip_extras import GraphedSelection, build_extras
+    from bench.models.llava import build_random_llava
+    from bench.tiny_llava import build_config
+
+    torch.manual_seed(0)
+    model = build_random_llava(build_config({**SIZES, "text_layers": 1}), "cuda", torch.float16)
+    m = WAVE2[name](ratio)
+    px = torch.randn(3, 3, 336, 336, device="cuda", dtype=torch.float16, generator=torch.Generator(device="cuda").manual_seed(1))
+
+    def tower(p):
+        out = model.model.get_image_features(pixel_values=p, vision_feature_layer=-2, vision_feature_select_strategy="default", return_dict=True, output_hidden_states=True)
+        f = out.pooler_output
+        return (torch.stack(list(f)) if isinstance(f, (list, tuple)) else f), out.hidden_states
+
+    with torch.no_grad():
+        feats, hidden = tower(px)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ref = m.reduce(feats, VisionContext((24, 24), True, torch.arange(3), build_extras(model, hidden, m.needs)))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        graphed = GraphedSelection(model, m, (24, 24), True)
+        for _ in range(2):
+            got = graphed(feats, hidden)
+            assert torch.equal(got.features, ref.features) and torch.equal(got.n_kept, ref.n_kept)
+            assert (got.kept_index is None) == (ref.kept_index is None)
+            if ref.kept_index is not None:
+                assert torch.equal(got.kept_index, ref.kept_index)
+        feats2, hidden2 = tower(px.flip(0).contiguous())
+        ref2 = m.reduce(feats2, VisionContext((24, 24), True, torch.arange(3), build_extras(model, hidden2, m.needs)))
+        assert torch.equal(graphed(feats2, hidden2).features, ref2.features)
