@@ -222,6 +222,9 @@ class InLLMMethod(PruningMethod):
     #: layers whose q/k projections the adapter must capture, relative to each stage's layer
     #: (``-1``: the layer before the boundary, scored on its own input).
     capture_offsets: ClassVar[tuple[int, ...]] = ()
+    #: ``True``: the method also selects before the LLM (VScan): the adapter runs its ``reduce`` on the
+    #: projected tokens, as for a pre-LLM method, and its stages then start from the tokens kept there.
+    pre_llm_selection: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -238,6 +241,11 @@ class InLLMMethod(PruningMethod):
     def plan(self, n_vis: int, n_layers: int) -> list[Stage]:
         """The pruning schedule for ``n_vis`` visual tokens in an ``n_layers``-deep LLM (``[]``: no pruning)."""
         raise NotImplementedError
+
+    def plan_for(self, n_grid: int, n_in: int, n_layers: int) -> list[Stage]:
+        """The schedule when ``n_in`` of the tower's ``n_grid`` visual tokens enter the LLM (they differ only
+        after a :attr:`pre_llm_selection`); default: :meth:`plan` of ``n_in``."""
+        return self.plan(n_in, n_layers)
 
     def _warn_infeasible(self, achieved: float, target: float, n_layers: int) -> None:
         # the schedule is solved at every prefill: say it once per method and shape, not once per batch

@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-METHODS = ["fastv", "pdrop", "sparsevlm", "dart", "transprune"]
+METHODS = ["fastv", "pdrop", "sparsevlm", "dart", "transprune", "vscan"]
 NO_METHOD = types.SimpleNamespace(stage="none", name="none")  # adapter.llm_pruning -> no hooks
 
 
@@ -77,7 +77,7 @@ def build(args):
     return ad
 
 
-def prepared_batch(ad, b: int, n_text: int = 25, prefix: int = 35, n_vis: int = 576):
+def prepared_batch(ad, b: int, n_text: int = 25, prefix: int = 35, n_vis: int = 576, n_in: int = 576):
     from bench.models.base import PreparedBatch
 
     t = prefix + n_vis + n_text
@@ -88,7 +88,7 @@ def prepared_batch(ad, b: int, n_text: int = 25, prefix: int = 35, n_vis: int = 
     ids = torch.zeros(b, t, dtype=torch.long, device=dev)
     mask = torch.ones(b, t, dtype=torch.long, device=dev)
     spans = torch.tensor([[prefix, prefix + n_vis]] * b)
-    return PreparedBatch(ids, emb, mask, [n_vis] * b, [n_vis] * b,
+    return PreparedBatch(ids, emb, mask, [n_in] * b, [n_vis] * b,
                          extras={"image_spans": spans, "sample_seeds": torch.arange(b)})
 
 
@@ -97,9 +97,10 @@ def make_method(name: str, ratio: float, n_layers: int):
 
     mod = {"fastv": ("methods.fastv", "FastV"), "pdrop": ("methods.pdrop", "PyramidDrop"),
            "sparsevlm": ("methods.sparsevlm", "SparseVLM"), "dart": ("methods.dart", "DART"),
-           "transprune": ("methods.transprune", "TransPrune")}[name]
+           "transprune": ("methods.transprune", "TransPrune"), "vscan": ("methods.vscan", "VScan")}[name]
     cls = getattr(importlib.import_module(mod[0]), mod[1])
-    return cls(prune_ratio=ratio, budget="after_prune")
+    # VScan's official setting is the 64-token layer mean: 96 enter the LLM (its pre-LLM selection), 32 after layer 16
+    return cls(prune_ratio=ratio, budget="official" if name == "vscan" else "after_prune")
 
 
 class FixedSelection:
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
     versions = f"torch={torch.__version__};transformers={transformers.__version__}"
     rows, kernel_rows = [], []
     for b in [int(x) for x in args.batches.split(",")]:
-        prepared = prepared_batch(ad, b)
+        prepared = prepared_all = prepared_batch(ad, b)
         base = {}
         with torch.no_grad():
             for mode in modes:
@@ -273,6 +274,11 @@ def main(argv=None) -> int:
             m = make_method(name, ratio, n_layers)
             if not args.tiny:
                 m.ref_layers = n_layers
+            note0 = ""
+            prepared = prepared_all
+            if getattr(m, "pre_llm_selection", False):  # its stages run on what its pre-LLM selection kept
+                prepared = prepared_batch(ad, b, n_vis=m.counts(576)[0])
+                note0 = f"{prepared.visual_tokens_kept[0]} visual tokens enter the LLM (pre-LLM selection not timed here: bench_selection.py); unpruned_prefill_ms is the 576-token prefill"
             with torch.no_grad():
                 ref = ad.prefill(prepared, m).logits  # records the method's selection on this batch
                 fixed = FixedSelection(m, prepared.extras["llm_stages"], device)
@@ -284,7 +290,7 @@ def main(argv=None) -> int:
                     kernel_rows += [{"method": name, "batch": b, **r} for r in kernel_profile(ad, prepared, m, fixed, args.repeats)]
             dec = decode_steps(ad, prepared, m, timer, args.warmup, args.repeats) if "eager" in modes else None
             for mode in modes:
-                note = ""
+                note = note0
                 total = fixed_ms = over = None
                 with torch.no_grad():
                     if mode == "eager":
@@ -299,7 +305,7 @@ def main(argv=None) -> int:
                             total, fixed_ms, over = paired(timer, f1, f2, args.warmup, args.repeats)
                             del g1, g2
                         except Exception as e:  # noqa: BLE001 - a capture failure is a result to record
-                            note = f"capture failed: {type(e).__name__}: {str(e)[:120]}"
+                            note = note0 + f"capture failed: {type(e).__name__}: {str(e)[:120]}"
                 row = {"method": name, "batch": b, "mode": mode,
                        "prefill_ms": None if total is None else round(total, 3),
                        "prefill_fixed_ms": None if fixed_ms is None else round(fixed_ms, 3),

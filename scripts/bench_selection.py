@@ -18,7 +18,11 @@ ToMe merges inside the tower, so it has two rows per mode: ``tome`` is its own o
 per-block bipartite matchings + size-weighted merges run on the inputs recorded from a merging
 forward (``bench.models.vision_merge.merge_step``); ``tome[tower-plain]`` is ``median(merging tower)
 - median(plain tower)``, both from pixels to projected features (negative when the smaller token
-count saves more than the merging costs); the note gives both absolute medians.
+count saves more than the merging costs); the note gives both absolute medians. FlowCut cuts between the
+tower's blocks: one row per mode, ``flowcut[tower-plain]``, the same difference of towers.
+
+VScan's row is its pre-LLM part at the layer-mean budget (two CLS rows, the scans, the merge; at ``kept``
+= 64 it keeps 96, said in the note); its in-LLM stage is timed by ``scripts/bench_inllm_overhead.py``.
 
 Real CLIP ViT-L/14-336 + LLaVA-1.5 projector shapes with random weights (``--tower llava15``, fp16 on
 CUDA); ``--tower tiny`` uses a small test tower. Timing: CUDA events (``perf_counter`` on CPU),
@@ -58,6 +62,7 @@ from methods.hiprune import HiPrune  # noqa: E402
 from methods.holov import HoloV  # noqa: E402
 from methods.prumerge import PruMerge, PruMergePlus  # noqa: E402
 from methods.tome import ToMe  # noqa: E402
+from methods.vscan import VScan  # noqa: E402
 from methods.visionzip import VisionZip  # noqa: E402
 from methods.vispruner import VisPruner  # noqa: E402
 
@@ -84,6 +89,8 @@ def variants(ratio: float, device: str):
         ("gprune", GPrune(prune_ratio=ratio, rounding="round")),
         ("holov", HoloV(prune_ratio=ratio)),
         ("flowcut", FlowCut(prune_ratio=ratio)),
+        ("vscan", VScan(prune_ratio=ratio)),  # its pre-LLM part (P = 1.5 x kept); its LLM stage: bench_inllm_overhead.py
+        ("vscan[matmul]", VScan(prune_ratio=ratio, merge_similarity="matmul")),
     ]
     return out
 

@@ -316,3 +316,34 @@ def ref_flowcut(layers, x: torch.Tensor, n_blocks: int, target: int) -> tuple[to
         patches = [patches[j] for j in keep]
         x = torch.cat([x[:1], x[1:][torch.tensor(keep)]])
     return x, patches
+
+
+def ref_vscan(x: torch.Tensor, shallow: torch.Tensor, deep: torch.Tensor, grid: tuple[int, int], budget: int, window: int = 6, global_ratio: float = 0.5) -> tuple[list[int], torch.Tensor]:
+    """VScan's pre-LLM rule on one image: ``(N, D)`` tokens, ``(N,)`` shallow and deep CLS attention ->
+    (kept raster indices, ``(K, D)`` merged kept tokens), with plain loops (distinct scores assumed)."""
+    h, w = grid
+    n = h * w
+    n_local = int(budget * (1 - global_ratio))
+    wins = [(i, j) for i in range(h // window) for j in range(w // window)]
+    k = n_local // len(wins)
+    local = []
+    for i, j in wins:
+        cells = [(i * window + dy) * w + j * window + dx for dy in range(window) for dx in range(window)]
+        local += sorted(cells, key=lambda c: -float(shallow[c]))[:k]
+    d = [float(v) for v in deep]
+    for c in local:
+        d[c] = 0.0
+    glob = sorted(range(n), key=lambda c: -d[c])[: budget - n_local]
+    kept = sorted(set(local) | set(glob))
+    members: dict[int, list[int]] = {c: [] for c in kept}
+    for t in range(n):
+        if t in members:
+            continue
+        best, best_cos = None, None
+        for c in kept:
+            cos = float(x[t] @ x[c]) / (float(x[t].norm()) * float(x[c].norm()))
+            if best_cos is None or cos > best_cos:
+                best, best_cos = c, cos
+        members[best].append(t)
+    merged = torch.stack([(x[c] + sum((x[t] for t in members[c]), torch.zeros_like(x[c]))) / (1 + len(members[c])) for c in kept])
+    return kept, merged

@@ -1,10 +1,12 @@
-"""Wave-2 methods (issue 24): G-Prune, HoloV, FlowCut, on CPU.
+"""Wave-2 methods (issue 24): G-Prune, HoloV, FlowCut, VScan, on CPU.
 
 * the vectorised rules == the plain loop references of ``tests/reference_vision.py`` on random inputs of
   the real shapes (576 tokens, 24x24 grid, D = 1024 / 4096), float64 so that only true ties could differ:
   exact kept index sets, output order, zero padding;
 * budgets: G-Prune rounds down like the official ``int(keep_ratio * 576)``;
-* end to end on a tiny LLaVA: prepare + generate, per-sample batches, G-Prune's original position ids.
+* end to end on a tiny LLaVA: prepare + generate, per-sample batches, G-Prune's original position ids;
+  VScan's two stages (pre-LLM scans and merge, then its LLM stage against a layer-by-layer forward with
+  the dropped tokens physically removed).
 """
 
 from __future__ import annotations
@@ -345,3 +347,172 @@ def test_graph_selection_equals_eager_cuda(name, ratio):
         feats2, hidden2 = tower(px.flip(0).contiguous())
         ref2 = m.reduce(feats2, VisionContext((24, 24), True, torch.arange(3), build_extras(model, hidden2, m.needs)))
         assert torch.equal(graphed(feats2, hidden2).features, ref2.features)
+
+
+# ----------------------------------------------------------------------------- VScan
+def cls_rows(b: int, heads: int, n: int, g, scale: float, dtype=torch.float64) -> torch.Tensor:
+    """``(B, H, 1 + N)`` per-head softmax CLS rows, as ``cls_attn:L`` gives them."""
+    return torch.softmax(torch.randn(b, heads, n + 1, generator=g, dtype=dtype) * scale, dim=-1)
+
+
+def vscan_ctx(shallow_rows, deep_rows, grid=(24, 24)):
+    b = shallow_rows.shape[0]
+    return VisionContext(grid, True, torch.zeros(b, dtype=torch.long), {"cls_attn:5@24": lambda: shallow_rows, "cls_attn:-2": lambda: deep_rows})
+
+
+@pytest.mark.parametrize("p", [96, 144, 58, 216, 432])
+def test_vscan_selection_and_merge_match_reference(p):
+    from reference_vision import ref_vscan
+
+    from methods.vscan import VScan
+
+    g = gen(p)
+    x = clustered(2, 576, 48, g).double()
+    sh, dp = cls_rows(2, 4, 576, g, 3.0), cls_rows(2, 4, 576, g, 2.0)
+    m = VScan(prune_ratio=0.5, budget="official", visual_token_num=p)
+    sel = m.reduce(x, vscan_ctx(sh, dp))
+    local = (int(p * 0.5) // 16) * 16
+    assert sel.n_kept.tolist() == [local + p - int(p * 0.5)] * 2  # no top-up: 144 keeps 64 + 72
+    for i in range(2):
+        kept, merged = ref_vscan(x[i], sh[i, :, 1:].mean(0), dp[i, :, 1:].mean(0), (24, 24), p)
+        assert sel.kept_index[i].tolist() == kept
+        torch.testing.assert_close(sel.features[i], merged, rtol=1e-12, atol=1e-12)
+
+
+def test_vscan_budgets():
+    from methods.vscan import VScan
+
+    assert VScan(prune_ratio=1 - 64 / 576).counts(576) == (96, [32])  # the official setting is the layer mean of 64
+    assert VScan(prune_ratio=0.75).counts(576) == (216, [72])
+    assert VScan(prune_ratio=0.5).counts(576) == (432, [144])
+    assert VScan(prune_ratio=0.9).counts(576) == (87, [29])
+    assert VScan(prune_ratio=0.25).counts(576) == (576, [288])  # P capped at N: the LLM stage carries the mean
+    assert VScan(prune_ratio=0.75, budget="after_prune").counts(576) == (144, [48])
+    assert VScan(prune_ratio=0.5, budget="official").counts(576) == (96, [32])
+    st = VScan(prune_ratio=1 - 64 / 576).plan_for(576, 96, 32)
+    assert [(s.layer, s.n_keep, s.renumber) for s in st] == [(16, 32, True)]
+    assert VScan(prune_ratio=0.5, budget="official", image_token_list=[120]).plan_for(576, 90, 32)[0].n_keep == 90  # min(32, present)
+    assert VScan(prune_ratio=0.75).plan_for(576, 204, 8)[0].layer == 4
+    assert VScan(prune_ratio=0.0).plan_for(576, 576, 32) == []
+
+
+def _vscan_reference_logits(ad, embeds, span, layer_p, keep):
+    """Batch 1, unpadded, layer by layer: before ``layer_p`` the last token's attention row from that
+    layer's own norm, q/k and RoPE picks ``keep`` image tokens (physically kept, positions renumbered)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    lm = ad.model.model.language_model
+    h, kept_rel = embeds, None
+    pos = torch.arange(h.shape[1])
+    s0, s1 = span
+    for li, layer in enumerate(lm.layers):
+        if li == layer_p:
+            a, t = layer.self_attn, h.shape[1]
+            x = layer.input_layernorm(h)
+            hd = a.head_dim
+            q = a.q_proj(x).view(1, t, -1, hd).transpose(1, 2)
+            k = a.k_proj(x).view(1, t, -1, hd).transpose(1, 2)
+            cos, sin = lm.rotary_emb(h, pos.view(1, -1))
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k = repeat_kv(k, q.shape[1] // k.shape[1])
+            row = torch.softmax((q[:, :, -1:] @ k.transpose(-1, -2)) * hd**-0.5, dim=-1, dtype=torch.float32)
+            score = row.mean(dim=1)[0, 0, s0:s1].tolist()
+            kept_rel = sorted(sorted(range(s1 - s0), key=lambda j: -score[j])[:keep])
+            h = torch.cat([h[:, :s0], h[:, [s0 + j for j in kept_rel]], h[:, s1:]], dim=1)
+            pos = torch.arange(h.shape[1])
+        pe = lm.rotary_emb(h, pos.view(1, -1))
+        out = layer(h, attention_mask=None, position_ids=pos.view(1, -1), past_key_values=None, use_cache=False, position_embeddings=pe)
+        h = out[0] if isinstance(out, tuple) else out
+    return ad.model.lm_head(lm.norm(h)), kept_rel
+
+
+def test_vscan_two_stages_on_tiny_llava(adapter, batch):
+    """Pre-LLM: the tower's CLS rows and projected tokens through the rule; in the LLM: the hooked, cached
+    prefill equals a layer-by-layer forward with the stage's tokens physically removed; batch == per sample."""
+    from reference_vision import ref_vscan
+
+    from bench.models.clip_extras import build_extras
+    from methods.vscan import VScan
+
+    m = VScan(prune_ratio=0.75)  # P = 216 (204 reach the LLM: 6 per window + 108), 72 from the stage on
+    adapter.check_method(m)
+    seeds = torch.tensor([0, 1])
+    p = adapter.prepare(batch, m, seeds)
+    assert p.visual_tokens_kept == [204, 204]
+    feats, hidden = adapter.encode_images(batch["pixel_values"], output_hidden_states=True)
+    ex = build_extras(adapter.model, hidden, m.needs)
+    with torch.no_grad():
+        sh, dp = ex["cls_attn:5@24"]()[:, :, 1:].mean(dim=1), ex["cls_attn:-2"]()[:, :, 1:].mean(dim=1)
+    for i in range(2):
+        kept, merged = ref_vscan(feats[i].double(), sh[i].double(), dp[i].double(), adapter.grid, 216)
+        tok = p.inputs_embeds[i][p.input_ids[i] == adapter.image_token_id]
+        torch.testing.assert_close(tok.double(), merged, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        logits = adapter.prefill(p, m).logits
+    (stage,) = m.plan_for(576, 204, 2)
+    assert p.extras["visual_tokens_per_layer"].tolist() == [[204] * stage.layer + [72] * (2 - stage.layer)] * 2
+    kept_b = p.extras["llm_stages"][0]["kept_index"]
+    gen_b = adapter.generate(p, max_new_tokens=3, method=m)
+    for i in range(2):
+        one = adapter.prepare({k: v[i : i + 1][:, batch["attention_mask"][i].bool()] if k != "pixel_values" else v[i : i + 1] for k, v in batch.items()}, m, seeds[i : i + 1])
+        with torch.no_grad():
+            l1 = adapter.prefill(one, m).logits
+            ref, kept_rel = _vscan_reference_logits(adapter, one.inputs_embeds, one.extras["image_spans"][0].tolist(), stage.layer, 72)
+        torch.testing.assert_close(l1[0, -1], ref[0, -1], rtol=1e-4, atol=1e-4)
+        assert one.extras["llm_stages"][0]["kept_index"][0].tolist() == kept_rel == kept_b[i].tolist()
+        torch.testing.assert_close(logits[i, -1], l1[0, -1], rtol=1e-4, atol=1e-4)
+        single = adapter.generate(one, max_new_tokens=3, method=m)[0].tolist()
+        assert gen_b[i].tolist()[: len(single)] == single
+
+
+def test_vscan_ratio_zero_is_unpruned(adapter, batch):
+    from methods.vscan import VScan
+
+    m = VScan(prune_ratio=0.0)
+    p = adapter.prepare(batch, m, torch.tensor([0, 1]))
+    assert p.visual_tokens_kept == [576, 576]
+    with torch.no_grad():
+        assert torch.equal(adapter.prefill(p, m).logits, adapter.prefill(p).logits)
+
+
+def test_vscan_matmul_merge_assigns_like_the_official_cosine():
+    """The named ``merge_similarity: matmul`` deviation: in float64 (no last-bit ties) the same assignments."""
+    from methods.vscan import VScan
+
+    g = gen(21)
+    x = clustered(2, 576, 64, g).double()
+    ctx = vscan_ctx(cls_rows(2, 4, 576, g, 3.0), cls_rows(2, 4, 576, g, 2.0))
+    a = VScan(prune_ratio=0.75).reduce(x, ctx)
+    b = VScan(prune_ratio=0.75, merge_similarity="matmul").reduce(x, ctx)
+    assert torch.equal(a.kept_index, b.kept_index)
+    torch.testing.assert_close(a.features, b.features, rtol=1e-12, atol=1e-12)
+
+
+def test_vscan_refuses_what_it_cannot_run():
+    from bench.errors import ConfigError, IncompatibleMethodError
+    from methods.vscan import VScan
+
+    with pytest.raises(IncompatibleMethodError):
+        VScan(prune_ratio=0.5).check_compatible(VisionContext((24, 24), False, torch.zeros(1)))
+    with pytest.raises(IncompatibleMethodError, match="window"):
+        VScan(prune_ratio=0.5).reduce(torch.zeros(1, 16, 8), vscan_ctx(cls_rows(1, 2, 16, gen(0), 1.0), cls_rows(1, 2, 16, gen(1), 1.0), (4, 4)))
+    for bad in ({"merge_similarity": "dot"}, {"layer_list": [8, 16]}, {"window_size": 0}, {"budget": "mean"}):
+        with pytest.raises(ConfigError):
+            VScan(prune_ratio=0.5, **bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_vscan_cuda_equals_cpu():
+    """float32 on CUDA: the kept indices of the CPU run, the merged features within float32 rounding (the
+    official ``scatter_add_`` sums with atomics on CUDA)."""
+    from methods.vscan import VScan
+
+    g = gen(31)
+    x = clustered(3, 576, 4096, g)
+    sh, dp = cls_rows(3, 16, 576, g, 3.0, torch.float32), cls_rows(3, 16, 576, g, 2.0, torch.float32)
+    m = VScan(prune_ratio=1 - 64 / 576)
+    cpu = m.reduce(x, vscan_ctx(sh, dp))
+    gpu = m.reduce(x.cuda(), vscan_ctx(sh.cuda(), dp.cuda()))
+    assert torch.equal(gpu.kept_index.cpu(), cpu.kept_index) and cpu.n_kept.tolist() == [96] * 3
+    torch.testing.assert_close(gpu.features.cpu(), cpu.features, rtol=1e-5, atol=1e-5)

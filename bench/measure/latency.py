@@ -317,7 +317,7 @@ def stage_latencies(adapter, method, batch: dict[str, torch.Tensor], seeds: torc
     out: dict[str, Any] = {}
     out["vision_encoder"] = _t(time_fn(lambda: adapter.encode_images(pix), device, warmup, repeats))
     # selection alone, given the tower's outputs (ToMe merges inside the tower: timed as part of it)
-    if method.stage == "pre_llm":
+    if method.stage == "pre_llm" or getattr(method, "pre_llm_selection", False):
         needs = bool(method.needs)
         enc = adapter.encode_images(pix, output_hidden_states=needs)
         feats, hidden = enc if needs else (enc, None)

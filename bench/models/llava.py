@@ -413,7 +413,8 @@ class LlavaAdapter(ModelAdapter):
         """Run the vision side and the method: ``(B, 3, H, W)`` -> :class:`VisualSelection`.
 
         ``in_vision`` methods (ToMe) merge inside the CLIP layers (``bench.models.vision_merge``);
-        ``in_llm`` methods keep every visual token here and prune inside the LLM instead.
+        ``in_llm`` methods keep every visual token here and prune inside the LLM instead, unless they also
+        select before it (``pre_llm_selection``, VScan): their ``reduce`` runs here, their stages later.
         """
         from methods.base import VisualSelection
 
@@ -432,7 +433,7 @@ class LlavaAdapter(ModelAdapter):
         n = self.grid[0] * self.grid[1]
         if feats.shape[1] != n:
             raise IncompatibleMethodError(f"vision tower returned {feats.shape[1]} tokens, expected the {self.grid} grid")
-        if method.stage == "in_llm":
+        if method.stage == "in_llm" and not getattr(method, "pre_llm_selection", False):
             b = feats.shape[0]
             return VisualSelection(feats, torch.arange(n, device=feats.device).expand(b, n), torch.full((b,), n, dtype=torch.long))
         if self.replays_selection(method):

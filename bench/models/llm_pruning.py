@@ -801,7 +801,10 @@ def prune_in_llm(adapter, method, prepared):
     if len(widths) != 1:
         raise IncompatibleMethodError("in-LLM pruning needs the same number of visual tokens in every sample")
     n0 = int(widths[0])
-    plan = list(method.plan(n0, n_layers))
+    if getattr(method, "pre_llm_selection", False):  # VScan: the stages follow a selection before the LLM
+        plan = list(method.plan_for(int(prepared.visual_tokens_in[0]), n0, n_layers))
+    else:
+        plan = list(method.plan(n0, n_layers))
     b = prepared.input_ids.shape[0]
     counts = [n0] * n_layers
     for st in sorted(plan, key=lambda s: s.layer):

@@ -1,0 +1,260 @@
+"""VScan: global and local scans with token merging before the LLM, then text-guided pruning inside it.
+
+Paper: https://arxiv.org/abs/2505.22654 (TMLR 2026; code: ``Tencent/SelfEvolvingAgent``, folder ``VScan/``:
+``llava/model/llava_arch.py::encode_images``, ``window_cls_selection``, ``token_merging`` and
+``llava/model/modeling_llama_x.py::LlamaModel.forward_x`` / ``layer_prune``).
+
+What the official code does on LLaVA-1.5, for a pre-LLM budget ``P`` (``--visual_token_num``):
+
+* **scores**: the CLS query row of the CLIP attention (patch columns), averaged over heads, in the
+  model's dtype, at layer 5 (*shallow*) and layer -2 (*deep*, LLaVA's feature layer);
+* **local scan**: the 24 x 24 map is cut into 6 x 6 windows (16 on LLaVA-1.5); each window gives its
+  ``k = int(P * 0.5) // 16`` tokens of highest shallow attention (``torch.topk`` per window);
+* **global scan**: the deep attention of the local picks is set to 0, then the ``P - int(P * 0.5)``
+  tokens of highest deep attention are picked. There is no top-up: when ``int(P * 0.5)`` is not a
+  multiple of the window count, fewer than ``P`` tokens reach the LLM (``P = 144``: 64 + 72 = 136;
+  the records hold the real count);
+* **merging**, on the projected tokens: every dropped token goes to the kept token of highest
+  ``F.cosine_similarity`` (first index on ties); a kept token becomes ``(kept + sum of its dropped) /
+  (1 + their count)``. Kept tokens stay in raster order, with contiguous position ids;
+* **second stage** (``layer_list = [16]``, ``image_token_list = [32]``): before LLM layer 16 runs, its
+  ``input_layernorm``, ``q_proj``/``k_proj`` and RoPE on the current positions give the **last prompt
+  token**'s row ``softmax(q K^T / sqrt(d) + causal)`` (float32 softmax, cast back), head mean over the
+  image tokens; ``topk(min(32, tokens present))``, sorted; positions renumbered (shifted while
+  decoding): PyramidDrop's ``layer_prune``, one stage.
+
+Budget (``budget``): the official run keeps 96 before the LLM and 32 from layer 16 on, a mean of 64 over
+the 32 layers. ``layer_mean`` (default) scales both counts by one factor so that this nominal mean is
+``round(N (1 - ratio))``: 96/32 at 64, 216/72 at 144, 432/144 at 288 (the real mean is lower when the
+local scan floors, as in the official code). ``after_prune``: ``P = round(N (1 - ratio))`` and the LLM
+counts in the official proportion. ``official``: ``visual_token_num`` and ``image_token_list`` as given
+(the ratio is not used).
+
+Ports (documented): the official code runs one image per batch (its merge stacks per-sample tensors);
+here the selection is batched and the merge runs per sample. Its CLIP attention is the eager one of
+``output_attentions``; here the CLS rows are recomputed from the layer's q/k (``bench.models.clip_extras``,
+tested equal). The official ``window_cls_selection`` asserts a 24 x 24 grid; here any grid with at least
+one full window runs (windows that do not fit are left out, as the official loop's ``H // window_size``).
+The merge uses the official ``scatter_add_``: on CUDA its float atomics make the merged features' last
+bits run-dependent, as in the official code (the kept indices are deterministic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from bench.errors import ConfigError, IncompatibleMethodError
+from methods.base import VisionContext, VisualSelection
+from methods.fastv import view_scores
+from methods.inllm import InLLMMethod, Stage, StageOut, StageView, per_layer_counts, scale_layer
+from methods.ranking import topk_sorted
+
+
+def window_picks(attn: torch.Tensor, grid: tuple[int, int], k: int, window: int) -> torch.Tensor:
+    """Local scan: ``(B, N)`` attention -> ``(B, W * k)`` raster indices, the ``k`` best of every window.
+
+    Windows are ``window x window`` patches in row-major window order (``W = (H // window) * (W // window)``);
+    inside a window the picks follow ``torch.topk`` on its row-major flattened values, as the official loop.
+    """
+    b, n = attn.shape
+    h, w = grid
+    wh, ww = h // window, w // window
+    m = attn.view(b, h, w)[:, : wh * window, : ww * window]
+    win = m.reshape(b, wh, window, ww, window).permute(0, 1, 3, 2, 4).reshape(b, wh * ww, window * window)
+    top = win.topk(k, dim=-1).indices  # (B, W, k)
+    wi = torch.arange(wh * ww, device=attn.device).view(1, -1, 1)
+    y = (wi // ww) * window + top // window
+    x = (wi % ww) * window + top % window
+    return (y * w + x).flatten(1)
+
+
+def vscan_keep_mask(shallow: torch.Tensor, deep: torch.Tensor, grid: tuple[int, int], budget: int, window: int = 6, global_ratio: float = 0.5) -> torch.Tensor:
+    """Global and local scans: ``(B, N)`` shallow and deep CLS attention -> ``(B, N)`` kept mask.
+
+    ``int(budget * (1 - global_ratio)) // W`` tokens per window by shallow attention, then the
+    ``budget - int(budget * (1 - global_ratio))`` best of the deep attention with the local picks zeroed.
+    """
+    wins = (grid[0] // window) * (grid[1] // window)
+    n_local = int(budget * (1 - global_ratio))
+    local = window_picks(shallow, grid, n_local // wins, window)
+    deep = deep.scatter(1, local, 0)
+    picks = torch.cat([local, deep.topk(budget - n_local, dim=1).indices], dim=1)
+    return torch.zeros_like(shallow, dtype=torch.bool).scatter(1, picks, True)
+
+
+def merge_into_kept(x: torch.Tensor, keep: torch.Tensor, dropped: torch.Tensor, similarity: str = "cosine_similarity") -> torch.Tensor:
+    """One image's merge: ``(N, D)`` tokens, kept and dropped raster indices -> ``(K, D)`` merged kept tokens.
+
+    Each dropped token joins the kept token of highest cosine (``argmax``: first on ties); a kept token
+    becomes ``(itself + its dropped) / (1 + their count)``, summed with ``scatter_add_`` and divided in
+    ``x``'s dtype, as the official ``token_merging`` (``scaling = 1``). ``similarity``:
+    ``cosine_similarity`` (official) broadcasts ``F.cosine_similarity`` over ``(N - K, K, D)``, the official
+    arithmetic; ``matmul`` is one ``(N - K) x K`` product of normalised rows, the same cosines up to the
+    last bits (an assignment may differ where two kept tokens tie that closely).
+    """
+    kept, rest = x[keep].unsqueeze(0), x[dropped].unsqueeze(0)  # (1, K, D), (1, N - K, D)
+    if rest.shape[1] == 0:
+        return kept[0]
+    if similarity == "matmul":
+        kn = kept / kept.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        rn = rest / rest.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        near = (rn @ kn.transpose(1, 2)).argmax(dim=2)
+    else:
+        near = F.cosine_similarity(rest.unsqueeze(2), kept.unsqueeze(1), dim=3).argmax(dim=2)  # (1, N - K)
+    count = torch.zeros(kept.shape[:2], device=x.device, dtype=torch.int)
+    merged = torch.zeros_like(kept)
+    merged += kept * 1
+    merged.scatter_add_(1, near.unsqueeze(-1).expand(-1, -1, x.shape[-1]), rest)
+    count.scatter_add_(1, near, torch.ones_like(near, dtype=count.dtype))
+    merged /= 1 + count.unsqueeze(2)
+    return merged[0]
+
+
+@dataclass
+class VScan(InLLMMethod):
+    """VScan with the official settings (a pre-LLM selection with merging, then one in-LLM stage).
+
+    Parameters
+    ----------
+    visual_token_num : int
+        Official pre-LLM budget ``P`` (96); with ``budget: official`` used as is.
+    image_token_list : list[int]
+        Official in-LLM counts per stage (``[32]``).
+    layer_list : list[int]
+        Pruning layers of the in-LLM stages, for a ``ref_layers``-deep LLM (``[16]``).
+    global_ratio : float
+        Share of ``P`` taken by the global scan (official 0.5; the local scan gets ``int(P (1 - global_ratio))``).
+    window_size : int
+        Side of the local-scan windows in patches (official 6).
+    shallow_layer : str
+        CLIP layer of the local scan's attention: ``"5@24"`` = layer 5 of a 24-layer tower (scaled on others).
+    deep_layer : int
+        CLIP layer of the global scan's attention (-2, LLaVA's feature layer).
+    merge_similarity : {"cosine_similarity", "matmul"}
+        ``cosine_similarity`` (official): the broadcast ``F.cosine_similarity``, which materialises
+        ``(N - K) x K x D`` products (about 1 GB of memory traffic per LLaVA-1.5 image); ``matmul``: one
+        product of normalised rows (named deviation: assignments can differ on last-bit ties).
+    budget : {"layer_mean", "after_prune", "official"}
+        Module docstring.
+    """
+
+    visual_token_num: int = 96
+    image_token_list: list[int] = field(default_factory=lambda: [32])
+    layer_list: list[int] = field(default_factory=lambda: [16])
+    global_ratio: float = 0.5
+    window_size: int = 6
+    shallow_layer: str = "5@24"
+    deep_layer: int = -2
+    merge_similarity: str = "cosine_similarity"
+
+    requires_cls: ClassVar[bool] = True
+    pre_llm_selection: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.layer_list) != len(self.image_token_list) or not self.layer_list:
+            raise ConfigError(f"vscan: layer_list {self.layer_list} and image_token_list {self.image_token_list} need one count per layer")
+        if int(self.visual_token_num) < 1 or any(int(c) < 1 for c in self.image_token_list):
+            raise ConfigError("vscan: visual_token_num and image_token_list must be >= 1")
+        if not 0.0 <= float(self.global_ratio) <= 1.0 or int(self.window_size) < 1:
+            raise ConfigError(f"vscan: global_ratio must be in [0, 1] and window_size >= 1, got {self.global_ratio}, {self.window_size}")
+        if self.merge_similarity not in ("cosine_similarity", "matmul"):
+            raise ConfigError(f"vscan: merge_similarity must be cosine_similarity or matmul, got {self.merge_similarity!r}")
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({f"cls_attn:{self.shallow_layer}", f"cls_attn:{self.deep_layer}"})
+
+    # -------------------------------------------------------------- budget
+    def counts(self, n: int) -> tuple[int, list[int]]:
+        """Nominal ``(P, [in-LLM counts])`` for ``n`` visual tokens, solved on the ``ref_layers``-deep LLM the
+        layer indices refer to (the pre-LLM selection runs before the LLM's depth is known to the method)."""
+        n_layers = int(self.ref_layers)
+        p0, qs0 = int(self.visual_token_num), [int(c) for c in self.image_token_list]
+        if self.budget == "official":
+            return min(p0, n), [min(q, p0, n) for q in qs0]
+        target = self.target(n)
+        if self.budget == "after_prune":
+            scale = target / p0
+        else:
+            layers = self.layers_for(n_layers)
+            scale = target * n_layers / sum(per_layer_counts(list(zip(layers, qs0)), p0, n_layers))
+        p = max(1, min(n, round(p0 * scale)))
+        qs = [max(1, min(p, round(q * scale))) for q in qs0]
+        if self.budget == "layer_mean" and p == n:  # P capped at N: the in-LLM counts carry the rest of the mean
+            layers = self.layers_for(n_layers)
+            rest = sum(per_layer_counts(list(zip(layers, qs0)), 0, n_layers))
+            scale_q = (target * n_layers - layers[0] * n) / max(rest, 1)
+            qs = [max(1, min(n, round(q * scale_q))) for q in qs0]
+        if self.budget == "layer_mean":
+            mean = sum(per_layer_counts(list(zip(self.layers_for(n_layers), qs)), p, n_layers)) / n_layers
+            self._warn_infeasible(mean, target, n_layers)
+        return p, qs
+
+    def layers_for(self, n_layers: int) -> list[int]:
+        return [scale_layer(x, n_layers, self.ref_layers) for x in self.layer_list]
+
+    def plan(self, n_vis: int, n_layers: int) -> list[Stage]:
+        """Stages for ``n_vis`` visual tokens entering the LLM when the tower gave ``n_vis`` (no pre-LLM loss)."""
+        return self.plan_for(n_vis, n_vis, n_layers)
+
+    def plan_for(self, n_grid: int, n_in: int, n_layers: int) -> list[Stage]:
+        """In-LLM stages after the pre-LLM selection kept ``n_in`` of the tower's ``n_grid`` tokens: the
+        official ``min(image_token_list[s], tokens present)``."""
+        if self.prune_ratio == 0.0 and self.budget != "official":
+            return []
+        _, qs = self.counts(n_grid)
+        out, cur = [], n_in
+        for layer, q in zip(self.layers_for(n_layers), qs):
+            cur = min(q, cur)
+            out.append(Stage(layer, cur, True))
+        return out
+
+    # -------------------------------------------------------------- pre-LLM selection
+    def reduce(self, vis: torch.Tensor, ctx: VisionContext) -> VisualSelection:
+        """``(B, N, D)`` projected tokens -> the ``(B, K, D)`` merged kept tokens in raster order."""
+        b, n, d = vis.shape
+        if self.prune_ratio == 0.0 and self.budget != "official":
+            return VisualSelection(vis, torch.arange(n, device=vis.device).expand(b, n), torch.full((b,), n, dtype=torch.long))
+        self.check_compatible(ctx)
+        w = int(self.window_size)
+        if ctx.grid[0] < w or ctx.grid[1] < w:
+            raise IncompatibleMethodError(f"vscan: a {ctx.grid[0]}x{ctx.grid[1]} patch grid holds no {w}x{w} window")
+        p, _ = self.counts(n)
+        if p >= n:
+            return VisualSelection(vis, torch.arange(n, device=vis.device).expand(b, n), torch.full((b,), n, dtype=torch.long))
+        shallow = ctx.get(f"cls_attn:{self.shallow_layer}")[:, :, 1:].mean(dim=1)
+        deep = ctx.get(f"cls_attn:{self.deep_layer}")[:, :, 1:].mean(dim=1)
+        mask = vscan_keep_mask(shallow, deep, ctx.grid, p, w, float(self.global_ratio))
+        k = mask.sum(dim=1)
+        if bool((k != k[0]).any()):  # only when a deep attention underflows to 0 next to the local picks
+            raise IncompatibleMethodError(f"vscan: the samples of this batch keep {k.tolist()} tokens (global picks fell on local ones); run it with batch size 1")
+        kk = int(k[0])
+        order = (~mask).to(torch.int8).sort(dim=1, stable=True).indices  # kept, then dropped, each in raster order
+        feats = torch.stack([merge_into_kept(vis[i], order[i, :kk], order[i, kk:], self.merge_similarity) for i in range(b)])
+        return VisualSelection(feats, order[:, :kk], torch.full((b,), kk, dtype=torch.long))
+
+    # -------------------------------------------------------------- in-LLM stage
+    def prune(self, i: int, stage: Stage, view: StageView) -> StageOut:
+        attn, _ = view.attn_rows(stage.layer, "last")  # layer ℓ's own projections on its input (PyramidDrop's rule)
+        return StageOut(topk_sorted(view_scores(view, attn[:, :, -1]), stage.n_keep))
+
+    def selection_flops(self, cost) -> int:
+        """Per image: the two recomputed CLS rows (their layers' q/k); per stage: the last token's row with that
+        layer's k/q projections run on its input. The merge's cosine similarities are elementwise products
+        (``F.cosine_similarity``), uncounted like every elementwise op (``2 (N - K) K D``: 0.4 GFLOPs at 96 of 576
+        on LLaVA-1.5-7B)."""
+        if self.prune_ratio == 0.0 and self.budget != "official":
+            return 0
+        total = cost.batch * cost.vision_extras(self.needs)
+        t = cost.shapes.seq_len  # the sequence entering the first stage: the LLM input as prepared
+        for kept in cost.kept:
+            cur_t, cur = t, kept
+            for st in self.plan_for(cost.n_visual, kept, int(self.ref_layers)):  # counts only: any depth
+                total += cost.attention_rows(cur_t, 1, True)
+                cur_t, cur = cur_t - (cur - st.n_keep), st.n_keep
+        return total
