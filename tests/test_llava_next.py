@@ -191,6 +191,9 @@ def test_refusals(adapter):
         adapter.check_method(create("fastv", 0.5))
     with pytest.raises(IncompatibleMethodError, match="budget=tile"):
         adapter.check_method(create("pool", 0.5))
+    with pytest.raises(IncompatibleMethodError, match="original position ids"):
+        adapter.check_method(create("gprune", 0.5))
+    adapter.check_method(create("gprune", 0.5, renumber_positions=True))
     adapter.check_method(create("divprune", 0.5))
 
 

@@ -76,6 +76,11 @@ class LlavaNextAdapter(LlavaAdapter):
                 f"method {method.name!r} needs vision-tower quantities ({', '.join(sorted(method.needs))}); on LLaVA-NeXT "
                 "they exist per 336 px crop and mapping them onto the unpadded anyres layout is not implemented"
             )
+        if method.stage == "pre_llm" and getattr(method, "renumber_positions", True) is False:
+            raise IncompatibleMethodError(
+                f"method {method.name!r} keeps its tokens' original position ids (renumber_positions: false); on LLaVA-NeXT "
+                "the kept tokens are renumbered (original ids not implemented here; method.renumber_positions=true runs)"
+            )
         if self.budget == "image" and getattr(method, "needs_grid", False):
             raise IncompatibleMethodError(
                 f"method {method.name!r} reads the 2-D patch grid; with model.budget=image the base tile and the "
