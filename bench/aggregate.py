@@ -1,9 +1,9 @@
 """Leaderboard: a pure function of the run records (``results/runs/*/record.json``).
 
-``results/leaderboard.csv`` has one row per (model, method, ratio, benchmark, data); columns are documented
-in :data:`COLUMNS`. When several records share a key (other seeds, limits, batch sizes), the row
-comes from the record that measured accuracy on the full split, then the newest, then the largest
-run id, so the choice is deterministic.
+``results/leaderboard.csv`` has one row per (model, method, ratio, benchmark, data); its columns are
+documented in :data:`bench.schema.LEADERBOARD_COLUMNS`. When several records share a key (other seeds,
+limits, batch sizes), the row comes from the record that measured accuracy on the full split, then the
+newest, then the largest run id, so the choice is deterministic.
 """
 
 from __future__ import annotations
@@ -15,30 +15,8 @@ from typing import Any
 import pandas as pd
 
 from bench.records import atomic_write_text, iter_records
+from bench.schema import LEADERBOARD_COLUMNS as COLUMNS
 from bench.uncertainty import STAT_COLUMNS, with_uncertainty
-
-#: column -> meaning
-COLUMNS: dict[str, str] = {
-    "model": "model config name",
-    "method": "method config name",
-    "ratio": "nominal fraction of visual tokens removed",
-    "visual_tokens": "measured visual tokens per sample, averaged over the LLM's layers (= tokens kept for pre-LLM methods)",
-    "benchmark": "benchmark config name",
-    "metric": "primary metric of the benchmark",
-    "score": "value of the primary metric (null for efficiency-only runs)",
-    "retention_pct": "score / score of method=none on the same model, benchmark and number of samples x 100",
-    "tflops_prefill": "measured TFLOPs of one sample's vision encoder + selection + LLM prefill",
-    "prefill_ms": "median time of that prefill (see `device` and the record's `timer`)",
-    "kv_cache_mb": "KV-cache size after one sample's prefill, MiB, read from the cache tensors",
-    "device": "where efficiency was measured",
-    "n_samples": "samples evaluated (smaller than the split when benchmark.limit was set)",
-    "data": "where the data came from: generated (SynthVQA), hub (the task's hub dataset or its cache), local (benchmark.dataset_path)",
-    "data_items": "rows of the evaluated split before benchmark.limit (a local copy may be a subset of the benchmark)",
-    "run_id": "run id (results/runs/<run_id>/record.json)",
-    "env": "digest of the installed Python distributions the row was measured under (provenance.env_digest; "
-    "'unrecorded' for records older than that field): rows of one model and benchmark with different values "
-    "were measured under different environments",
-}
 
 
 def leaderboard(records: list[dict[str, Any]]) -> pd.DataFrame:

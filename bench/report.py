@@ -20,6 +20,7 @@ import pandas as pd
 
 from bench.plotstyle import method_styles, place_labels
 from bench.records import atomic_write_bytes, atomic_write_text
+from bench.schema import LEADERBOARD_COLUMNS as COLUMNS
 from bench.uncertainty import STAT_COLUMNS
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
@@ -198,8 +199,6 @@ def pareto_plot(df: pd.DataFrame, model: str, bench: str, xcol: str, path: Path,
 
 def write_reports(full: pd.DataFrame, results_dir: Path) -> dict[str, list[Path]]:
     """Write every table and plot for the leaderboard ``full`` (with ``report_scale``)."""
-    from bench.aggregate import COLUMNS
-
     written: dict[str, list[Path]] = {"tables": [], "plots": []}
     reference = pd.read_csv(REFERENCE / "reported_llava15_7b.csv")
     cols = [*COLUMNS, *(c for c in STAT_COLUMNS if c in full)]

@@ -1,4 +1,4 @@
-"""The run record: one ``record.json`` per run, the only input of aggregation.
+"""The run record: one ``record.json`` per run, the only input of aggregation; and the leaderboard's columns.
 
 Every key is documented here; bump :data:`SCHEMA_VERSION` when a key changes meaning. A number that
 was not measured is ``null`` (with the reason in ``notes``), never a made-up value.
@@ -100,3 +100,27 @@ class Record(TypedDict, total=False):
     started_at: str
     finished_at: str
     wall_s: float
+
+
+#: the columns of ``leaderboard.csv`` (and ``leaderboards/<model>.csv``), column -> meaning
+LEADERBOARD_COLUMNS: dict[str, str] = {
+    "model": "model config name",
+    "method": "method config name",
+    "ratio": "nominal fraction of visual tokens removed",
+    "visual_tokens": "measured visual tokens per sample, averaged over the LLM's layers (= tokens kept for pre-LLM methods)",
+    "benchmark": "benchmark config name",
+    "metric": "primary metric of the benchmark",
+    "score": "value of the primary metric (null for efficiency-only runs)",
+    "retention_pct": "score / score of method=none on the same model, benchmark and number of samples x 100",
+    "tflops_prefill": "measured TFLOPs of one sample's vision encoder + selection + LLM prefill",
+    "prefill_ms": "median time of that prefill (see `device` and the record's `timer`)",
+    "kv_cache_mb": "KV-cache size after one sample's prefill, MiB, read from the cache tensors",
+    "device": "where efficiency was measured",
+    "n_samples": "samples evaluated (smaller than the split when benchmark.limit was set)",
+    "data": "where the data came from: generated (SynthVQA), hub (the task's hub dataset or its cache), local (benchmark.dataset_path)",
+    "data_items": "rows of the evaluated split before benchmark.limit (a local copy may be a subset of the benchmark)",
+    "run_id": "run id (results/runs/<run_id>/record.json)",
+    "env": "digest of the installed Python distributions the row was measured under (provenance.env_digest; "
+    "'unrecorded' for records older than that field): rows of one model and benchmark with different values "
+    "were measured under different environments",
+}
