@@ -9,6 +9,7 @@ newest, then the largest run id, so the choice is deterministic.
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ import pandas as pd
 from bench.records import atomic_write_text, iter_records
 from bench.schema import LEADERBOARD_COLUMNS as COLUMNS
 from bench.uncertainty import STAT_COLUMNS, with_uncertainty
+
+log = logging.getLogger("bench")
 
 
 def leaderboard(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -147,6 +150,17 @@ def aggregate(results_dir: str | Path = "results", quiet: bool = False, reports:
         if built:
             print(f"[bench] site: {len(built.files)} files -> {results_dir / 'site' / 'index.html'} (open it from the file system, no server needed)")
     return df
+
+
+def refresh_leaderboard(results_dir: str | Path) -> None:
+    """:func:`aggregate` after a run wrote a record, quietly; never raises (the record is safe, and
+    ``python -m bench aggregate`` can redo this)."""
+    try:
+        # the site (kept-token pictures: a minute of CPU on a cold cache) is built by `python -m bench
+        # aggregate` and `make demo`, not after every run
+        aggregate(results_dir, quiet=True, site=False)
+    except Exception:  # noqa: BLE001
+        log.exception("leaderboard refresh failed; run `python -m bench aggregate`")
 
 
 def mixed_environments(df: pd.DataFrame) -> list[str]:

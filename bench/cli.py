@@ -12,14 +12,14 @@ import logging
 import re
 import sys
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.build import ModelCache
 from bench.errors import BenchError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "benchmark", "measure", "logger", "sweep")
-_FAILURES: list[str] = []
-_SKIPPED: list[str] = []
 
 USAGE = """usage: python -m bench <command> [args]
 
@@ -100,7 +100,36 @@ def _die(msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def _hydra_app():
+@dataclass
+class Session:
+    """What one ``python -m bench run`` gathers over its runs (one, or a sweep's in this process)."""
+
+    failures: list[str] = field(default_factory=list)  # runs that failed (each left a `failed` record)
+    refused: list[str] = field(default_factory=list)  # combinations refused with a reason (nothing written)
+    mismatches: list[str] = field(default_factory=list)  # verify=true: records not reproduced, one line each
+    pending: set[str] = field(default_factory=set)  # results dirs whose leaderboard awaits one refresh
+    models: ModelCache = field(default_factory=ModelCache)  # one loaded model, reused by the sweep's runs
+
+    def add(self, result) -> None:
+        """Take in a ``bench.runner.RunResult``."""
+        if result.refresh_pending:
+            self.pending.add(result.refresh_pending)
+        if result.mismatch:
+            self.mismatches.append(result.mismatch)
+
+    def refresh_pending(self) -> None:
+        """Rebuild the leaderboard of every results dir a local sweep wrote to (also after Ctrl-C)."""
+        if not self.pending:
+            return
+        from bench.aggregate import refresh_leaderboard
+
+        for results_dir in sorted(self.pending):
+            refresh_leaderboard(results_dir)
+            print(f"[bench] leaderboard refreshed: {Path(results_dir) / 'leaderboard.csv'}")
+        self.pending.clear()
+
+
+def _hydra_app(session: Session):
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
@@ -109,8 +138,8 @@ def _hydra_app():
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        from bench.runner import RunKilled, execute
-
+        from bench.claims import RunKilled
+        from bench.runner import execute
         from bench.sweep import normalize_none
 
         resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -127,10 +156,11 @@ def _hydra_app():
         # a local sweep rebuilds the leaderboard (CSVs, tables, plots) once at its end, not per run
         defer = multirun and not remote
         try:
-            out = execute(resolved, refresh=not defer)
-            if remote and out.get("reproduced") is False:
+            result = execute(resolved, refresh=not defer, models=session.models)
+            session.add(result)
+            if remote and result.mismatch:
                 # a cluster job reports through its own exit status: a record that did not reproduce fails it
-                raise RuntimeError(f"verify: run {out['run_id']} did not reproduce its record")
+                raise RuntimeError(f"verify: run {result.run_id} did not reproduce its record")
         except BenchError as e:
             if not multirun:
                 _die(str(e), e.exit_code)
@@ -139,7 +169,7 @@ def _hydra_app():
             print(f"error: {e}", file=sys.stderr)
             if remote:
                 raise
-            _SKIPPED.append(f"{resolved['model']['name']} / {resolved['method']['name']} ratio={resolved['ratio']} / {resolved['benchmark']['name']}: {e}")
+            session.refused.append(f"{resolved['model']['name']} / {resolved['method']['name']} ratio={resolved['ratio']} / {resolved['benchmark']['name']}: {e}")
         except RunKilled as e:
             # a BaseException inside the run (so no library swallows it); as an ordinary exception
             # here so that Hydra and submitit record the job as failed instead of losing it
@@ -149,7 +179,7 @@ def _hydra_app():
                 raise
             # a failed job leaves a `failed` record and must not stop the rest of the sweep
             traceback.print_exc()
-            _FAILURES.append(f"{resolved['method']['name']} ratio={resolved['ratio']} on {resolved['benchmark']['name']}: {type(e).__name__}: {e}")
+            session.failures.append(f"{resolved['method']['name']} ratio={resolved['ratio']} on {resolved['benchmark']['name']}: {type(e).__name__}: {e}")
 
     return app
 
@@ -157,40 +187,28 @@ def _hydra_app():
 def cmd_run(args: list[str]) -> None:
     check_overrides(args)
     sys.argv = [sys.argv[0], *args]
+    session = Session()
     try:
-        _hydra_app()()
+        _hydra_app(session)()
     finally:
-        _refresh_pending()
-    if _SKIPPED:
-        print(f"[bench] {len(_SKIPPED)} combination(s) refused (nothing written for them):", file=sys.stderr)
-        for f in _SKIPPED:
+        session.refresh_pending()
+    if session.refused:
+        print(f"[bench] {len(session.refused)} combination(s) refused (nothing written for them):", file=sys.stderr)
+        for f in session.refused:
             print(f"  - {f}", file=sys.stderr)
-    runner = sys.modules.get("bench.runner")
-    mismatches = list(runner.VERIFY_MISMATCHES) if runner is not None else []
-    if mismatches:
-        print(f"[bench] {len(mismatches)} record(s) not reproduced (verify=true; nothing was changed):", file=sys.stderr)
-        for f in mismatches:
+    if session.mismatches:
+        print(f"[bench] {len(session.mismatches)} record(s) not reproduced (verify=true; nothing was changed):", file=sys.stderr)
+        for f in session.mismatches:
             print(f"  - {f}", file=sys.stderr)
-    if _FAILURES:
-        print(f"[bench] {len(_FAILURES)} run(s) failed:", file=sys.stderr)
-        for f in _FAILURES:
+    if session.failures:
+        print(f"[bench] {len(session.failures)} run(s) failed:", file=sys.stderr)
+        for f in session.failures:
             print(f"  - {f}", file=sys.stderr)
         sys.exit(1)
-    if mismatches:  # a record that does not reproduce outweighs refused combinations
+    if session.mismatches:  # a record that does not reproduce outweighs refused combinations
         sys.exit(3)
-    if _SKIPPED:
+    if session.refused:
         sys.exit(2)
-
-
-def _refresh_pending() -> None:
-    """Rebuild the leaderboard of every results dir a local sweep wrote to (also after Ctrl-C)."""
-    runner = sys.modules.get("bench.runner")  # not imported: no run was executed
-    if runner is None or not runner.PENDING_REFRESH:
-        return
-    for results_dir in sorted(runner.PENDING_REFRESH):
-        runner.refresh_leaderboard(results_dir)
-        print(f"[bench] leaderboard refreshed: {Path(results_dir) / 'leaderboard.csv'}")
-    runner.PENDING_REFRESH.clear()
 
 
 def cmd_list(args: list[str]) -> None:

@@ -1,7 +1,7 @@
 """The project's lmms-eval model: any :class:`~bench.models.base.ModelAdapter` plus a pruning method.
 
 Registered in lmms-eval's V2 registry as ``tokenprune`` (entry point ``lmms_eval.models`` in
-``pyproject.toml``). The runner passes a ready instance to ``simple_evaluate`` together with a
+``pyproject.toml``). ``bench.evaluate`` passes a ready instance to ``simple_evaluate`` together with a
 ``model_args`` string that carries every pruning setting and the run id, because lmms-eval's response
 cache keys on ``str(model)`` plus the parsed ``model_args`` (lmms-eval.md): two methods must never
 share cached answers.
@@ -91,7 +91,7 @@ class TokenPruneLlava(lmms):
         if adapter is None:
             if run_config is None:
                 raise ValueError("TokenPruneLlava needs either adapter+method or run_config=<path to resolved config JSON>")
-            from bench.runner import build_adapter, build_method
+            from bench.build import build_adapter, build_method
 
             cfg = json.loads(Path(run_config).read_text())
             adapter = build_adapter(cfg).load()
@@ -297,8 +297,8 @@ class TokenPruneLlava(lmms):
     def clean(self) -> None:
         """Called by lmms-eval after every evaluation. Its default deletes the model's modules and
         runs ``gc.collect()`` + ``empty_cache()``: seconds per evaluation for nothing here, since
-        this object holds no module and the adapter outlives it (the runner reuses it for the next
-        run of a sweep)."""
+        this object holds no module and the adapter outlives it (a sweep's ``bench.build.ModelCache``
+        reuses it for the next run)."""
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         raise NotImplementedError(

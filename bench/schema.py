@@ -44,7 +44,7 @@ class Efficiency(TypedDict):
 
 class Provenance(TypedDict):
     git_sha: str | None  # commit of the harness that produced the record
-    git_dirty: bool | None  # uncommitted changes at run time to the code that decides results (bench/, methods/, conf/, pyproject.toml, requirements/)
+    git_dirty: bool | None  # uncommitted changes at run time to the code that decides results (bench/, methods/, kernels/, conf/, pyproject.toml, requirements/)
     versions: dict[str, str | None]  # torch, transformers, lmms_eval, python
     lock_file: str | None  # the lock this machine type installs (requirements/lock-<machine>.txt); null outside a checkout
     lock_digest: str | None  # sha256 (16 hex) of that lock file

@@ -2,19 +2,17 @@
 
 A sweep is the same set of overrides ``python -m bench run -m ...`` takes (comma lists, ``glob(...)``,
 ``range(...)``, presets such as ``+sweep=demo``); every combination is composed with Hydra's compose
-API and mapped to its run id, exactly as the runner computes it, so status never guesses.
+API and mapped to its run id, exactly as ``bench.build`` names a run, so status never guesses.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
-import shutil
-import socket
-import subprocess
 from pathlib import Path
 from typing import Any
+
+from bench.claims import job_alive
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -93,32 +91,10 @@ def expand(args: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def job_alive(job: dict[str, Any] | None) -> bool | None:
-    """Whether the process behind a ``running`` record still exists (None: cannot tell)."""
-    if not job:
-        return None
-    jid = job.get("slurm_job_id")
-    if jid and shutil.which("squeue"):
-        try:
-            out = subprocess.run(["squeue", "-h", "-j", str(jid), "-o", "%T"], capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.returncode == 0 and bool(out.stdout.strip())
-    if job.get("host") == socket.gethostname() and job.get("pid"):
-        try:
-            os.kill(int(job["pid"]), 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-    return None
-
-
 def status(args: list[str], results_dir: str | None = None) -> dict[str, Any]:
     """Classify every run of a sweep: completed / failed / running / killed / missing."""
+    from bench.build import benchmark_fingerprint, build_adapter
     from bench.records import read_record, run_dir, run_id
-    from bench.runner import benchmark_fingerprint, build_adapter
 
     fps: dict[str, str] = {}
     rows = []

@@ -306,7 +306,7 @@ def sweep(args, model: str, weights: str, methods: list[str], batches: list, n_b
     """Every method x batch size of one model; appends to ``rows`` and rewrites ``--out`` after each point."""
     from lmms_eval.tasks import TaskManager
 
-    from bench.runner import build_adapter, build_method, compose_config
+    from bench.build import build_adapter, build_method, compose_config
     from bench.synthvqa.data import load_test
     from bench.tasks.synthvqa import prepare_task_dir
 

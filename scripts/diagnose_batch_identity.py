@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from bench.models.llava import LlavaAdapter
-    from bench.runner import build_method, compose_config
+    from bench.build import build_method, compose_config
     from bench.synthvqa.data import load_test
 
     ad = LlavaAdapter("tiny_llava_synth", "bench:tiny-llava-synth", device=args.device, dtype=args.dtype).load()

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     from lmms_eval.tasks import TaskManager
 
     from bench.lmms_model import TokenPruneLlava
-    from bench.runner import build_adapter, build_method, compose_config
+    from bench.build import build_adapter, build_method, compose_config
     from bench.synthvqa.data import load_test
     from bench.tasks.synthvqa import prepare_task_dir
 

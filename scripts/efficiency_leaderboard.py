@@ -186,12 +186,14 @@ def main() -> None:
     modes = [f"compiled_graph:{variant}" if m == "compiled_graph" else m for m in args.modes]
     modes_override = "measure.modes=[" + ",".join(f"'{m}'" for m in modes) + "]"
 
+    from bench.build import ModelCache, compose_config
     from bench.errors import BenchError
-    from bench.runner import compose_config, execute
+    from bench.runner import execute
 
     methods = args.methods or sorted(p.stem for p in (ROOT / "conf/method").glob("*.yaml"))
     driver = driver_version()
     rows, failures = [], []
+    models = ModelCache()  # one 7B model for the whole sweep
     t0 = time.time()
     for batch in args.batches:
         for method in methods:
@@ -199,7 +201,7 @@ def main() -> None:
                 ratio = 0.0 if method == "none" else 1 - kept / 576
                 ov = [f"model={args.model}", "model.weights=random", "measure=efficiency", f"method={method}", f"ratio={ratio}", f"measure.batch_size={batch}", f"measure.repeats={args.repeats}", modes_override, "logger=none", f"results_dir={args.results_dir}", *args.extra]
                 try:
-                    rec = execute(compose_config(ov))
+                    rec = execute(compose_config(ov), models=models).record
                     rows.append(row(rec, kept, driver))
                     r = rows[-1]
                     comp = f", compiled+graph {r['prefill_compiled_graph_ms']} ms (compile {r['compile_s']} s)" if r["compile_variant"] else ""

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench.measure.latency import COMPILE_VARIANTS, CompiledPrefill, GraphPrefill
     from bench.measure.timing import time_fn
     from bench.models.llava import LlavaAdapter
-    from bench.runner import probe_batch, roofline
+    from bench.measure.latency import roofline
+    from bench.measure.probe import probe_batch
     from methods.none import NoPruning
     from methods.random import RandomPruning
 

@@ -113,7 +113,7 @@ def test_auto_batch_size_resolves_and_matches_batch1(setup):
 def test_batch_size_setting_is_validated():
     from bench.errors import ConfigError
     from bench.lmms_model import TokenPruneLlava
-    from bench.runner import validate
+    from bench.build import validate
 
     for bad in (0, "0", "x", None):
         with pytest.raises(ValueError):
@@ -128,7 +128,7 @@ def test_batch_size_setting_is_validated():
 
 
 def test_provenance_records_the_resolved_batch_size(setup):
-    from bench.runner import provenance
+    from bench.provenance import provenance
 
     adapter, _ = setup
     cfg = {"benchmark": {"batch_size": "auto"}}

@@ -118,19 +118,25 @@ def test_unknown_command_exits_2():
 
 
 def test_local_sweep_refreshes_leaderboard_once_at_its_end(monkeypatch, tmp_path):
-    """Runs of a local sweep defer the refresh (execute(refresh=False)); cmd_run then rebuilds each
-    results dir once, and nothing when no run was executed (e.g. every combination refused)."""
+    """Runs of a local sweep defer the refresh (execute(refresh=False) returns the pending results dir);
+    cmd_run then rebuilds each results dir once, and nothing when no run was executed (e.g. every
+    combination refused)."""
+    import bench.aggregate as aggregate
     import bench.cli as cli
-    import bench.runner as runner
+    from bench.runner import RunResult
 
     calls = []
-    monkeypatch.setattr(runner, "refresh_leaderboard", lambda d: calls.append(d))
-    monkeypatch.setattr(runner, "PENDING_REFRESH", set())
-    cli._refresh_pending()
+    monkeypatch.setattr(aggregate, "refresh_leaderboard", lambda d: calls.append(d))
+    session = cli.Session()
+    session.refresh_pending()
     assert calls == []
-    runner.PENDING_REFRESH.update({str(tmp_path / "a"), str(tmp_path / "b")})
-    cli._refresh_pending()
-    assert calls == [str(tmp_path / "a"), str(tmp_path / "b")] and not runner.PENDING_REFRESH
+    for d in ("b", "a", "b"):
+        session.add(RunResult({"run_id": d}, refresh_pending=str(tmp_path / d)))
+    session.add(RunResult({"run_id": "c"}))  # refreshed by execute itself
+    session.add(RunResult({"run_id": "d"}, verify={"reproduced": False, "mismatch": "d: 1 of 6 answers differ"}))
+    session.refresh_pending()
+    assert calls == [str(tmp_path / "a"), str(tmp_path / "b")] and not session.pending
+    assert session.mismatches == ["d: 1 of 6 answers differ"]
 
 
 def _tree(results: Path) -> dict[str, bytes]:

@@ -35,7 +35,7 @@ def test_every_option_composes_and_is_named_after_its_file(group):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
 def test_model_configs_build_adapters(name):
-    from bench.runner import build_adapter
+    from bench.build import build_adapter
 
     a = build_adapter(resolved(f"model={name}", "device=cpu"))
     assert a.name == name

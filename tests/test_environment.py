@@ -68,7 +68,7 @@ def test_summary_names_lock_and_distributions():
 
 def test_git_dirty_looks_only_at_code_that_decides_results(tmp_path):
     """A rewritten results/ file or README is not 'dirty'; an edited method or lock is."""
-    from bench.runner import git_state
+    from bench.provenance import git_state
 
     def git(*a):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path, check=True, capture_output=True)

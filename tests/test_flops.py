@@ -26,7 +26,7 @@ from bench.measure.flops import (
     paper_convention,
 )
 from bench.models.llava import LlavaAdapter
-from bench.runner import probe_batch
+from bench.measure.probe import probe_batch
 
 from methods import registry
 

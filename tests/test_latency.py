@@ -21,7 +21,7 @@ from bench.measure.latency import (
     stage_latencies,
 )
 from bench.models.llava import LlavaAdapter
-from bench.runner import probe_batch
+from bench.measure.probe import probe_batch
 from methods.pool import Pool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,7 +105,7 @@ def test_measurement_imports_without_the_accuracy_stack():
         "for m in ('lmms_eval', 'wandb', 'datasets', 'hydra', 'omegaconf'):\n"
         "    sys.modules[m] = None  # any import of them raises ImportError\n"
         "import bench.measure, bench.measure.latency, bench.measure.efficiency, bench.measure.flops, bench.measure.timing\n"
-        "import bench.models.llava, bench.runner\n"
+        "import bench.measure.probe, bench.models.llava, bench.runner\n"
         "sys.path.insert(0, 'scripts'); import probe_compiled_prefill\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)

@@ -172,7 +172,7 @@ def llava_hf_evaluate(task: str, tm, limit: int | None = None) -> dict:
 
 
 def compare_with_llava_hf(rec, rows, limit=None):
-    from bench.runner import compose_config
+    from bench.build import compose_config
 
     assert rec["provenance"]["dtype"] == "float32"
     cfg = compose_config([f"benchmark={rec['benchmark']}", *[f"{k}={v}" for k, v in _data_overrides(rec).items()]])

@@ -109,7 +109,7 @@ def test_slurm_sweep_kill_and_resume(slurm_env, tiny_model_dir, tmp_path):
 
 def test_status_reports_a_silently_killed_job(tmp_path):
     """A `running` record whose process is gone (SIGKILL, OOM killer) counts as killed."""
-    from bench.sweep import job_alive
+    from bench.claims import job_alive
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

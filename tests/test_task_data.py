@@ -18,7 +18,7 @@ import yaml
 from bench import task_data
 from bench.errors import ConfigError
 from bench.records import run_id
-from bench.runner import benchmark_fingerprint, compose_config
+from bench.build import benchmark_fingerprint, compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -227,7 +227,7 @@ def test_hub_cache_copies_are_told_apart_and_a_missing_one_is_a_config_error(loc
     _hand_built_hub_cache(tmp_path / "c12", local_data["pope12"])
     code = """
         import json, os, sys
-        from bench.runner import compose_config
+        from bench.build import compose_config
         from bench import task_data
         from bench.errors import ConfigError
         out = {}

@@ -13,6 +13,9 @@ What is measured and how (the record's ``efficiency`` keys, see ``bench/schema.p
 * ``prefill_ms``: median (and IQR) over repeats, after warm-up, of the same region.
 * ``kv_cache_bytes``: summed from the K/V tensors of the cache right after that prefill.
 * ``peak_mem_bytes``: ``torch.cuda.max_memory_allocated`` across the pass (CUDA only).
+* with ``measure.stages``: ``latency`` per stage (``bench.measure.latency``) and the ``roofline``.
+
+:func:`efficiency_pass` runs it as the ``measure`` config asks; :func:`measure_efficiency` measures.
 """
 
 from __future__ import annotations
@@ -27,8 +30,48 @@ from bench.measure.flops import (
     counter,
     paper_convention,
 )
+from bench.measure.latency import roofline, stage_latencies
+from bench.measure.probe import probe_batch
 from bench.measure.timing import time_fn
 from bench.models.llava import kv_cache_bytes
+
+
+#: the efficiency keys of a record, null until measured (``measure.efficiency=false`` leaves them so)
+NULL_EFFICIENCY = ("tflops_prefill", "prefill_ms", "prefill_ms_iqr", "timer", "timing_repeats", "kv_cache_bytes", "kv_cache_bytes_per_layer", "peak_mem_bytes", "measured_batch_size")
+
+
+def efficiency_pass(measure: dict[str, Any], adapter, method, acc: dict[str, Any] | None, seed: int) -> tuple[dict[str, Any], list[str]]:
+    """The efficiency pass of a run, as its ``measure`` config asks; returns ``(efficiency, notes)``.
+
+    ``acc``: the accuracy pass (``bench.evaluate.accuracy_pass``) or None; its first document is the
+    measured input when it has one (:func:`~bench.measure.probe.probe_batch`). ``seed``: the run seed;
+    sample ``i`` of the measured batch gets seed ``seed + i``. The result still holds
+    ``measured_visual_tokens_kept`` / ``measured_visual_tokens_per_layer`` for the caller to fold in.
+    """
+    notes: list[str] = []
+    eff: dict[str, Any] = {k: None for k in NULL_EFFICIENCY}
+    eff["device"] = "cpu" if adapter.device.type == "cpu" else torch.cuda.get_device_name(adapter.device)
+    if not measure.get("efficiency", True):
+        return eff, ["efficiency not measured: measure.efficiency=false"]
+    warmup, repeats = int(measure.get("warmup", 1)), int(measure.get("repeats", 5))
+    batch = probe_batch(adapter, acc, batch_size=int(measure.get("batch_size", 1)))
+    seeds = torch.arange(batch["input_ids"].shape[0], dtype=torch.long) + int(seed)
+    e, n2 = measure_efficiency(adapter, method, batch, seeds, warmup=warmup, repeats=repeats)
+    eff.update(e)
+    notes += n2
+    notes.append(
+        f"prefill_ms: median of {repeats} timed repeats after {warmup} warm-up run(s) "
+        "and the FLOP-counting pass" + (f" (measure={measure['name']})" if measure.get("name") else "")
+    )
+    if adapter.device.type == "cpu":
+        # thread count changes CPU latency, never predictions (checked: samples identical at 1 and 2)
+        notes.append(f"CPU timings with {torch.get_num_threads()} torch intra-op thread(s)")
+    if measure.get("stages", False):
+        lat, n3 = stage_latencies(adapter, method, batch, seeds, warmup=warmup, repeats=repeats, modes=tuple(measure.get("modes", ["eager"])))
+        eff["latency"] = lat
+        eff["roofline"] = roofline(adapter, eff)
+        notes += n3
+    return eff, notes
 
 
 def device_name(device: torch.device) -> str:

@@ -57,6 +57,30 @@ def roofline_ms(flops: float, bytes_moved: float, ceilings: dict[str, float]) ->
     return 1e3 * max(flops / ceilings["matmul_flops_per_s"], bytes_moved / ceilings["copy_bytes_per_s"])
 
 
+#: :func:`measure_ceilings` per device, measured once per process (an 8k matmul and a 512 MiB copy)
+_CEILINGS: dict[str, dict[str, float]] = {}
+
+
+def roofline(adapter, eff: dict[str, Any]) -> dict[str, Any]:
+    """Measured ceilings and the LLM-prefill floor: max(FLOPs / matmul peak, weight bytes / bandwidth).
+
+    ``eff``: the efficiency pass's results (its ``flops_llm_analytic``); the record's ``roofline``."""
+    key = str(adapter.device)
+    if key not in _CEILINGS:
+        _CEILINGS[key] = measure_ceilings(adapter.device, adapter.dtype)
+    ceil = _CEILINGS[key]
+    lm = adapter.model.model.language_model
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters()) + adapter.model.lm_head.weight.numel() * adapter.model.lm_head.weight.element_size()
+    llm_flops = eff.get("flops_llm_analytic")
+    return {
+        "matmul_tflops_per_s": None if ceil["matmul_flops_per_s"] is None else round(ceil["matmul_flops_per_s"] / 1e12, 2),
+        "copy_gb_per_s": None if ceil["copy_bytes_per_s"] is None else round(ceil["copy_bytes_per_s"] / 1e9, 1),
+        "llm_weight_bytes": int(weight_bytes),
+        "llm_prefill_flops": llm_flops,
+        "llm_prefill_floor_ms": None if llm_flops is None else roofline_ms(llm_flops, weight_bytes, ceil),
+    }
+
+
 def _t(t: Timing | None) -> dict[str, Any]:
     if t is None:
         return {"median_ms": None, "iqr_ms": None}
