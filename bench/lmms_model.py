@@ -245,7 +245,7 @@ class TokenPruneLlava(lmms):
         # Everything alive now (model, datasets, lmms-eval's documents and instances) goes to the GC's
         # permanent generation for the loop: otherwise every full collection triggered by generate()'s
         # allocations rescans that heap, which stalls the launch-bound decoding loop (H100, 7B, batch 16:
-        # 0.37 s of GC in 2.8 s of evaluation, scripts/diagnose_harness_overhead.py --no-gc-freeze).
+        # 0.37 s of GC in 2.8 s of evaluation, measured with the freeze off; README "Batch size").
         # Objects created by the loop are still collected.
         gc.freeze()
         try:

@@ -75,7 +75,7 @@ def build_tokenizer(vocab: dict[str, int] | None = None, model_max_length: int =
     """Word-level ``PreTrainedTokenizerFast`` (lowercasing; whitespace + punctuation split; ``<s>`` prepended).
 
     ``vocab`` (word -> id, with ``<s> </s> <unk> <pad> <image>``) defaults to the tiny model's own;
-    ``scripts/bench_throughput.py`` passes a stand-in vocabulary laid out on a real model's ids."""
+    ``benchmarks/bench_throughput.py`` passes a stand-in vocabulary laid out on a real model's ids."""
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast

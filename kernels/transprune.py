@@ -5,7 +5,7 @@ replay), so on CUDA the bookkeeping runs in two kernels a stage: one pass over t
 every sublayer since the last stage for the three statistics (:func:`sublayer_stats`, up to 6 sublayers a
 launch), and one launch that finishes TTV (softmax over the sequence, sum over the sublayers, carried
 accumulation), the instruction attention's query mean and both normalisations (:func:`transprune_score`).
-The torch rule computes the same in ~4 kernels a sublayer and ~15 a stage (``scripts/bench_inllm_overhead.py``).
+The torch rule computes the same in ~4 kernels a sublayer and ~15 a stage (``benchmarks/bench_inllm_overhead.py``).
 
 Numerics: both paths take the model-dtype inputs and do every product and sum in fp32, in a different
 order, so they agree to fp32 rounding (tested), not bit for bit. That is acceptable because neither is

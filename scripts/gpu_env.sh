@@ -4,7 +4,7 @@
 # WHEEL_DIR/ifmissing/*.whl only when the machine has no distribution of that name (so a package the
 # machine already has is never shadowed by another version).
 #
-#   bash scripts/gpu_env.sh .whl_tp && PYTHONPATH=/tmp/site:$PWD python3 scripts/bench_throughput.py --out $OUT/throughput_h100.csv
+#   bash scripts/gpu_env.sh .whl_tp && PYTHONPATH=/tmp/site:$PWD python3 benchmarks/bench_throughput.py --out $OUT/throughput_h100.csv
 #
 # Usage: scripts/gpu_env.sh WHEEL_DIR [TARGET=/tmp/site]   (PYTHON=python3 by default)
 set -euo pipefail

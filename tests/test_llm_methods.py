@@ -526,7 +526,7 @@ def test_overhead_script_smoke(tmp_path):
     import sys
 
     out = tmp_path / "o.csv"
-    r = subprocess.run([sys.executable, "scripts/bench_inllm_overhead.py", "--smoke", "--repeats", "1", "--warmup", "0",
+    r = subprocess.run([sys.executable, "benchmarks/bench_inllm_overhead.py", "--smoke", "--repeats", "1", "--warmup", "0",
                         "--batches", "1", "--methods", "transprune,dart", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     import csv

@@ -195,14 +195,6 @@ def test_model_card_numbers_hold():
     assert m["accuracy"]["overall"] >= rnd[0] >= rnd[1] >= rnd[2]
 
 
-def test_position_diagnosis_script_runs():
-    """scripts/diagnose_tiny_position.py (the model card's probe / attention numbers) on a few images."""
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "diagnose_tiny_position.py"), "--images", "4", "--questions", "12"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert re.search(r"projected tokens\s+all patches\s+x 0\.\d+", r.stdout) and "position layer 0" in r.stdout
-
-
 def test_train_stream_phases_and_relation_bias():
     """Phase-1 weights apply below the switch index only; the relation bias skews the extra yes/no position
     questions toward "left of" / "above" without removing the others."""

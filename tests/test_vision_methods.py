@@ -6,7 +6,7 @@
 * the tower extras of ``bench.models.clip_extras`` == eager ``output_attentions`` / hooks on a tiny CLIP;
 * ToMe: schedule, matching and the merging encoder against references;
 * end to end: every method prepares and generates on a tiny random LLaVA at ratio 0.5;
-* ``scripts/bench_selection.py`` runs on CPU.
+* ``benchmarks/bench_selection.py`` runs on CPU.
 """
 
 from __future__ import annotations
@@ -422,7 +422,7 @@ def test_cls_methods_refuse_towers_without_cls():
 def test_bench_selection_script_runs_on_cpu(tmp_path):
     out = tmp_path / "sel.csv"
     r = subprocess.run(
-        [sys.executable, "scripts/bench_selection.py", "--smoke", "--batches", "1", "--out", str(out)],
+        [sys.executable, "benchmarks/bench_selection.py", "--smoke", "--batches", "1", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -437,22 +437,6 @@ def test_bench_selection_script_runs_on_cpu(tmp_path):
     assert all(float(row["median_ms"]) >= 0 for row in rows if not row["method"].endswith("[tower-plain]"))
     assert {"gprune", "holov", "flowcut[tower-plain]"} <= {row["method"] for row in rows}
     assert all(row["median_ms"] not in ("", "nan") for row in rows)
-
-
-def test_profile_selection_script_runs_on_cpu(tmp_path):
-    """``scripts/profile_selection.py``: per-operator table on CPU (kernels on CUDA); bad names exit 2."""
-    out = tmp_path / "prof.csv"
-    cmd = [sys.executable, "scripts/profile_selection.py", "--device", "cpu", "--repeats", "1", "--out", str(out)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    import csv
-
-    rows = list(csv.DictReader(out.open()))
-    assert {row["method"] for row in rows} == {"vispruner", "tome"}
-    assert all(float(row["us_per_call"]) > 0 and row["graph_median_ms"] == "" for row in rows)
-    assert any(row["kernel"] == "aten::bmm" for row in rows if row["method"] == "tome")  # the one-hot merge GEMM
-    bad = subprocess.run(cmd[:2] + ["--device", "cpu", "--methods", "fastv"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "unknown method" in bad.stderr
 
 
 # ----------------------------------------------------------------------------- CUDA-graph safety

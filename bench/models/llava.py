@@ -116,7 +116,7 @@ class LlavaAdapter(ModelAdapter):
     #: On CUDA, run the vision tower + projector one image at a time inside a batch. cuBLAS picks GEMM
     #: kernels by the row count (B x 577), so batched fp16 features differ from batch-1 ones in the last
     #: bits (max 0.016 on the tiny model); discrete selections amplify that (DivPrune kept a different set
-    #: for 59% of images at batch 8, ``scripts/diagnose_batch_identity.py``), so answers would depend on
+    #: for 59% of images at batch 8, ``results/batch_identity_diag_h100.csv``), so answers would depend on
     #: batch neighbours. Per image, the features are bit-identical to batch 1. CPU kernels are
     #: batch-invariant already, so the CPU keeps one batched pass.
     per_image_vision = True

@@ -8,8 +8,8 @@ K/V, causal attention counted as the full ``T x T`` scores and values, SwiGLU ML
 position) and the roofline floor ``max(FLOPs / measured matmul peak, LLM weight bytes / measured copy
 bandwidth)`` (``bench.measure.latency.measure_ceilings``).
 
-    python scripts/family_efficiency.py --out $OUT            # llava_next_7b at 672x672, qwen25vl_7b at 448 and 1008
-    python scripts/family_efficiency.py --models qwen25vl_3b --ratios 0 0.5 --out /tmp/x
+    python benchmarks/family_efficiency.py --out $OUT            # llava_next_7b at 672x672, qwen25vl_7b at 448 and 1008
+    python benchmarks/family_efficiency.py --models qwen25vl_3b --ratios 0 0.5 --out /tmp/x
 
 Random weights: costs and latency do not depend on weight values; no accuracy is measured.
 """

@@ -22,7 +22,7 @@ count saves more than the merging costs); the note gives both absolute medians. 
 tower's blocks: one row per mode, ``flowcut[tower-plain]``, the same difference of towers.
 
 VScan's row is its pre-LLM part at the layer-mean budget (two CLS rows, the scans, the merge; at ``kept``
-= 64 it keeps 96, said in the note); its in-LLM stage is timed by ``scripts/bench_inllm_overhead.py``.
+= 64 it keeps 96, said in the note); its in-LLM stage is timed by ``benchmarks/bench_inllm_overhead.py``.
 
 Real CLIP ViT-L/14-336 + LLaVA-1.5 projector shapes with random weights (``--tower llava15``, fp16 on
 CUDA); ``--tower tiny`` uses a small test tower. Timing: CUDA events (``perf_counter`` on CPU),
@@ -30,8 +30,8 @@ CUDA); ``--tower tiny`` uses a small test tower. Timing: CUDA events (``perf_cou
 
 Usage::
 
-    python scripts/bench_selection.py --out results/selection_overhead.csv
-    python scripts/bench_selection.py --smoke --out /tmp/sel.csv
+    python benchmarks/bench_selection.py --out results/selection_overhead.csv
+    python benchmarks/bench_selection.py --smoke --out /tmp/sel.csv
 """
 
 from __future__ import annotations

@@ -39,10 +39,10 @@ with batch 1 (``identical_rate_vs_b1``; ``identical_first_token_rate_vs_b1`` com
 first generated token). Random weights give near-uniform next-token distributions with tiny
 margins, so in fp16 this rate is a pessimistic estimate of what a trained model shows.
 
-    python scripts/bench_throughput.py --out results/throughput_h100.csv        # GPU, all three methods in one process
-    python scripts/bench_throughput.py --methods fastv --append --out results/throughput_h100.csv
+    python benchmarks/bench_throughput.py --out results/throughput_h100.csv        # GPU, all three methods in one process
+    python benchmarks/bench_throughput.py --methods fastv --append --out results/throughput_h100.csv
         # one method per process (each a few minutes: where one call may run at most 10 min), added to the CSV
-    python scripts/bench_throughput.py --smoke --out /tmp/throughput_smoke.csv  # CPU, embedded tiny model
+    python benchmarks/bench_throughput.py --smoke --out /tmp/throughput_smoke.csv  # CPU, embedded tiny model
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ graph (``compiled_graph:<--compile-variant>``, see ``bench.measure.latency.Compi
 ``--merge`` keeps the rows of an earlier CSV that this invocation does not re-measure, so a sweep
 too long for one GPU call can be split (e.g. by ``--batches`` or ``--methods``) and joined.
 
-    python scripts/efficiency_leaderboard.py --csv results/efficiency/llava15_7b_h100.csv \\
+    python benchmarks/efficiency_leaderboard.py --csv results/efficiency/llava15_7b_h100.csv \\
         --plot results/efficiency/llava15_7b_h100.png
 """
 
