@@ -69,8 +69,7 @@ def roofline(adapter, eff: dict[str, Any]) -> dict[str, Any]:
     if key not in _CEILINGS:
         _CEILINGS[key] = measure_ceilings(adapter.device, adapter.dtype)
     ceil = _CEILINGS[key]
-    lm = adapter.model.model.language_model
-    weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters()) + adapter.model.lm_head.weight.numel() * adapter.model.lm_head.weight.element_size()
+    weight_bytes = adapter.llm_weight_bytes()
     llm_flops = eff.get("flops_llm_analytic")
     return {
         "matmul_tflops_per_s": None if ceil["matmul_flops_per_s"] is None else round(ceil["matmul_flops_per_s"] / 1e12, 2),
