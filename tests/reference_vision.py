@@ -154,12 +154,21 @@ def ref_visionzip(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Tens
     return torch.stack(out)
 
 
+def ref_complement_idx(kept: list[int], n: int) -> list[int]:
+    """The official ``complement_idx``: zero the kept positions of ``arange(n)``, sort, drop ``len(kept)`` entries
+    (with duplicates in ``kept``, as many of the lowest real complement tokens go too)."""
+    a = list(range(n))
+    for j in kept:
+        a[j] = 0
+    return sorted(a)[len(kept):]
+
+
 def ref_prumerge(feats: torch.Tensor, q: torch.Tensor, k: torch.Tensor, kept: list[int], n_neighbors: int = 32) -> torch.Tensor:
-    """The official per-token loop: ``rest`` = the other kept tokens (in kept order), then the pruned ones."""
+    """The official per-token loop: ``rest`` = the other kept entries (in kept order), then ``complement_idx``."""
     n, c = feats.shape
     attn = torch.softmax((q @ k.t()) * c**-0.5, dim=-1)[0, 1:]
     keys = F.normalize(k[1:], p=2, dim=-1)
-    pruned = [j for j in range(n) if j not in set(kept)]
+    pruned = ref_complement_idx(kept, n)
     out = []
     for i, ti in enumerate(kept):
         rest = kept[:i] + kept[i + 1 :] + pruned

@@ -156,12 +156,17 @@ def test_visionzip_official_splits():
     assert VisionZip(prune_ratio=1 - 64 / 576).counts(576) == (54, 10)
 
 
-@pytest.mark.parametrize("plus", [False, True])
-@pytest.mark.parametrize("budget,ratio", [("fixed", 0.9), ("adaptive", 0.5)])
-def test_prumerge_matches_reference(plus, budget, ratio):
-    from methods.prumerge import PruMerge, PruMergePlus, adaptive_plus_samples
+@pytest.mark.parametrize("plus,spatial", [(False, "official"), (True, "official"), (True, "dedup")])
+@pytest.mark.parametrize("budget,ratio", [("fixed", 0.9), ("fixed", 1 - 145 / 576), ("adaptive", 0.5)])
+def test_prumerge_matches_reference(plus, spatial, budget, ratio):
+    """Against the official per-token loop. PruMerge+'s fixed mode at 145 tokens is the official
+    ``if_adaptive=False`` call with ``reduction_ratio = 1/8`` (72 top + ``arange(4, 575, 8)``); at 58 tokens
+    the same rule with the split of :func:`plus_split`."""
+    from methods.prumerge import PruMerge, PruMergePlus, adaptive_plus_samples, plus_split
 
-    m = (PruMergePlus if plus else PruMerge)(prune_ratio=ratio, budget=budget)
+    if spatial == "dedup" and budget == "adaptive":
+        pytest.skip("spatial applies to the fixed budget only")
+    m = (PruMergePlus if plus else PruMerge)(prune_ratio=ratio, budget=budget, spatial=spatial)
     for seed in range(2 if budget == "fixed" else 1):
         t = random_extras(2, d=48, gen=gen(seed))
         t["q_proj"] = t["q_proj"] * 12  # peaked attention: a realistic handful of IQR outliers
@@ -176,7 +181,13 @@ def test_prumerge_matches_reference(plus, budget, ratio):
                 mm = m.n_keep(576) - 1
                 n_top = -(-mm // 2) if plus else mm
                 kept = cls.topk(n_top).indices.tolist()
-                if plus:  # evenly spaced over the not-yet-kept tokens, half-stride offset
+                if plus and spatial == "official":  # the official rule: stride samples of ALL tokens, duplicates kept
+                    n_top, stride = (72, 8) if m.n_keep(576) == 145 else plus_split(576, m.n_keep(576))
+                    if m.n_keep(576) == 145:
+                        assert plus_split(576, 145) == (72, 8)
+                    kept = cls.topk(n_top).indices.tolist() + list(range(int(stride / 2), 575, stride))
+                    assert len(kept) == mm
+                elif plus:  # dedup: evenly spaced over the not-yet-kept tokens, half-stride offset
                     rest = [j for j in range(576) if j not in set(kept)]
                     n_sp = mm - n_top
                     kept += [rest[min(len(rest) - 1, int((i + 0.5) * len(rest) / n_sp))] for i in range(n_sp)]
@@ -667,3 +678,33 @@ def test_tome_graph_tower_equals_eager_cuda(cuda_llava):
     ref = encode_with_merging(ad, px, m, torch.arange(2), graphs=False)
     for _ in range(2):
         assert torch.equal(encode_with_merging(ad, px, m, torch.arange(2), graphs=True).features, ref.features)
+
+
+def test_prumerge_plus_official_fixed_keeps_duplicates():
+    """Where a stride sample is already in the top-L, the official fixed mode keeps it twice (two equal
+    centres) and drops as many of the lowest complement tokens; the dedup option keeps distinct tokens."""
+    from methods.prumerge import PruMergePlus, official_plus_fixed
+
+    cls = torch.rand(1, 576, generator=gen(3))
+    cls[0, 4] = cls[0, 12] = 10.0  # two of the stride samples arange(4, 575, 8) are in the top-72
+    idx, rest = official_plus_fixed(cls, 145)
+    assert idx.shape == (1, 144) and rest.shape == (1, 576 - 144)
+    dup = 144 - len(set(idx[0].tolist()))
+    assert dup >= 2 and {4, 12} <= set(idx[0, :72].tolist())
+    missing = sorted(set(range(576)) - set(idx[0].tolist()) - set(rest[0].tolist()))
+    assert len(missing) == dup and missing == sorted(set(range(576)) - set(idx[0].tolist()))[:dup]
+    t = random_extras(1, d=48, gen=gen(4))
+    m = PruMergePlus(prune_ratio=1 - 145 / 576)
+    ctx = ctx_from(t, m.needs)
+    q, k = t["q_proj"], t["k_proj"]
+    scores = torch.softmax((q[:, :1] @ k.transpose(1, 2)) * 48**-0.5, dim=-1)[:, 0, 1:]
+    idx, _ = official_plus_fixed(scores, 145)
+    out = m.reduce(torch.zeros(1, 576, 48), ctx)
+    pos = {}
+    for i, tok in enumerate(idx[0].tolist()):
+        pos.setdefault(tok, []).append(i)
+    dups = [p for p in pos.values() if len(p) > 1]
+    for a, b in dups:
+        torch.testing.assert_close(out.features[0, a], out.features[0, b])
+    d = PruMergePlus(prune_ratio=1 - 145 / 576, spatial="dedup").kept_indices(scores)
+    assert len(set(d[0].tolist())) == 144
