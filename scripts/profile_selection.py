@@ -44,7 +44,7 @@ def workloads(device: str, kept: int, g: torch.Generator) -> dict:
     backend = "cuda" if device == "cuda" else "torch"
 
     def vispruner():
-        return vispruner_select.run(backend, score, cosine_similarity(feats), kept // 2, kept - kept // 2, 8)
+        return vispruner_select(score, cosine_similarity(feats), kept // 2, kept - kept // 2, 8, backend)
 
     sched = tome_schedule(576, kept, 23, True)
     blocks, t = [], 577
