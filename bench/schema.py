@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypedDict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tflops_prefill_paper_convention in multiply-adds (was x2); budget_* fields
 
 
 class MetricValue(TypedDict):
@@ -27,7 +27,8 @@ class Efficiency(TypedDict):
     tflops_prefill_analytic: float | None  # bench.measure.flops's analytic model of the same forward per sample, the method's scoring/selection matrix products included (tests: equals tflops_prefill within 1%); null when the method has no selection formula
     tflops_selection_analytic: float | None  # the selection part of tflops_prefill_analytic (recomputed attention rows, similarity matrices, re-projection of merged tokens); null as above
     tflops_prefill_analytic_no_selection: float | None  # tflops_prefill_analytic minus the selection part (vision incl. ToMe's merged blocks, projector, LLM, lm_head)
-    tflops_prefill_paper_convention: float | None  # FastV's 4nd^2 + 2n^2d + 2ndm per LLM layer (x2), as papers print it
+    tflops_prefill_paper_convention: float | None  # the papers' convention, / 1e12: FastV's 4nd^2 + 2n^2d + 2ndm multiply-adds (not x2) per LLM layer, LLM only, n = paper_convention_text_tokens + the layer's visual tokens
+    paper_convention_text_tokens: float | None  # the prompt's text tokens (mean per sample) behind tflops_prefill_paper_convention
     flops_llm_analytic: int | None  # analytic FLOPs of the LLM prefill (+ lm_head) of the measured batch
     latency: dict[str, dict[str, float | None]] | None  # measure.stages: {vision_encoder, selection, selection_graph (CUDA, graph-safe pre-LLM methods), prefill_eager, prefill_graph, prefill_compiled_graph, decode_step}: {median_ms, iqr_ms}; decode_step adds tokens_per_s (batch x 1000 / median_ms), prefill_compiled_graph adds variant, compile_s, compile_reused, max_abs_diff_vs_eager, max_abs_eager
     roofline: dict[str, float | None] | None  # measured matmul TFLOP/s and copy GB/s, LLM weight bytes, llm_prefill_floor_ms

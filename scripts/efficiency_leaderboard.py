@@ -67,6 +67,7 @@ def row(rec: dict, kept_nominal: int, driver: str | None) -> dict:
         "tflops_prefill_counted": e["tflops_prefill"],
         "tflops_prefill_analytic_no_selection": e.get("tflops_prefill_analytic_no_selection"),
         "tflops_paper_convention": e.get("tflops_prefill_paper_convention"),
+        "paper_convention_text_tokens": e.get("paper_convention_text_tokens"),
         "vision_ms": ms("vision_encoder"),
         "selection_ms": ms("selection"),
         "selection_graph_ms": ms("selection_graph"),
