@@ -519,7 +519,7 @@ def execute(cfg: dict[str, Any], refresh: bool = True) -> dict[str, Any]:
         eff["visual_tokens_kept"] = kept
         eff["visual_tokens_per_layer"] = [round(x, 3) for x in per_layer] if per_layer else None
         eff["visual_tokens_layer_mean"] = round(sum(per_layer) / len(per_layer), 3) if per_layer else None
-        eff["budget_mode"] = "pre_llm_exact" if method.stage in ("none", "pre_llm") else cfg["method"].get("budget")
+        eff.update(method.budget_fields(n_vis, adapter.num_llm_layers, kept, per_layer))  # budget_mode, budget_met, ...
         record = {
             **base,
             "status": "completed",

@@ -152,6 +152,21 @@ class PruningMethod:
         """
         raise NotImplementedError(f"{type(self).__name__} defines no selection_flops")
 
+    @property
+    def budget_mode(self) -> str:
+        """How the budget is counted: pre-LLM and in-tower methods keep exactly ``n_keep(N)`` tokens."""
+        return "pre_llm_exact" if self.stage in ("none", "pre_llm") else f"{self.stage}_exact"
+
+    def budget_fields(self, n_vis: int, n_layers: int, kept: float | None, per_layer: list[float] | None) -> dict[str, Any]:
+        """The record's budget keys: ``budget_mode``, ``budget_tokens`` (``B = n_keep(N)``, the budget asked
+        for), ``budget_measure`` (the count it names: ``kept`` here), ``budget_measured`` (that count,
+        measured: mean over samples) and ``budget_met`` (within one token of ``B``; null when unmeasured).
+        A row whose budget is not met is shown under its measured count, never under ``B``."""
+        target = self.n_keep(n_vis)
+        return {"budget_mode": self.budget_mode, "budget_tokens": target, "budget_measure": "kept",
+                "budget_measured": None if kept is None else round(float(kept), 3),
+                "budget_met": None if kept is None else abs(float(kept) - target) <= 1.0}
+
     def n_keep(self, n: int) -> int:
         """Tokens kept out of ``n``: ``round(n * (1 - prune_ratio))``, at least 1."""
         if self.prune_ratio == 0.0:

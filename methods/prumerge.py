@@ -224,6 +224,11 @@ class PruMerge(PruningMethod):
         return cost.batch * cost.vision_extras({f"q_proj:{self.attn_layer}"}) + total
 
     @property
+    def budget_mode(self) -> str:  # type: ignore[override]
+        """``adaptive``: the official IQR budget (the kept count is the method's, not ``n_keep(N)``)."""
+        return "pre_llm_exact" if self.budget == "fixed" else "adaptive"
+
+    @property
     def graph_safe(self) -> bool:  # type: ignore[override]
         """Fixed budgets are CUDA-graph capturable; the adaptive budget reads each sample's IQR
         outlier count on the host and has a value-dependent output length, so it stays eager."""

@@ -284,6 +284,8 @@ class LlavaAdapter(ModelAdapter):
                 f"method {method.name!r} prunes at stage {method.stage!r}, which {type(self).__name__} does not implement yet"
             )
         method.check_compatible(VisionContext(self.grid, self.has_cls, torch.zeros(1, dtype=torch.long)))
+        if method.stage == "in_llm":  # a budget no schedule reaches on this LLM's depth: refused before any model work
+            method.check_budget(self.grid[0] * self.grid[1], self.num_llm_layers)
 
     #: the synthetic probe prompt: text tokens before and after the image (60 in all, methods.md's worked
     #: example) and the ids they are drawn from (below the tokenizer's added tokens, 32000 = ``<image>``)
