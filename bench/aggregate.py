@@ -23,6 +23,10 @@ COLUMNS: dict[str, str] = {
     "method": "method config name",
     "ratio": "nominal fraction of visual tokens removed",
     "visual_tokens": "measured visual tokens per sample, averaged over the LLM's layers (= tokens kept for pre-LLM methods)",
+    "benchmark": "benchmark config name",
+    "metric": "primary metric of the benchmark",
+    "score": "value of the primary metric (null for efficiency-only runs)",
+    "retention_pct": "score / score of method=none on the same model, benchmark and number of samples x 100",
     "budget": "the visual-token budget the row stands for: B = round(N(1 - ratio)) where the run met it, else the count it "
     "measured (budget_met false; a row is never shown under a budget it missed)",
     "budget_mode": "how the budget is counted: pre_llm_exact (exactly B tokens reach the LLM), official (the method's published "
@@ -30,10 +34,6 @@ COLUMNS: dict[str, str] = {
     "layer), adaptive (the method's own count); 'unrecorded' for records older than the field",
     "budget_met": "whether the count the budget names (kept tokens, the layer mean, or the count after the first pruning "
     "stage: the record's budget_measure) is within one token of B; empty for records older than the field",
-    "benchmark": "benchmark config name",
-    "metric": "primary metric of the benchmark",
-    "score": "value of the primary metric (null for efficiency-only runs)",
-    "retention_pct": "score / score of method=none on the same model, benchmark and number of samples x 100",
     "tflops_prefill": "measured TFLOPs of one sample's vision encoder + selection + LLM prefill",
     "prefill_ms": "median time of that prefill (see `device` and the record's `timer`)",
     "kv_cache_mb": "KV-cache size after one sample's prefill, MiB, read from the cache tensors",

@@ -450,6 +450,7 @@ def execute(cfg: dict[str, Any], refresh: bool = True) -> dict[str, Any]:
         "seed": int(cfg["seed"]),
         "limit": cfg["benchmark"].get("limit"),
         "primary_metric": cfg["benchmark"]["metric"],
+        "method_deviations": list(getattr(method, "deviations", ())),
         "config": cfg,
         "started_at": started,
     }

@@ -22,7 +22,11 @@ class Efficiency(TypedDict):
     visual_tokens_kept: float | None  # mean over evaluated samples of the visual tokens that reach the LLM
     visual_tokens_per_layer: list[float] | None  # visual tokens entering each LLM decoder layer (mean over samples)
     visual_tokens_layer_mean: float | None  # mean of the list above (the `layer_mean` budget convention)
-    budget_mode: str | None  # how the budget was counted: pre_llm methods are exact; in-LLM: layer_mean|after_prune|official
+    budget_mode: str | None  # how the budget was counted: pre_llm_exact | in_vision_exact | adaptive (PruMerge's own) | official | layer_mean | after_prune (in-LLM)
+    budget_tokens: int | None  # B = round(N (1 - ratio)): the budget asked for
+    budget_measure: str | None  # the count the budget names: kept | layer_mean | after_prune (tokens entering the first pruned layer)
+    budget_measured: float | None  # that count, measured (mean over samples)
+    budget_met: bool | None  # budget_measured within one token of budget_tokens; false: tables place the row under budget_measured, never under B
     tflops_prefill: float | None  # counted FLOPs (2 x multiply-adds, torch FlopCounterMode) per sample of vision encoder + selection + LLM prefill, / 1e12
     tflops_prefill_analytic: float | None  # bench.measure.flops's analytic model of the same forward per sample, the method's scoring/selection matrix products included (tests: equals tflops_prefill within 1%); null when the method has no selection formula
     tflops_selection_analytic: float | None  # the selection part of tflops_prefill_analytic (recomputed attention rows, similarity matrices, re-projection of merged tokens); null as above
@@ -91,6 +95,7 @@ class Record(TypedDict, total=False):
     limit: int | None  # benchmark.limit: number of samples evaluated when not the full split
     n_samples: int | None  # samples evaluated
     primary_metric: str | None  # the metric the leaderboard ranks by
+    method_deviations: list[str]  # the method's deliberate departures from its official code ("name: official; here"), e.g. DivPrune's per-sample selection
     accuracy_measured: bool  # false for efficiency-only or random-weight runs (metrics is then {})
     metrics: dict[str, MetricValue]
     efficiency: Efficiency

@@ -126,6 +126,10 @@ class PruningMethod:
     #: the default :meth:`reduce`, a CUDA-graph replay then captures the selection without the projected
     #: features (no copy of them into the graph) and gathers them after the replay.
     select_reads_shape_only: ClassVar[bool] = False
+    #: Deliberate departures from the official code that every run of the method makes (not options: the
+    #: official behaviour is a defect, e.g. one sample's choice applied to a whole batch). Each entry is
+    #: ``"name: what the official code does; what this harness does"``; runs record them (``method_deviations``).
+    deviations: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         try:
