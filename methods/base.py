@@ -157,6 +157,14 @@ class PruningMethod:
         raise NotImplementedError(f"{type(self).__name__} defines no selection_flops")
 
     @property
+    def projects_own_tokens(self) -> bool:
+        """Whether :meth:`reduce` runs the projector itself on the tokens it keeps (``ctx.get("projector")`` on
+        tower features) and reads only the shape, dtype and device of its ``vis`` argument. The adapter then
+        skips the projector on all ``N`` tokens and passes a placeholder of that shape, as the official code
+        of such methods projects only what it keeps (VisionZip, PruMerge)."""
+        return False
+
+    @property
     def budget_mode(self) -> str:
         """How the budget is counted: pre-LLM and in-tower methods keep exactly ``n_keep(N)`` tokens."""
         return "pre_llm_exact" if self.stage in ("none", "pre_llm") else f"{self.stage}_exact"

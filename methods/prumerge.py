@@ -224,6 +224,12 @@ class PruMerge(PruningMethod):
         return cost.batch * cost.vision_extras({f"q_proj:{self.attn_layer}"}) + total
 
     @property
+    def projects_own_tokens(self) -> bool:  # type: ignore[override]
+        """The official ``token_prune_merge_advanced(_plus)`` returns the merged tower tokens and only those reach
+        the projector: the adapter skips projecting all ``N`` (``reduce`` projects its own)."""
+        return self.prune_ratio > 0.0
+
+    @property
     def budget_mode(self) -> str:  # type: ignore[override]
         """``adaptive``: the official IQR budget (the kept count is the method's, not ``n_keep(N)``)."""
         return "pre_llm_exact" if self.budget == "fixed" else "adaptive"

@@ -344,3 +344,24 @@ def test_paper_convention_reproduces_published_figures():
             counts = SparseVLM(prune_ratio=1 - budget / n, version=version).planned_counts(n, layers)
             got = paper_convention(cfg, 118, counts, mlp_matrices=3) / 1e12
             assert abs(got - tflops) <= 0.015, (version, budget, got)
+
+
+@pytest.mark.parametrize("name", ["visionzip", "prumerge_plus"])
+def test_methods_that_project_their_own_tokens_skip_the_full_projection(adapter, name, monkeypatch):
+    """VisionZip and PruMerge project only the tokens they keep, as their official code: the adapter runs no
+    projector on all N tokens for them, so the counted FLOPs are N projector rows below what projecting
+    everything first (the harness before issue 25) costs, and the analytic model's projector part is 0."""
+    from methods.base import PruningMethod
+
+    method = build(name, 0.75)
+    assert method.projects_own_tokens
+    batch = probe_batch(adapter, None)
+    seeds = torch.zeros(1, dtype=torch.long)
+    own, _ = count_flops(lambda: adapter.visual_selection(batch["pixel_values"], method, seeds))
+    monkeypatch.setattr(type(method), "projects_own_tokens", PruningMethod.projects_own_tokens)
+    assert not method.projects_own_tokens
+    both, _ = count_flops(lambda: adapter.visual_selection(batch["pixel_values"], method, seeds))
+    cfg = adapter.model.config
+    n = adapter.grid[0] * adapter.grid[1]
+    per_token = 2 * (cfg.vision_config.hidden_size * cfg.text_config.hidden_size + cfg.text_config.hidden_size ** 2)
+    assert both - own == n * per_token

@@ -10,7 +10,8 @@ RoPE, top-k/sorting and other elementwise work are counted by neither.
 Selection (:func:`selection_flops`: each method's ``selection_flops(cost)``, beside its rule in
 ``methods/<name>.py``, in terms of a :class:`CostModel`): recomputed CLIP ``q_proj``/``k_proj`` and CLS-row or full attention maps
 (FasterVLM, VisionZip, VisPruner, HiPrune, PruMerge), DivPrune's ``N x N`` cosine matrix, VisPruner's
-de-duplication rounds, VisionZip's key similarity and the projector run again on merged tokens,
+de-duplication rounds, VisionZip's key similarity and the projector on its kept tokens (the only ones it
+projects, as the official code; the adapter skips projecting all ``N``, and so does PruMerge),
 PruMerge's key similarity and neighbour merge, ToMe's bipartite similarity in every block (its
 shrinking token counts are in the vision part), and for in-LLM methods the attention rows recomputed
 from q/k at each stage (FastV, PyramidDrop, SparseVLM, TransPrune: with the ``k_proj``/``q_proj`` of
@@ -381,7 +382,10 @@ def analytic_batch(config, method, prepared, with_selection: bool = True) -> Bre
         kept = sh.kept[i]
         if sh.vision_tokens is not None:  # cut inside the tower per image: the blocks that ran, CLS included
             blocks = [t + int(_has_cls(config.vision_config)) for t in sh.vision_tokens[i]]
-        part = analytic_prefill(config, sh.seq_len - kept, rows[i], n_visual_in=kept if blocks is not None else sh.n_visual, vision_tokens_per_layer=blocks)
+        # the projector runs on all N tokens, on the tokens left in the tower, or not at all outside the method
+        # (a method that projects only the tokens it keeps counts that in its selection_flops)
+        n_in = 0 if (method.stage == "pre_llm" and method.projects_own_tokens) else (kept if blocks is not None else sh.n_visual)
+        part = analytic_prefill(config, sh.seq_len - kept, rows[i], n_visual_in=n_in, vision_tokens_per_layer=blocks)
         out.vision += part.vision
         out.projector += part.projector
         out.llm += part.llm
