@@ -45,6 +45,7 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
                 "method": r["method"],
                 "ratio": float(r["ratio"]),
                 "visual_tokens": _tokens(eff),
+                **_budget(eff),
                 "benchmark": r["benchmark"],
                 "metric": metric,
                 "score": mval.get("value"),
@@ -70,14 +71,15 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
             }
         )
     if not rows:
-        return pd.DataFrame(columns=[*COLUMNS, "report_scale"])
+        return pd.DataFrame(columns=[*COLUMNS, *EXTRA])
     df = pd.DataFrame(rows)
     # baselines: every completed `none` record with a score, by (model, benchmark, n_samples), so a
     # subset run is compared with the unpruned run on the same subset (newest wins on ties)
     base: dict[tuple, float] = {}
     for _, b in df[(df["method"] == "none") & df["score"].notna()].sort_values(["_when", "run_id"]).iterrows():
         base[(b["model"], b["benchmark"], b["_data"], b["n_samples"])] = b["score"]
-    df = df.sort_values(["_acc", "_full", "_b1", "_when", "run_id"]).groupby(["model", "method", "ratio", "benchmark", "_data"], as_index=False).tail(1)
+    # one row per configuration: the budget mode is part of it (an official and a layer_mean run are two rows)
+    df = df.sort_values(["_acc", "_full", "_b1", "_when", "run_id"]).groupby(["model", "method", "ratio", "budget_mode", "benchmark", "_data"], as_index=False).tail(1)
     ret = []
     for _, row in df.iterrows():
         b = base.get((row["model"], row["benchmark"], row["_data"], row["n_samples"]))
@@ -86,7 +88,21 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
     df["retention_pct"] = ret
     df["_rank"] = df.apply(lambda r: -r["score"] if (r["_hib"] and pd.notna(r["score"])) else (r["score"] if pd.notna(r["score"]) else float("inf")), axis=1)
     df = df.sort_values(["model", "benchmark", "_rank", "method", "ratio"], kind="mergesort")
-    return df[[*COLUMNS, "report_scale"]].reset_index(drop=True)
+    return df[[*COLUMNS, *EXTRA]].reset_index(drop=True)
+
+
+#: columns of :func:`leaderboard_full` beyond :data:`COLUMNS`: the multiplier to the units papers report and
+#: the budget the run asked for (what published tables label their official configurations by)
+EXTRA = ["report_scale", "budget_requested"]
+
+
+def _budget(eff: dict[str, Any]) -> dict[str, Any]:
+    """``budget`` (B if met, else the measured count), ``budget_mode``, ``budget_met``, ``budget_requested``."""
+    met, target, got = eff.get("budget_met"), eff.get("budget_tokens"), eff.get("budget_measured")
+    if target is None:  # a record older than the budget fields: only the measured count is known
+        return {"budget": _tokens(eff), "budget_mode": eff.get("budget_mode") or "unrecorded", "budget_met": None, "budget_requested": None}
+    shown = float(target) if met else (None if got is None else round(float(got), 1))
+    return {"budget": shown, "budget_mode": eff.get("budget_mode") or "unrecorded", "budget_met": met, "budget_requested": int(target)}
 
 
 def _origin(fingerprint: str | None) -> str | None:

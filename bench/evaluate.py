@@ -70,6 +70,7 @@ def parse_metrics(results: dict[str, Any], task: str, bcfg: dict[str, Any]) -> d
     """
     raw = results["results"][task]
     hib = results.get("higher_is_better", {}).get(task, {})
+    logged = results.get("samples", {}).get(task, [])
     metrics: dict[str, dict[str, Any]] = {}
     for key, value in raw.items():
         if "," not in key:
@@ -77,7 +78,7 @@ def parse_metrics(results: dict[str, Any], task: str, bcfg: dict[str, Any]) -> d
         name, _filter = key.split(",", 1)
         if "_stderr" in name:  # lmms-eval 0.7 adds *_stderr, *_stderr_clt, *_stderr_clustered
             continue
-        stderr = next((raw[k] for k in (f"{name}_stderr,{_filter}", f"{name}_stderr_clt,{_filter}") if _num(raw.get(k)) is not None), None)
+        stderr = metric_stderr(raw, name, _filter, value, logged)
         metrics[name] = {
             "value": _num(value),
             "stderr": _num(stderr),
@@ -90,6 +91,31 @@ def parse_metrics(results: dict[str, Any], task: str, bcfg: dict[str, Any]) -> d
     if bcfg["metric"] not in metrics:
         raise RuntimeError(f"task {task!r} reported no metric {bcfg['metric']!r} (it reported {sorted(metrics)})")
     return metrics
+
+
+def metric_stderr(raw: dict[str, Any], name: str, filt: str, value: Any, samples: list[dict[str, Any]]) -> float | None:
+    """The standard error of metric ``name``: lmms-eval's own ``<name>_stderr`` when it computed one, else its
+    ``<name>_stderr_clt`` only where that is the error of this metric.
+
+    lmms-eval computes ``*_stderr_clt`` as ``std / sqrt(n)`` of the per-document scores the metric received,
+    whatever its aggregation does with them; it is the metric's standard error only when the metric is the
+    mean of those scores (checked against the logged ``samples``). For other aggregations (MME's per-category
+    sums, a mean over a subset of the documents) it would be some other number: null then.
+    """
+    own = _num(raw.get(f"{name}_stderr,{filt}"))
+    if own is not None:
+        return own
+    clt = _num(raw.get(f"{name}_stderr_clt,{filt}"))
+    val = _num(value)
+    if clt is None or val is None:
+        return None
+    scores = []
+    for s in samples:
+        v = s.get(name)
+        v = v.get("score") if isinstance(v, dict) else v
+        if _num(v) is not None:
+            scores.append(float(v))
+    return clt if scores and abs(sum(scores) / len(scores) - val) <= 1e-9 * max(1.0, abs(val)) else None
 
 
 def parse_samples(results: dict[str, Any], task: str, metrics: dict[str, Any], stats: list[dict[str, Any]]) -> list[dict[str, Any]]:

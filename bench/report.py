@@ -3,8 +3,8 @@
 * ``leaderboards/<model>.csv``: the leaderboard rows of one model.
 * ``tables/<model>.md``: the paper-style table (rows = method x visual tokens, columns = benchmarks in
   the units papers use, plus average retention %), like Table A of methods.md.
-* ``tables/<model>_vs_reported.{csv,md}``: measured minus reported score where a published number
-  exists for the same model, method, visual-token count and benchmark (``bench/reference``).
+* ``tables/<model>_vs_reported.{csv,md}``: measured minus published score where a published number
+  exists for the same model, method, budget and benchmark (:mod:`bench.published`, ``bench/reference``).
 * ``tables/<model>__<benchmark>__ranked.md``: the rows of one model and benchmark with their 95%
   intervals, tied ranks and paired tests against the baseline and the row above (``bench.uncertainty``).
 * ``plots/<model>__<benchmark>__{tflops,latency}.png``: score vs compute, one line per method (its own
@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.plotstyle import method_styles, place_labels
+from bench.published import load_reference, markdown
 from bench.records import atomic_write_bytes, atomic_write_text
 from bench.schema import LEADERBOARD_COLUMNS as COLUMNS
 from bench.uncertainty import STAT_COLUMNS
@@ -46,10 +47,15 @@ def paper_table(df: pd.DataFrame, model: str) -> str:
     m = df[(df["model"] == model) & df["score"].notna()].copy()
     if m.empty:
         return f"# {model}\n\n(no accuracy measured yet)\n"
-    m["tokens"] = m["visual_tokens"].round().astype("Int64")
+    # a row sits under the budget it met, else under the count it measured (never under a budget it missed);
+    # runs of a non-official budget mode say so in the method column
+    m["tokens"] = m["budget"].fillna(m["visual_tokens"]).round().astype("Int64")
+    mode = m["budget_mode"] if "budget_mode" in m else pd.Series("unrecorded", index=m.index)
+    m["method"] = [meth if md in ("official", "pre_llm_exact", "in_vision_exact", "unrecorded") else f"{meth} [{md}]" for meth, md in zip(m["method"], mode)]
     m["shown"] = m["score"] * m["report_scale"]
     benches = sorted(m["benchmark"].unique(), key=_bench_key)
-    lines = [f"# {model}: accuracy by visual tokens kept", "", "Scores in the units papers report (percent; MME as perception + cognition), with their 95% confidence interval in brackets where per-document scores allow one (`ci_method` in the CSVs). Retention = score / unpruned score, averaged over the row's benchmarks.", ""]
+    lines = [f"# {model}: accuracy by visual-token budget", "", "Scores in the units papers report (percent; MME as perception + cognition), with their 95% confidence interval in brackets where per-document scores allow one (`ci_method` in the CSVs). Retention = score / unpruned score, averaged over the row's benchmarks. "
+             "Tokens: the budget a run met (in-LLM methods: by their budget mode's count), else the count it measured. In-LLM methods run their official schedules unless the method says otherwise ([layer_mean]: equal LLM compute).", ""]
     lines.append("| Tokens | Method | " + " | ".join(benches) + " | Avg retention % |")
     lines.append("|---|---|" + "---|" * len(benches) + "---|")
     base = m[m["method"] == "none"]
@@ -108,16 +114,10 @@ def ranked_table(df: pd.DataFrame, model: str, bench: str) -> str:
 
 
 def reported_gap(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
-    """Measured vs published scores for matching (model, method, visual tokens, benchmark)."""
-    m = df[df["score"].notna()].copy()
-    m["visual_tokens_int"] = m["visual_tokens"].round().astype("Int64")
-    m["measured"] = (m["score"] * m["report_scale"]).round(3)
-    ref = reference.rename(columns={"score": "reported", "visual_tokens": "visual_tokens_int"})
-    ref["visual_tokens_int"] = ref["visual_tokens_int"].astype("Int64")
-    j = m.merge(ref, on=["model", "method", "visual_tokens_int", "benchmark"], how="inner")
-    j["gap"] = (j["measured"] - j["reported"]).round(3)
-    cols = ["model", "method", "visual_tokens_int", "benchmark", "measured", "reported", "gap", "source", "run_id"]
-    return j[cols].rename(columns={"visual_tokens_int": "visual_tokens"}).sort_values(["model", "benchmark", "visual_tokens", "method", "source"]).reset_index(drop=True)
+    """Measured vs published scores (:func:`bench.published.compare`)."""
+    from bench.published import compare
+
+    return compare(df, reference)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -200,7 +200,7 @@ def pareto_plot(df: pd.DataFrame, model: str, bench: str, xcol: str, path: Path,
 def write_reports(full: pd.DataFrame, results_dir: Path) -> dict[str, list[Path]]:
     """Write every table and plot for the leaderboard ``full`` (with ``report_scale``)."""
     written: dict[str, list[Path]] = {"tables": [], "plots": []}
-    reference = pd.read_csv(REFERENCE / "reported_llava15_7b.csv")
+    reference = load_reference(REFERENCE)
     cols = [*COLUMNS, *(c for c in STAT_COLUMNS if c in full)]
     styles = method_styles(full["method"].unique())
     for model in sorted(full["model"].unique()):
@@ -215,6 +215,9 @@ def write_reports(full: pd.DataFrame, results_dir: Path) -> dict[str, list[Path]
         if not gap.empty:
             p = results_dir / "tables" / f"{model}_vs_reported.csv"
             atomic_write_text(p, _csv(gap))
+            written["tables"].append(p)
+            p = results_dir / "tables" / f"{model}_vs_reported.md"
+            atomic_write_text(p, markdown(gap, model))
             written["tables"].append(p)
         for bench in sorted(part["benchmark"].unique(), key=_bench_key):
             if part[part["benchmark"] == bench]["score"].notna().any():

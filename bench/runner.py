@@ -80,7 +80,7 @@ def execute(cfg: dict[str, Any], refresh: bool = True, models: ModelCache | None
         return RunResult(existing)
     adapter = models.load(cfg, run.adapter)  # missing/corrupt weights raise a BenchError here: nothing written yet
 
-    base = _base_record(cfg, rid, started=now())
+    base = _base_record(cfg, rid, started=now(), deviations=run.method.deviations)
     if not claim(rdir):
         print(f"[bench] skip {rid}: being executed by another job ({rdir / '.claim'})")
         return RunResult(existing or {"run_id": rid, "status": "running"})
@@ -111,7 +111,7 @@ def _completed(record: dict[str, Any] | None) -> bool:
     return record is not None and record.get("status") == "completed"
 
 
-def _base_record(cfg: dict[str, Any], rid: str, started: str) -> dict[str, Any]:
+def _base_record(cfg: dict[str, Any], rid: str, started: str, deviations: tuple[str, ...] = ()) -> dict[str, Any]:
     """The keys every record of this run carries: running marker, failed and completed alike."""
     return {
         "schema_version": SCHEMA_VERSION,
@@ -125,6 +125,7 @@ def _base_record(cfg: dict[str, Any], rid: str, started: str) -> dict[str, Any]:
         "seed": int(cfg["seed"]),
         "limit": cfg["benchmark"].get("limit"),
         "primary_metric": cfg["benchmark"]["metric"],
+        "method_deviations": list(deviations),
         "config": cfg,
         "started_at": started,
     }
@@ -181,7 +182,7 @@ def _visual_tokens(eff: dict[str, Any], adapter, method, cfg: dict[str, Any], ac
     eff["visual_tokens_kept"] = kept
     eff["visual_tokens_per_layer"] = [round(x, 3) for x in per_layer] if per_layer else None
     eff["visual_tokens_layer_mean"] = round(sum(per_layer) / len(per_layer), 3) if per_layer else None
-    eff["budget_mode"] = "pre_llm_exact" if method.stage in ("none", "pre_llm") else cfg["method"].get("budget")
+    eff.update(method.budget_fields(n_vis, adapter.num_llm_layers, kept, per_layer))  # budget_mode, budget_met, ...
 
 
 def _sink(record: dict[str, Any], cfg: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypedDict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tflops_prefill_paper_convention in multiply-adds (was x2); budget_* fields
 
 
 class MetricValue(TypedDict):
@@ -22,12 +22,17 @@ class Efficiency(TypedDict):
     visual_tokens_kept: float | None  # mean over evaluated samples of the visual tokens that reach the LLM
     visual_tokens_per_layer: list[float] | None  # visual tokens entering each LLM decoder layer (mean over samples)
     visual_tokens_layer_mean: float | None  # mean of the list above (the `layer_mean` budget convention)
-    budget_mode: str | None  # how the budget was counted: pre_llm methods are exact; in-LLM: layer_mean|after_prune|official
+    budget_mode: str | None  # how the budget was counted: pre_llm_exact | in_vision_exact | adaptive (PruMerge's own) | official | layer_mean | after_prune (in-LLM)
+    budget_tokens: int | None  # B = round(N (1 - ratio)): the budget asked for
+    budget_measure: str | None  # the count the budget names: kept | layer_mean | after_prune (tokens entering the first pruned layer)
+    budget_measured: float | None  # that count, measured (mean over samples)
+    budget_met: bool | None  # budget_measured within one token of budget_tokens; false: tables place the row under budget_measured, never under B
     tflops_prefill: float | None  # counted FLOPs (2 x multiply-adds, torch FlopCounterMode) per sample of vision encoder + selection + LLM prefill, / 1e12
     tflops_prefill_analytic: float | None  # bench.measure.flops's analytic model of the same forward per sample, the method's scoring/selection matrix products included (tests: equals tflops_prefill within 1%); null when the method has no selection formula
     tflops_selection_analytic: float | None  # the selection part of tflops_prefill_analytic (recomputed attention rows, similarity matrices, re-projection of merged tokens); null as above
     tflops_prefill_analytic_no_selection: float | None  # tflops_prefill_analytic minus the selection part (vision incl. ToMe's merged blocks, projector, LLM, lm_head)
-    tflops_prefill_paper_convention: float | None  # FastV's 4nd^2 + 2n^2d + 2ndm per LLM layer (x2), as papers print it
+    tflops_prefill_paper_convention: float | None  # the papers' convention, / 1e12: FastV's 4nd^2 + 2n^2d + 2ndm multiply-adds (not x2) per LLM layer, LLM only, n = paper_convention_text_tokens + the layer's visual tokens
+    paper_convention_text_tokens: float | None  # the prompt's text tokens (mean per sample) behind tflops_prefill_paper_convention
     flops_llm_analytic: int | None  # analytic FLOPs of the LLM prefill (+ lm_head) of the measured batch
     latency: dict[str, dict[str, float | None]] | None  # measure.stages: {vision_encoder, selection, selection_graph (CUDA, graph-safe pre-LLM methods), prefill_eager, prefill_graph, prefill_compiled_graph, decode_step}: {median_ms, iqr_ms}; decode_step adds tokens_per_s (batch x 1000 / median_ms), prefill_compiled_graph adds variant, compile_s, compile_reused, max_abs_diff_vs_eager, max_abs_eager
     roofline: dict[str, float | None] | None  # measured matmul TFLOP/s and copy GB/s, LLM weight bytes, llm_prefill_floor_ms
@@ -90,6 +95,7 @@ class Record(TypedDict, total=False):
     limit: int | None  # benchmark.limit: number of samples evaluated when not the full split
     n_samples: int | None  # samples evaluated
     primary_metric: str | None  # the metric the leaderboard ranks by
+    method_deviations: list[str]  # the method's deliberate departures from its official code ("name: official; here"), e.g. DivPrune's per-sample selection
     accuracy_measured: bool  # false for efficiency-only or random-weight runs (metrics is then {})
     metrics: dict[str, MetricValue]
     efficiency: Efficiency
@@ -112,6 +118,13 @@ LEADERBOARD_COLUMNS: dict[str, str] = {
     "metric": "primary metric of the benchmark",
     "score": "value of the primary metric (null for efficiency-only runs)",
     "retention_pct": "score / score of method=none on the same model, benchmark and number of samples x 100",
+    "budget": "the visual-token budget the row stands for: B = round(N(1 - ratio)) where the run met it, else the count it "
+    "measured (budget_met false; a row is never shown under a budget it missed)",
+    "budget_mode": "how the budget is counted: pre_llm_exact (exactly B tokens reach the LLM), official (the method's published "
+    "schedule for B), layer_mean (mean over the LLM's layers = B: equal LLM compute), after_prune (B after the first pruning "
+    "layer), adaptive (the method's own count); 'unrecorded' for records older than the field",
+    "budget_met": "whether the count the budget names (kept tokens, the layer mean, or the count after the first pruning "
+    "stage: the record's budget_measure) is within one token of B; empty for records older than the field",
     "tflops_prefill": "measured TFLOPs of one sample's vision encoder + selection + LLM prefill",
     "prefill_ms": "median time of that prefill (see `device` and the record's `timer`)",
     "kv_cache_mb": "KV-cache size after one sample's prefill, MiB, read from the cache tensors",

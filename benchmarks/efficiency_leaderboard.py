@@ -35,7 +35,10 @@ def driver_version() -> str | None:
         return None
 
 
-def row(rec: dict, kept_nominal: int, driver: str | None) -> dict:
+def row(rec: dict, requested: int, driver: str | None) -> dict:
+    """One CSV row. ``budget`` is where the row belongs: the requested budget where the run met it, else the
+    count it measured (``budget_measure`` says which count: kept tokens, the layer mean, or the count after
+    the first pruning stage); ``budget_requested`` is what was asked for (the merge key)."""
     e = rec["efficiency"]
     lat = e.get("latency") or {}
     roof = e.get("roofline") or {}
@@ -60,13 +63,19 @@ def row(rec: dict, kept_nominal: int, driver: str | None) -> dict:
 
     return {
         "method": rec["method"],
-        "kept_nominal": kept_nominal,
+        "budget_requested": requested,
+        "budget": requested if e.get("budget_met") else e.get("budget_measured"),
+        "budget_mode": e.get("budget_mode"),
+        "budget_measure": e.get("budget_measure"),
+        "budget_measured": e.get("budget_measured"),
+        "budget_met": e.get("budget_met"),
         "visual_tokens": e["visual_tokens_kept"],
         "visual_tokens_layer_mean": e["visual_tokens_layer_mean"],
         "batch": e["measured_batch_size"],
         "tflops_prefill_counted": e["tflops_prefill"],
         "tflops_prefill_analytic_no_selection": e.get("tflops_prefill_analytic_no_selection"),
         "tflops_paper_convention": e.get("tflops_prefill_paper_convention"),
+        "paper_convention_text_tokens": e.get("paper_convention_text_tokens"),
         "vision_ms": ms("vision_encoder"),
         "selection_ms": ms("selection"),
         "selection_graph_ms": ms("selection_graph"),
@@ -108,11 +117,12 @@ def write_table(rows: list[dict], path: Path, merge: Path | None = None):
     df = pd.DataFrame(rows)
     if merge is not None and merge.exists():
         old = pd.read_csv(merge)
-        key = ["method", "kept_nominal", "batch"]
+        old = old.rename(columns={"kept_nominal": "budget_requested"})  # CSVs written before the budget fields
+        key = ["method", "budget_requested", "batch"]
         if not df.empty:
             done = set(map(tuple, df[key].itertuples(index=False)))
             old = old[[tuple(k) not in done for k in old[key].itertuples(index=False)]]
-        df = pd.concat([old, df], ignore_index=True).sort_values(["batch", "method", "kept_nominal"], ascending=[True, True, False], ignore_index=True)
+        df = pd.concat([old, df], ignore_index=True).sort_values(["batch", "method", "budget_requested"], ascending=[True, True, False], ignore_index=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(path, index=False)
     return df
@@ -207,7 +217,10 @@ def main() -> None:
                     comp = f", compiled+graph {r['prefill_compiled_graph_ms']} ms (compile {r['compile_s']} s)" if r["compile_variant"] else ""
                     print(f"[eff] {method:>14} kept={kept:>3} b={batch:>2}: eager {r['prefill_eager_ms']} ms, graph {r['prefill_graph_ms']} ms{comp}, floor {r['llm_prefill_floor_ms']}, {r['tflops_prefill_counted']:.3f} TFLOPs ({time.time() - t0:.0f} s)", flush=True)
                     write_table(rows, args.csv, args.merge)
-                except (BenchError, Exception) as e:  # noqa: BLE001 - one method failing must not hide the others
+                except BenchError as e:  # refused with a reason (e.g. a budget no schedule of the method reaches)
+                    failures.append(f"{method} kept={kept} batch={batch}: refused: {e}")
+                    print(f"[eff] REFUSED {failures[-1]}", flush=True)
+                except Exception as e:  # noqa: BLE001 - one method failing must not hide the others
                     failures.append(f"{method} kept={kept} batch={batch}: {type(e).__name__}: {e}")
                     print(f"[eff] FAILED {failures[-1]}", flush=True)
     df = write_table(rows, args.csv, args.merge)

@@ -1,7 +1,8 @@
-"""Fast path of :mod:`methods.vispruner`: the whole selection after the similarity GEMM in one CUDA kernel.
+"""Fast path of :mod:`methods.vispruner`: the selection after the similarity GEMM in one CUDA kernel.
 
-After one torch sort of the similarity rows, the score ranking, every de-duplication round and the
-sorted kept set run in one kernel compiled with NVRTC (one block per image, the list and the first
+After one torch sort of the similarity rows, the score ranking and every de-duplication round that
+torch's CUDA sort ranks stably (those sorting more than 32 maxima; the last few at small budgets run in
+torch, :func:`methods.vispruner.handover_length`) run in one kernel compiled with NVRTC (one block per image, the list and the first
 entries of every sorted row in shared memory, two block barriers a round). ``results/selection_overhead.csv``
 (H100, graph replay, B=1, extras + reduce): 0.248 / 0.276 / 0.293 ms at 192 / 128 / 64 kept, against
 1.614 / 1.855 / 2.019 ms for the torch rounds (4 kernels a round); at 576 -> 64 the kernel is 166 us of
@@ -139,7 +140,8 @@ extern "C" __global__ void __launch_bounds__(NT) vispruner_select(
     const sbits_t* __restrict__ score, const vbits_t* __restrict__ vals, const long long* __restrict__ order,
     long long* __restrict__ out, int n, int n_imp, int n_div, int step, int K) {
   // score: (B, n); vals / order: (B, n, n) similarity rows sorted descending and their token ids;
-  // out: (B, n_imp + n_div) kept token ids, ascending. The residual list (tokens ranked n_imp on by
+  // out: (B, n_imp + n_div) the important token ids, ascending, then the residual list after the rounds
+  // that bring it down to n_div tokens, in list order. The residual list (tokens ranked n_imp on by
   // score) holds slots: positions in that ranking. Shared memory (16-byte multiples): the first K
   // entries of every slot's sorted row (stride K plus a 16-byte pad against bank conflicts), the rank
   // words, the list's double buffer, the slots' token ids, the stamps (token t is in a round's odd set
@@ -301,8 +303,9 @@ extern "C" __global__ void __launch_bounds__(NT) vispruner_select(
     cur ^= 1;
     ++mark;
   }
-  // 3. the kept set (important + the first n_div of the list) in index order: a block-wide prefix sum
-  for (int i = tid; i < n_div; i += NT) kept[tok[buf[cur * r0 + i]]] = 1;
+  // 3. the residual list (n_div tokens now) in its order after the important tokens, which go first in
+  //    index order (a block-wide prefix sum over their flags): torch runs the rounds left from here
+  for (int i = tid; i < n_div; i += NT) out[n_imp + i] = tok[buf[cur * r0 + i]];
   __syncthreads();
   const int warp = tid >> 5, wl = tid & 31;
   int before = 0;
@@ -365,20 +368,24 @@ def _cuda_smem(n: int, n_imp: int, sim_dtype: torch.dtype, score_dtype: torch.dt
     return r0 * ks * ent + word * (-(-n // per_vec) * per_vec) + 4 * (3 * r0 + 2 * n + 32)
 
 
-def select(score: torch.Tensor, sim: torch.Tensor, n_imp: int, n_div: int, step: int) -> torch.Tensor:
-    """:func:`methods.vispruner.vispruner_select` in one CUDA kernel: ``(B, n_imp + n_div)`` kept indices, ascending.
+def head_rounds(score: torch.Tensor, sim: torch.Tensor, n_imp: int, n_list: int, step: int) -> torch.Tensor:
+    """:func:`methods.vispruner.head_rounds` in one CUDA kernel: ``(B, n_imp + n_list)``, the important tokens
+    ascending, then the residual list after the rounds that bring it down to ``n_list`` tokens, in list order.
 
-    ``score`` ``(B, N)``, ``sim`` ``(B, N, N)`` on CUDA (float16 / bfloat16 / float32 each). The same
-    picks as :func:`methods.vispruner.dedup` on the stable descending argsort of ``score`` (GPU-tested): the kernel
-    ranks the scores by integer keys of their bits (ties to the lower index, NaN first, as the stable
-    sort), then runs every round on the rows of ``sim`` sorted once (descending, one torch sort): an even
-    token's best similarity to the odd set is the first odd-set token of its sorted row (a maximum does
-    not depend on the order of ties), and the evens are ranked by integer keys of those values (exact: no
-    arithmetic touches them). Compiled at first use per device and dtypes with NVRTC; no host
-    synchronisation (CUDA-graph capturable).
+    ``score`` ``(B, N)``, ``sim`` ``(B, N, N)`` on CUDA (float16 / bfloat16 / float32 each). The kernel ranks
+    the scores by integer keys of their bits (ties to the lower index, NaN first), then runs every round on
+    the rows of ``sim`` sorted once (descending, one torch sort): an even token's best similarity to the odd
+    set is the first odd-set token of its sorted row (a maximum does not depend on the order of ties), and the
+    evens are ranked by integer keys of those values, ties to the earlier list position (exact: no arithmetic
+    touches them). Both rankings are those of a stable descending sort: what torch's non-stable CUDA
+    ``argsort`` (the rule's) does on rows of 33 to 4096 entries (warp merge and block radix sort), not on rows
+    of up to 32 (a bitonic network). So the kernel declines ``N <= 32``, and its caller hands the rounds that
+    sort 32 or fewer maxima to torch (:func:`methods.vispruner.handover_length`); the GPU tests check the
+    kernel against the rule on inputs with exact ties. Compiled at first use per device and dtypes with
+    NVRTC; no host synchronisation (CUDA-graph capturable).
     """
     b, n = score.shape
-    if n > CUDA_MAX_N:
+    if n > CUDA_MAX_N or n <= 32:
         return NotImplemented
     kern = _cuda_kernel(sim.device, sim.dtype, score.dtype)
     limit = torch.cuda.get_device_properties(sim.device).shared_memory_per_block_optin
@@ -388,9 +395,9 @@ def select(score: torch.Tensor, sim: torch.Tensor, n_imp: int, n_div: int, step:
     if k is None:
         raise ValueError(f"vispruner cuda: {n} tokens need more shared memory than the device has")
     vals, order = sim.sort(dim=-1, descending=True)
-    out = torch.empty(b, n_imp + n_div, dtype=torch.long, device=sim.device)
+    out = torch.empty(b, n_imp + n_list, dtype=torch.long, device=sim.device)
     if smem > 48 * 1024:
         kern.set_shared_memory_config(smem)
-    kern(grid=(b, 1, 1), block=(_CUDA_THREADS, 1, 1), args=[score.contiguous(), vals, order, out, n, n_imp, n_div, step, k],
+    kern(grid=(b, 1, 1), block=(_CUDA_THREADS, 1, 1), args=[score.contiguous(), vals, order, out, n, n_imp, n_list, step, k],
          shared_mem=smem, stream=torch.cuda.current_stream(sim.device))
     return out

@@ -126,6 +126,10 @@ class PruningMethod:
     #: the default :meth:`reduce`, a CUDA-graph replay then captures the selection without the projected
     #: features (no copy of them into the graph) and gathers them after the replay.
     select_reads_shape_only: ClassVar[bool] = False
+    #: Deliberate departures from the official code that every run of the method makes (not options: the
+    #: official behaviour is a defect, e.g. one sample's choice applied to a whole batch). Each entry is
+    #: ``"name: what the official code does; what this harness does"``; runs record them (``method_deviations``).
+    deviations: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         try:
@@ -151,6 +155,29 @@ class PruningMethod:
         product); the base class has none, so a new method is never reported without its selection cost.
         """
         raise NotImplementedError(f"{type(self).__name__} defines no selection_flops")
+
+    @property
+    def projects_own_tokens(self) -> bool:
+        """Whether :meth:`reduce` runs the projector itself on the tokens it keeps (``ctx.get("projector")`` on
+        tower features) and reads only the shape, dtype and device of its ``vis`` argument. The adapter then
+        skips the projector on all ``N`` tokens and passes a placeholder of that shape, as the official code
+        of such methods projects only what it keeps (VisionZip, PruMerge)."""
+        return False
+
+    @property
+    def budget_mode(self) -> str:
+        """How the budget is counted: pre-LLM and in-tower methods keep exactly ``n_keep(N)`` tokens."""
+        return "pre_llm_exact" if self.stage in ("none", "pre_llm") else f"{self.stage}_exact"
+
+    def budget_fields(self, n_vis: int, n_layers: int, kept: float | None, per_layer: list[float] | None) -> dict[str, Any]:
+        """The record's budget keys: ``budget_mode``, ``budget_tokens`` (``B = n_keep(N)``, the budget asked
+        for), ``budget_measure`` (the count it names: ``kept`` here), ``budget_measured`` (that count,
+        measured: mean over samples) and ``budget_met`` (within one token of ``B``; null when unmeasured).
+        A row whose budget is not met is shown under its measured count, never under ``B``."""
+        target = self.n_keep(n_vis)
+        return {"budget_mode": self.budget_mode, "budget_tokens": target, "budget_measure": "kept",
+                "budget_measured": None if kept is None else round(float(kept), 3),
+                "budget_met": None if kept is None else abs(float(kept) - target) <= 1.0}
 
     def n_keep(self, n: int) -> int:
         """Tokens kept out of ``n``: ``round(n * (1 - prune_ratio))``, at least 1."""

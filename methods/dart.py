@@ -146,9 +146,11 @@ class DART(InLLMMethod):
     pivot_image_token, pivot_text_token : int
         Pivots taken among image tokens / text tokens after the image.
     budget : str
-        ``official``: ``max_num_trunction = round(N (1 - ratio))`` and ``4 + 8 floor(B/8)`` tokens
-        kept; ``after_prune``: exactly ``B`` kept (the remainder of ``(B - 4) / 8`` goes to the first
-        visited pivots); ``layer_mean`` (default): the kept count makes the 32-layer mean equal ``B``.
+        ``official`` (default): ``max_num_trunction = B = round(N (1 - ratio))`` and ``4 + 8 floor(B/8)``
+        tokens kept after layer ``K`` (196 / 132 / 68 for 192 / 128 / 64: recorded as ``budget_met: false``
+        with the count kept, a published table is not re-solved); ``after_prune``: exactly ``B`` kept (the
+        remainder of ``(B - 4) / 8`` goes to the first visited pivots); ``layer_mean``: the kept count makes
+        the mean over layers ``B``.
     renumber_positions : bool
         Renumber kept positions (off: original ids, as the official code).
     """
@@ -159,6 +161,7 @@ class DART(InLLMMethod):
     renumber_positions: bool = False
 
     capture_offsets: ClassVar[tuple[int, ...]] = (-1,)
+    official_is_table: ClassVar[bool] = True
 
     def selection_flops(self, cost) -> int:
         """Keys come from the captured ``k_proj``; the cosines to the 8 pivots (``2 * 8 * N * d``) are

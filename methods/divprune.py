@@ -57,6 +57,10 @@ def greedy_maxmin(dist: torch.Tensor, k: int) -> torch.Tensor:
 class DivPrune(PruningMethod):
     """Greedy max-min diversity selection of ``round(N * (1 - prune_ratio))`` projected tokens.
 
+    Per sample, on purpose: the official ``LlavaMetaForCausalLM.DivPrune`` selects on batch element 0 and
+    applies that choice to every image of the batch; here each sample selects its own tokens (a sample's
+    kept tokens do not depend on its batch neighbours). Recorded in every run (``method_deviations``).
+
     Parameters
     ----------
     backend : {"auto", "torch", "triton"}
@@ -65,6 +69,10 @@ class DivPrune(PruningMethod):
 
     backend: str = "auto"
 
+    deviations: ClassVar[tuple[str, ...]] = (
+        "per_sample_selection: the official code selects on batch element 0 and applies that choice to the whole batch; "
+        "here every sample selects its own tokens",
+    )
     graph_safe: ClassVar[bool] = True
 
     def __post_init__(self) -> None:

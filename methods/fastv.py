@@ -83,8 +83,9 @@ class FastV(InLLMMethod):
     renumber_positions : bool
         Renumber the kept tokens' position ids (off: keep the original ids, as the official code).
     budget : str
-        ``layer_mean`` (default), ``after_prune`` or ``official`` (= ``after_prune``: keep
-        ``round(N (1 - ratio))`` after layer ``K``).
+        ``official`` (default; = ``after_prune``: keep ``B = round(N (1 - ratio))`` from layer ``K`` on, as
+        the official code's ``topk(round(N (1 - R)))``), ``after_prune``, or ``layer_mean`` (the kept count
+        makes the mean over layers ``B``: equal LLM compute with a pre-LLM method).
     """
 
     k_layer: int = 2

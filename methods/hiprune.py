@@ -51,6 +51,10 @@ def hiprune_select(shallow: torch.Tensor, deep: torch.Tensor, n_keep: int, alpha
 class HiPrune(PruningMethod):
     """HiPrune with the official defaults (alpha 0.1, object layer 9, deep layer -2).
 
+    Per sample, on purpose: the official ``encode_images`` divides the token budget by the batch size (a batch
+    of ``B`` images shares one budget ``T``); here every sample keeps its own ``T``, so a sample's tokens do not
+    depend on its batch. Recorded in every run (``method_deviations``).
+
     Parameters
     ----------
     alpha : float
@@ -69,6 +73,10 @@ class HiPrune(PruningMethod):
     deep_layer: int = -2
     ref_layers: int = 24
 
+    deviations: ClassVar[tuple[str, ...]] = (
+        "per_sample_budget: the official code divides the budget by the batch size (the batch shares one budget); "
+        "here every sample keeps its own budget",
+    )
     graph_safe: ClassVar[bool] = True
 
     def __post_init__(self) -> None:

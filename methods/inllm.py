@@ -13,16 +13,26 @@ KV cache). The contract between them:
 * :meth:`InLLMMethod.prune` gets a :class:`StageView` of the sequence entering the pruning layer and
   returns the kept indices into the current visual block (plus, for SparseVLM, merged tokens).
 
-Budget modes (``shared/docs/methods.md``, "The harness's conventions", 2):
+Budget modes (``shared/docs/methods.md``, "The harness's conventions", 2), ``B = round(N * (1 - prune_ratio))``:
 
+``official`` (the default)
+    the method's own published setting for the budget ``B``, whatever LLM compute it costs: FastV keeps
+    ``B`` after layer ``K``; PyramidDrop's ``λ`` schedule with ``λ = B / N`` (the first stage keeps ``B``);
+    SparseVLM's published per-stage counts (merged tokens included, a layer mean of 206.5 at "192"); DART's
+    ``4 + 8 floor(B / 8)`` after layer 2; TransPrune's published ratios, scaled to the budget's layer mean
+    (its only published setting averages 236.25 tokens). Each method states what its budget counts
+    (:attr:`InLLMMethod.official_measure`).
 ``layer_mean``
-    the schedule is scaled so that the mean visual-token count over all LLM layers equals
-    ``round(N * (1 - prune_ratio))`` (clamped, with a warning, when the pruning layers make that
-    impossible);
+    the schedule is scaled so that the mean visual-token count over all LLM layers equals ``B``: the LLM
+    compute of a pre-LLM method keeping ``B`` (equal-compute comparisons).
 ``after_prune``
-    the count right after the first pruning layer equals ``round(N * (1 - prune_ratio))``;
-``official``
-    the method's own published setting for that budget.
+    the count right after the first pruning layer equals ``B``.
+
+A budget is *met* when the count it names (the layer mean, or the count after the first pruning stage)
+is within one token of ``B``. Where the mode solves a schedule for ``B`` and no schedule reaches it (a
+layer mean below what the first pruning layer allows), :meth:`InLLMMethod.check_budget` refuses the run
+before any model work (exit code 2). Where the official schedule is a published table (SparseVLM, DART),
+a miss is recorded (``budget_met: false`` with the measured count) and the row is placed under that count.
 """
 
 from __future__ import annotations
@@ -34,13 +44,13 @@ from typing import Any, Callable, ClassVar, Literal, Protocol
 
 import torch
 
-from bench.errors import ConfigError
+from bench.errors import ConfigError, IncompatibleMethodError
 from methods.base import PruningMethod
 
 log = logging.getLogger(__name__)
 
-Budget = Literal["layer_mean", "after_prune", "official"]
-BUDGETS = ("layer_mean", "after_prune", "official")
+Budget = Literal["official", "layer_mean", "after_prune"]
+BUDGETS = ("official", "layer_mean", "after_prune")
 
 
 @dataclass(frozen=True)
@@ -209,13 +219,13 @@ class InLLMMethod(PruningMethod):
     ----------
     prune_ratio, seed
         As in :class:`~methods.base.PruningMethod`.
-    budget : {"layer_mean", "after_prune", "official"}
-        How ``prune_ratio`` maps onto the schedule (module docstring).
+    budget : {"official", "layer_mean", "after_prune"}
+        How ``prune_ratio`` maps onto the schedule (module docstring); ``official`` by default.
     ref_layers : int
         Depth of the LLM the configured layer indices refer to (32, LLaVA-1.5-7B).
     """
 
-    budget: str = "layer_mean"
+    budget: str = "official"
     ref_layers: int = 32
 
     stage: ClassVar[str] = "in_llm"
@@ -225,6 +235,12 @@ class InLLMMethod(PruningMethod):
     #: ``True``: the method also selects before the LLM (VScan): the adapter runs its ``reduce`` on the
     #: projected tokens, as for a pre-LLM method, and its stages then start from the tokens kept there.
     pre_llm_selection: ClassVar[bool] = False
+    #: what the official mode's budget counts: ``"after_prune"`` (tokens entering the first pruned layer)
+    #: or ``"layer_mean"`` (the mean over the LLM's layers)
+    official_measure: ClassVar[str] = "after_prune"
+    #: the official schedule is a published table looked up by the budget (nothing is solved for it), so a
+    #: count that misses ``B`` is recorded as such rather than refused
+    official_is_table: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -261,6 +277,52 @@ class InLLMMethod(PruningMethod):
 
     def layers_for(self, n_layers: int) -> list[int]:
         return []
+
+    # -------------------------------------------------------------- budget bookkeeping
+    @property
+    def budget_mode(self) -> str:  # type: ignore[override]
+        return self.budget
+
+    @property
+    def budget_measure(self) -> str:
+        """The count this run's budget names: ``"after_prune"`` or ``"layer_mean"``."""
+        return self.official_measure if self.budget == "official" else self.budget
+
+    def measure(self, per_layer: list[float], n_vis: int, n_layers: int) -> float:
+        """The budget's count read from visual tokens entering each layer (planned or measured)."""
+        if self.budget_measure == "layer_mean":
+            return sum(per_layer) / len(per_layer)
+        plan = self.plan(n_vis, n_layers)
+        return float(per_layer[min(s.layer for s in plan)] if plan else per_layer[0])
+
+    def planned_counts(self, n_vis: int, n_layers: int) -> list[int]:
+        """Visual tokens entering each layer under :meth:`plan`."""
+        return per_layer_counts([(s.layer, s.n_keep) for s in self.plan(n_vis, n_layers)], n_vis, n_layers)
+
+    def check_budget(self, n_vis: int, n_layers: int) -> None:
+        """Refuse (:class:`IncompatibleMethodError`, exit code 2) a budget no schedule of this mode reaches.
+
+        Called by the adapter before any model work. A published official table that misses ``B`` is not
+        refused: the record says so (:meth:`budget_fields`).
+        """
+        if self.prune_ratio == 0.0 or (self.budget == "official" and self.official_is_table):
+            return
+        target = self.target(n_vis)
+        got = self.measure(self.planned_counts(n_vis, n_layers), n_vis, n_layers)
+        if abs(got - target) > 1.0:
+            other = "layer_mean" if self.budget_measure != "layer_mean" else "after_prune"
+            raise IncompatibleMethodError(
+                f"{self.name}: budget={self.budget} cannot reach {target} visual tokens ({self.budget_measure.replace('_', ' ')}) "
+                f"in a {n_layers}-layer LLM with pruning layers {self.layers_for(n_layers)}: the closest schedule gives {got:.2f}. "
+                f"Choose another ratio, or budget={other}" + (" or official" if self.budget != "official" else "")
+            )
+
+    def budget_fields(self, n_vis: int, n_layers: int, kept: float | None, per_layer: list[float] | None) -> dict[str, Any]:
+        """The record's budget keys from the measured per-layer counts (see :meth:`PruningMethod.budget_fields`)."""
+        target = self.target(n_vis) if self.prune_ratio > 0 else n_vis
+        got = None if not per_layer else round(self.measure(list(per_layer), n_vis, n_layers), 3)
+        return {"budget_mode": self.budget, "budget_tokens": target, "budget_measure": self.budget_measure,
+                "budget_measured": got, "budget_met": None if got is None else abs(got - target) <= 1.0}
 
     # -------------------------------------------------------------- selection
     def prune(self, i: int, stage: Stage, view: StageView) -> StageOut:

@@ -9,6 +9,12 @@ Official code: ``Cooperx521/PyramidDrop``, ``llava/model/modeling_llama_pdrop.py
   ``softmax(q K^T / sqrt(d) + causal)``, head-mean, restricted to the image tokens;
 * stage ``s`` keeps ``int(N * λ^s)`` of the original ``N`` image tokens (``λ = 0.5``: 288/144/72),
   top-k, sorted; positions are renumbered, and shifted by the dropped count during decoding.
+
+Budget: the official scripts run ``λ = 0.5`` (``image_token_ratio_list [0.5, 0.25, 0.125]``); the schedules
+behind the published 192 / 128 / 64 rows are not in the repository. ``budget: official`` reads a budget
+``B`` as PyramidDrop's own knob: ``λ = B / N``, the first stage keeps ``B`` (at ``ratio = 0.5``: the
+official scripts exactly; the paper's FLOPs at ``λ = 0.4 / 0.5 / 0.6`` are ``ratio = 0.6 / 0.5 / 0.4``,
+``tests/test_flops.py``). ``lambda_`` set explicitly overrides it.
 """
 
 from __future__ import annotations
@@ -35,18 +41,21 @@ class PyramidDrop(InLLMMethod):
     ----------
     layer_list : list[int]
         Pruning layers (before these layers run), for a ``ref_layers``-deep LLM.
-    lambda_ : float
-        Per-stage keep ratio λ; stage ``s`` keeps ``int(N λ^s)``. Used as-is with ``budget: official``.
+    lambda_ : float or None
+        Per-stage keep ratio λ; stage ``s`` keeps ``int(N λ^s)``. ``None`` (default): ``1 - ratio`` with
+        ``budget: official``; a number is used as-is with ``budget: official`` (the first stage then keeps
+        ``int(N λ)``, recorded against ``B``).
     budget : str
-        ``layer_mean`` (default): λ solved so the mean over layers equals ``round(N (1 - ratio))``;
-        ``after_prune``: the first stage keeps ``round(N (1 - ratio))`` and λ = that / N;
-        ``official``: the configured λ (the ratio is then not used; the default gives a mean of 270).
+        ``official`` (default): λ = ``lambda_`` or ``1 - ratio`` (module docstring); ``layer_mean``: λ solved
+        so the mean over layers equals ``B = round(N (1 - ratio))`` (refused where the pruning layers cannot
+        bring it that low: 144.75 at best with layers 8/16/24 of 32); ``after_prune``: the first stage keeps
+        ``B`` and λ = B / N.
     renumber_positions : bool
         Official: renumber (True).
     """
 
     layer_list: list[int] = field(default_factory=lambda: [8, 16, 24])
-    lambda_: float = 0.5
+    lambda_: float | None = None
     renumber_positions: bool = True
 
     def selection_flops(self, cost) -> int:
@@ -59,7 +68,7 @@ class PyramidDrop(InLLMMethod):
     def schedule_lambda(self, n_vis: int, n_layers: int) -> float:
         layers = self.layers_for(n_layers)
         if self.budget == "official":
-            return float(self.lambda_)
+            return 1.0 - self.prune_ratio if self.lambda_ is None else float(self.lambda_)
         target = self.target(n_vis)
         if self.budget == "after_prune":
             return target / n_vis
@@ -73,7 +82,7 @@ class PyramidDrop(InLLMMethod):
         return lam
 
     def plan(self, n_vis: int, n_layers: int) -> list[Stage]:
-        if self.prune_ratio == 0.0 and self.budget != "official":
+        if self.prune_ratio == 0.0 and not (self.budget == "official" and self.lambda_ is not None):
             return []
         layers = self.layers_for(n_layers)
         lam = self.schedule_lambda(n_vis, n_layers)

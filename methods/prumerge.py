@@ -18,13 +18,17 @@ Budget (``budget`` field, recorded in the resolved config):
   *each sample's* scores; ``prune_ratio`` is then ignored except that 0 reproduces the unpruned model.
   PruMerge+ adds the spatial samples ``arange(0, N - 1, int(int(1 / ratio) / 3))`` not already kept.
 * ``fixed`` (for equal-ratio tables; the default here): the LLM sees exactly ``T = round(N(1 - prune_ratio))``
-  tokens: PruMerge keeps the top ``T - 1`` plus the extra token. PruMerge+ keeps the top
-  ``ceil((T - 1) / 2)`` and ``floor((T - 1) / 2)`` spatial samples taken at evenly spaced positions
-  (offset half a stride, as the official ``if_adaptive=False`` path) of the *not yet kept* tokens in
-  raster order, plus the extra token. The official fixed mode takes its stride samples from all tokens,
-  so tokens already in the top-k are kept twice and real tokens silently vanish; that defect is
-  corrected here.
-
+  tokens: PruMerge keeps the top ``T - 1`` plus the extra token. PruMerge+ reproduces the official fixed
+  mode (``if_adaptive=False``): the top ``L`` by score (descending), then the spatial samples
+  ``arange(int(s / 2), N - 1, s)`` with ``s = int(1 / ρ)``, ``ρ = L / N``, taken from **all** tokens, so a
+  sample already in the top-``L`` is kept twice (its two centres are equal) and, as the official
+  ``complement_idx`` drops as many entries as there are kept ones, the ``d`` lowest-index tokens of the
+  complement (``d`` = the number of duplicates) silently vanish: they are neither kept, merged into the
+  extra token, nor anyone's neighbour. The official code only runs where the number of samples equals
+  ``L`` (``2L + 1`` tokens, e.g. ``ρ = 1/8``: 72 + 72 + 1 = 145 on LLaVA-1.5); for other budgets the stride
+  is the ``s`` with ``s = int(N / L)`` and ``L + len(samples) + 1 = T`` (:func:`plus_split`), the same rule
+  at the budget asked for. ``spatial: dedup`` is the corrected variant instead: ``floor((T - 1) / 2)``
+  samples evenly spaced (half-stride offset) over the *not yet kept* tokens, no duplicates, nothing lost.
 Official defects handled per sample (methods.md policy): the outlier ratio is computed over the whole
 batch flattened and PruMerge+'s "not already kept" filter uses the whole batch's indices (here: per
 sample); adaptive PruMerge+ crashes without outliers (here ``int(1 / ratio)`` is taken as ``N``, and
@@ -38,6 +42,7 @@ the values, so it always runs eager.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -64,7 +69,8 @@ def outlier_ratio(scores: torch.Tensor) -> float:
     return int((v > upper).sum()) / v.numel()
 
 
-def merge_centres(feats: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor, idx: torch.Tensor, n_neighbors: int = 32) -> torch.Tensor:
+def merge_centres(feats: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor, idx: torch.Tensor, n_neighbors: int = 32,
+                  rest: torch.Tensor | None = None) -> torch.Tensor:
     """PruMerge's centre update and extra token.
 
     Parameters
@@ -76,27 +82,77 @@ def merge_centres(feats: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor, id
     cls : torch.Tensor
         ``(B, N)`` CLS-row scores (the merge weights).
     idx : torch.LongTensor
-        ``(B, L)`` kept tokens, distinct, in output order.
+        ``(B, L)`` kept tokens in output order (PruMerge+'s official fixed mode may repeat a token).
+    rest : torch.LongTensor, optional
+        ``(B, R)`` the tokens left out (official ``complement_idx``); default: every token not in ``idx``.
 
     Returns
     -------
     torch.Tensor
-        ``(B, L + 1, C)``: ``x_i + sum_{j in nn32(i)} w_j x_j`` for each kept ``i``, then ``sum_{pruned} w x``.
+        ``(B, L + 1, C)``: ``x_i + sum_{j in nn32(i)} w_j x_j`` for each kept entry ``i`` (its neighbours are
+        taken among the *other entries* of ``idx`` and ``rest``, as the official per-token loop does), then
+        ``sum_{rest} w x``.
     """
     b, n, c = feats.shape
     l = idx.shape[1]
-    pruned = torch.ones(b, n, dtype=torch.bool, device=feats.device).scatter_(1, idx, False)
-    extra = ((cls * pruned.to(cls.dtype)).unsqueeze(1) @ feats.to(cls.dtype)).to(feats.dtype)
+    if rest is None:
+        free = torch.ones(b, n, dtype=torch.bool, device=feats.device).scatter_(1, idx, False)
+        rest = free.to(torch.int8).sort(dim=1, descending=True, stable=True).indices[:, : n - l]
+    pool = torch.cat([idx, rest], dim=1)  # (B, P): every candidate entry, the kept ones first
+    p = pool.shape[1]
+    w_pool = cls.gather(1, pool)
+    extra = (w_pool[:, l:].unsqueeze(1) @ feats.to(cls.dtype).gather(1, rest.unsqueeze(-1).expand(-1, -1, c))).to(feats.dtype)
     if l == 0:
         return extra
     kn = F.normalize(keys, p=2, dim=-1)
-    sim = kn.gather(1, idx.unsqueeze(-1).expand(-1, -1, c)) @ kn.transpose(1, 2)  # (B, L, N)
-    sim.scatter_(2, idx.unsqueeze(-1), float("-inf"))  # every token but itself is a candidate
-    nb = sim.topk(min(n_neighbors, n - 1), dim=2).indices
-    w = torch.zeros(b, l, n, dtype=feats.dtype, device=feats.device)
-    w.scatter_(2, nb, cls.gather(1, nb.flatten(1)).view_as(nb).to(feats.dtype))
-    centres = feats.gather(1, idx.unsqueeze(-1).expand(-1, -1, c)) + w @ feats
-    return torch.cat([centres, extra], dim=1)
+    kp = kn.gather(1, pool.unsqueeze(-1).expand(-1, -1, c))
+    sim = kp[:, :l] @ kp.transpose(1, 2)  # (B, L, P)
+    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))  # every other entry is a candidate (a duplicate too)
+    nb = sim.topk(min(n_neighbors, p - 1), dim=2).indices
+    w = torch.zeros(b, l, p, dtype=feats.dtype, device=feats.device)
+    w.scatter_(2, nb, w_pool.gather(1, nb.flatten(1)).view_as(nb).to(feats.dtype))
+    fp = feats.gather(1, pool.unsqueeze(-1).expand(-1, -1, c))
+    return torch.cat([fp[:, :l] + w @ fp, extra], dim=1)
+
+
+@functools.lru_cache(maxsize=None)
+def plus_split(n: int, total: int) -> tuple[int, int]:
+    """PruMerge+'s official fixed split for ``total`` LLM tokens: ``(L, s)`` with ``L`` top tokens and the
+    ``len(range(s // 2, n - 1, s))`` stride samples, ``L + samples + 1 = total`` and ``s = int(n / L)`` (the
+    official ``s = int(1 / ρ)`` for ``ρ = L / n``). Where no stride satisfies that exactly, the stride whose
+    ``int(n / L)`` is nearest (then the larger ``L``)."""
+    m = total - 1
+    best = None
+    for s in range(1, n + 1):
+        c = len(range(s // 2, n - 1, s))
+        l = m - c
+        if l < 1:
+            continue
+        key = (abs(n // l - s), -l)
+        if best is None or key < best[0]:
+            best = (key, l, s)
+    if best is None:  # a budget of 1-2 tokens: no stride leaves a top token
+        return max(m, 0), 0
+    return best[1], best[2]
+
+
+def official_plus_fixed(cls: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PruMerge+'s official fixed-mode selection: ``(B, N)`` scores -> ``idx`` ``(B, L + S)`` (top ``L`` by
+    descending score, then the stride samples ``arange(s // 2, N - 1, s)`` of all tokens, duplicates kept)
+    and ``rest`` ``(B, N - L - S)``: the official ``complement_idx`` (the tokens not in ``idx``, ascending,
+    minus as many of the lowest as ``idx`` has duplicates)."""
+    b, n = cls.shape
+    l, s = plus_split(n, total)
+    top = cls.topk(l, dim=1).indices
+    if s == 0:
+        samples = top.new_zeros(b, 0)
+    else:
+        samples = torch.arange(s // 2, n - 1, s, device=cls.device).expand(b, -1)
+    idx = torch.cat([top, samples], dim=1)
+    # complement_idx: zero the kept positions of arange(N), sort, drop the first len(idx) entries
+    masked = torch.arange(n, device=cls.device).expand(b, n).scatter(1, idx, 0)
+    rest = masked.sort(dim=1).values[:, idx.shape[1]:]
+    return idx, rest
 
 
 def spatial_fill(kept: torch.Tensor, n: int, count: int) -> torch.Tensor:
@@ -132,12 +188,17 @@ class PruMerge(PruningMethod):
         Layer whose output is merged (-2, LLaVA's feature layer).
     n_neighbors : int
         Tokens merged into each kept token (32).
+    spatial : {"official", "dedup"}
+        PruMerge+'s fixed-mode spatial samples: ``official`` (default) the official stride samples of all
+        tokens, duplicates kept; ``dedup`` spread over the not-yet-kept tokens (module docstring). Unused by
+        PruMerge and by the adaptive budget.
     """
 
     budget: str = "fixed"
     attn_layer: int = -1
     feature_layer: int = -2
     n_neighbors: int = 32
+    spatial: str = "official"
 
     requires_cls: ClassVar[bool] = True
     plus: ClassVar[bool] = False
@@ -146,6 +207,8 @@ class PruMerge(PruningMethod):
         super().__post_init__()
         if self.budget not in ("fixed", "adaptive"):
             raise ConfigError(f"{self.name}: budget must be 'fixed' or 'adaptive', got {self.budget!r}")
+        if self.spatial not in ("official", "dedup"):
+            raise ConfigError(f"{self.name}: spatial must be 'official' or 'dedup', got {self.spatial!r}")
 
     def selection_flops(self, cost) -> int:
         """Layer ``attn_layer``'s q/k, the single-head CLS row, the extra token, key similarity of the ``L``
@@ -161,6 +224,17 @@ class PruMerge(PruningMethod):
         return cost.batch * cost.vision_extras({f"q_proj:{self.attn_layer}"}) + total
 
     @property
+    def projects_own_tokens(self) -> bool:  # type: ignore[override]
+        """The official ``token_prune_merge_advanced(_plus)`` returns the merged tower tokens and only those reach
+        the projector: the adapter skips projecting all ``N`` (``reduce`` projects its own)."""
+        return self.prune_ratio > 0.0
+
+    @property
+    def budget_mode(self) -> str:  # type: ignore[override]
+        """``adaptive``: the official IQR budget (the kept count is the method's, not ``n_keep(N)``)."""
+        return "pre_llm_exact" if self.budget == "fixed" else "adaptive"
+
+    @property
     def graph_safe(self) -> bool:  # type: ignore[override]
         """Fixed budgets are CUDA-graph capturable; the adaptive budget reads each sample's IQR
         outlier count on the host and has a value-dependent output length, so it stays eager."""
@@ -174,6 +248,8 @@ class PruMerge(PruningMethod):
         """Kept tokens in output order: ``(B, L)`` (fixed) or a list of ``(L_b,)`` (adaptive)."""
         b, n = cls.shape
         if self.budget == "fixed":
+            if self.plus and self.spatial == "official":
+                return official_plus_fixed(cls, self.n_keep(n))[0]
             m = self.n_keep(n) - 1  # the extra summary token is part of the budget
             n_top = math.ceil(m / 2) if self.plus else m
             top = cls.topk(n_top, dim=1).indices
@@ -197,9 +273,12 @@ class PruMerge(PruningMethod):
         cls = prumerge_cls_attention(q, k)
         keys = k[:, 1:]
         proj = ctx.get("projector")
-        idx = self.kept_indices(cls)
+        if self.plus and self.budget == "fixed" and self.spatial == "official":
+            idx, rest = official_plus_fixed(cls, self.n_keep(n))
+        else:
+            idx, rest = self.kept_indices(cls), None
         if isinstance(idx, torch.Tensor):
-            merged = merge_centres(feats, keys, cls, idx, int(self.n_neighbors))
+            merged = merge_centres(feats, keys, cls, idx, int(self.n_neighbors), rest)
             out = proj(merged).to(vis.dtype)
             return VisualSelection(out, None, torch.full((b,), out.shape[1], dtype=torch.long))
         rows = [proj(merge_centres(feats[i : i + 1], keys[i : i + 1], cls[i : i + 1], ix.unsqueeze(0), int(self.n_neighbors)))[0] for i, ix in enumerate(idx)]

@@ -188,9 +188,11 @@ class SparseVLM(InLLMMethod):
     scoring_layers : list[int]
         Layers whose attention scores the tokens; their outputs are pruned (for ``ref_layers`` = 32).
     budget : str
-        ``official``: the published schedule of the budget ``B = round(N (1 - ratio))`` (192/128/64;
-        other budgets scale the nearest published one by ``B / B_ref``); ``layer_mean`` (default):
-        the nearest published shape scaled so the mean over layers (merged tokens included) is ``B``;
+        ``official`` (default): the published schedule of the budget ``B = round(N (1 - ratio))``
+        (192/128/64; other budgets scale the nearest published one by ``B / B_ref``). SparseVLM names its
+        budgets by the layer-averaged count, which with the recycled tokens is 206.5 / 145.4 / 82.3: recorded
+        as ``budget_met: false`` with that mean (a published table is not re-solved). ``layer_mean``: the
+        nearest published shape scaled so the mean over layers (merged tokens included) is ``B``;
         ``after_prune``: the same shape scaled so the count after the first pruned layer is ``B``.
     merge : bool or None
         Recycling on/off (``None``: on for 1.5, off for 2.0).
@@ -205,6 +207,8 @@ class SparseVLM(InLLMMethod):
     renumber_positions: bool | None = None
 
     capture_offsets: ClassVar[tuple[int, ...]] = (-1,)
+    official_measure: ClassVar[str] = "layer_mean"
+    official_is_table: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
+from typing import ClassVar
 
 import torch
 
@@ -146,11 +147,14 @@ class TransPrune(InLLMMethod):
     accmulating_layer_list : list[int]
         Ranks whose layer (``rank - 1``) contributes TTV.
     image_token_ratio_list : list[float]
-        Kept fraction of the original ``N`` after each stage (``int(N r)``); used as-is with ``budget: official``.
+        Kept fraction of the original ``N`` after each stage (``int(N r)``): the official scripts' setting,
+        the only one published (a layer mean of 236.25 on LLaVA-1.5-7B).
     budget : str
-        ``layer_mean`` (default): the ratios scaled by one factor so the layer mean is
-        ``round(N (1 - ratio))``; ``after_prune``: scaled so the first stage keeps that count;
-        ``official``: the configured ratios.
+        ``official`` (default): the official stages and ratios, scaled by one factor so the layer mean (the
+        count TransPrune's setting is described by) is ``B = round(N (1 - ratio))``; at ``B = 236`` the
+        ratios as published. ``layer_mean``: the same schedule (the two differ in name only, kept so runs
+        say which was asked for); ``after_prune``: scaled so the first stage keeps ``B``. A budget below
+        what the first pruning layer allows (126.8 with layers 7/9/12 of 32) is refused.
     renumber_positions : bool
         Official: renumber (True).
     backend : {"auto", "torch", "triton"}
@@ -165,6 +169,8 @@ class TransPrune(InLLMMethod):
     image_token_ratio_list: list[float] = field(default_factory=lambda: [0.875, 0.625, 0.125])
     renumber_positions: bool = True
     backend: str = "auto"
+
+    official_measure: ClassVar[str] = "layer_mean"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -195,9 +201,9 @@ class TransPrune(InLLMMethod):
                 prev = c
             return out
 
-        if self.budget == "official":
-            return make(1.0)
         target = self.target(n_vis)
+        if self.budget == "official" and abs(sum(per_layer_counts(list(zip(layers, make(1.0))), n_vis, n_layers)) / n_layers - target) <= 1.0:
+            return make(1.0)  # the published ratios where they meet the budget (236 of 576)
         if self.budget == "after_prune":
             alpha = target / (n_vis * ratios[0])
             out = make(alpha)
@@ -214,7 +220,7 @@ class TransPrune(InLLMMethod):
         return make(alpha)
 
     def plan(self, n_vis: int, n_layers: int) -> list[Stage]:
-        if self.prune_ratio == 0.0 and self.budget != "official":
+        if self.prune_ratio == 0.0:
             return []
         return [Stage(layer, c, self.renumber_positions) for layer, c in zip(self.layers_for(n_layers), self.counts(n_vis, n_layers))]
 

@@ -12,7 +12,9 @@ methods.md 1 and 1b, at CLIP layer ``layer`` (-2, index 22 of 24):
   ``max(1, R // C)``-th remaining token, the first ``C`` of them. Every other token joins the target of
   highest cosine (first-index ties, ``argmax``), and a contextual token is
   ``h_target + mean(h_assigned)`` (target *plus* the mean, counts clamped at 1), on the layer's output.
-* *Output*: ``[dominant; contextual]`` through the projector (merging happens in the tower's space).
+* *Output*: ``[dominant; contextual]`` through the projector (merging happens in the tower's space); only
+  these ``D + C`` tokens are projected, as in the official code (:attr:`VisionZip.projects_own_tokens`:
+  the adapter does not project all ``N`` first).
 
 Budget split: the official settings 162+30, 108+20, 54+10 all give ``C = T * 30 / 192``; for any budget
 ``T`` this module uses ``C = round(T * contextual_share)`` and ``D = T - C`` unless ``dominant`` and
@@ -132,6 +134,12 @@ class VisionZip(PruningMethod):
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
         return frozenset({f"cls_attn:{self.layer}", f"keys:{self.layer}", f"hidden:{self.layer}", "projector"})
+
+    @property
+    def projects_own_tokens(self) -> bool:  # type: ignore[override]
+        """The official ``CLIPVisionTower_VisionZip.forward`` returns the ``D + C`` merged tower tokens and only
+        those reach the projector: the adapter skips projecting all ``N`` (``reduce`` projects its own)."""
+        return not (self.prune_ratio == 0.0 and self.dominant is None)
 
     def counts(self, n: int) -> tuple[int, int]:
         """``(D, C)`` for ``n`` visual tokens."""

@@ -11,6 +11,15 @@ drops the ``min(8, R - T_div)`` even-position tokens with the highest max-cosine
 descending-score order of that argsort, in front of the odd ones for the next round, until
 ``T - int(T * r)`` remain. Kept tokens reach the LLM in raster order.
 
+Ties: both rankings are ``argsort(dim=-1, descending=True)`` with torch's default (non-stable) sort, as
+the official code calls them, on tensors of the official shapes, so exact ties (common with fp16
+scores) break as the official code breaks them on the same device and torch build. On the CPU that is
+not index order (``std::sort``-style); on CUDA torch sorts rows of 33-4096 entries with stable
+algorithms (warp merge / block radix sort: ties to the lower index) and rows of up to 32 with a
+bitonic network (ties in the network's order). The CUDA kernel (:mod:`kernels.vispruner`) ranks stably,
+so it runs only the rounds whose sort is stable on CUDA and hands the residual list to these torch
+rounds from the first round that sorts 32 or fewer maxima (GPU-tested against this rule on tied inputs).
+
 Official defects handled here (methods.md policy): it crashes when the residual list has odd length
 (``int(T * r)`` odd): the even half then has one more token, which is used as such; and the official
 ``prepare_inputs`` merges a batch of images into one sequence: every sample is separate here.
@@ -53,9 +62,9 @@ def dedup_rounds(n_res: int, n_div: int, step: int) -> list[int]:
 def dedup(sim: torch.Tensor, res: torch.Tensor, n_div: int, step: int) -> torch.Tensor:
     """The de-duplication rounds on ``(B, N, N)`` similarities: ``(B, R)`` residual list -> ``(B, n_div)`` survivors.
 
-    Batched, fixed shapes per round, no host synchronisation (CUDA-graph capturable). Ties in the
-    max-cosine ranking go to the earlier list position (a stable descending sort; the official
-    ``argsort`` leaves them to the backend).
+    Batched, fixed shapes per round, no host synchronisation (CUDA-graph capturable). The max-cosine
+    ranking is the official ``scores.argsort(dim=-1, descending=True)`` (torch's non-stable sort: ties
+    break as the official code's do on the same device).
     """
     if n_div == 0:
         return res[:, :0]
@@ -63,21 +72,49 @@ def dedup(sim: torch.Tensor, res: torch.Tensor, n_div: int, step: int) -> torch.
     for r in dedup_rounds(res.shape[1], n_div, step):
         ev, od = res[:, ::2], res[:, 1::2]
         best = sim[bi, ev.unsqueeze(-1), od.unsqueeze(1)].amax(dim=-1)
-        survivors = best.sort(dim=-1, descending=True, stable=True).indices[:, r:]
+        survivors = best.argsort(dim=-1, descending=True)[:, r:]
         res = torch.cat([ev.gather(1, survivors), od], dim=1)
     return res
 
 
-@fast_path("kernels.vispruner:select", on=("score", "sim"), nvrtc=True, name="cuda")
-def vispruner_select(score: torch.Tensor, sim: torch.Tensor, n_imp: int, n_div: int, step: int = 8) -> torch.Tensor:
+#: torch's CUDA sort ranks rows of up to this many entries with a bitonic network (not stable)
+CUDA_BITONIC_MAX = 32
+
+
+def handover_length(n_res: int, n_div: int, step: int) -> int:
+    """The residual-list length from which the rounds run in torch rather than in the CUDA kernel: the first
+    length of the rounds' sequence whose round sorts ``CUDA_BITONIC_MAX`` or fewer maxima (``ceil(L / 2)``
+    evens), or ``n_div`` when none does."""
+    length = n_res
+    for r in dedup_rounds(n_res, n_div, step):
+        if (length + 1) // 2 <= CUDA_BITONIC_MAX:
+            return length
+        length -= min(r, (length + 1) // 2)
+    return length if n_div > 0 else 0
+
+
+@fast_path("kernels.vispruner:head_rounds", on=("score", "sim"), nvrtc=True, name="cuda")
+def head_rounds(score: torch.Tensor, sim: torch.Tensor, n_imp: int, n_list: int, step: int) -> torch.Tensor:
+    """The score ranking and the de-duplication rounds down to ``n_list`` residual tokens.
+
+    Returns ``(B, n_imp + n_list)``: the ``n_imp`` best scores (important) ascending, then the residual list
+    (the rest in descending-score order of the official ``argsort(dim=-1, descending=True)``, non-stable:
+    ties as the official code's on this device) after the rounds that bring it down to ``n_list``, in list
+    order (:func:`dedup`).
+    """
+    order = score.contiguous().argsort(dim=-1, descending=True)
+    return torch.cat([order[:, :n_imp].sort(dim=1).values, dedup(sim, order[:, n_imp:], n_list, step)], dim=1)
+
+
+def vispruner_select(score: torch.Tensor, sim: torch.Tensor, n_imp: int, n_div: int, step: int = 8, backend: str = "auto") -> torch.Tensor:
     """``(B, N)`` scores and ``(B, N, N)`` cosine similarities -> ``(B, n_imp + n_div)`` sorted kept indices.
 
-    The ``n_imp`` best scores are important; the rest, in descending-score order (a stable sort: ties to
-    the lower index), are de-duplicated down to ``n_div`` (:func:`dedup`).
+    :func:`head_rounds` (the CUDA kernel where ``backend`` allows) down to :func:`handover_length`, then the
+    rounds left in torch (:func:`dedup`): the same as running every round in torch.
     """
-    order = score.argsort(dim=-1, descending=True, stable=True)
-    imp, res = order[:, :n_imp], order[:, n_imp:]
-    return torch.cat([imp, dedup(sim, res, n_div, step)], dim=1).sort(dim=1).values
+    n_list = handover_length(score.shape[1] - n_imp, n_div, step)
+    head = head_rounds.run(backend, score, sim, n_imp, n_list, step)
+    return torch.cat([head[:, :n_imp], dedup(sim, head[:, n_imp:], n_div, step)], dim=1).sort(dim=1).values
 
 
 def cosine_similarity(feats: torch.Tensor) -> torch.Tensor:
@@ -146,4 +183,4 @@ class VisPruner(PruningMethod):
             raise ValueError(f"vispruner: tower tensors do not match the {n} visual tokens")
         keep = self.n_keep(n)
         n_imp = int(keep * float(self.important_ratio))
-        return vispruner_select.run(self.backend, score, cosine_similarity(feats), n_imp, keep - n_imp, int(self.step))
+        return vispruner_select(score, cosine_similarity(feats), n_imp, keep - n_imp, int(self.step), self.backend)

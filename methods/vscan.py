@@ -150,9 +150,16 @@ class VScan(InLLMMethod):
     shallow_layer: str = "5@24"
     deep_layer: int = -2
     merge_similarity: str = "cosine_similarity"
+    # layer_mean by default (conf/method/vscan.yaml): VScan's official setting is one configuration (96 / 32)
+    # whatever the ratio, so its official mode gives every ratio the same run
+    budget: str = "layer_mean"
 
     requires_cls: ClassVar[bool] = True
     pre_llm_selection: ClassVar[bool] = True
+    # the official run is one fixed setting (96 / 32, a layer mean of 64) whatever the ratio: a table, recorded
+    # against the budget by its layer mean, never refused
+    official_measure: ClassVar[str] = "layer_mean"
+    official_is_table: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -197,6 +204,19 @@ class VScan(InLLMMethod):
 
     def layers_for(self, n_layers: int) -> list[int]:
         return [scale_layer(x, n_layers, self.ref_layers) for x in self.layer_list]
+
+    def planned_counts(self, n_vis: int, n_layers: int) -> list[int]:
+        """Visual tokens entering each layer: ``P`` from the first layer (the pre-LLM selection), then the stages."""
+        if self.prune_ratio == 0.0 and self.budget != "official":
+            return [n_vis] * n_layers
+        p = min(self.counts(n_vis)[0], n_vis)
+        return per_layer_counts([(s.layer, s.n_keep) for s in self.plan_for(n_vis, p, n_layers)], p, n_layers)
+
+    def measure(self, per_layer: list[float], n_vis: int, n_layers: int) -> float:
+        """``after_prune`` counts the tokens the pre-LLM selection keeps (``P``, entering the first layer)."""
+        if self.budget_measure == "after_prune":
+            return float(per_layer[0])
+        return super().measure(per_layer, n_vis, n_layers)
 
     def plan(self, n_vis: int, n_layers: int) -> list[Stage]:
         """Stages for ``n_vis`` visual tokens entering the LLM when the tower gave ``n_vis`` (no pre-LLM loss)."""

@@ -117,6 +117,28 @@ def ref_vispruner(score: torch.Tensor, feats: torch.Tensor, t: int, ratio: float
     return sorted(imp + res)
 
 
+def ref_vispruner_official(score: torch.Tensor, feats: torch.Tensor, t: int, ratio: float, step: int = 8) -> list[int]:
+    """VisPruner's official ``encode_images`` for one image, line by line: both rankings are
+    ``argsort(dim=-1, descending=True)`` (torch's non-stable sort) on ``(1, L)`` rows, one GEMM per round on
+    the gathered halves. ``(N,)`` scores, ``(N, C)`` features -> sorted kept indices."""
+    important = int(t * ratio)
+    diverse = t - important
+    token_indices = score.view(1, -1).argsort(dim=-1, descending=True)
+    important_indices, residual_indices = token_indices[:, :important], token_indices[:, important:]
+    normalized = feats / feats.norm(dim=-1, keepdim=True)
+    while diverse > 0:
+        big_r = residual_indices.shape[1]
+        r = min(step, big_r - diverse)
+        if r <= 0:
+            break
+        tokens = normalized[residual_indices[0]].unsqueeze(0)
+        a, b = tokens[..., ::2, :], tokens[..., 1::2, :]
+        scores = (a @ b.transpose(-1, -2)).max(dim=-1).values
+        distinct = scores.argsort(dim=-1, descending=True)[:, r:]
+        residual_indices = torch.cat([residual_indices[..., ::2][:, distinct[0]], residual_indices[..., 1::2]], dim=-1)
+    return sorted(important_indices[0].tolist() + residual_indices[0].tolist())
+
+
 def ref_hiprune(shallow: torch.Tensor, deep: torch.Tensor, t: int, alpha: float, width: int) -> list[int]:
     n = len(shallow)
     n_anchor = round(t * alpha / 5)
@@ -154,12 +176,21 @@ def ref_visionzip(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Tens
     return torch.stack(out)
 
 
+def ref_complement_idx(kept: list[int], n: int) -> list[int]:
+    """The official ``complement_idx``: zero the kept positions of ``arange(n)``, sort, drop ``len(kept)`` entries
+    (with duplicates in ``kept``, as many of the lowest real complement tokens go too)."""
+    a = list(range(n))
+    for j in kept:
+        a[j] = 0
+    return sorted(a)[len(kept):]
+
+
 def ref_prumerge(feats: torch.Tensor, q: torch.Tensor, k: torch.Tensor, kept: list[int], n_neighbors: int = 32) -> torch.Tensor:
-    """The official per-token loop: ``rest`` = the other kept tokens (in kept order), then the pruned ones."""
+    """The official per-token loop: ``rest`` = the other kept entries (in kept order), then ``complement_idx``."""
     n, c = feats.shape
     attn = torch.softmax((q @ k.t()) * c**-0.5, dim=-1)[0, 1:]
     keys = F.normalize(k[1:], p=2, dim=-1)
-    pruned = [j for j in range(n) if j not in set(kept)]
+    pruned = ref_complement_idx(kept, n)
     out = []
     for i, ti in enumerate(kept):
         rest = kept[:i] + kept[i + 1 :] + pruned

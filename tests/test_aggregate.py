@@ -81,3 +81,40 @@ def test_reported_gap_matches_on_tokens_and_units():
 def test_pareto_front():
     pts = [(1.0, 50), (2.0, 60), (2.0, 55), (3.0, 58), (0.5, 40), (4.0, 70)]
     assert pareto_front(pts) == [(0.5, 40), (1.0, 50), (2.0, 60), (4.0, 70)]
+
+
+def brec(method, ratio, score, run_id, mode, target, measure, measured, met, layer_mean, bench="gqa", model="llava15_7b"):
+    r = rec(method, ratio, score, measured, run_id, bench=bench, model=model)
+    r["efficiency"].update({"visual_tokens_layer_mean": layer_mean, "budget_mode": mode, "budget_tokens": target,
+                            "budget_measure": measure, "budget_measured": measured, "budget_met": met})
+    return r
+
+
+def test_rows_sit_under_a_budget_they_met_else_under_their_measured_count():
+    """DART's official "192" keeps 196 (budget_met false): its row sits under 196, never under 192; FastV's
+    official 192 (192 after layer 2) sits under 192; a layer_mean run of the same method and ratio is its own
+    row; the published comparison matches official runs by the budget they asked for, not layer_mean runs."""
+    from bench.aggregate import leaderboard_full
+    from bench.report import paper_table
+
+    recs = [
+        brec("none", 0.0, 0.62, "n0", "pre_llm_exact", 576, "kept", 576, True, 576),
+        brec("dart", 1 - 192 / 576, 0.60, "d0", "official", 192, "after_prune", 196.0, False, 219.75),
+        brec("fastv", 1 - 192 / 576, 0.55, "f0", "official", 192, "after_prune", 192.0, True, 216.0),
+        brec("fastv", 1 - 192 / 576, 0.50, "f1", "layer_mean", 192, "layer_mean", 191.625, True, 191.625),
+    ]
+    df = leaderboard_full(recs)
+    assert list(df.columns[: len(COLUMNS)]) == list(COLUMNS) and {"budget", "budget_mode", "budget_met"} <= set(COLUMNS)
+    row = {(r["method"], r["budget_mode"]): r for _, r in df.iterrows()}
+    assert row[("dart", "official")]["budget"] == 196.0 and not row[("dart", "official")]["budget_met"]
+    assert row[("fastv", "official")]["budget"] == 192.0 and row[("fastv", "layer_mean")]["budget"] == 192.0
+    assert len(df[df["method"] == "fastv"]) == 2
+    table = paper_table(df, "llava15_7b")
+    assert "| 196 | dart |" in table and "| 192 | fastv |" in table and "| 192 | fastv [layer_mean] |" in table
+    assert "| 192 | dart |" not in table
+    ref = pd.DataFrame([{"source": "S", "model": "llava15_7b", "method": m, "visual_tokens": 192, "benchmark": "gqa", "score": s, "note": ""}
+                        for m, s in (("dart", 60.0), ("fastv", 52.7))])
+    gap = reported_gap(df, ref)
+    assert sorted(zip(gap["method"], gap["budget_mode"])) == [("dart", "official"), ("fastv", "official")]
+    d = gap[gap["method"] == "dart"].iloc[0]
+    assert d["budget"] == 192 and not d["budget_met"] and d["visual_tokens"] == 219.8 and d["gap"] == 0.0

@@ -178,3 +178,13 @@ def test_verify_reanswers_a_record_and_catches_a_changed_answer(tmp_path):
     # verify is not part of the run's identity, and a run without a record simply runs
     r = bench(*args[:-1], f"results_dir={tmp_path / 'other'}", "verify=true")
     assert r.returncode == 0 and (tmp_path / "other" / "runs" / run.name / "record.json").exists()
+
+
+def test_unreachable_in_llm_budget_exits_2_before_model_work(tmp_path):
+    """TransPrune cannot bring the layer mean of LLaVA-1.5-7B's 32 layers down to 64 (its first pruning layer
+    is 7: 126.8 at best): refused with the reason, before the 7B model is built, nothing written."""
+    results = tmp_path / "results"
+    r = bench("run", "model=llava15_7b", "model.weights=random", "method=transprune", "ratio=0.888889", "device=cpu", f"results_dir={results}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "cannot reach 64 visual tokens" in r.stderr and "126.78" in r.stderr
+    assert nothing_written(results)

@@ -47,8 +47,9 @@ VARIANTS = [
     ("prumerge", 0.75, ["method.budget=adaptive"]),
     ("prumerge_plus", 0.75, ["method.budget=adaptive"]),
     ("fastv", 0.75, ["method.k_layer=0"]),
-    ("dart", 0.75, ["method.budget=official"]),
-    ("pdrop", 0.0, ["method.budget=official"]),
+    ("dart", 0.75, ["method.budget=layer_mean"]),
+    ("pdrop", 0.0, ["method.lambda_=0.5"]),  # an explicit λ: the official schedule even at ratio 0
+    ("pdrop", 0.5, ["method.budget=layer_mean"]),
     ("transprune", 0.5, ["method.budget=after_prune"]),
     ("visionzip", 0.0, ["method.dominant=40", "method.contextual=8"]),
     ("tome", 0.0, ["method.r=30"]),
@@ -176,10 +177,10 @@ def test_decode_and_paper_convention_on_llava7b_shapes():
     from transformers import LlavaConfig
 
     cfg = LlavaConfig(**json.loads((Path(__file__).resolve().parent.parent / "bench/assets/configs/llava-1.5-7b-hf.json").read_text()))
-    full = paper_convention(cfg, 60, [576] * 32) / 2
+    full = paper_convention(cfg, 60, [576] * 32)  # multiply-adds, as the papers
     assert abs(full / 32 - 103.35e9) / 103.35e9 < 1e-3
     assert abs(full - 3.307e12) / 3.307e12 < 1e-3
-    pruned = paper_convention(cfg, 60, [64] * 32) / 2
+    pruned = paper_convention(cfg, 60, [64] * 32)
     assert abs(pruned - 0.628e12) / 0.628e12 < 2e-3
     # decode: each new token attends over a growing cache
     d1 = analytic_decode(cfg, [636] * 32, 1)
@@ -300,3 +301,67 @@ def test_fvcore_selection_kernels(adapter):
     first_block_sim = 2 * ((n + 2) // 2) * ((n + 1) // 2) * head_dim
     assert counted == first_block_sim and "aten::baddbmm" in skipped
     assert tome.selection_flops(CostModel(cfg, sh)) > first_block_sim
+
+
+def test_paper_convention_reproduces_published_figures():
+    """The papers' FLOPs convention (multiply-adds, LLM only, a stated prompt length) reproduces the figures
+    the papers print, with each paper's own convention:
+
+    * FastV (section 4.2 and Fig. 1): ``4nd^2 + 2n^2d + 2ndm`` per layer, ``n`` = 36 text + 576 image tokens
+      (its 99.3 B per layer is F(612)); K = 2 / 3 at R = 50% cost 55% / 57% of the unpruned LLM;
+    * PyramidDrop (its λ ablation): 3 MLP matrices (``3ndm``, its counter) and the image tokens only (prompt
+      length 0): 3.82 T unpruned, 1.54 / 1.78 / 2.06 T at λ = 0.4 / 0.5 / 0.6 (layers 8/16/24);
+    * SparseVLM (ICML'25 Table 1: 4.62 T unpruned, 2.14 / 1.72 / 1.30 T at 192 / 128 / 64): its counter sums
+      ``4nd^2 + 2n^2d + 3ndm`` over the layers with ``n`` the whole sequence entering each layer (recycled
+      tokens included), averaged over a benchmark's samples. A 118-token prompt gives the published 4.62 T
+      unpruned; with it the official schedules give 2.134 / 1.731 / 1.314 T (v1.5) and 2.135 / 1.721 / 1.311 T
+      (v2.0): within 0.015 T of the printed figures, which average over prompts of varying length (that
+      spread adds a constant to every schedule) and round to two digits. The tolerance says so."""
+    from transformers import LlavaConfig
+
+    from methods.fastv import FastV
+    from methods.pdrop import PyramidDrop
+    from methods.sparsevlm import SparseVLM
+
+    cfg = LlavaConfig(**json.loads((Path(__file__).resolve().parent.parent / "bench/assets/configs/llava-1.5-7b-hf.json").read_text()))
+    n, layers = 576, 32
+    # FastV: 36 text tokens, 2 MLP matrices
+    assert round(paper_convention(cfg, 36, [n]) / 1e9, 1) == 99.3
+    full = paper_convention(cfg, 36, [n] * layers)
+    for k, pct in ((2, 55), (3, 57)):
+        counts = FastV(prune_ratio=0.5, k_layer=k).planned_counts(n, layers)
+        assert counts[k - 1] == n and counts[k] == 288
+        assert round(100 * paper_convention(cfg, 36, counts) / full) == pct
+    # PyramidDrop: image tokens only, 3 MLP matrices; official λ = 1 - ratio
+    assert round(paper_convention(cfg, 0, [n] * layers, mlp_matrices=3) / 1e12, 2) == 3.82
+    for lam, tflops in ((0.4, 1.54), (0.5, 1.78), (0.6, 2.06)):
+        counts = PyramidDrop(prune_ratio=1 - lam).planned_counts(n, layers)
+        assert round(paper_convention(cfg, 0, counts, mlp_matrices=3) / 1e12, 2) == tflops, lam
+    # SparseVLM: a 118-token prompt, 3 MLP matrices, the official schedules (merged tokens included)
+    assert round(paper_convention(cfg, 118, [n] * layers, mlp_matrices=3) / 1e12, 2) == 4.62
+    for version in ("1.5", "2.0"):
+        for budget, tflops in ((192, 2.14), (128, 1.72), (64, 1.30)):
+            counts = SparseVLM(prune_ratio=1 - budget / n, version=version).planned_counts(n, layers)
+            got = paper_convention(cfg, 118, counts, mlp_matrices=3) / 1e12
+            assert abs(got - tflops) <= 0.015, (version, budget, got)
+
+
+@pytest.mark.parametrize("name", ["visionzip", "prumerge_plus"])
+def test_methods_that_project_their_own_tokens_skip_the_full_projection(adapter, name, monkeypatch):
+    """VisionZip and PruMerge project only the tokens they keep, as their official code: the adapter runs no
+    projector on all N tokens for them, so the counted FLOPs are N projector rows below what projecting
+    everything first (the harness before issue 25) costs, and the analytic model's projector part is 0."""
+    from methods.base import PruningMethod
+
+    method = build(name, 0.75)
+    assert method.projects_own_tokens
+    batch = probe_batch(adapter, None)
+    seeds = torch.zeros(1, dtype=torch.long)
+    own, _ = count_flops(lambda: adapter.visual_selection(batch["pixel_values"], method, seeds))
+    monkeypatch.setattr(type(method), "projects_own_tokens", PruningMethod.projects_own_tokens)
+    assert not method.projects_own_tokens
+    both, _ = count_flops(lambda: adapter.visual_selection(batch["pixel_values"], method, seeds))
+    cfg = adapter.model.config
+    n = adapter.grid[0] * adapter.grid[1]
+    per_token = 2 * (cfg.vision_config.hidden_size * cfg.text_config.hidden_size + cfg.text_config.hidden_size ** 2)
+    assert both - own == n * per_token

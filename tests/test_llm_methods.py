@@ -388,11 +388,16 @@ def test_budgets_and_schedules():
     assert [s.n_keep for s in DART(prune_ratio=1 - 192 / 576, budget="official").plan(576, 32)] == [196]
     assert [s.n_keep for s in DART(prune_ratio=1 - 64 / 576, budget="official").plan(576, 32)] == [68]
     assert [s.n_keep for s in DART(prune_ratio=1 - 192 / 576, budget="after_prune").plan(576, 32)] == [192]
-    st = FastV(prune_ratio=1 - 192 / 576).plan(576, 32)
-    assert st[0].layer == 2 and st[0].n_keep == 166 and not st[0].renumber  # (32*192 - 2*576) / 30
-    pd = PyramidDrop(prune_ratio=0.5, budget="official").plan(576, 32)
+    st = FastV(prune_ratio=1 - 192 / 576).plan(576, 32)  # official by default: B kept after layer K = 2
+    assert st[0].layer == 2 and st[0].n_keep == 192 and not st[0].renumber
+    st = FastV(prune_ratio=1 - 192 / 576, budget="layer_mean").plan(576, 32)
+    assert st[0].layer == 2 and st[0].n_keep == 166  # (32*192 - 2*576) / 30
+    pd = PyramidDrop(prune_ratio=0.5).plan(576, 32)  # official: λ = 1 - ratio, the official scripts' 0.5
     assert [(s.layer, s.n_keep) for s in pd] == [(8, 288), (16, 144), (24, 72)] and pd[0].renumber
-    pd = PyramidDrop(prune_ratio=1 - 192 / 576).plan(576, 32)
+    assert [s.n_keep for s in PyramidDrop(prune_ratio=0.0, budget="official", lambda_=0.5).plan(576, 32)] == [288, 144, 72]
+    assert PyramidDrop(prune_ratio=0.0).plan(576, 32) == []
+    assert [s.n_keep for s in PyramidDrop(prune_ratio=1 - 192 / 576).plan(576, 32)] == [192, 64, 21]
+    pd = PyramidDrop(prune_ratio=1 - 192 / 576, budget="layer_mean").plan(576, 32)
     mean = (8 * 576 + sum(8 * s.n_keep for s in pd)) / 32
     assert abs(mean - 192) <= 1.0
     assert [s.layer for s in PyramidDrop(prune_ratio=0.5).plan(576, 8)] == [2, 4, 6]
@@ -402,7 +407,7 @@ def test_unreachable_budget_is_said_once(caplog):
     """The schedule is solved at every prefill (every batch): its warning must not repeat per batch."""
     from methods.pdrop import PyramidDrop
 
-    m = PyramidDrop(prune_ratio=0.75)
+    m = PyramidDrop(prune_ratio=0.75, budget="layer_mean")
     with caplog.at_level("WARNING", logger="methods.inllm"):
         for _ in range(3):
             m.plan(576, 6)  # pruning layers 2/3/5 of 6 cannot bring the layer mean down to 144
@@ -511,11 +516,11 @@ def test_new_method_budgets():
     assert [(s.layer, s.n_keep) for s in p] == [(3, 309), (7, 204), (16, 113)] and mean(p) == 206.5 and p[0].renumber
     assert abs(mean(SparseVLM(prune_ratio=1 - 128 / 576, budget="official").plan(576, 32)) - 145.4) < 0.1
     assert abs(mean(SparseVLM(prune_ratio=1 - 64 / 576, budget="official").plan(576, 32)) - 82.3) < 0.1
-    assert abs(mean(SparseVLM(prune_ratio=1 - 192 / 576).plan(576, 32)) - 192) <= 1.0
+    assert abs(mean(SparseVLM(prune_ratio=1 - 192 / 576, budget="layer_mean").plan(576, 32)) - 192) <= 1.0
     assert SparseVLM(prune_ratio=1 - 192 / 576, budget="after_prune").plan(576, 32)[0].n_keep == 192
     v2 = SparseVLM(prune_ratio=1 - 192 / 576, budget="official", version="2.0").plan(576, 32)
     assert [s.n_keep for s in v2] == [300, 200, 118] and not v2[0].renumber
-    tp = TransPrune(prune_ratio=0.5, budget="official").plan(576, 32)
+    tp = TransPrune(prune_ratio=1 - 236 / 576, budget="official").plan(576, 32)  # the published setting
     assert [(s.layer, s.n_keep) for s in tp] == [(7, 504), (9, 360), (12, 72)] and mean(tp) == 236.25
     assert abs(mean(TransPrune(prune_ratio=1 - 192 / 576).plan(576, 32)) - 192) <= 1.0
     assert TransPrune(prune_ratio=1 - 192 / 576, budget="after_prune").plan(576, 32)[0].n_keep == 192
@@ -688,3 +693,38 @@ def test_one_rotation_keeps_the_same_tokens_cuda():
                 lp.FUSE_QK = True
         assert all(torch.equal(a, b) for a, b in zip(out[True][0], out[False][0])), m
         assert torch.equal(out[True][1], out[False][1])
+
+
+def test_budget_met_is_recorded_and_unreachable_budgets_are_refused():
+    """A run records its budget mode, the count its budget names and whether it is within a token of B; a mode
+    that solves a schedule for B and cannot reach it is refused (exit code 2) before any model work."""
+    from bench.errors import IncompatibleMethodError
+    from methods.dart import DART
+    from methods.fastv import FastV
+    from methods.pdrop import PyramidDrop
+    from methods.sparsevlm import SparseVLM
+    from methods.transprune import TransPrune
+
+    def fields(m, n=576, layers=32):
+        m.check_budget(n, layers)
+        return m.budget_fields(n, layers, None, m.planned_counts(n, layers))
+
+    f = fields(FastV(prune_ratio=1 - 192 / 576))
+    assert f == {"budget_mode": "official", "budget_tokens": 192, "budget_measure": "after_prune", "budget_measured": 192.0, "budget_met": True}
+    f = fields(DART(prune_ratio=1 - 192 / 576))  # the official 4 + 8 floor(B/8) = 196: flagged, not passed off as 192
+    assert (f["budget_measure"], f["budget_measured"], f["budget_met"]) == ("after_prune", 196.0, False)
+    f = fields(SparseVLM(prune_ratio=1 - 192 / 576))  # the published "192" averages 206.5 tokens
+    assert (f["budget_measure"], f["budget_measured"], f["budget_met"]) == ("layer_mean", 206.5, False)
+    f = fields(SparseVLM(prune_ratio=1 - 192 / 576, budget="layer_mean"))
+    assert f["budget_mode"] == "layer_mean" and f["budget_met"] and abs(f["budget_measured"] - 192) <= 1
+    for m in (PyramidDrop(prune_ratio=1 - 64 / 576, budget="layer_mean"), PyramidDrop(prune_ratio=1 - 128 / 576, budget="layer_mean"),
+              TransPrune(prune_ratio=1 - 64 / 576), TransPrune(prune_ratio=1 - 64 / 576, budget="layer_mean"),
+              FastV(prune_ratio=1 - 16 / 576, budget="layer_mean")):
+        with pytest.raises(IncompatibleMethodError, match="cannot reach") as e:
+            m.check_budget(576, 32)
+        assert e.value.exit_code == 2
+    assert fields(PyramidDrop(prune_ratio=1 - 64 / 576))["budget_met"]  # official: λ = 1/9, the first stage keeps 64
+    # measured counts (means over samples) are read the same way
+    m = DART(prune_ratio=1 - 192 / 576, budget="after_prune")
+    assert m.budget_fields(576, 32, None, [576.0, 576.0] + [192.0] * 30)["budget_met"]
+    assert not m.budget_fields(576, 32, None, [576.0, 576.0] + [194.5] * 30)["budget_met"]

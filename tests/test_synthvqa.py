@@ -144,6 +144,13 @@ def _models():
         def answer(self, ctx, doc):
             return "yes"
 
+    class Mixed(_Base):
+        """Right on about two thirds of the documents (by a hash of the question), wrong elsewhere: per-type accuracies differ."""
+
+        def answer(self, ctx, doc):
+            return doc["answer"] if sum(map(ord, doc["question"] + doc["qtype"])) % 3 else "zzz"
+
+    _models.Mixed = Mixed
     return Oracle, ConstantYes
 
 
@@ -192,3 +199,42 @@ def test_task_docs_keep_images_encoded_and_decode_the_same_pixels(tmp_path, monk
         (got,) = synthvqa_doc_to_visual(lazy[i])
         assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(ds[i]["image"].convert("RGB")))
         assert lazy[i]["question"] == ds[i]["question"] and lazy[i]["answer"] == ds[i]["answer"]
+
+
+@pytest.mark.slow
+def test_each_metric_carries_its_own_stderr(tmp_path):
+    """Every metric of the record (exact_match and each acc_<qtype>) carries the standard error of its own
+    documents, checked against sqrt(sum((x - mean)^2) / (n - 1)) / sqrt(n) computed here by hand; before,
+    each acc_<qtype> carried the overall stderr (every document reported every acc_<qtype>)."""
+    import math
+
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from bench.evaluate import metric_stderr
+    from bench.tasks.synthvqa import prepare_task_dir
+
+    task_dir = prepare_task_dir(cache_dir=tmp_path, n=60)
+    _models()
+    res = simple_evaluate(model=_models.Mixed(), tasks=["synthvqa"], limit=60, task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+                          batch_size=1, log_samples=True, bootstrap_iters=100)
+    raw, samples = res["results"]["synthvqa"], res["samples"]["synthvqa"]
+    by_type: dict[str, list[float]] = {}
+    for s in samples:
+        by_type.setdefault(s["doc"]["qtype"], []).append(float(s["exact_match"]))
+        assert [k for k in s if k.startswith("acc_")] == [f"acc_{s['doc']['qtype']}"]  # only its own type
+    groups = {"exact_match": [x for xs in by_type.values() for x in xs], **{f"acc_{q}": xs for q, xs in by_type.items()}}
+    assert len(groups["exact_match"]) == 60 and all(len(xs) >= 5 for xs in by_type.values())
+    errs = set()
+    for name, xs in groups.items():
+        n, mean = len(xs), sum(xs) / len(xs)
+        by_hand = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) / math.sqrt(n)
+        assert raw[f"{name},none"] == pytest.approx(mean, abs=1e-12)
+        got = metric_stderr(raw, name, "none", raw[f"{name},none"], samples)
+        assert got == pytest.approx(by_hand, rel=1e-9), name
+        errs.add(round(got, 9))
+    assert len(errs) > 2  # the per-type errors really differ from the overall one
+    # a CLT stderr is not taken for a metric that is not the mean of its per-document scores (e.g. MME's sums)
+    fake = {"total,none": 1500.0, "total_stderr,none": "N/A", "total_stderr_clt,none": 0.02}
+    assert metric_stderr(fake, "total", "none", 1500.0, [{"total": {"score": 1.0}}, {"total": {"score": 0.0}}]) is None
+    assert metric_stderr(fake, "total", "none", 0.5, [{"total": {"score": 1.0}}, {"total": {"score": 0.0}}]) == 0.02

@@ -29,6 +29,7 @@ from reference_vision import (
     ref_prumerge,
     ref_tome_merge,
     ref_vispruner,
+    ref_vispruner_official,
     ref_visionzip,
 )
 from triton_interp import run_triton_interpreted
@@ -156,12 +157,17 @@ def test_visionzip_official_splits():
     assert VisionZip(prune_ratio=1 - 64 / 576).counts(576) == (54, 10)
 
 
-@pytest.mark.parametrize("plus", [False, True])
-@pytest.mark.parametrize("budget,ratio", [("fixed", 0.9), ("adaptive", 0.5)])
-def test_prumerge_matches_reference(plus, budget, ratio):
-    from methods.prumerge import PruMerge, PruMergePlus, adaptive_plus_samples
+@pytest.mark.parametrize("plus,spatial", [(False, "official"), (True, "official"), (True, "dedup")])
+@pytest.mark.parametrize("budget,ratio", [("fixed", 0.9), ("fixed", 1 - 145 / 576), ("adaptive", 0.5)])
+def test_prumerge_matches_reference(plus, spatial, budget, ratio):
+    """Against the official per-token loop. PruMerge+'s fixed mode at 145 tokens is the official
+    ``if_adaptive=False`` call with ``reduction_ratio = 1/8`` (72 top + ``arange(4, 575, 8)``); at 58 tokens
+    the same rule with the split of :func:`plus_split`."""
+    from methods.prumerge import PruMerge, PruMergePlus, adaptive_plus_samples, plus_split
 
-    m = (PruMergePlus if plus else PruMerge)(prune_ratio=ratio, budget=budget)
+    if spatial == "dedup" and budget == "adaptive":
+        pytest.skip("spatial applies to the fixed budget only")
+    m = (PruMergePlus if plus else PruMerge)(prune_ratio=ratio, budget=budget, spatial=spatial)
     for seed in range(2 if budget == "fixed" else 1):
         t = random_extras(2, d=48, gen=gen(seed))
         t["q_proj"] = t["q_proj"] * 12  # peaked attention: a realistic handful of IQR outliers
@@ -176,7 +182,13 @@ def test_prumerge_matches_reference(plus, budget, ratio):
                 mm = m.n_keep(576) - 1
                 n_top = -(-mm // 2) if plus else mm
                 kept = cls.topk(n_top).indices.tolist()
-                if plus:  # evenly spaced over the not-yet-kept tokens, half-stride offset
+                if plus and spatial == "official":  # the official rule: stride samples of ALL tokens, duplicates kept
+                    n_top, stride = (72, 8) if m.n_keep(576) == 145 else plus_split(576, m.n_keep(576))
+                    if m.n_keep(576) == 145:
+                        assert plus_split(576, 145) == (72, 8)
+                    kept = cls.topk(n_top).indices.tolist() + list(range(int(stride / 2), 575, stride))
+                    assert len(kept) == mm
+                elif plus:  # dedup: evenly spaced over the not-yet-kept tokens, half-stride offset
                     rest = [j for j in range(576) if j not in set(kept)]
                     n_sp = mm - n_top
                     kept += [rest[min(len(rest) - 1, int((i + 0.5) * len(rest) / n_sp))] for i in range(n_sp)]
@@ -581,7 +593,7 @@ def _vispruner_select(score, feats, keep, important_ratio, backend):
     from methods.vispruner import cosine_similarity, vispruner_select
 
     n_imp = int(keep * important_ratio)
-    return vispruner_select.run(backend, score, cosine_similarity(feats), n_imp, keep - n_imp, 8)
+    return vispruner_select(score, cosine_similarity(feats), n_imp, keep - n_imp, 8, backend)
 
 
 @gpu
@@ -605,11 +617,11 @@ def test_kernel_backends_equal_torch_cuda(cuda_llava):
 @gpu
 @pytest.mark.gpu
 def test_vispruner_cuda_equals_torch_cuda():
-    """backend=cuda (one NVRTC kernel) keeps exactly what the torch rounds keep: every pair of similarity and
-    score dtypes; batches; sizes from 17 to 2880 tokens (the widest needs a shorter cached row prefix); no
+    """backend=cuda (one NVRTC kernel for the rounds torch's CUDA sort ranks stably, torch for the rest) keeps
+    exactly what the torch rule (non-stable argsort) keeps: every pair of similarity and score dtypes; batches; sizes from 17 to 2880 tokens (the widest needs a shorter cached row prefix); no
     round, every token kept, no important or no diverse token; repeated features (runs of equal
-    similarities), a zero feature (NaN similarities), tied scores and a NaN score (ranked first, as the
-    stable descending argsort does)."""
+    similarities), a zero feature (NaN similarities), tied scores and a NaN score (ranked first, as torch's
+    descending argsort does)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     cases = [(100, 30, 0.5, 1), (100, 17, 0.3, 3), (64, 40, 1.0, 2), (64, 40, 0.0, 2), (300, 40, 0.5, 2), (576, 64, 0.5, 1), (576, 64, 0.5, 16),
              (576, 16, 0.75, 2), (576, 192, 0.5, 4), (576, 128, 0.25, 1), (1200, 116, 0.5, 2), (2880, 320, 0.5, 2), (576, 576, 0.5, 1),
@@ -651,3 +663,107 @@ def test_tome_graph_tower_equals_eager_cuda(cuda_llava):
     ref = encode_with_merging(ad, px, m, torch.arange(2), graphs=False)
     for _ in range(2):
         assert torch.equal(encode_with_merging(ad, px, m, torch.arange(2), graphs=True).features, ref.features)
+
+
+def test_prumerge_plus_official_fixed_keeps_duplicates():
+    """Where a stride sample is already in the top-L, the official fixed mode keeps it twice (two equal
+    centres) and drops as many of the lowest complement tokens; the dedup option keeps distinct tokens."""
+    from methods.prumerge import PruMergePlus, official_plus_fixed
+
+    cls = torch.rand(1, 576, generator=gen(3))
+    cls[0, 4] = cls[0, 12] = 10.0  # two of the stride samples arange(4, 575, 8) are in the top-72
+    idx, rest = official_plus_fixed(cls, 145)
+    assert idx.shape == (1, 144) and rest.shape == (1, 576 - 144)
+    dup = 144 - len(set(idx[0].tolist()))
+    assert dup >= 2 and {4, 12} <= set(idx[0, :72].tolist())
+    missing = sorted(set(range(576)) - set(idx[0].tolist()) - set(rest[0].tolist()))
+    assert len(missing) == dup and missing == sorted(set(range(576)) - set(idx[0].tolist()))[:dup]
+    t = random_extras(1, d=48, gen=gen(4))
+    m = PruMergePlus(prune_ratio=1 - 145 / 576)
+    ctx = ctx_from(t, m.needs)
+    q, k = t["q_proj"], t["k_proj"]
+    scores = torch.softmax((q[:, :1] @ k.transpose(1, 2)) * 48**-0.5, dim=-1)[:, 0, 1:]
+    idx, _ = official_plus_fixed(scores, 145)
+    out = m.reduce(torch.zeros(1, 576, 48), ctx)
+    pos = {}
+    for i, tok in enumerate(idx[0].tolist()):
+        pos.setdefault(tok, []).append(i)
+    dups = [p for p in pos.values() if len(p) > 1]
+    for a, b in dups:
+        torch.testing.assert_close(out.features[0, a], out.features[0, b])
+    d = PruMergePlus(prune_ratio=1 - 145 / 576, spatial="dedup").kept_indices(scores)
+    assert len(set(d[0].tolist())) == 144
+
+
+def _tied_inputs(seed: int, n: int = 576, c: int = 16):
+    """Scores on 4 levels and features of four +-1 entries (norm 2: every cosine is a multiple of 1/4,
+    exact in any summation order), so both rankings are full of exact ties."""
+    g = gen(seed)
+    score = torch.randint(0, 4, (n,), generator=g).float() / 4
+    feats = torch.zeros(n, c)
+    for i in range(n):
+        cols = torch.randperm(c, generator=g)[:4]
+        feats[i, cols] = torch.randint(0, 2, (4,), generator=g).float() * 2 - 1
+    return score, feats
+
+
+@pytest.mark.parametrize("keep,important", [(192, 0.5), (128, 0.5), (64, 0.5), (64, 0.75)])
+def test_vispruner_breaks_ties_as_the_official_code(keep, important):
+    """On inputs with exact ties, VisPruner keeps what a loop written from the official code keeps on the same
+    device (its non-stable ``argsort(descending=True)``); a stable sort (what the harness used before) keeps
+    something else on some of these inputs, so the ties are really exercised."""
+    from methods.base import VisionContext
+    from methods.vispruner import VisPruner, cosine_similarity, dedup
+
+    m = VisPruner(prune_ratio=1 - keep / 576, important_ratio=important)
+    differs = 0
+    for seed in range(4):
+        score, feats = _tied_inputs(seed)
+        ctx = VisionContext((24, 24), True, torch.zeros(1, dtype=torch.long),
+                            {f"cls_attn:{m.layer}": lambda s=score: torch.cat([torch.zeros(1), s]).view(1, 1, -1).expand(1, 2, -1),
+                             f"hidden:{m.layer}": lambda f=feats: torch.cat([torch.zeros(1, f.shape[1]), f]).unsqueeze(0)})
+        got = m.select(torch.zeros(1, 576, 8), ctx)[0].tolist()
+        assert got == ref_vispruner_official(score, feats, keep, important), seed
+        n_imp = int(keep * important)
+        order = score.view(1, -1).sort(dim=-1, descending=True, stable=True).indices
+        stable_sel = sorted(order[0, :n_imp].tolist() + dedup(cosine_similarity(feats.unsqueeze(0)), order[:, n_imp:], keep - n_imp, 8)[0].tolist())
+        differs += stable_sel != got
+    assert differs > 0
+
+
+@gpu
+@pytest.mark.gpu
+def test_torch_cuda_argsort_is_stable_past_32_entries():
+    """What the VisPruner kernel relies on (kernels.vispruner.head_rounds): torch's default (non-stable)
+    descending argsort on CUDA orders exact ties by index on rows of 33 to 4096 entries (warp merge / block
+    radix sort), as a stable sort does. Rows of up to 32 (a bitonic network) are left to torch by the kernel's
+    caller, so they are not asserted here. If a torch release changes this, this test says so."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n in (33, 64, 100, 128, 129, 288, 576, 1200, 4096):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            x = torch.randint(0, 3, (8, n), device="cuda", generator=g).to(dtype)
+            assert torch.equal(x.argsort(dim=-1, descending=True), x.argsort(dim=-1, descending=True, stable=True)), (n, dtype)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("keep,important", [(192, 0.5), (128, 0.5), (64, 0.5), (64, 0.75), (29, 0.5)])
+def test_vispruner_kernel_breaks_ties_as_the_official_code_cuda(keep, important):
+    """On CUDA and inputs full of exact ties (scores on 4 levels, cosines that are multiples of 1/4), the
+    kernel path (backend=cuda and auto) keeps what the torch rule keeps and what the loop written from the
+    official code keeps on the same device, in fp32 and fp16."""
+    for seed in range(3):
+        score, feats = _tied_inputs(seed)
+        for dtype in (torch.float32, torch.float16):
+            s, f = score.cuda().to(dtype), feats.cuda().to(dtype)
+            ref = ref_vispruner_official(s, f, keep, important)
+            n_imp = int(keep * important)
+            for backend in ("cuda", "auto", "torch"):
+                got = vispruner_select_for_test(s, f, keep, n_imp, backend)
+                assert got == ref, (seed, dtype, backend)
+
+
+def vispruner_select_for_test(score, feats, keep, n_imp, backend):
+    from methods.vispruner import cosine_similarity, vispruner_select
+
+    return vispruner_select(score.unsqueeze(0), cosine_similarity(feats.unsqueeze(0)), n_imp, keep - n_imp, 8, backend)[0].tolist()

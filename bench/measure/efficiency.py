@@ -9,7 +9,8 @@ What is measured and how (the record's ``efficiency`` keys, see ``bench/schema.p
   own scoring/selection matrix products included; ``tests/test_flops.py`` checks it against the
   counter for every method), ``tflops_selection_analytic`` that selection part alone,
   ``tflops_prefill_analytic_no_selection`` the rest, and ``tflops_prefill_paper_convention`` FastV's
-  formula (LLM only).
+  formula in the papers' units (multiply-adds, LLM only) for the sample's own prompt length
+  (``paper_convention_text_tokens``).
 * ``prefill_ms``: median (and IQR) over repeats, after warm-up, of the same region.
 * ``kv_cache_bytes``: summed from the K/V tensors of the cache right after that prefill.
 * ``peak_mem_bytes``: ``torch.cuda.max_memory_allocated`` across the pass (CUDA only).
@@ -137,6 +138,7 @@ def measure_efficiency(adapter, method, batch: dict[str, torch.Tensor], seeds: t
         "tflops_selection_analytic": None if selection is None else selection / bsz / 1e12,
         "tflops_prefill_analytic_no_selection": no_selection / bsz / 1e12,
         "tflops_prefill_paper_convention": paper / bsz / 1e12,
+        "paper_convention_text_tokens": sum(text) / bsz,
         "flops_llm_analytic": analytic.llm + analytic.lm_head,
         "prefill_ms": timing.median_ms,
         "prefill_ms_iqr": timing.iqr_ms,

@@ -10,7 +10,8 @@ RoPE, top-k/sorting and other elementwise work are counted by neither.
 Selection (:func:`selection_flops`: each method's ``selection_flops(cost)``, beside its rule in
 ``methods/<name>.py``, in terms of a :class:`CostModel`): recomputed CLIP ``q_proj``/``k_proj`` and CLS-row or full attention maps
 (FasterVLM, VisionZip, VisPruner, HiPrune, PruMerge), DivPrune's ``N x N`` cosine matrix, VisPruner's
-de-duplication rounds, VisionZip's key similarity and the projector run again on merged tokens,
+de-duplication rounds, VisionZip's key similarity and the projector on its kept tokens (the only ones it
+projects, as the official code; the adapter skips projecting all ``N``, and so does PruMerge),
 PruMerge's key similarity and neighbour merge, ToMe's bipartite similarity in every block (its
 shrinking token counts are in the vision part), and for in-LLM methods the attention rows recomputed
 from q/k at each stage (FastV, PyramidDrop, SparseVLM, TransPrune: with the ``k_proj``/``q_proj`` of
@@ -20,9 +21,14 @@ out by both counts (a few MFLOPs at LLaVA-1.5-7B shapes against TFLOPs): DART's 
 (``2 * 8 * N * d``), TransPrune's token-transition norms, DivPrune's greedy min-updates.
 
 ``paper_convention`` gives the number most papers print instead (FastV section 4.2, reused by DART,
-DivPrune and VisionZip): ``4nd^2 + 2n^2d + 2ndm`` multiply-adds per LLM layer, LLM only, with a
-2-matrix MLP. It under-counts LLaMA's 3-matrix SwiGLU MLP and omits the vision tower, the projector,
-``lm_head`` and selection; it is reported so published numbers can be compared.
+DivPrune and VisionZip): ``4nd^2 + 2n^2d + 2ndm`` **multiply-adds** (not x2) per LLM layer, LLM only,
+``n`` = the prompt's text tokens + the visual tokens entering the layer, with a 2-matrix MLP. It
+under-counts LLaMA's 3-matrix SwiGLU MLP and omits the vision tower, the projector, ``lm_head`` and
+selection; it is reported so published numbers can be compared, and depends on the prompt length
+(records state it: ``paper_convention_text_tokens``). Some papers use 3 MLP matrices (SparseVLM's and
+PyramidDrop's counters: ``mlp_matrices=3``) or leave the text out (PyramidDrop: ``text_tokens=0``);
+``tests/test_flops.py`` reproduces FastV's, PyramidDrop's and SparseVLM's published figures and names the
+convention of each.
 
 fvcore (``fvcore.nn.FlopCountAnalysis``) is the second counter the tests compare against: it counts
 one multiply-add as one "flop" (so its numbers are half of these) and skips ops it has no handle for
@@ -166,15 +172,20 @@ def analytic_decode(config, cache_per_layer: Sequence[int], new_tokens: int) -> 
     return total
 
 
-def paper_convention(config, text_tokens: int, visual_per_layer: Sequence[int]) -> int:
-    """FastV's per-layer ``4nd^2 + 2n^2d + 2ndm`` multiply-adds summed over LLM layers, x2 for FLOPs."""
+def paper_convention(config, text_tokens: int, visual_per_layer: Sequence[int], mlp_matrices: int = 2) -> int:
+    """The papers' FLOPs convention: multiply-adds of the LLM prefill, summed over the layers listed.
+
+    Per layer ``4nd^2 + 2n^2d + mlp_matrices * ndm`` with ``n = text_tokens + visual`` (FastV section 4.2:
+    ``mlp_matrices=2``; SparseVLM's and PyramidDrop's counters: 3). Multiply-adds, not FLOPs (= 2 x
+    multiply-adds): the number papers print as "FLOPs".
+    """
     tc = config.text_config
     d, m = tc.hidden_size, tc.intermediate_size
     total = 0
     for v in visual_per_layer:
         n = text_tokens + int(v)
-        total += 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
-    return 2 * total
+        total += 4 * n * d * d + 2 * n * n * d + mlp_matrices * n * d * m
+    return total
 
 
 # ----------------------------------------------------------------------------------- selection
@@ -371,7 +382,10 @@ def analytic_batch(config, method, prepared, with_selection: bool = True) -> Bre
         kept = sh.kept[i]
         if sh.vision_tokens is not None:  # cut inside the tower per image: the blocks that ran, CLS included
             blocks = [t + int(_has_cls(config.vision_config)) for t in sh.vision_tokens[i]]
-        part = analytic_prefill(config, sh.seq_len - kept, rows[i], n_visual_in=kept if blocks is not None else sh.n_visual, vision_tokens_per_layer=blocks)
+        # the projector runs on all N tokens, on the tokens left in the tower, or not at all outside the method
+        # (a method that projects only the tokens it keeps counts that in its selection_flops)
+        n_in = 0 if (method.stage == "pre_llm" and method.projects_own_tokens) else (kept if blocks is not None else sh.n_visual)
+        part = analytic_prefill(config, sh.seq_len - kept, rows[i], n_visual_in=n_in, vision_tokens_per_layer=blocks)
         out.vision += part.vision
         out.projector += part.projector
         out.llm += part.llm

@@ -202,15 +202,23 @@ class GraphedSelection:
         def context(b, hs):
             return VisionContext(grid, has_cls, torch.zeros(b, dtype=torch.long), build_extras(model, dict(zip(self.index, hs)), method.needs))
 
+        #: the method projects its own tokens and reads only the features' shape: they stay out of the graph
+        self.own_projection = bool(method.projects_own_tokens) and bool(self.index)
+        d_llm, dtype = model.config.text_config.hidden_size, model.dtype
+
         def fn(feats, *hs):
             sel = method.reduce(feats, context(feats.shape[0], hs))
             return sel.features, sel.kept_index, sel.n_kept
+
+        def fn_own(*hs):
+            b = hs[0].shape[0]
+            return fn(torch.zeros((), dtype=dtype, device=hs[0].device).expand(b, n, d_llm), *hs)
 
         def select(*hs):  # the features' shape, no values (select_only: hs is never empty)
             b = hs[0].shape[0]
             return method.select(hs[0].new_empty(b, n, 0), context(b, hs))
 
-        self.cache = CudaGraphCache(select if self.select_only else fn)
+        self.cache = CudaGraphCache(select if self.select_only else (fn_own if self.own_projection else fn))
 
     def __call__(self, feats: torch.Tensor, hidden_states):
         from methods.base import VisualSelection, gather_selection
@@ -220,5 +228,5 @@ class GraphedSelection:
             if feats.shape[1] != self.n_tokens:
                 raise ValueError(f"{self.method.name}: {feats.shape[1]} features for a grid of {self.n_tokens} patches")
             return gather_selection(feats, self.cache(*hs))
-        f, k, n = self.cache(feats, *hs)
+        f, k, n = self.cache(*hs) if self.own_projection else self.cache(feats, *hs)
         return VisualSelection(f, k, n)

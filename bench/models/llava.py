@@ -284,6 +284,8 @@ class LlavaAdapter(ModelAdapter):
                 f"method {method.name!r} prunes at stage {method.stage!r}, which {type(self).__name__} does not implement yet"
             )
         method.check_compatible(VisionContext(self.grid, self.has_cls, torch.zeros(1, dtype=torch.long)))
+        if method.stage == "in_llm":  # a budget no schedule reaches on this LLM's depth: refused before any model work
+            method.check_budget(self.grid[0] * self.grid[1], self.num_llm_layers)
 
     #: the synthetic probe prompt: text tokens before and after the image (60 in all, methods.md's worked
     #: example) and the ids they are drawn from (below the tokenizer's added tokens, 32000 = ``<image>``)
@@ -342,7 +344,7 @@ class LlavaAdapter(ModelAdapter):
 
     # --------------------------------------------------------------- forward
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
+    def encode_images(self, pixel_values: torch.Tensor, output_hidden_states: bool = False, project: bool = True):
         """``(B, 3, H, W)`` pixels -> ``(B, N, D_llm)`` projected visual tokens (CLS dropped).
 
         On CUDA one image at a time (:attr:`per_image_vision`), so a sample's features do not depend on
@@ -351,14 +353,15 @@ class LlavaAdapter(ModelAdapter):
 
         With ``output_hidden_states`` returns ``(features, hidden_states)`` where ``hidden_states`` is
         the vision tower's tuple of ``(B, 1 + N, D_vis)`` tensors (embeddings, then every layer's
-        output), from the same forward pass.
+        output), from the same forward pass. ``project=False`` (with ``output_hidden_states``) runs the tower
+        alone: features are ``None`` (methods that project their own tokens, ``projects_own_tokens``).
         """
         px = pixel_values.to(self.device, self.dtype)
         if self.per_image_vision and self.device.type == "cuda":
-            return self.vision_tower_per_image(px, output_hidden_states)
-        return self._vision_tower(px, output_hidden_states)
+            return self.vision_tower_per_image(px, output_hidden_states, project)
+        return self._vision_tower(px, output_hidden_states, project)
 
-    def vision_tower_per_image(self, px: torch.Tensor, output_hidden_states: bool = False):
+    def vision_tower_per_image(self, px: torch.Tensor, output_hidden_states: bool = False, project: bool = True):
         """:meth:`encode_images` one image at a time: ``(B, 3, H, W)`` on the device -> the batched result.
 
         A batch-1 tower pass at 7B scale is ~300 kernel launches of small GEMMs; eager, its cost is
@@ -367,23 +370,28 @@ class LlavaAdapter(ModelAdapter):
         shape (``methods.base.CudaGraphCache``) and replayed per image: the same kernels, so the
         features are the ones a batch-1 call gets, bit for bit.
         """
-        run = self._tower_graph(output_hidden_states) if self._graphs_on() else (lambda p: self._vision_tower(p, output_hidden_states))
+        run = self._tower_graph(output_hidden_states, project) if self._graphs_on() else (lambda p: self._vision_tower(p, output_hidden_states, project))
         parts = [run(px[i : i + 1]) for i in range(px.shape[0])]
         if len(parts) == 1:
             return parts[0]
         if not output_hidden_states:
             return torch.cat(parts)
         hidden = tuple(torch.cat(layer) for layer in zip(*(h for _, h in parts)))
-        return torch.cat([f for f, _ in parts]), hidden
+        return (torch.cat([f for f, _ in parts]) if project else None), hidden
 
-    def _tower_graph(self, output_hidden_states: bool):
+    def _tower_graph(self, output_hidden_states: bool, project: bool = True):
         from methods.base import CudaGraphCache
 
-        return self.cached_graph(("vision_tower", bool(output_hidden_states)), lambda: CudaGraphCache(lambda p: self._vision_tower(p, output_hidden_states)))
+        return self.cached_graph(("vision_tower", bool(output_hidden_states), bool(project)),
+                                 lambda: CudaGraphCache(lambda p: self._vision_tower(p, output_hidden_states, project)))
 
-    def _vision_tower(self, px: torch.Tensor, output_hidden_states: bool):
-        """One eager tower + projector pass over the whole batch ``px`` (device, model dtype)."""
+    def _vision_tower(self, px: torch.Tensor, output_hidden_states: bool, project: bool = True):
+        """One eager tower + projector pass over the whole batch ``px`` (device, model dtype); ``project=False``:
+        the tower alone, ``(None, hidden_states)`` (every layer's output, as ``get_image_features`` records them)."""
         cfg = self.model.config
+        if not project:
+            out = self.model.model.vision_tower(px, output_hidden_states=True, return_dict=True)
+            return None, tuple(out.hidden_states)
         out = self.model.model.get_image_features(
             pixel_values=px,
             vision_feature_layer=cfg.vision_feature_layer,
@@ -426,11 +434,14 @@ class LlavaAdapter(ModelAdapter):
             from bench.models.vision_merge import encode_with_merging
 
             return encode_with_merging(self, pixel_values, method, sample_seeds, graphs=self._graphs_on())
+        own = method.stage == "pre_llm" and method.projects_own_tokens
         if method.needs:
-            feats, hidden = self.encode_images(pixel_values, output_hidden_states=True)
+            feats, hidden = self.encode_images(pixel_values, output_hidden_states=True, project=not own)
         else:
             feats, hidden = self.encode_images(pixel_values), None
         n = self.grid[0] * self.grid[1]
+        if own:  # the method projects the tokens it keeps: no projector on all N (its reduce reads the shape only)
+            feats = self.feature_placeholder(pixel_values.shape[0])
         if feats.shape[1] != n:
             raise IncompatibleMethodError(f"vision tower returned {feats.shape[1]} tokens, expected the {self.grid} grid")
         if method.stage == "in_llm" and not getattr(method, "pre_llm_selection", False):
@@ -439,6 +450,12 @@ class LlavaAdapter(ModelAdapter):
         if self.replays_selection(method):
             return self.graphed_selection(method)(feats, hidden)
         return method.reduce(feats, self.vision_context(sample_seeds, hidden, method.needs))
+
+    def feature_placeholder(self, b: int) -> torch.Tensor:
+        """``(B, N, D_llm)`` zeros of the model's dtype without memory (an expanded scalar): the projected
+        features' shape for a method that projects its own tokens (``projects_own_tokens``)."""
+        n = self.grid[0] * self.grid[1]
+        return torch.zeros((), dtype=self.dtype, device=self.device).expand(b, n, self.config.text_config.hidden_size)
 
     def replays_selection(self, method: PruningMethod) -> bool:
         """Whether :meth:`visual_selection` replays ``method``'s pre-LLM selection from a CUDA graph."""

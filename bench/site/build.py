@@ -183,7 +183,9 @@ def build_site(full: pd.DataFrame, records: list[dict[str, Any]], results_dir: s
              models=sorted({r["model"] for r in mrows}), defaults=defaults)
 
     # measured vs published
-    reference = pd.read_csv(REFERENCE / "reported_llava15_7b.csv")
+    from bench.published import load_reference
+
+    reference = load_reference(REFERENCE)
     gap = reported_gap(full, reference) if len(full) else pd.DataFrame()
     pub_plots = []
     for bench in sorted(reference["benchmark"].unique(), key=_bench_key):

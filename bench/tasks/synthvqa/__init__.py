@@ -39,19 +39,19 @@ metric_list:
     aggregation: mean
     higher_is_better: true
   - metric: acc_color
-    aggregation: !function utils.synthvqa_agg_color
+    aggregation: mean
     higher_is_better: true
   - metric: acc_shape
-    aggregation: !function utils.synthvqa_agg_shape
+    aggregation: mean
     higher_is_better: true
   - metric: acc_count
-    aggregation: !function utils.synthvqa_agg_count
+    aggregation: mean
     higher_is_better: true
   - metric: acc_position
-    aggregation: !function utils.synthvqa_agg_position
+    aggregation: mean
     higher_is_better: true
   - metric: acc_exist
-    aggregation: !function utils.synthvqa_agg_exist
+    aggregation: mean
     higher_is_better: true
 lmms_eval_specific_kwargs:
   default:

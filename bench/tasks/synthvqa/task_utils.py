@@ -1,14 +1,16 @@
 """lmms-eval hooks of the SynthVQA task (re-exported by the generated task directory's utils.py).
 
 Metrics: ``exact_match`` (overall accuracy; prediction normalised to its first lowercase word without
-punctuation) and ``acc_<qtype>`` per question type, aggregated like MME's per-category scores: every doc
-returns ``{"qtype", "score"}`` for each of them and the aggregation averages only the docs of its type.
+punctuation) and ``acc_<qtype>`` per question type. A document reports ``exact_match`` and the one
+``acc_<qtype>`` of its own type, so each per-type metric is the plain mean over its own documents and
+lmms-eval's ``mean`` aggregation gives each its own standard error (``sqrt(p(1-p)/(n-1))`` over that
+type's ``n`` documents). Emitting every ``acc_<qtype>`` for every document (as before) made lmms-eval
+compute each per-type stderr over all documents.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import re
 
 from PIL import Image
@@ -52,32 +54,5 @@ def normalize_answer(text: str) -> str:
 def synthvqa_process_results(doc, results):
     pred = normalize_answer(results[0] if results else "")
     score = 1.0 if pred == normalize_answer(doc["answer"]) else 0.0
-    out = {"exact_match": score}
-    for q in QTYPES:
-        out[f"acc_{q}"] = {"question_id": doc["question_id"], "qtype": doc["qtype"], "score": score}
-    return out
-
-
-def _agg(qtype: str, results) -> float:
-    scores = [r["score"] for r in results if r["qtype"] == qtype]
-    return sum(scores) / len(scores) if scores else math.nan
-
-
-def synthvqa_agg_color(results):
-    return _agg("color", results)
-
-
-def synthvqa_agg_shape(results):
-    return _agg("shape", results)
-
-
-def synthvqa_agg_count(results):
-    return _agg("count", results)
-
-
-def synthvqa_agg_position(results):
-    return _agg("position", results)
-
-
-def synthvqa_agg_exist(results):
-    return _agg("exist", results)
+    # only this document's own type: each acc_<qtype> then averages (and gets its stderr from) its own docs
+    return {"exact_match": score, f"acc_{doc['qtype']}": score}
