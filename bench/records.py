@@ -13,6 +13,10 @@ import yaml
 
 #: Top-level config keys that do not change a run's result, so not its identity.
 EXCLUDED_KEYS = ("results_dir", "overwrite", "verify", "logger", "hydra", "launcher", "local", "slurm", "paths", "wandb")
+#: Keys inside a group that are checks or permissions, not identity: the weights' content fingerprint
+#: already identifies what ran (``model.sha256`` pins are verified against it; ``allow_pickle_weights`` only
+#: permits a format, and the record's provenance says which one loaded).
+EXCLUDED_NESTED = {"model": ("sha256", "allow_pickle_weights")}
 
 
 def canonicalize(config: dict[str, Any]) -> dict[str, Any]:
@@ -28,6 +32,9 @@ def canonicalize(config: dict[str, Any]) -> dict[str, Any]:
 def identity(config: dict[str, Any], fingerprints: dict[str, str]) -> dict[str, Any]:
     """What defines a run: the resolved config minus runtime-only keys, plus content fingerprints."""
     ident = {k: v for k, v in config.items() if k not in EXCLUDED_KEYS}
+    for group, keys in EXCLUDED_NESTED.items():
+        if isinstance(ident.get(group), dict):
+            ident[group] = {k: v for k, v in ident[group].items() if k not in keys}
     ident["_fingerprints"] = dict(sorted(fingerprints.items()))
     return ident
 

@@ -54,11 +54,28 @@ def resolve_source(source: str) -> tuple[str, bool]:
     return source, False
 
 
+#: Weight files, by name: every one of them counts in a local model's fingerprint (retrained ``.bin`` weights
+#: must give a new run id, not reuse the old one). Files absent from a directory add nothing to the hash, so
+#: a safetensors-only model (the embedded one) keeps the fingerprint it always had.
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.npz")
+#: Weight formats that unpickle on load (``torch.load``): refused unless ``model.allow_pickle_weights=true``.
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def weight_files(root: Path) -> list[Path]:
+    """Weight files directly in ``root`` (where ``from_pretrained`` looks), sorted by path."""
+    return sorted({f for pat in WEIGHT_PATTERNS for f in root.glob(pat) if f.is_file()})
+
+
 def local_fingerprint(path: str) -> str:
-    """Content hash of a local model directory's config and weights (identifies retrained weights)."""
+    """Content hash of a local model directory's config, tokenizer and every weight file.
+
+    The hash runs over ``config.json``, ``tokenizer.json`` and the files of :data:`WEIGHT_PATTERNS`, sorted
+    by path, each as its name then its bytes; 16 hex characters.
+    """
     h = hashlib.sha256()
     root = Path(path)
-    files = sorted([*root.glob("config.json"), *root.glob("*.safetensors"), *root.glob("tokenizer.json")])
+    files = sorted({*root.glob("config.json"), *weight_files(root), *root.glob("tokenizer.json")})
     if not files:
         return "missing"
     for f in files:
@@ -67,6 +84,59 @@ def local_fingerprint(path: str) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
+
+
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, cached by (path, size, mtime) so a run checks each pinned file once."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA256_CACHE[key] = h.hexdigest()
+    return _SHA256_CACHE[key]
+
+
+def check_pins(model: str, root: Path, pins: dict[str, str] | None) -> None:
+    """Raise :class:`CorruptFileError` naming the first file under ``root`` whose sha256 is not its pin.
+
+    ``pins`` maps a file name relative to the model directory to its lowercase hex sha256
+    (``model.sha256`` in ``conf/model/*.yaml``).
+    """
+    for name, want in sorted((pins or {}).items()):
+        f = root / name
+        if not f.is_file():
+            raise CorruptFileError(f"model {model!r}: {f} is pinned by model.sha256 but does not exist")
+        got = file_sha256(f)
+        if got != str(want).lower():
+            raise CorruptFileError(
+                f"model {model!r}: {f} does not match its pinned sha256 (model.sha256[{name!r}]): expected {want}, "
+                f"found {got}. The file was changed or damaged; restore it, or remove the pin if this is a deliberately "
+                f"different checkpoint (it then gets its own run ids and leaderboard rows)."
+            )
+
+
+def pickle_weights(root: Path) -> list[Path]:
+    """Pickled weight files that ``from_pretrained`` would load from ``root`` (none when safetensors exist)."""
+    if any(root.glob("*.safetensors")):
+        return []
+    return sorted({f for pat in PICKLE_PATTERNS for f in root.glob(pat) if f.is_file()})
+
+
+def _hub_cached_file(repo_id: str, name: str) -> Path | None:
+    """The locally cached copy of ``name`` in a hub repo's snapshot, or ``None``."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        f = try_to_load_from_cache(repo_id, name)
+    except Exception:  # noqa: BLE001 - an unusable cache reads as "not cached"
+        return None
+    return Path(f) if isinstance(f, str) else None
 
 
 def hub_fingerprint(repo_id: str) -> str:
@@ -102,6 +172,12 @@ class LlavaAdapter(ModelAdapter):
     download : bool
         Allow fetching from the hub when weights are not cached (off by default: offline machines
         would otherwise hang on network retries).
+    sha256 : dict, optional
+        ``{file name: sha256}`` pins of weight files, checked before any model work (a mismatch exits 2
+        naming the file). Hub files are checked in the local cache.
+    allow_pickle_weights : bool
+        Load pickled weights (``*.bin``, ``*.pt``) when a model has no safetensors. Off by default: a
+        pickle can run code when loaded; the record's provenance says which format was loaded.
     """
 
     family = "llava"
@@ -131,6 +207,8 @@ class LlavaAdapter(ModelAdapter):
         attn_implementation: str = "sdpa",
         device: str = "auto",
         download: bool = False,
+        sha256: dict[str, str] | None = None,
+        allow_pickle_weights: bool = False,
         **_: Any,
     ) -> None:
         if weights not in ("pretrained", "random"):
@@ -141,6 +219,8 @@ class LlavaAdapter(ModelAdapter):
         self.config_file = config_file
         self.attn_implementation = attn_implementation
         self.download = download
+        self.sha256 = dict(sha256 or {})
+        self.allow_pickle_weights = bool(allow_pickle_weights)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = None
@@ -158,7 +238,50 @@ class LlavaAdapter(ModelAdapter):
         if self.weights == "random":
             return "random-init"
         path, local = resolve_source(self.source)
-        return local_fingerprint(path) if local else "hub"
+        if not local:
+            self.check_weights()
+            return "hub"
+        self.check_weights()
+        return local_fingerprint(path)
+
+    def check_weights(self) -> None:
+        """Before any model work: pinned files match their sha256 and pickled weights are opted in.
+
+        Raises :class:`CorruptFileError` (a pin mismatch, naming the file) or :class:`ConfigError` (pickled
+        weights without ``model.allow_pickle_weights=true``). Hub files not cached yet are checked after
+        the download, in :meth:`load`.
+        """
+        if self.weights == "random":
+            return
+        path, local = resolve_source(self.source)
+        if local:
+            root = Path(path)
+            if not root.is_dir():
+                return  # load() reports the missing weights
+            check_pins(self.name, root, self.sha256)
+            pickles = pickle_weights(root)
+            if pickles and not self.allow_pickle_weights:
+                names = ", ".join(f.name for f in pickles)
+                raise ConfigError(
+                    f"model {self.name!r}: {path} holds pickled weights ({names}) and no safetensors. Loading a pickle "
+                    f"can run code, so it is refused by default; convert the weights to safetensors, or pass "
+                    f"model.allow_pickle_weights=true if you trust the files (the record says so)."
+                )
+            return
+        for name, want in self.sha256.items():
+            f = _hub_cached_file(path, name)
+            if f is not None:  # <cache>/snapshots/<commit>/<name>
+                check_pins(self.name, Path(str(f)[: -len(name)]), {name: want})
+
+    def weights_format(self) -> str:
+        """``safetensors``, ``pickle`` (opted in with ``model.allow_pickle_weights``), ``random-init`` or, for a
+        hub model, ``hub-safetensors`` / ``hub-pickle``: what :meth:`load` reads."""
+        if self.weights == "random":
+            return "random-init"
+        path, local = resolve_source(self.source)
+        if local:
+            return "pickle" if pickle_weights(Path(path)) else "safetensors"
+        return "hub-pickle" if self.allow_pickle_weights and _hub_cached_file(path, "model.safetensors") is None and _hub_cached_file(path, "model.safetensors.index.json") is None else "hub-safetensors"
 
     def weights_revision(self) -> str:
         """Content hash (local) or snapshot commit (hub) of the weights actually loaded."""
@@ -217,7 +340,11 @@ class LlavaAdapter(ModelAdapter):
                     dtype=self.dtype,
                     attn_implementation=self.attn_implementation,
                     local_files_only=not self.download,
+                    # hub models: safetensors only unless pickles are opted in (local ones are checked in check_weights)
+                    use_safetensors=None if (local or self.allow_pickle_weights) else True,
                 ).to(self.device)
+                if not local and self.sha256:
+                    self.check_weights()  # now that the pinned files are in the cache
             except OSError as e:
                 msg = str(e)
                 if local or "safetensors" in msg.lower() and "header" in msg.lower():
