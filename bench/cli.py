@@ -186,6 +186,9 @@ def _hydra_app(session: Session):
 
 def cmd_run(args: list[str]) -> None:
     check_overrides(args)
+    from bench.redaction import hide_secret_overrides
+
+    args = hide_secret_overrides(args)
     sys.argv = [sys.argv[0], *args]
     session = Session()
     try:
@@ -272,6 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     if cmd not in COMMANDS:
         _die(f"unknown command {cmd!r}\n{USAGE}")
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    from bench.redaction import install_log_filter
+
+    install_log_filter()
     try:
         COMMANDS[cmd](rest)
     except BenchError as e:

@@ -11,6 +11,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from bench.redaction import redact
+
 #: Top-level config keys that do not change a run's result, so not its identity.
 EXCLUDED_KEYS = ("results_dir", "overwrite", "verify", "logger", "hydra", "launcher", "local", "slurm", "paths", "wandb")
 #: Keys inside a group that are checks or permissions, not identity: the weights' content fingerprint
@@ -89,7 +91,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """Atomic JSON, with secret-looking keys redacted (:func:`bench.redaction.redact`)."""
+    atomic_write_text(path, json.dumps(redact(obj), indent=2, sort_keys=False, default=str) + "\n")
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -97,7 +100,8 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def write_yaml(path: Path, obj: Any) -> None:
-    atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
+    """Atomic YAML, with secret-looking keys redacted (:func:`bench.redaction.redact`)."""
+    atomic_write_text(path, yaml.safe_dump(redact(obj), sort_keys=False))
 
 
 def read_record(path: Path) -> dict[str, Any] | None:

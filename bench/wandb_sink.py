@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from bench.redaction import redact
+
 log = logging.getLogger(__name__)
 _SECRET_KEYS = ("api_key", "apikey", "key", "token", "password", "secret")
 
@@ -47,7 +49,7 @@ def log_run(record: dict[str, Any], logger_cfg: dict[str, Any]) -> str | None:
             job_type="run",
             name=f"{record['model']}/{record['method']}/r{record['ratio']}/{record['benchmark']}",
             tags=list(logger_cfg.get("tags") or []),
-            config={k: v for k, v in record.get("config", {}).items() if k not in ("logger",)},
+            config=redact({k: v for k, v in record.get("config", {}).items() if k not in ("logger",)}),
             reinit="finish_previous",
         )
         summary = {"run_id": record["run_id"], "status": record["status"], "ratio": record["ratio"]}

@@ -116,8 +116,8 @@ def check_pins(model: str, root: Path, pins: dict[str, str] | None) -> None:
         if got != str(want).lower():
             raise CorruptFileError(
                 f"model {model!r}: {f} does not match its pinned sha256 (model.sha256[{name!r}]): expected {want}, "
-                f"found {got}. The file was changed or damaged; restore it, or remove the pin if this is a deliberately "
-                f"different checkpoint (it then gets its own run ids and leaderboard rows)."
+                f"found {got}. The file was changed or damaged: restore it. If model.source points at a deliberately "
+                f"different checkpoint, pass model.sha256={{}} (it then gets its own run ids and leaderboard rows)."
             )
 
 
