@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 import traceback
@@ -78,6 +79,14 @@ def check_overrides(args: list[str]) -> None:
             continue
         key, value = arg.split("=", 1)
         key = key.lstrip("+~")
+        if key.endswith("_target_"):  # anything else would call an arbitrary importable function
+            from bench.validate import check_target
+
+            try:
+                for v in _split_values(value) or [value]:
+                    check_target(key, v)
+            except BenchError as e:
+                _die(str(e))
         if key in GROUPS:
             from methods.registry import suggest
 
@@ -187,8 +196,18 @@ def _hydra_app(session: Session):
 def cmd_run(args: list[str]) -> None:
     check_overrides(args)
     from bench.redaction import hide_secret_overrides
+    from bench.validate import preflight, quote_paths
 
-    args = hide_secret_overrides(args)
+    # -m may stand anywhere on the command line
+    if any(a in ("-m", "--multirun") for a in args):
+        args = ["-m", *[a for a in args if a not in ("-m", "--multirun")]]
+    args = hide_secret_overrides(quote_paths(args))
+    try:
+        preflight(args)  # every job of a sweep, before any of them starts: bad input writes nothing
+    except BenchError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            traceback.print_exc()
+        _die(str(e), e.exit_code)
     sys.argv = [sys.argv[0], *args]
     session = Session()
     try:

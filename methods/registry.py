@@ -120,6 +120,11 @@ def _names_by_target() -> dict[str, str]:
     return {e.target: e.name for e in entries().values()}
 
 
+def targets() -> frozenset[str]:
+    """Every registered method class as ``methods.<module>.<Class>``: the only values ``method._target_`` may take."""
+    return frozenset(_names_by_target())
+
+
 def name_of(cls: type) -> str:
     """The registered name of a method class (for a class not in the registry: its module's name)."""
     return _names_by_target().get(f"{cls.__module__}.{cls.__qualname__}", cls.__module__.rpartition(".")[2])

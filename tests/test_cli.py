@@ -101,7 +101,7 @@ def test_corrupt_weights_exit_2(tmp_path, tiny_model_dir):
     shutil.copytree(tiny_model_dir, broken)
     (broken / "model.safetensors").write_bytes(b"\x00garbage, not a safetensors file")
     results = tmp_path / "results"
-    r = bench("run", f"model.source={broken}", "model.sha256={}", f"results_dir={results}")
+    r = bench("run", f"model.source={broken}", "model.sha256=null", f"results_dir={results}")
     assert r.returncode == 2, r.stderr[-2000:]
     assert "cannot read the weights" in r.stderr
     assert nothing_written(results)

@@ -31,7 +31,7 @@ def predictions(results: Path, run_id: str) -> list[tuple]:
 @pytest.fixture(scope="module")
 def ratio0_runs(tiny_model_dir, tmp_path_factory):
     results = tmp_path_factory.mktemp("e2e") / "results"
-    common = [f"model.source={tiny_model_dir}", "model.sha256={}", "benchmark.limit=24", "benchmark.batch_size=4", f"results_dir={results}", "logger=none", "measure.repeats=2"]
+    common = [f"model.source={tiny_model_dir}", "model.sha256=null", "benchmark.limit=24", "benchmark.batch_size=4", f"results_dir={results}", "logger=none", "measure.repeats=2"]
     r = bench("run", "-m", "method=none,random,pool", "ratio=0", *common)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return results, common
@@ -83,7 +83,7 @@ def test_leaderboard_rows_and_rerun_is_skipped(ratio0_runs):
 
 def test_pruned_run_records_kept_tokens(tiny_model_dir, tmp_path):
     results = tmp_path / "results"
-    r = bench("run", "method=random", "ratio=0.75", f"model.source={tiny_model_dir}", "model.sha256={}", "benchmark.limit=8", f"results_dir={results}", "logger=none", "measure.repeats=2")
+    r = bench("run", "method=random", "ratio=0.75", f"model.source={tiny_model_dir}", "model.sha256=null", "benchmark.limit=8", f"results_dir={results}", "logger=none", "measure.repeats=2")
     assert r.returncode == 0, r.stderr[-3000:]
     (rec,) = records(results)
     assert rec["efficiency"]["visual_tokens_kept"] == 144 and rec["ratio"] == 0.75
@@ -95,7 +95,7 @@ def test_wandb_offline_run_is_written_and_readable(tiny_model_dir, tmp_path):
 
     results, wdir = tmp_path / "results", tmp_path / "wb"
     secret = "tp-secret-api-key-0123456789"
-    r = bench("run", "method=pool", "ratio=0.5", f"model.source={tiny_model_dir}", "model.sha256={}", "benchmark.limit=8", f"results_dir={results}", "logger=wandb", f"logger.dir={wdir}", "measure.repeats=2", env={"WANDB_API_KEY": secret})
+    r = bench("run", "method=pool", "ratio=0.5", f"model.source={tiny_model_dir}", "model.sha256=null", "benchmark.limit=8", f"results_dir={results}", "logger=wandb", f"logger.dir={wdir}", "measure.repeats=2", env={"WANDB_API_KEY": secret})
     assert r.returncode == 0, r.stderr[-3000:]
     runs = sorted((wdir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1

@@ -60,7 +60,7 @@ def test_slurm_sweep_kill_and_resume(slurm_env, tiny_model_dir, tmp_path):
         "+slurm.timeout_min=15",
         "+slurm.cpus_per_task=1",
         f"model.source={tiny_model_dir}",
-        "model.sha256={}",  # another checkpoint than the pinned embedded one
+        "model.sha256=null",  # another checkpoint than the pinned embedded one
         "benchmark.limit=48",
         "benchmark.batch_size=1",
         f"results_dir={results}",

@@ -108,3 +108,14 @@ def test_pickled_weights_need_an_opt_in(tmp_path):
     assert adapter(TINY).weights_format() == "safetensors"
     a.load()
     assert a.model is not None
+
+
+def test_a_malicious_pickle_opted_in_is_refused_unread(tmp_path):
+    d = tmp_path / "evil"
+    shutil.copytree(TINY, d)
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"cos\nsystem\n(S'touch " + str(tmp_path / "PWNED").encode() + b"'\ntR.")
+    a = adapter(d, sha256=None, allow_pickle_weights=True)
+    with pytest.raises(CorruptFileError):
+        a.load()
+    assert not (tmp_path / "PWNED").exists()

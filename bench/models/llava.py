@@ -117,7 +117,7 @@ def check_pins(model: str, root: Path, pins: dict[str, str] | None) -> None:
             raise CorruptFileError(
                 f"model {model!r}: {f} does not match its pinned sha256 (model.sha256[{name!r}]): expected {want}, "
                 f"found {got}. The file was changed or damaged: restore it. If model.source points at a deliberately "
-                f"different checkpoint, pass model.sha256={{}} (it then gets its own run ids and leaderboard rows)."
+                f"different checkpoint, pass model.sha256=null (it then gets its own run ids and leaderboard rows)."
             )
 
 
@@ -357,6 +357,12 @@ class LlavaAdapter(ModelAdapter):
                     f"measurement with model.weights=random measure=efficiency."
                 ) from None
             except Exception as e:  # safetensors raises its own error types on truncated files
+                import pickle
+
+                if isinstance(e, pickle.UnpicklingError) or "weights only load failed" in str(e).lower():
+                    # torch.load(weights_only=True) refused a pickle that is not plain tensors: nothing ran
+                    raise CorruptFileError(f"model {self.name!r}: the pickled weights at {path} are not plain tensors and were "
+                                           f"refused unread ({str(e).splitlines()[0]}); use safetensors weights") from None
                 if "safetensor" in type(e).__module__.lower() or "header" in str(e).lower():
                     raise CorruptFileError(f"model {self.name!r}: cannot read the weights at {path}: {e}") from None
                 raise
