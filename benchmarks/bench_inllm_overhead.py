@@ -1,7 +1,7 @@
 """Scoring + bookkeeping overhead of the in-LLM methods vs their pruned prefill time, eager and CUDA graph.
 
 LLaVA-1.5-7B shapes with random weights (``bench/assets/configs/llava-1.5-7b-hf.json``), built directly
-on the GPU in fp16 with SDPA (``shared/docs/gpu.md``); prompt = 35 prefix + 576 image + 25 text tokens,
+on the GPU in fp16 with SDPA; prompt = 35 prefix + 576 image + 25 text tokens,
 no padding; each method prunes 576 -> 64 visual tokens at its first pruning layer (``budget: after_prune``;
 multi-stage methods continue their own schedule), at batch 1 and 16.
 

@@ -4,7 +4,7 @@ Methods decide *what to keep*; model adapters (``bench/models``) decide *where a
 A method never touches the model: everything it needs (the patch grid, CLS attention, keys of a
 vision layer, ...) reaches it through a :class:`VisionContext` built by the adapter.
 
-Conventions (``shared/docs/methods.md``, "The harness's conventions"):
+Conventions (``docs/methods.md``, "The harness's conventions"):
 
 * ``prune_ratio`` is the fraction of visual tokens *removed*, in ``[0, 1)``; a pre-LLM method keeps
   exactly ``round(N * (1 - prune_ratio))`` of the ``N`` visual tokens.

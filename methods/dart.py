@@ -1,7 +1,7 @@
 """DART (Wen et al., EMNLP'25, https://arxiv.org/abs/2502.11494): prune visual tokens by duplication.
 
 Official code: ``ZichenWen1/DART``, ``llava/model/language_model/modeling_llama_self.py``
-(``get_retained_image_token``). What it does (``shared/docs/methods.md`` 1 and 1b):
+(``get_retained_image_token``). What it does (``docs/methods.md`` 1 and 1b):
 
 * before layer ``K=2``: pivots are the top-4 image and top-4 text tokens (text = every token after
   the image) by the **L1 norm of layer K-1's post-RoPE keys**, heads concatenated;

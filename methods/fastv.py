@@ -1,7 +1,7 @@
 """FastV (Chen et al., ECCV'24, https://arxiv.org/abs/2403.06764): drop visual tokens inside the LLM.
 
 Official code: ``pkunlp-icler/FastV``, ``LlamaModel.forward`` (``USE_FAST_V and FASTV_INPLACE``) and
-``src/FastV/lmms-eval/fastv_kvcache.py``. What it does (``shared/docs/methods.md`` 1 and 1b):
+``src/FastV/lmms-eval/fastv_kvcache.py``. What it does (``docs/methods.md`` 1 and 1b):
 
 * score at layer ``K-1`` = head-mean of the **last prompt token's** attention row, over the image span;
 * keep ``topk`` of those scores, sorted, from layer ``K`` on (0-indexed; ``K=2`` by default);

@@ -13,7 +13,7 @@ KV cache). The contract between them:
 * :meth:`InLLMMethod.prune` gets a :class:`StageView` of the sequence entering the pruning layer and
   returns the kept indices into the current visual block (plus, for SparseVLM, merged tokens).
 
-Budget modes (``shared/docs/methods.md``, "The harness's conventions", 2), ``B = round(N * (1 - prune_ratio))``:
+Budget modes (``docs/methods.md``, "The harness's conventions", 2), ``B = round(N * (1 - prune_ratio))``:
 
 ``official`` (the default)
     the method's own published setting for the budget ``B``, whatever LLM compute it costs: FastV keeps

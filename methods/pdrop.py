@@ -1,7 +1,7 @@
 """PyramidDrop (Xing et al., CVPR'25, https://arxiv.org/abs/2410.17247): multi-stage in-LLM pruning.
 
 Official code: ``Cooperx521/PyramidDrop``, ``llava/model/modeling_llama_pdrop.py``
-(``pdrop_forward``, ``pdrop_rank_drop``). What it does (``shared/docs/methods.md`` 1 and 1b):
+(``pdrop_forward``, ``pdrop_rank_drop``). What it does (``docs/methods.md`` 1 and 1b):
 
 * after layers ``ℓ = 8, 16, 24`` (``layer_list``; the pruning happens before layer ``ℓ`` runs), the
   hidden states go through layer ``ℓ``'s ``input_layernorm``, ``q_proj``/``k_proj`` and RoPE on the

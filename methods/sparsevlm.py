@@ -2,7 +2,7 @@
 
 Official code: ``Gumpest/SparseVLMs``, ``llava/model/language_model/modelling_sparse_llama.py``
 (``LlamaDynamicvitModel.forward``), ``score.py::attn_postprocess_topk`` and
-``utils.py::cluster_and_merge``. What v1.5 does (``shared/docs/methods.md`` 1 and 1b):
+``utils.py::cluster_and_merge``. What v1.5 does (``docs/methods.md`` 1 and 1b):
 
 * *raters*: on the LLM input embeddings, ``m = softmax_text(V T^T).mean(over visual)``; the text
   tokens (every token after the image) with ``m > mean(m)`` rate the visual tokens;

@@ -3,7 +3,7 @@
 Official code: ``liaolea/TransPrune``, ``llava/model/modeling_llama_transprune.py``
 (``LlamaModel.transprune_forward``, ``transprune_rank_drop``, ``LlamaDecoderLayer_TransPrune.compute_transf_weight``)
 and its scripts (``--accmulating_layer_list [7..12] --pruning_layer_list [7,9,12]
---image_token_ratio_list [0.875,0.625,0.125]``). What it does (``shared/docs/methods.md`` 1 and 1b):
+--image_token_ratio_list [0.875,0.625,0.125]``). What it does (``docs/methods.md`` 1 and 1b):
 
 * *TTV* (token transition variation): for the attention and the FFN sublayer of every accumulating
   layer (rank ``r`` = layer ``r - 1`` for ``r`` in 7..12), ``(‖out‖ / ‖in‖) · softmax_seq(1 - cos(in, out))``

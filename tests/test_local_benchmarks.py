@@ -163,7 +163,7 @@ def llava_hf_evaluate(task: str, tm, limit: int | None = None) -> dict:
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.models.simple.llava_hf import LlavaHf
 
-    # under transformers 5 llava_hf needs an explicit device_map (shared/docs/lmms-eval.md); batch 1 is all it supports
+    # under transformers 5 llava_hf needs an explicit device_map; batch 1 is all it supports
     lm = LlavaHf(pretrained=str(ASSET), device="cpu", device_map="cpu", dtype="float32", batch_size=1, chat_template=LLAVA15_TEMPLATE)
     return simple_evaluate(
         model=lm, tasks=[task], task_manager=tm, limit=limit, batch_size=1, log_samples=True, bootstrap_iters=0,
