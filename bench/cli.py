@@ -275,11 +275,12 @@ def cmd_aggregate(args: list[str]) -> None:
     p.add_argument("--wandb", choices=["offline", "online"], help="also log the leaderboard and plots to a W&B summary run")
     p.add_argument("--wandb-dir", default=".", help="W&B writes <dir>/wandb/ (default: .)")
     p.add_argument("--wandb-group", default=None, help="W&B group of the summary run (e.g. the sweep's name)")
+    p.add_argument("--no-kept", action="store_true", help="leave the kept-token pictures out of the site (they run the embedded model)")
     ns = p.parse_args(args)
     if not (Path(ns.results_dir) / "runs").is_dir():
         _die(f"no run records under {ns.results_dir}/runs (run `python -m bench run` first)")
     wb = {"name": "wandb", "mode": ns.wandb, "project": "tokenprune-bench", "dir": ns.wandb_dir, "group": ns.wandb_group} if ns.wandb else None
-    aggregate(ns.results_dir, wandb=wb)
+    aggregate(ns.results_dir, wandb=wb, kept=not ns.no_kept)
 
 
 COMMANDS = {"run": cmd_run, "list": cmd_list, "ls": cmd_list, "aggregate": cmd_aggregate, "status": cmd_status}

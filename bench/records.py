@@ -71,8 +71,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     ``mkstemp``'s private ``0o600``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    for attempt in range(3):  # a concurrent cleanup may remove an empty parent between mkdir and mkstemp
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -83,6 +89,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def is_temp_file(path: Path) -> bool:
+    """Whether ``path`` is an in-flight temporary file of :func:`atomic_write_bytes` (``.<name>.<random>.tmp``)."""
+    name = Path(path).name
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

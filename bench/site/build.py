@@ -10,6 +10,7 @@ that this one does not write are removed, so the directory is exactly this build
 from __future__ import annotations
 
 import html
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from bench.plotstyle import method_styles
-from bench.records import atomic_write_bytes, atomic_write_text
+from bench.records import atomic_write_bytes, atomic_write_text, is_temp_file
 from bench.report import REFERENCE, _bench_key, reported_gap
 from bench.site.catalog import method_catalog
 from bench.site.figures import PARETO_X, efficiency_figures, efficiency_frames, pareto_figure, published_figure
@@ -206,10 +207,20 @@ def build_site(full: pd.DataFrame, records: list[dict[str, Any]], results_dir: s
     page("efficiency.html", "efficiency.html", title="efficiency", plots=eff_plots)
 
     # the directory is exactly this build: drop files an earlier build wrote and this one did not
+    # (another aggregate may be writing here at the same time: its temporary files are left alone unless
+    # an hour old, i.e. left by a crash, and a file or directory that vanished meanwhile is no error)
     keep = {p.resolve() for p in out.files}
+    keep_dirs = {d for p in keep for d in p.parents}
     for p in sorted(site_dir.rglob("*"), reverse=True):
-        if p.is_file() and p.resolve() not in keep:
-            p.unlink()
-        elif p.is_dir() and not any(p.iterdir()):
-            p.rmdir()
+        try:
+            if p.is_file() and p.resolve() not in keep:
+                if is_temp_file(p) and time.time() - p.stat().st_mtime < 3600:
+                    continue
+                p.unlink()
+            elif p.is_dir() and p.resolve() not in keep_dirs and not any(p.iterdir()):
+                p.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:  # a directory another build just filled
+            continue
     return out
