@@ -68,7 +68,9 @@ def entropy_cut(a: torch.Tensor, rpl: int, target_patches: int) -> int:
     p = a / a.sum(dim=-1, keepdim=True)
     ent = -torch.xlogy(p, p).sum(dim=-1) / torch.log(torch.tensor(n))
     r = (n - target_patches) / rpl**0.5 * (1 - ent**2)
-    return int(r.max().round())
+    # clamped at 0: near-uniform attention (random weights) in fp16 can round the entropy ratio above 1, and a
+    # negative cut would ask topk for more tokens than exist, where the official code stops with an error
+    return max(int(r.max().round()), 0)
 
 
 @dataclass

@@ -276,6 +276,19 @@ def test_flowcut_entropy_cut_formula():
     assert entropy_cut(b, 4, 64) == entropy_cut(a, 4, 64) and entropy_cut(b[1:], 4, 64) == 0
 
 
+def test_flowcut_entropy_cut_never_negative_in_fp16():
+    """Near-uniform fp16 attention (random weights, seen on the H100) rounds the entropy ratio above 1: the
+    formula gives a negative cut, which would ask topk for more tokens than exist; it is clamped at 0."""
+    from methods.flowcut import entropy_cut
+
+    g = torch.Generator().manual_seed(97)
+    a = (torch.full((1, 576), 1.0) + torch.rand(1, 576, generator=g) * 0.01).half()
+    p = a / a.sum(dim=-1, keepdim=True)
+    ratio = (-torch.xlogy(p, p).sum(dim=-1) / torch.log(torch.tensor(576))).item()
+    assert ratio > 1  # the case itself: unclamped, (576 - 64) * (1 - ratio**2) rounds to -1
+    assert round((576 - 64) * (1 - ratio**2)) < 0 and entropy_cut(a, 1, 64) == 0
+
+
 def test_flowcut_end_to_end_per_sample(adapter, batch):
     from methods.flowcut import FlowCut
 
