@@ -166,9 +166,11 @@ class ModelAdapter(abc.ABC):
         return dict(self.processor(images=images, text=prompts, return_tensors="pt", padding=True))
 
     @abc.abstractmethod
-    def probe_batch(self, batch_size: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    def probe_batch(self, batch_size: int = 1, seed: int = 0, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         """A synthetic processor-shaped batch at the family's real shapes (seeded ids and pixels): the input of
-        efficiency measurements without a benchmark sample."""
+        efficiency measurements without a benchmark sample. ``size``: the image's ``(H, W)`` in pixels (default:
+        the family's reference resolution); a family with one fixed input resolution refuses any other
+        (:class:`bench.errors.ConfigError`)."""
 
     # ------------------------------------------------------------------ visual layout
     @property

@@ -425,18 +425,21 @@ class LlavaAdapter(ModelAdapter):
     PROBE_TEXT = (35, 25)
     PROBE_VOCAB = 32000
 
-    def probe_batch(self, batch_size: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    def probe_batch(self, batch_size: int = 1, seed: int = 0, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         """LLaVA-1.5-shaped synthetic prompt: :attr:`PROBE_TEXT` seeded random text ids around one image's
         ``N`` placeholders, and seeded random pixels at the tower's resolution. Costs and latency do not
-        depend on the values, so methods compared on it see identical work."""
+        depend on the values, so methods compared on it see identical work. ``size``: the tower's own
+        resolution only (the processor resizes every image to it)."""
         g = torch.Generator().manual_seed(seed)
         cfg = self.config
+        side = cfg.vision_config.image_size
+        if size is not None and tuple(size) != (side, side):
+            raise ConfigError(f"model {self.name!r} encodes every image at {side}x{side}; a probe of {size[0]}x{size[1]} is not its input")
         n = self.grid[0] * self.grid[1]
         before, after = self.PROBE_TEXT
         text = torch.randint(3, min(cfg.text_config.vocab_size, self.PROBE_VOCAB), (before + after,), generator=g)
         text[text == self.image_token_id] = 3
         ids = torch.cat([text[:before], torch.full((n,), self.image_token_id), text[before:]]).unsqueeze(0).repeat(batch_size, 1)
-        side = cfg.vision_config.image_size
         pix = torch.randn(1, 3, side, side, generator=g).repeat(batch_size, 1, 1, 1)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix}
 
