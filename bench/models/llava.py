@@ -476,7 +476,26 @@ class LlavaAdapter(ModelAdapter):
             llm_kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
             llm_head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
             vocab=tc.vocab_size,
+            vision_patch_dim=vc.num_channels * vc.patch_size**2,
+            vision_heads=vc.num_attention_heads,
+            vision_cls=1 if self.has_cls else 0,
+            vision_mlp_matrices=2,
+            vision_merge=1,
+            # LLaVA's mlp2x_gelu: vision width -> LLM width -> LLM width
+            projector_dims=((vc.hidden_size, tc.hidden_size), (tc.hidden_size, tc.hidden_size)),
         )
+
+    def vision_stage(self, batch: dict[str, torch.Tensor]):
+        return self.encode_images(batch["pixel_values"])
+
+    def selection_stage(self, batch: dict[str, torch.Tensor], method: PruningMethod, sample_seeds: torch.Tensor):
+        if not (method.stage == "pre_llm" or getattr(method, "pre_llm_selection", False)):
+            return None
+        needs = bool(method.needs)
+        enc = self.encode_images(batch["pixel_values"], output_hidden_states=needs)
+        feats, hidden = enc if needs else (enc, None)
+        ctx = self.vision_context(sample_seeds, hidden, method.needs)
+        return lambda: method.reduce(feats, ctx)
 
     # --------------------------------------------------------------- forward
     @torch.no_grad()

@@ -228,3 +228,14 @@ class LlavaNextAdapter(LlavaAdapter):
         from dataclasses import replace
 
         return replace(super().flops_description(), family=self.family)
+
+    def vision_stage(self, batch: dict[str, torch.Tensor]):
+        return self.encode_images(batch["pixel_values"], batch["image_sizes"])
+
+    def selection_stage(self, batch: dict[str, torch.Tensor], method: PruningMethod, sample_seeds: torch.Tensor):
+        if method.stage != "pre_llm":
+            return None
+        sizes = batch["image_sizes"].cpu()
+        packed = self.encode_images(batch["pixel_values"], sizes)
+        srcs = [self.source_map(sizes[i], self._num_tiles(sizes[i])) for i in range(len(packed))]
+        return lambda: [self.select_image(f, src, method, sample_seeds[i]) for i, (f, src) in enumerate(zip(packed, srcs))]
