@@ -95,6 +95,10 @@ class Qwen25VLAdapter(LlavaAdapter):
             )
         if method.requires_cls:
             raise IncompatibleMethodError(f"method {method.name!r} is defined by [CLS] attention; Qwen2.5-VL's vision tower has no [CLS] token")
+        if method.merges and method.stage == "pre_llm":
+            raise IncompatibleMethodError(
+                f"method {method.name!r} merges tokens; on Qwen2.5-VL a merged token has no original M-RoPE position (kept tokens keep theirs)"
+            )
         if method.needs:
             raise IncompatibleMethodError(
                 f"method {method.name!r} needs CLIP vision-tower quantities ({', '.join(sorted(method.needs))}) that Qwen2.5-VL's tower does not provide"
