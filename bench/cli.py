@@ -30,8 +30,8 @@ commands:
                                   python -m bench run -m method=random,pool ratio=0.5,0.75,0.9
                              verify=true: re-answer recorded runs and check every answer equals the
                              record (writes nothing; exit code 3 if any differs)
-  list [models|methods|benchmarks]
-                             what the config tree offers
+  list [models|methods|benchmarks|families]
+                             what the config tree offers (families: which method runs on which family)
   aggregate [--results-dir DIR]
                              rebuild DIR/leaderboard.csv, tables and plots from the run records
   status [sweep overrides]   done / failed / running / missing runs of a sweep (e.g. +sweep=demo)
@@ -235,8 +235,13 @@ def cmd_run(args: list[str]) -> None:
 
 def cmd_list(args: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m bench list", description="List models, methods and benchmarks from the config tree.")
-    p.add_argument("what", nargs="?", choices=["models", "methods", "benchmarks"], help="only this group")
+    p.add_argument("what", nargs="?", choices=["models", "methods", "benchmarks", "families"], help="only this group")
     ns = p.parse_args(args)
+    if ns.what == "families":
+        from bench.families import markdown_table
+
+        print(markdown_table())
+        return
     groups = {"models": "model", "methods": "method", "benchmarks": "benchmark"}
     for title, group in groups.items():
         if ns.what and ns.what != title:

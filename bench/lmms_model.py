@@ -40,7 +40,7 @@ def manifest():
     """Entry-point payload for lmms-eval's V2 registry."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id=MODEL_ID, simple_class_path="bench.lmms_model.TokenPruneLlava")
+    return ModelManifest(model_id=MODEL_ID, simple_class_path="bench.lmms_model.TokenPruneModel")
 
 
 def sample_seed(run_seed: int, task: str, doc_id: int) -> int:
@@ -55,8 +55,8 @@ def first_line_cut(text: str, until: list[str]) -> str:
     return text
 
 
-class TokenPruneLlava(lmms):
-    """lmms-eval model that prunes visual tokens with a method before (or inside) the LLM.
+class TokenPruneModel(lmms):
+    """lmms-eval model of every family (through the adapter contract, ``bench/models/base.py``) that prunes visual tokens with a method before (or inside) the LLM.
 
     Parameters
     ----------
@@ -90,7 +90,7 @@ class TokenPruneLlava(lmms):
         super().__init__()
         if adapter is None:
             if run_config is None:
-                raise ValueError("TokenPruneLlava needs either adapter+method or run_config=<path to resolved config JSON>")
+                raise ValueError("TokenPruneModel needs either adapter+method or run_config=<path to resolved config JSON>")
             from bench.build import build_adapter, build_method
 
             cfg = json.loads(Path(run_config).read_text())
@@ -135,9 +135,7 @@ class TokenPruneLlava(lmms):
         return 1
 
     def _prompt(self, context: str) -> str:
-        from bench.models.llava import chat_prompt
-
-        return chat_prompt(self.adapter.processor, context.replace("<image>", "").strip())
+        return self.adapter.chat_prompt(context.replace("<image>", "").strip())
 
     def _processor(self):
         proc = self.adapter.processor
@@ -158,7 +156,7 @@ class TokenPruneLlava(lmms):
                 raise NotImplementedError(f"{task} doc {doc_id} has {len(vis)} images; only single-image samples are supported")
             images.append(vis[0].convert("RGB"))
         prompts = [self._prompt(c) for c in contexts]
-        batch = proc(images=images, text=prompts, return_tensors="pt", padding=True)
+        batch = self.adapter.process(images, prompts)
         seeds = torch.tensor([sample_seed(self.seed, t, d) for t, d in zip(tasks, doc_ids)], dtype=torch.long)
         lap("inputs")
         prepared = self.adapter.prepare(batch, self.method, seeds)
@@ -307,3 +305,7 @@ class TokenPruneLlava(lmms):
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("tokenprune: multi-round generation is not supported")
+
+
+#: the class's name before it ran every family (kept for existing imports)
+TokenPruneLlava = TokenPruneModel

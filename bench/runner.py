@@ -168,9 +168,10 @@ def _measure(run: Run, adapter, base: dict[str, Any], t0: float) -> tuple[dict[s
 def _visual_tokens(eff: dict[str, Any], adapter, method, cfg: dict[str, Any], acc: dict[str, Any] | None) -> None:
     """The visual tokens the LLM saw, into ``eff``: averaged over the evaluated samples when accuracy
     was measured, else those of the efficiency pass's sample."""
-    n_vis = adapter.grid[0] * adapter.grid[1]
+    n_vis = eff.pop("measured_visual_tokens_in", None)
     if acc is not None and acc["stats"]:
         st = acc["stats"]
+        n_vis = sum(s["visual_tokens_in"] for s in st) / len(st)
         kept = sum(s["visual_tokens_kept"] for s in st) / len(st)
         per_layer = [sum(col) / len(st) for col in zip(*(s["visual_tokens_per_layer"] for s in st))]
     else:
@@ -178,6 +179,10 @@ def _visual_tokens(eff: dict[str, Any], adapter, method, cfg: dict[str, Any], ac
         per_layer = eff.get("measured_visual_tokens_per_layer")
     eff.pop("measured_visual_tokens_kept", None)
     eff.pop("measured_visual_tokens_per_layer", None)
+    if n_vis is None:  # nothing measured: the family's reference grid
+        n_vis = adapter.grid[0] * adapter.grid[1]
+    # a count per image (LLaVA-NeXT's anyres, Qwen2.5-VL's dynamic resolution) averages to a float
+    n_vis = int(n_vis) if float(n_vis).is_integer() else round(float(n_vis), 3)
     eff["visual_tokens_in"] = n_vis
     eff["visual_tokens_kept"] = kept
     eff["visual_tokens_per_layer"] = [round(x, 3) for x in per_layer] if per_layer else None

@@ -18,7 +18,7 @@ class MetricValue(TypedDict):
 
 
 class Efficiency(TypedDict):
-    visual_tokens_in: int | None  # visual tokens per image before pruning (576 for LLaVA-1.5)
+    visual_tokens_in: float | None  # visual tokens per image before pruning (576 for LLaVA-1.5; a mean where the count varies per image: LLaVA-NeXT newlines included, Qwen2.5-VL)
     visual_tokens_kept: float | None  # mean over evaluated samples of the visual tokens that reach the LLM
     visual_tokens_per_layer: list[float] | None  # visual tokens entering each LLM decoder layer (mean over samples)
     visual_tokens_layer_mean: float | None  # mean of the list above (the `layer_mean` budget convention)

@@ -118,6 +118,9 @@ class PruningMethod:
     #: Whether the method reads ``ctx.grid`` as a 2-D raster (pooling, spatial neighbours); adapters whose
     #: budget unit is no single grid (LLaVA-NeXT's per-image budget) refuse it.
     needs_grid: ClassVar[bool] = False
+    #: Whether :meth:`reduce` outputs merged tokens (``kept_index`` ``None`` when pruning): they have no
+    #: original position, so adapters that keep original positions (Qwen2.5-VL's M-RoPE) refuse the method.
+    merges: ClassVar[bool] = False
     #: Whether :meth:`reduce` (with the extras it asks for) is CUDA-graph capturable: no host sync,
     #: output shapes independent of values, deterministic, ``ctx.sample_seeds`` unused (a graph would
     #: freeze it). Adapters may then replay it through :class:`CudaGraphCache`.

@@ -41,6 +41,8 @@ class Pool(PruningMethod):
     ``reduce`` maps ``(B, N, D) -> (B, h*w, D)``; tokens are merged, so ``kept_index`` is ``None``.
     """
 
+    merges: ClassVar[bool] = True
+
     needs_grid: ClassVar[bool] = True
 
     def selection_flops(self, cost) -> int:

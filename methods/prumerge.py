@@ -194,6 +194,8 @@ class PruMerge(PruningMethod):
         PruMerge and by the adaptive budget.
     """
 
+    merges: ClassVar[bool] = True
+
     budget: str = "fixed"
     attn_layer: int = -1
     feature_layer: int = -2

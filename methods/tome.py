@@ -173,6 +173,8 @@ class ToMe(PruningMethod):
         Proportional attention (``+ log(size)`` on the logits), as in ToMe.
     """
 
+    merges: ClassVar[bool] = True
+
     r: int | list[int] | None = None
     prop_attn: bool = True
 

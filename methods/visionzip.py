@@ -102,6 +102,8 @@ class VisionZip(PruningMethod):
         Explicit ``D`` and ``C`` (both or neither); they override the ratio.
     """
 
+    merges: ClassVar[bool] = True
+
     layer: int = -2
     contextual_share: float = 30 / 192
     dominant: int | None = None

@@ -27,7 +27,7 @@ import torch
 
 from bench.measure.flops import (
     NoSelectionFormula,
-    analytic_batch,
+    analytic_adapter,
     counter,
     paper_convention,
 )
@@ -123,10 +123,10 @@ def measure_efficiency(adapter, method, batch: dict[str, torch.Tensor], seeds: t
     cfg = adapter.model.config
     # the analytic model of the batch as run (rows at the padded length), per sample below
     try:
-        analytic = analytic_batch(cfg, method, prepared)
+        analytic = analytic_adapter(adapter, method, prepared, batch)
         selection = analytic.selection
     except NoSelectionFormula as e:
-        analytic, selection = analytic_batch(cfg, method, prepared, with_selection=False), None
+        analytic, selection = analytic_adapter(adapter, method, prepared, batch, with_selection=False), None
         notes.append(f"tflops_prefill_analytic and tflops_selection_analytic are null: {e}")
     # the papers' convention per sample on its own (unpadded) text length
     text = [int(prepared.attention_mask[i].sum()) - int(prepared.visual_tokens_kept[i]) for i in range(bsz)]
@@ -149,6 +149,7 @@ def measure_efficiency(adapter, method, batch: dict[str, torch.Tensor], seeds: t
         "peak_mem_bytes": peak,
         "device": device_name(device),
         "measured_batch_size": int(batch["input_ids"].shape[0]),
+        "measured_visual_tokens_in": float(sum(prepared.visual_tokens_in)) / bsz,
         "measured_visual_tokens_kept": kept,
         "measured_visual_tokens_per_layer": per_layer,
     }

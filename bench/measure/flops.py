@@ -394,3 +394,124 @@ def analytic_batch(config, method, prepared, with_selection: bool = True) -> Bre
     if with_selection:
         out.selection = selection_flops(config, method, sh)
     return out
+
+
+# ----------------------------------------------------------------------------------- families
+# The model below reads only the adapter's FlopsDescription and visual layout (bench/models/base.py), so
+# every family is counted by one formula: tiles of a CLIP tower (LLaVA-NeXT's base + anyres crops) or
+# Qwen2.5-VL's windowed tower, the projector or patch merger, and a grouped-query-attention LLM.
+
+
+def llm_prefill_flops(desc, seq_len: int, batch: int = 1, logits_positions: int = 1) -> int:
+    """FLOPs (2 x multiply-adds) of one LLM prefill of ``batch`` rows of ``seq_len`` tokens from a
+    :class:`~bench.models.base.FlopsDescription`.
+
+    Per layer: Q and O projections ``2 T D (H h)`` each, K and V ``2 T D (H_kv h)`` each (grouped-query
+    attention reads fewer K/V heads), scores and values ``2 T^2 H h`` each (the full square: causal masking is
+    not discounted, as SDPA kernels and ``FlopCounterMode`` count it), a SwiGLU MLP ``3 x 2 T D M``; plus the
+    ``lm_head`` on ``logits_positions`` positions per row.
+    """
+    d, hd = desc.llm_width, desc.llm_head_dim
+    t = int(seq_len)
+    proj = 2 * t * d * hd * (2 * desc.llm_heads + 2 * desc.llm_kv_heads)
+    attn = 2 * 2 * t * t * desc.llm_heads * hd
+    mlp = 2 * 3 * t * d * desc.llm_mlp
+    return batch * (desc.llm_layers * (proj + attn + mlp) + 2 * d * desc.vocab * logits_positions)
+
+
+def _windows(h: int, w: int, win: int) -> list[int]:
+    """Patches per attention window when an ``h x w`` patch grid is cut into ``win x win`` windows (edges smaller)."""
+    rows = [min(win, h - r) for r in range(0, h, win)]
+    cols = [min(win, w - c) for c in range(0, w, win)]
+    return [a * b for a in rows for b in cols]
+
+
+def vision_image_flops(desc, block) -> tuple[int, int]:
+    """``(tower, projector)`` FLOPs of one image, from its :class:`~bench.models.base.ImageBlock`.
+
+    * ``vision_window == 0`` (CLIP): ``block.tiles`` tiles of ``vision_tokens_per_tile`` tokens ([CLS] included),
+      every layer attending over its tile; the projector runs on every tile's patches (LLaVA-NeXT projects all
+      tiles, then unpads).
+    * ``vision_window > 0`` (Qwen2.5-VL): one image of ``(m H) x (m W)`` patches for its merged ``H x W`` grid;
+      layers in ``vision_full_layers`` attend over the whole image, the others within ``vision_window`` patch
+      windows (the sum of the windows' squares); the merger runs on the ``H W`` merged tokens.
+    """
+    d, m = desc.vision_width, desc.vision_mlp
+    dense = lambda n: 2 * n * (4 * d * d + desc.vision_mlp_matrices * d * m)  # noqa: E731 - q, k, v, o + MLP per token
+    proj_per_token = sum(2 * a * b for a, b in desc.projector_dims)
+    if desc.vision_window == 0:
+        t = desc.vision_tokens_per_tile
+        patches = t - desc.vision_cls
+        per_tile = 2 * patches * desc.vision_patch_dim * d + desc.vision_layers * (dense(t) + 2 * 2 * t * t * d)
+        return block.tiles * per_tile, block.tiles * patches * proj_per_token
+    (gh, gw), mm = block.grids[0], desc.vision_merge
+    ph, pw = gh * mm, gw * mm
+    n = ph * pw
+    windowed = sum(s * s for s in _windows(ph, pw, desc.vision_window))
+    tower = 2 * n * desc.vision_patch_dim * d
+    for layer in range(desc.vision_layers):
+        tower += dense(n) + 2 * 2 * d * (n * n if layer in desc.vision_full_layers else windowed)
+    return tower, gh * gw * proj_per_token
+
+
+class DescriptionCostModel(CostModel):
+    """:class:`CostModel` of a family read from its :class:`~bench.models.base.FlopsDescription` (no config):
+    pre-LLM selections on the projected visual tokens; tower quantities are not modelled (refused there)."""
+
+    def __init__(self, config, desc, shapes: Shapes) -> None:
+        self.config, self.shapes = config, shapes
+        self.batch, self.n_visual, self.kept = shapes.batch, shapes.n_visual, shapes.kept
+        self.vision_width = desc.vision_width
+        self.vision_head_dim = desc.vision_width // max(desc.vision_heads, 1)
+        self.has_cls = desc.vision_cls > 0
+        self.llm_width = desc.llm_width
+        self.llm_head_dim = desc.llm_head_dim
+        self.projector_per_token = sum(2 * a * b for a, b in desc.projector_dims)
+        self.after_image_rows = shapes.seq_len - shapes.vis_start - shapes.n_visual
+
+    def vision_extras(self, needs) -> int:
+        if needs:
+            raise NotImplementedError("vision-tower extras are modelled for LLaVA-1.5's CLIP tower only")
+        return 0
+
+    def tome_blocks(self, method):
+        raise NotImplementedError("in-tower merging is modelled for LLaVA-1.5's CLIP tower only")
+
+
+def analytic_adapter(adapter, method, prepared, batch: dict, with_selection: bool = True) -> Breakdown:
+    """Analytic FLOPs of ``adapter.prepare(batch)`` + ``adapter.prefill`` for any family, summed over samples.
+
+    One fixed-resolution tile per image (LLaVA-1.5) goes through :func:`analytic_batch` (which also models
+    in-tower merging, tower extras and in-LLM stages); other layouts through :func:`vision_image_flops` and
+    :func:`llm_prefill_flops`, with the method's selection from :class:`DescriptionCostModel` when every
+    sample's selection is one call over the same ``N`` tokens (raises :class:`NoSelectionFormula` otherwise).
+    """
+    desc = adapter.flops_description()
+    layouts = adapter.visual_layout(batch)
+    if desc.vision_window == 0 and all(b.tiles == 1 and len(b.grids) == 1 for blocks in layouts for b in blocks):
+        return analytic_batch(adapter.config, method, prepared, with_selection)
+    bsz, t = len(prepared.visual_tokens_kept), int(prepared.attention_mask.shape[1])
+    out = Breakdown(per_llm_layer=[0] * desc.llm_layers)
+    for blocks in layouts:
+        for b in blocks:
+            tower, proj = vision_image_flops(desc, b)
+            out.vision += tower
+            out.projector += proj
+    llm = llm_prefill_flops(desc, t, bsz, logits_positions=0)
+    out.llm = llm
+    out.per_llm_layer = [llm // desc.llm_layers] * desc.llm_layers
+    out.lm_head = bsz * 2 * desc.llm_width * desc.vocab
+    if with_selection and method.stage != "none" and method.prune_ratio > 0:
+        newlines = prepared.extras.get("newline_tokens") or [0] * bsz
+        n_in = {int(a) - int(nl) for a, nl in zip(prepared.visual_tokens_in, newlines)}
+        if len(n_in) != 1 or prepared.extras.get("budget") == "tile":
+            raise NoSelectionFormula("selection FLOPs are modelled for one selection call over the same N tokens per sample "
+                                     "(not per tile, nor over samples of different visual counts)")
+        spans = prepared.extras.get("image_spans")
+        sh = Shapes(bsz, n_in.pop(), tuple(int(k) - int(nl) for k, nl in zip(prepared.visual_tokens_kept, newlines)), t,
+                    int(spans[:, 0].min()) if spans is not None else 0)
+        try:
+            out.selection = int(method.selection_flops(DescriptionCostModel(adapter.config, desc, sh)))
+        except NotImplementedError as e:
+            raise NoSelectionFormula(f"no selection-FLOPs formula for method {method.name!r} on {desc.family}: {e}") from e
+    return out

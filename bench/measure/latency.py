@@ -109,7 +109,7 @@ class GraphPrefill:
         lm = adapter.model
         self.embeds = prepared.inputs_embeds.clone()
         self.mask = prepared.attention_mask.clone()
-        self.pos = (self.mask.long().cumsum(-1) - 1).clamp(min=0)
+        self.pos = adapter.position_ids(prepared).clone()  # the family's own (M-RoPE: 3-D; kept original ids)
 
         def fwd():
             return lm(inputs_embeds=self.embeds, attention_mask=self.mask, position_ids=self.pos, use_cache=False, logits_to_keep=1).logits
@@ -239,13 +239,14 @@ class CompiledPrefill:
     * ``in_llm`` methods are not handled: their hooks keep per-call Python state.
     """
 
-    def __init__(self, model, embeds: torch.Tensor, mask: torch.Tensor, variant: str | CompileVariant = DEFAULT_COMPILE_VARIANT, cuda_graph: bool | None = None, warmup: int = 3):
+    def __init__(self, model, embeds: torch.Tensor, mask: torch.Tensor, variant: str | CompileVariant = DEFAULT_COMPILE_VARIANT, cuda_graph: bool | None = None, warmup: int = 3, position_ids: torch.Tensor | None = None):
         self.variant = COMPILE_VARIANTS[variant] if isinstance(variant, str) else variant
         self.model = model
         self.device = embeds.device
         self.embeds = embeds.clone()
         self.full_mask = mask.clone()
-        self.pos = (self.full_mask.long().cumsum(-1) - 1).clamp(min=0)
+        # the adapter's positions (``ModelAdapter.position_ids``) when given, else the mask's cumulative sum
+        self.pos = (self.full_mask.long().cumsum(-1) - 1).clamp(min=0) if position_ids is None else position_ids.clone()
         self.mask = None if bool(self.full_mask.all()) else self.full_mask
         if self.variant.scope == "model":
             compiled = _compiled(_prefill_logits, self.variant)
@@ -315,7 +316,7 @@ def compiled_prefill_latency(adapter, method, prepared, warmup: int, repeats: in
     if method.stage == "in_llm":
         return entry, [f"prefill_compiled_graph is null: {method.name} prunes inside the LLM through hooks that keep per-call Python state; not compiled"]
     try:
-        g = CompiledPrefill(adapter.model, prepared.inputs_embeds, prepared.attention_mask, variant, warmup=warmup)
+        g = CompiledPrefill(adapter.model, prepared.inputs_embeds, prepared.attention_mask, variant, warmup=warmup, position_ids=adapter.position_ids(prepared))
         entry.update(compile_s=round(g.compile_s, 2), compile_reused=g.compile_reused, **g.check())
         timing = time_fn(g, device, warmup, repeats)
         del g
@@ -336,18 +337,17 @@ def stage_latencies(adapter, method, batch: dict[str, torch.Tensor], seeds: torc
     """
     device = adapter.device
     notes: list[str] = []
-    pix = batch["pixel_values"].to(device, adapter.dtype)
     out: dict[str, Any] = {}
-    out["vision_encoder"] = _t(time_fn(lambda: adapter.encode_images(pix), device, warmup, repeats))
+    out["vision_encoder"] = _t(time_fn(lambda: adapter.vision_stage(batch), device, warmup, repeats))
     # selection alone, given the tower's outputs (ToMe merges inside the tower: timed as part of it)
-    if method.stage == "pre_llm" or getattr(method, "pre_llm_selection", False):
-        needs = bool(method.needs)
-        enc = adapter.encode_images(pix, output_hidden_states=needs)
-        feats, hidden = enc if needs else (enc, None)
-        ctx = adapter.vision_context(seeds, hidden, method.needs)
-        out["selection"] = _t(time_fn(lambda: method.reduce(feats, ctx), device, warmup, repeats))
+    select = adapter.selection_stage(batch, method, seeds)
+    if select is not None:
+        out["selection"] = _t(time_fn(select, device, warmup, repeats))
         # what the adapter really runs on CUDA: extras + reduce replayed from a CUDA graph
         if adapter.replays_selection(method):
+            needs = bool(method.needs)
+            enc = adapter.encode_images(batch["pixel_values"], output_hidden_states=needs)
+            feats, hidden = enc if needs else (enc, None)
             gs = adapter.graphed_selection(method)
             out["selection_graph"] = _t(time_fn(lambda: gs(feats, hidden), device, warmup, repeats))
             notes.append("selection: eager method.reduce (extras precomputed); selection_graph: extras + reduce replayed from a CUDA graph, as the adapter runs it")
@@ -381,12 +381,11 @@ def stage_latencies(adapter, method, batch: dict[str, torch.Tensor], seeds: torc
         cache = first.past_key_values
         tok = first.logits[:, -1:].argmax(-1)
         mask = prepared.attention_mask
-        pos = mask.long().sum(-1, keepdim=True) - 1
         times: list[float] = []
         try:
             for step in range(warmup + repeats):
                 mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
-                pos = pos + 1
+                pos = adapter.next_position_ids(prepared, step)
                 t = time_fn(lambda: adapter.model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True), device, warmup=0, repeats=1)
                 if step >= warmup:
                     times.append(t.median_ms)

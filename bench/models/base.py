@@ -95,6 +95,17 @@ class FlopsDescription:
     llm_kv_heads: int
     llm_head_dim: int
     vocab: int
+    #: inputs of the patch embedding per patch (``C p^2``; Qwen2.5-VL's temporal patches ``C T p^2``)
+    vision_patch_dim: int = 0
+    vision_heads: int = 0
+    #: [CLS] tokens per tile (CLIP: 1)
+    vision_cls: int = 0
+    #: weight matrices of a tower MLP (CLIP: fc1, fc2 = 2; Qwen2.5-VL's SwiGLU: gate, up, down = 3)
+    vision_mlp_matrices: int = 2
+    #: patches per side merged into one LLM token (Qwen2.5-VL's merger: 2)
+    vision_merge: int = 1
+    #: the projector's ``(in, out)`` matrices applied to every LLM visual token it outputs
+    projector_dims: tuple[tuple[int, int], ...] = ()
 
 
 class ModelAdapter(abc.ABC):
@@ -111,7 +122,8 @@ class ModelAdapter(abc.ABC):
     * prompts: :meth:`chat_prompt` (the processor's chat template), :meth:`process` (images + prompts ->
       a processor batch), :meth:`probe_batch` (a synthetic batch of the family's real shapes);
     * the visual layout: :attr:`grid`, :attr:`has_cls`, :attr:`image_token_id`, :meth:`visual_layout`;
-    * running: :meth:`check_method`, :meth:`prepare`, :meth:`prefill`, :meth:`generate`;
+    * running: :meth:`check_method`, :meth:`prepare`, :meth:`prefill`, :meth:`generate`, :meth:`position_ids`,
+      :meth:`next_position_ids`, and the stages of ``prepare`` timed alone: :meth:`vision_stage`, :meth:`selection_stage`;
     * pruning hooks: :attr:`supported_stages`, :meth:`llm_pruning`, :attr:`language_model`,
       :attr:`decoder_layers`, :meth:`is_llama_rms_norm`, :meth:`replays_selection`;
     * costs: :meth:`kv_cache_bytes`, :meth:`llm_weight_bytes`, :meth:`flops_description`.
@@ -166,9 +178,11 @@ class ModelAdapter(abc.ABC):
         return dict(self.processor(images=images, text=prompts, return_tensors="pt", padding=True))
 
     @abc.abstractmethod
-    def probe_batch(self, batch_size: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    def probe_batch(self, batch_size: int = 1, seed: int = 0, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         """A synthetic processor-shaped batch at the family's real shapes (seeded ids and pixels): the input of
-        efficiency measurements without a benchmark sample."""
+        efficiency measurements without a benchmark sample. ``size``: the image's ``(H, W)`` in pixels (default:
+        the family's reference resolution); a family with one fixed input resolution refuses any other
+        (:class:`bench.errors.ConfigError`)."""
 
     # ------------------------------------------------------------------ visual layout
     @property
@@ -216,6 +230,31 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def generate(self, prepared: PreparedBatch, max_new_tokens: int = 16, method=None, **gen_kwargs) -> torch.Tensor:
         """Greedy generation from prepared inputs; returns ``(B, T_new)`` new token ids."""
+
+    def position_ids(self, prepared: PreparedBatch) -> torch.Tensor:
+        """Position ids of a prepared prompt as :meth:`prefill` and :meth:`generate` use them: ``(B, T)`` from the
+        attention mask's cumulative sum, or the adapter's own (``extras["position_ids"]``: original 1-D ids kept,
+        or Qwen2.5-VL's ``(3, B, T)`` M-RoPE positions)."""
+        pos = prepared.extras.get("position_ids")
+        if pos is None:
+            pos = (prepared.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return pos
+
+    def next_position_ids(self, prepared: PreparedBatch, step: int = 0) -> torch.Tensor:
+        """Position of decode step ``step`` (0: the first generated token): the prompt's largest position + 1 +
+        ``step`` in every dimension, as ``generate`` continues; ``(B, 1)`` or ``(3, B, 1)``."""
+        return self.position_ids(prepared).amax(dim=-1, keepdim=True) + 1 + step
+
+    def vision_stage(self, batch: dict[str, torch.Tensor]):
+        """The vision side of :meth:`prepare` alone on a processor batch (tower + projector, no method): what the
+        per-stage latency times as ``vision_encoder``."""
+        raise NotImplementedError(f"{type(self).__name__} does not time its vision stage alone")
+
+    def selection_stage(self, batch: dict[str, torch.Tensor], method, sample_seeds: torch.Tensor):
+        """A zero-argument callable running ``method``'s selection alone as :meth:`prepare` runs it, on the vision
+        stage's outputs computed once beforehand (timed as ``selection``); ``None`` when the method selects
+        inside a stage (the tower or the LLM)."""
+        return None
 
     # ------------------------------------------------------------------ pruning hooks
     @property

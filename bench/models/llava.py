@@ -425,18 +425,21 @@ class LlavaAdapter(ModelAdapter):
     PROBE_TEXT = (35, 25)
     PROBE_VOCAB = 32000
 
-    def probe_batch(self, batch_size: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    def probe_batch(self, batch_size: int = 1, seed: int = 0, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         """LLaVA-1.5-shaped synthetic prompt: :attr:`PROBE_TEXT` seeded random text ids around one image's
         ``N`` placeholders, and seeded random pixels at the tower's resolution. Costs and latency do not
-        depend on the values, so methods compared on it see identical work."""
+        depend on the values, so methods compared on it see identical work. ``size``: the tower's own
+        resolution only (the processor resizes every image to it)."""
         g = torch.Generator().manual_seed(seed)
         cfg = self.config
+        side = cfg.vision_config.image_size
+        if size is not None and tuple(size) != (side, side):
+            raise ConfigError(f"model {self.name!r} encodes every image at {side}x{side}; a probe of {size[0]}x{size[1]} is not its input")
         n = self.grid[0] * self.grid[1]
         before, after = self.PROBE_TEXT
         text = torch.randint(3, min(cfg.text_config.vocab_size, self.PROBE_VOCAB), (before + after,), generator=g)
         text[text == self.image_token_id] = 3
         ids = torch.cat([text[:before], torch.full((n,), self.image_token_id), text[before:]]).unsqueeze(0).repeat(batch_size, 1)
-        side = cfg.vision_config.image_size
         pix = torch.randn(1, 3, side, side, generator=g).repeat(batch_size, 1, 1, 1)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix}
 
@@ -473,7 +476,26 @@ class LlavaAdapter(ModelAdapter):
             llm_kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
             llm_head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
             vocab=tc.vocab_size,
+            vision_patch_dim=vc.num_channels * vc.patch_size**2,
+            vision_heads=vc.num_attention_heads,
+            vision_cls=1 if self.has_cls else 0,
+            vision_mlp_matrices=2,
+            vision_merge=1,
+            # LLaVA's mlp2x_gelu: vision width -> LLM width -> LLM width
+            projector_dims=((vc.hidden_size, tc.hidden_size), (tc.hidden_size, tc.hidden_size)),
         )
+
+    def vision_stage(self, batch: dict[str, torch.Tensor]):
+        return self.encode_images(batch["pixel_values"])
+
+    def selection_stage(self, batch: dict[str, torch.Tensor], method: PruningMethod, sample_seeds: torch.Tensor):
+        if not (method.stage == "pre_llm" or getattr(method, "pre_llm_selection", False)):
+            return None
+        needs = bool(method.needs)
+        enc = self.encode_images(batch["pixel_values"], output_hidden_states=needs)
+        feats, hidden = enc if needs else (enc, None)
+        ctx = self.vision_context(sample_seeds, hidden, method.needs)
+        return lambda: method.reduce(feats, ctx)
 
     # --------------------------------------------------------------- forward
     @torch.no_grad()

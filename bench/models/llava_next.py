@@ -204,24 +204,23 @@ class LlavaNextAdapter(LlavaAdapter):
         return PreparedBatch(new_ids, embeds, new_mask, n_in, kept, extras=extras)
 
     # --------------------------------------------------------------- synthetic input and costs
-    #: the probe image's size (height, width): 672 x 672 picks the 2 x 2 pinpoint, 2,880 tokens + 48 newlines
-    PROBE_IMAGE = (672, 672)
-
-    def probe_batch(self, batch_size: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Synthetic prompt of :attr:`PROBE_TEXT` text ids around one :attr:`PROBE_IMAGE` image's packed tokens,
-        with seeded random pixels for its tiles."""
+    def probe_batch(self, batch_size: int = 1, seed: int = 0, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """Synthetic prompt of :attr:`PROBE_TEXT` text ids around one image's packed tokens, with seeded random
+        pixels for its tiles; the image is ``size`` ``(H, W)`` pixels, by default twice the tile on each side
+        (672 x 672 for the 336 px tile: the 2 x 2 pinpoint, 576 + 2,304 tokens + 48 newlines)."""
         g = torch.Generator().manual_seed(seed)
         cfg = self.config
-        size = torch.tensor(self.PROBE_IMAGE)
-        if cfg.vision_config.image_size != 336:  # a small test config: an image twice its tile
-            size = torch.tensor([2 * cfg.vision_config.image_size] * 2)
+        side = cfg.vision_config.image_size
+        h, w = size or (2 * side, 2 * side)
+        if h < 1 or w < 1:
+            raise ConfigError(f"probe image size must be positive, got {h}x{w}")
+        size = torch.tensor([h, w])
         tiles = self._num_tiles(size)
         n = len(self.source_map(size, tiles))
         before, after = self.PROBE_TEXT
         text = torch.randint(3, min(cfg.text_config.vocab_size, self.PROBE_VOCAB), (before + after,), generator=g)
         text[text == self.image_token_id] = 3
         ids = torch.cat([text[:before], torch.full((n,), self.image_token_id), text[before:]]).unsqueeze(0).repeat(batch_size, 1)
-        side = cfg.vision_config.image_size
         pix = torch.randn(1, tiles, 3, side, side, generator=g).repeat(batch_size, 1, 1, 1, 1)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix, "image_sizes": size.view(1, 2).repeat(batch_size, 1)}
 
@@ -229,3 +228,14 @@ class LlavaNextAdapter(LlavaAdapter):
         from dataclasses import replace
 
         return replace(super().flops_description(), family=self.family)
+
+    def vision_stage(self, batch: dict[str, torch.Tensor]):
+        return self.encode_images(batch["pixel_values"], batch["image_sizes"])
+
+    def selection_stage(self, batch: dict[str, torch.Tensor], method: PruningMethod, sample_seeds: torch.Tensor):
+        if method.stage != "pre_llm":
+            return None
+        sizes = batch["image_sizes"].cpu()
+        packed = self.encode_images(batch["pixel_values"], sizes)
+        srcs = [self.source_map(sizes[i], self._num_tiles(sizes[i])) for i in range(len(packed))]
+        return lambda: [self.select_image(f, src, method, sample_seeds[i]) for i, (f, src) in enumerate(zip(packed, srcs))]

@@ -95,6 +95,10 @@ class Qwen25VLAdapter(LlavaAdapter):
             )
         if method.requires_cls:
             raise IncompatibleMethodError(f"method {method.name!r} is defined by [CLS] attention; Qwen2.5-VL's vision tower has no [CLS] token")
+        if method.merges and method.stage == "pre_llm":
+            raise IncompatibleMethodError(
+                f"method {method.name!r} merges tokens; on Qwen2.5-VL a merged token has no original M-RoPE position (kept tokens keep theirs)"
+            )
         if method.needs:
             raise IncompatibleMethodError(
                 f"method {method.name!r} needs CLIP vision-tower quantities ({', '.join(sorted(method.needs))}) that Qwen2.5-VL's tower does not provide"
@@ -272,4 +276,22 @@ class Qwen25VLAdapter(LlavaAdapter):
             llm_kv_heads=tc.num_key_value_heads,
             llm_head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
             vocab=tc.vocab_size,
+            vision_patch_dim=vc.in_channels * vc.temporal_patch_size * vc.patch_size**2,
+            vision_heads=vc.num_heads,
+            vision_cls=0,
+            vision_mlp_matrices=3,  # SwiGLU: gate, up, down
+            vision_merge=self.merge,
+            # the patch merger: m*m patches concatenated -> same width -> LLM width
+            projector_dims=((vc.hidden_size * self.merge**2, vc.hidden_size * self.merge**2), (vc.hidden_size * self.merge**2, vc.out_hidden_size)),
         )
+
+    def vision_stage(self, batch: dict[str, torch.Tensor]):
+        return self.encode_images(batch["pixel_values"], batch["image_grid_thw"].cpu())
+
+    def selection_stage(self, batch: dict[str, torch.Tensor], method: PruningMethod, sample_seeds: torch.Tensor):
+        if method.stage != "pre_llm":
+            return None
+        grids = self.image_grids(batch)
+        feats = self.vision_stage(batch)
+        ctxs = [VisionContext(grid=g, has_cls=False, sample_seeds=sample_seeds[i].view(1)) for i, g in enumerate(grids)]
+        return lambda: [method.reduce(f.unsqueeze(0), c) for f, c in zip(feats, ctxs)]
