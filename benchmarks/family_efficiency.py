@@ -4,7 +4,7 @@ One CSV per model under ``--out`` (default ``$OUT``), named ``<model>_<device>.c
 ``results/efficiency/llava15_7b_h100.csv``: per (image size, method, ratio) the visual tokens in and kept,
 the measured prefill time of the LLM (median and IQR of ``--repeats`` timings after ``--warmup``: CUDA
 events on GPU, wall clock on CPU), the prepare time (vision tower + selection + embeddings), KV-cache
-bytes, peak memory of the prefill, the LLM's analytic prefill FLOPs (:func:`llm_prefill_flops`, from the
+bytes, peak memory of the prefill, the LLM's analytic prefill FLOPs (``bench.measure.flops.llm_prefill_flops``, from the
 adapter's ``flops_description``: projections with grouped-query K/V, causal attention counted as the full
 ``T x T`` scores and values, SwiGLU MLP, ``lm_head`` on one position) and the roofline floor
 ``max(FLOPs / measured matmul peak, LLM weight bytes / measured copy bandwidth)``
@@ -64,21 +64,6 @@ def build(model: str, device: str, dtype: str):
     return get_class(cfg.pop("_target_"))(**cfg).load()
 
 
-def llm_prefill_flops(desc, t: int, batch: int, logits_positions: int = 1) -> int:
-    """Analytic FLOPs (2 per multiply-add) of one LLM prefill of ``batch`` sequences of ``t`` tokens.
-
-    Per layer: Q and O projections ``2 t d (H h)`` each, K and V ``2 t d (H_kv h)`` each (grouped-query
-    attention reads fewer K/V heads), scores and values ``2 t^2 H h`` each (causal masking not discounted:
-    SDPA kernels and ``FlopCounterMode`` count the full square), SwiGLU MLP ``3 x 2 t d m``; plus the
-    ``lm_head`` on ``logits_positions`` positions (``logits_to_keep=1`` in a prefill).
-    """
-    d, hd = desc.llm_width, desc.llm_head_dim
-    proj = 2 * t * d * hd * (2 * desc.llm_heads + 2 * desc.llm_kv_heads)
-    attn = 2 * 2 * t * t * desc.llm_heads * hd
-    mlp = 2 * 3 * t * d * desc.llm_mlp
-    return batch * (desc.llm_layers * (proj + attn + mlp) + 2 * d * desc.vocab * logits_positions)
-
-
 def device_tag(name: str) -> str:
     """Short device name for file names: ``h100`` for "NVIDIA H100 80GB HBM3", ``cpu`` for "cpu"."""
     m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Za-z]?)\b", name)
@@ -89,6 +74,7 @@ def measure_model(model: str, args) -> tuple[Path, list[dict]]:
     """Every (size, method, ratio) of one model; writes and returns its CSV."""
     import transformers
 
+    from bench.measure.flops import llm_prefill_flops
     from bench.measure.latency import measure_ceilings, roofline_ms
     from bench.measure.timing import time_fn
     from methods.registry import create
