@@ -109,8 +109,8 @@ browser-deps: ## install Debian's chromium if missing (for the leaderboard site'
 test: install slurm-deps browser-deps ## run every test that needs no GPU (GPU tests skip themselves), the real-Slurm sweep included
 	$(PY) -m pytest
 
-check: install ## fast tier for the edit-test loop: unit and config tests (no lmms-eval end-to-end runs, no Slurm), < 3 min
-	$(PY) -m pytest -m "not slow and not gpu" -q
+check: install ## fast tier for the edit-test loop: unit and config tests (no lmms-eval end-to-end runs, no Slurm, no per-case CLI processes), < 3 min
+	$(PY) -m pytest -m "not slow and not gpu and not integration" -q
 
 test-gpu: install ## run the GPU-marked tests (needs CUDA)
 	$(PY) -m pytest -m gpu

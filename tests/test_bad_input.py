@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# spawns the CLI once per case: part of `make test`, not of the fast `make check` tier
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "bench" / "assets" / "tiny-llava-synth"
 

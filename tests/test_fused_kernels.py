@@ -81,6 +81,7 @@ def check_rms(dev: str, shapes, dtypes=(torch.float16, torch.bfloat16)) -> float
     return diff / total
 
 
+@pytest.mark.integration
 def test_rope_and_norm_kernels_interpreted():
     """fp16 only: the interpreter rounds fp32 -> bfloat16 by truncation (numpy has no bfloat16), the GPU
     to nearest even as torch does, so bfloat16 is checked on the GPU."""

@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.redaction import REDACTED, hide_secret_overrides, install_log_filter, is_secret_key, redact
+
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +50,7 @@ def test_overrides_go_through_the_environment(monkeypatch):
     monkeypatch.delenv(value[9:-1])
 
 
+@pytest.mark.integration
 def test_a_planted_secret_reaches_no_file(tmp_path):
     """A sweep (so Hydra writes multirun.yaml) with W&B offline; every file written anywhere under the
     working directory, and the console output, are searched for the secret."""

@@ -235,6 +235,7 @@ _IMPORT = ("import sys, torch\nsys.path.insert(0, 'tests')\ntorch.set_num_thread
            "from test_select_kernels import check_topk_rank, check_matches_torch, check_sparsevlm, check_tome, check_l2_normalize\n")
 
 
+@pytest.mark.integration
 def test_kernels_interpreted():
     pytest.importorskip("triton")
     run_triton_interpreted(_IMPORT + "check_topk_rank()\ncheck_matches_torch()\ncheck_sparsevlm()\ncheck_tome()\ncheck_l2_normalize()\nprint('ok')\n", timeout=300)

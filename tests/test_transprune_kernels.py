@@ -192,11 +192,13 @@ def test_backend_is_validated():
             sublayer_stats.run("triton", [(x, x)])
 
 
+@pytest.mark.integration
 def test_stats_and_finish_kernels_interpreted():
     pytest.importorskip("triton")
     run_triton_interpreted(_IMPORT + "check_stats()\ncheck_stats_group()\ncheck_finish()\nprint('ok')\n", timeout=300)
 
 
+@pytest.mark.integration
 def test_triton_backend_keeps_what_torch_keeps_interpreted():
     pytest.importorskip("triton")
     run_triton_interpreted(_IMPORT + "check_end_to_end()\nprint('ok')\n", timeout=300)
