@@ -209,6 +209,9 @@ class SparseVLM(InLLMMethod):
     capture_offsets: ClassVar[tuple[int, ...]] = (-1,)
     official_measure: ClassVar[str] = "layer_mean"
     official_is_table: ClassVar[bool] = True
+    #: visual tokens the published schedules (``SCHEDULES``) count from: LLaVA-1.5's 576, the official
+    #: reference; on a model with another ``N`` (``n_vis``, from the adapter) the counts scale by ``N / ref_tokens``
+    ref_tokens: ClassVar[int] = 576
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -254,13 +257,13 @@ class SparseVLM(InLLMMethod):
     # -------------------------------------------------------------- schedule
     def _shape(self, target: int, n_vis: int) -> tuple[int, tuple[int, ...]]:
         table = SCHEDULES[self.version]
-        ref_b = min(table, key=lambda x: (abs(x * n_vis / 576 - target), x))
+        ref_b = min(table, key=lambda x: (abs(x * n_vis / self.ref_tokens - target), x))
         return ref_b, table[ref_b]
 
     def selected_counts(self, n_vis: int, n_layers: int) -> list[int]:
         target = self.target(n_vis)
         ref_b, shape = self._shape(target, n_vis)
-        scale_n = n_vis / 576
+        scale_n = n_vis / self.ref_tokens
         if self.budget == "official":
             if round(ref_b * scale_n) == target:
                 return [max(1, round(s * scale_n)) for s in shape]

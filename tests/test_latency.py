@@ -17,7 +17,6 @@ from conftest import TINY_SIZES
 from bench.measure.latency import (
     COMPILE_VARIANTS,
     CompiledPrefill,
-    decoder_layers,
     stage_latencies,
 )
 from bench.models.llava import LlavaAdapter
@@ -32,6 +31,11 @@ def tiny_lm(device="cpu", dtype=torch.float32):
     from bench.tiny_llava import build_model
 
     return build_model(TINY_SIZES).to(device, dtype).eval()
+
+
+def layers_of(model) -> torch.nn.ModuleList:
+    """The tiny LLaVA's decoder layers, as its adapter hands them to ``CompiledPrefill`` (``LlavaAdapter.decoder_layers``)."""
+    return model.model.language_model.layers
 
 
 def inputs(t: int, pad: int = 0, device="cpu", dtype=torch.float32, seed: int = 0):
@@ -53,35 +57,35 @@ def unique_graphs() -> int:
 def test_compiled_prefill_matches_eager_and_reuses_its_compile(variant):
     model = tiny_lm()
     embeds, mask = inputs(24)
-    first = CompiledPrefill(model, embeds, mask, variant)
+    first = CompiledPrefill(model, embeds, mask, variant, layers=layers_of(model))
     assert first.graph is None and first.mask is None  # CPU: no capture; all-ones mask dropped
     c = first.check()
     assert c["max_abs_diff_vs_eager"] <= 1e-5 * c["max_abs_eager"], c
     assert not first.compile_reused and first.compile_s > 0
     n = unique_graphs()
     # same shapes (another method at the same kept count): no new graph, whatever the values
-    again = CompiledPrefill(model, embeds * 2, mask, variant)
+    again = CompiledPrefill(model, embeds * 2, mask, variant, layers=layers_of(model))
     assert again.compile_reused and unique_graphs() == n
     assert torch.allclose(again(), again.eager_logits(), atol=1e-5)
     # another sequence length: compiled again (static shapes), still equal to eager
-    other = CompiledPrefill(model, *inputs(17), variant)
+    other = CompiledPrefill(model, *inputs(17), variant, layers=layers_of(model))
     assert not other.compile_reused and unique_graphs() == n + 1
     c = other.check()
     assert c["max_abs_diff_vs_eager"] <= 1e-5 * c["max_abs_eager"], c
     # the model is left as it was (layer scope installs compiled forwards only during a call)
-    assert all("forward" not in layer.__dict__ for layer in decoder_layers(model))
+    assert all("forward" not in layer.__dict__ for layer in layers_of(model))
 
 
 @torch.no_grad()
 def test_compiled_prefill_with_left_padding_keeps_the_mask():
     model = tiny_lm()
     embeds, mask = inputs(20, pad=5, seed=1)
-    g = CompiledPrefill(model, embeds, mask, "aot_eager-layers")
+    g = CompiledPrefill(model, embeds, mask, "aot_eager-layers", layers=layers_of(model))
     assert g.mask is not None
     c = g.check()
     assert c["max_abs_diff_vs_eager"] <= 1e-5 * c["max_abs_eager"], c
     # the padded sample's logits differ from those of the unpadded prompt of the same embeddings
-    unpadded = CompiledPrefill(model, embeds[1:, 5:], mask[1:, 5:], "aot_eager-layers")
+    unpadded = CompiledPrefill(model, embeds[1:, 5:], mask[1:, 5:], "aot_eager-layers", layers=layers_of(model))
     assert torch.allclose(g()[1], unpadded()[0], atol=1e-4)
 
 
@@ -129,7 +133,7 @@ def test_compiled_graph_logits_match_eager_fp16(variant):
     model = tiny_lm("cuda", torch.float16)
     for pad in (0, 4):
         embeds, mask = inputs(40, pad=pad, device="cuda", dtype=torch.float16)
-        g = CompiledPrefill(model, embeds, mask, variant)
+        g = CompiledPrefill(model, embeds, mask, variant, layers=layers_of(model))
         assert g.graph is not None
         c = g.check()
         assert c["max_abs_diff_vs_eager"] <= 1e-2 * c["max_abs_eager"] + 1e-3, c

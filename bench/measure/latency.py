@@ -175,9 +175,9 @@ def _prefill_logits(model, embeds: torch.Tensor, mask: torch.Tensor | None, pos:
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The LLM's decoder layers of a LLaVA model (``model.model.language_model.layers``) or a causal LM."""
-    inner = getattr(model, "model", model)
-    return getattr(inner, "language_model", inner).layers
+    """The decoder layers of a plain causal LM (``model.model.layers``); a VLM's come from its adapter
+    (``ModelAdapter.decoder_layers``), which :class:`CompiledPrefill` takes as ``layers``."""
+    return getattr(model, "model", model).layers
 
 
 def _compiled(fn: Callable, variant: CompileVariant) -> Callable:
@@ -237,9 +237,11 @@ class CompiledPrefill:
       same shapes (other methods at the same kept count) reuse it. ``compile_s`` is that first
       call's time (compile + one run), ``compile_reused`` whether this instance found it done.
     * ``in_llm`` methods are not handled: their hooks keep per-call Python state.
+    * ``layers``: the decoder layers the ``layers`` scope compiles (a VLM's from its adapter,
+      ``ModelAdapter.decoder_layers``); default: a plain causal LM's ``model.model.layers``.
     """
 
-    def __init__(self, model, embeds: torch.Tensor, mask: torch.Tensor, variant: str | CompileVariant = DEFAULT_COMPILE_VARIANT, cuda_graph: bool | None = None, warmup: int = 3, position_ids: torch.Tensor | None = None):
+    def __init__(self, model, embeds: torch.Tensor, mask: torch.Tensor, variant: str | CompileVariant = DEFAULT_COMPILE_VARIANT, cuda_graph: bool | None = None, warmup: int = 3, position_ids: torch.Tensor | None = None, layers: torch.nn.ModuleList | None = None):
         self.variant = COMPILE_VARIANTS[variant] if isinstance(variant, str) else variant
         self.model = model
         self.device = embeds.device
@@ -254,7 +256,7 @@ class CompiledPrefill:
             def fwd():
                 return compiled(self.model, self.embeds, self.mask, self.pos)
         elif self.variant.scope == "layers":
-            layers = decoder_layers(model)
+            layers = decoder_layers(model) if layers is None else layers
             compiled = _compiled(type(layers[0]).forward, self.variant)
 
             def fwd():
@@ -316,7 +318,7 @@ def compiled_prefill_latency(adapter, method, prepared, warmup: int, repeats: in
     if method.stage == "in_llm":
         return entry, [f"prefill_compiled_graph is null: {method.name} prunes inside the LLM through hooks that keep per-call Python state; not compiled"]
     try:
-        g = CompiledPrefill(adapter.model, prepared.inputs_embeds, prepared.attention_mask, variant, warmup=warmup, position_ids=adapter.position_ids(prepared))
+        g = CompiledPrefill(adapter.model, prepared.inputs_embeds, prepared.attention_mask, variant, warmup=warmup, position_ids=adapter.position_ids(prepared), layers=adapter.decoder_layers)
         entry.update(compile_s=round(g.compile_s, 2), compile_reused=g.compile_reused, **g.check())
         timing = time_fn(g, device, warmup, repeats)
         del g
