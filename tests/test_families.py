@@ -37,6 +37,19 @@ def test_table_covers_the_registry_and_refusals_carry_a_reason():
     assert table["divprune"]["Qwen2.5-VL"] == "yes" and table["fastervlm"]["Qwen2.5-VL"].startswith("no: ")
 
 
+def test_refusals_name_the_stage_that_is_missing():
+    """An in-vision method is refused for its tower path, an in-LLM one for the LLM runner (not the other's reason)."""
+    from bench.families import support
+
+    table = support()
+    for fam in ("LLaVA-NeXT", "Qwen2.5-VL"):
+        for name in ("tome", "flowcut"):
+            assert "vision tower" in table[name][fam] and "in-LLM" not in table[name][fam], (name, fam, table[name][fam])
+        for name in ("fastv", "pdrop", "sparsevlm", "dart", "transprune"):
+            assert "in-LLM" in table[name][fam], (name, fam, table[name][fam])
+    assert "varies per image" in table["fastv"]["LLaVA-NeXT"]
+
+
 @pytest.fixture(scope="module")
 def tiny_adapters():
     return {(m, tuple(ov.items())): adapter_for(m, **ov).load() for m, ov, _ in TINY}

@@ -66,10 +66,17 @@ class LlavaNextAdapter(LlavaAdapter):
         return self.grid[0] * self.grid[1]
 
     def check_method(self, method: PruningMethod) -> None:
+        if method.stage == "in_vision":
+            raise IncompatibleMethodError(
+                f"method {method.name!r} prunes or merges inside the vision tower (stage 'in_vision'); on LLaVA-NeXT the "
+                "tower runs once per 336 px tile (base + anyres crops) and the in-tower path (bench.models.vision_merge, "
+                "vision_prune) handles a single tile per image, not the tiles' stitching and unpadding"
+            )
         if method.stage not in self.supported_stages:
             raise IncompatibleMethodError(
                 f"method {method.name!r} prunes at stage {method.stage!r}; on LLaVA-NeXT only pre-LLM pruning is "
-                "implemented (in-LLM hooks assume one image block of equal size in every sample)"
+                "implemented (the in-LLM runner, bench.models.llm_pruning, plans one schedule for one visual-token count "
+                "shared by the batch, and LLaVA-NeXT's count varies per image)"
             )
         if method.needs:
             raise IncompatibleMethodError(

@@ -88,6 +88,12 @@ class Qwen25VLAdapter(LlavaAdapter):
         return self.config.image_token_id
 
     def check_method(self, method: PruningMethod) -> None:
+        if method.stage == "in_vision":
+            raise IncompatibleMethodError(
+                f"method {method.name!r} prunes or merges inside the vision tower (stage 'in_vision'); the in-tower path "
+                "(bench.models.vision_merge, vision_prune) is written for CLIP layers, not Qwen2.5-VL's windowed tower "
+                "and its 2x2 patch merger"
+            )
         if method.stage not in self.supported_stages:
             raise IncompatibleMethodError(
                 f"method {method.name!r} prunes at stage {method.stage!r}; on Qwen2.5-VL only pre-LLM pruning is implemented "
