@@ -202,3 +202,99 @@ def test_probe_batch_runs(adapter):
     prepared = adapter.prepare(batch, create("divprune", 0.5), seeds(2))
     assert prepared.visual_tokens_in[0] == 16 + 64 + 8  # base tile + 8 x 8 grid + 8 newlines
     assert adapter.prefill(prepared).logits.shape[:2] == (2, 1)
+
+
+# ----------------------------------------------------------------------------- HoloV (official LLaVA-NeXT port)
+def _holov():
+    return create("holov", 0.6, chunks=4)  # 4 chunks: the tiny images have 48-80 non-newline tokens
+
+
+def _eager_cls_attention(adapter, pixels, tiles, layer):
+    """``(P, n)`` head-mean CLS-row attention of every tile at ``layer``, from an eager copy of the tower's
+    ``output_attentions`` (independent of ``bench.models.clip_extras``)."""
+    import copy
+
+    vt = copy.deepcopy(adapter.model.model.vision_tower)
+    vt.config._attn_implementation = "eager"
+    with torch.no_grad():
+        att = vt(pixels[:tiles], output_attentions=True).attentions[layer]  # (P, H, 1 + n, 1 + n)
+    return att[:, :, 0, 1:].mean(dim=1).float()
+
+
+def _decode_by_hand(adapter, emb, steps):
+    out = adapter.model(inputs_embeds=emb, use_cache=True)
+    toks = []
+    for _ in range(steps):
+        nxt = out.logits[:, -1].argmax(-1)
+        toks.append(int(nxt))
+        if int(nxt) == EOS:
+            break
+        out = adapter.model(input_ids=nxt.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+    return toks
+
+
+def test_holov_ratio_zero_is_the_unpruned_model_bit_for_bit(adapter):
+    batch = make_batch(adapter, SIZES[:3])
+    prepared = adapter.prepare(batch, create("holov", 0.0), seeds(3))
+    assert prepared.extras["newline_tokens_kept"] == prepared.extras["newline_tokens"]
+    ours = adapter.generate(prepared, max_new_tokens=6)
+    ref = adapter.model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
+    assert torch.equal(ours, ref)
+
+
+@torch.no_grad()
+def test_holov_pruned_generate_equals_the_official_layout_built_by_hand(adapter):
+    """HoloV's official LLaVA-NeXT code: per-tile CLS attention stitched and unpadded like the features, newlines
+    dropped, one HoloV call per image over [base tile; unpadded grid]; the rows it returns (zero rows included)
+    are the image's tokens. Rebuilt here from the eager tower's attentions and ``holov_select``."""
+    from methods.holov import holov_select
+
+    batch = make_batch(adapter, SIZES[:3])
+    m = _holov()
+    prepared = adapter.prepare(batch, m, seeds(3))
+    ours = adapter.generate(prepared, max_new_tokens=5)
+    packed = adapter.encode_images(batch["pixel_values"], batch["image_sizes"])
+    for i in range(3):
+        size = batch["image_sizes"][i]
+        tiles = adapter._num_tiles(size)
+        src = adapter.source_map(size, tiles)
+        vis = (src >= 0).nonzero().flatten()
+        attn_tiles = _eager_cls_attention(adapter, batch["pixel_values"][i], tiles, m.layer)
+        a = attn_tiles[src[vis] // adapter.tile_tokens, src[vis] % adapter.tile_tokens]
+        x = packed[i][vis]
+        idx = holov_select(x.unsqueeze(0), a.unsqueeze(0), m.n_keep(len(vis)), m.chunks, m.alpha)[0]
+        rows = x[idx.clamp(min=0)] * (idx >= 0).unsqueeze(-1).to(x.dtype)
+        assert prepared.visual_tokens_kept[i] == len(idx) == m.n_keep(len(vis))
+        assert prepared.extras["newline_tokens_kept"][i] == 0 < prepared.extras["newline_tokens"][i]
+        seq = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+        start = int((seq == IMG).nonzero()[0])
+        text = adapter.model.get_input_embeddings()(seq)
+        emb = torch.cat([text[:start], rows, text[start + len(src):]]).unsqueeze(0)
+        s0, s1 = prepared.extras["image_spans"][i].tolist()
+        assert torch.equal(prepared.inputs_embeds[i, s0:s1], rows)
+        toks = _decode_by_hand(adapter, emb, 5)
+        assert ours[i].tolist()[: len(toks)] == toks
+
+
+def test_holov_batch_of_8_equals_batch_of_1(adapter):
+    batch = make_batch(adapter, SIZES)
+    m = _holov()
+    prepared = adapter.prepare(batch, m, seeds(8))
+    together = adapter.generate(prepared, max_new_tokens=4)
+    for i in range(8):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
+        one["attention_mask"] = torch.ones_like(one["input_ids"])
+        p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
+        assert p1.visual_tokens_kept[0] == prepared.visual_tokens_kept[i]
+        assert together[i].tolist() == adapter.generate(p1, max_new_tokens=4)[0].tolist()
+
+
+def test_holov_only_with_its_official_budget(adapter):
+    adapter.budget = "tile"
+    try:
+        with pytest.raises(IncompatibleMethodError, match="model.budget=image"):
+            adapter.check_method(_holov())
+    finally:
+        adapter.budget = "image"
+    adapter.check_method(_holov())

@@ -503,12 +503,13 @@ def analytic_adapter(adapter, method, prepared, batch: dict, with_selection: boo
     out.lm_head = bsz * 2 * desc.llm_width * desc.vocab
     if with_selection and method.stage != "none" and method.prune_ratio > 0:
         newlines = prepared.extras.get("newline_tokens") or [0] * bsz
+        sent = prepared.extras.get("newline_tokens_kept") or newlines
         n_in = {int(a) - int(nl) for a, nl in zip(prepared.visual_tokens_in, newlines)}
         if len(n_in) != 1 or prepared.extras.get("budget") == "tile":
             raise NoSelectionFormula("selection FLOPs are modelled for one selection call over the same N tokens per sample "
                                      "(not per tile, nor over samples of different visual counts)")
         spans = prepared.extras.get("image_spans")
-        sh = Shapes(bsz, n_in.pop(), tuple(int(k) - int(nl) for k, nl in zip(prepared.visual_tokens_kept, newlines)), t,
+        sh = Shapes(bsz, n_in.pop(), tuple(int(k) - int(nl) for k, nl in zip(prepared.visual_tokens_kept, sent)), t,
                     int(spans[:, 0].min()) if spans is not None else 0)
         try:
             out.selection = int(method.selection_flops(DescriptionCostModel(adapter.config, desc, sh)))

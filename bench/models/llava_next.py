@@ -18,10 +18,16 @@ Pruning is pre-LLM on the packed projected tokens, with the budget convention ``
   chosen by one call per tile on its own raster grid.
 
 ``image_newline`` tokens are layout markers, not image content: they never count in the budget and are
-all kept, at their place in the sequence. Selected tokens keep their packed order; a merging method's
+all kept, at their place in the sequence (except where a method's official LLaVA-NeXT code drops them, below). Selected tokens keep their packed order; a merging method's
 outputs take the place of the first token of what they merge. Positions are renumbered contiguously,
 as ``bench.models.llava`` does (the official pre-LLM code). ``visual_tokens_in`` / ``visual_tokens_kept``
-count what reaches the LLM, newlines included; ``extras["newline_tokens"]`` says how many of them.
+count what reaches the LLM, newlines included; ``extras["newline_tokens"]`` says how many of them were in
+the packed input and ``extras["newline_tokens_kept"]`` how many were sent.
+
+Methods that read vision-tower quantities (CLS attention) run only where this adapter follows their official
+LLaVA-NeXT code (:data:`TOWER_PORTS`): the tower runs once per tile, so a packed token's quantity is the one of
+its own tile and patch (``source_map``), the base tile's and the crops' alike, stitched and unpadded exactly as
+the features are. Others are refused with the reason.
 """
 
 from __future__ import annotations
@@ -36,6 +42,18 @@ from bench.models.llava import LlavaAdapter
 from methods.base import PruningMethod, VisionContext
 
 BUDGETS = ("image", "tile")
+
+#: Methods reading vision-tower quantities whose official LLaVA-NeXT code this adapter follows:
+#: ``budget`` (the only budget convention of that code), ``newlines`` (whether ``image_newline`` tokens reach
+#: the LLM) and ``needs`` (the tower quantities served per packed token).
+#:
+#: * ``holov`` (``obananas/HoloV``, ``llava/model/llava_arch.py``, ``prepare_inputs_labels_for_multimodal``):
+#:   the per-tile CLS attention (``encode_images`` returns it beside the features) is stitched and unpadded like
+#:   the features, the newline concatenation is commented out for both, and ``HoloV(...)`` runs once per image
+#:   over ``[base tile; unpadded anyres grid]``: one budget per image, no newline sent.
+TOWER_PORTS: dict[str, dict[str, Any]] = {
+    "holov": {"budget": "image", "newlines": False, "needs": ("cls_attn",)},
+}
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -78,11 +96,19 @@ class LlavaNextAdapter(LlavaAdapter):
                 "implemented (the in-LLM runner, bench.models.llm_pruning, plans one schedule for one visual-token count "
                 "shared by the batch, and LLaVA-NeXT's count varies per image)"
             )
-        if method.needs:
-            raise IncompatibleMethodError(
-                f"method {method.name!r} needs vision-tower quantities ({', '.join(sorted(method.needs))}); on LLaVA-NeXT "
-                "they exist per 336 px crop and mapping them onto the unpadded anyres layout is not implemented"
-            )
+        if method.needs and method.prune_ratio > 0:
+            port = TOWER_PORTS.get(method.name)
+            if port is None or any(k.partition(":")[0] not in port["needs"] for k in method.needs):
+                raise IncompatibleMethodError(
+                    f"method {method.name!r} needs vision-tower quantities ({', '.join(sorted(method.needs))}); on LLaVA-NeXT "
+                    "they exist per 336 px tile, and this adapter follows the official LLaVA-NeXT code of "
+                    f"{', '.join(sorted(TOWER_PORTS))} only (per-tile vs per-image budgets, newline handling)"
+                )
+            if port["budget"] != self.budget:
+                raise IncompatibleMethodError(
+                    f"method {method.name!r}: its official LLaVA-NeXT code budgets per {port['budget']} "
+                    f"(use model.budget={port['budget']})"
+                )
         if method.stage == "pre_llm" and getattr(method, "renumber_positions", True) is False:
             raise IncompatibleMethodError(
                 f"method {method.name!r} keeps its tokens' original position ids (renumber_positions: false); on LLaVA-NeXT "
@@ -145,32 +171,63 @@ class LlavaNextAdapter(LlavaAdapter):
 
     # --------------------------------------------------------------- forward
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, output_hidden_states: bool = False):
         """``(B, P, 3, H, W)`` pixels + ``(B, 2)`` sizes -> per image its packed ``(N_i, D_llm)`` tokens (newlines in).
 
         One image at a time, so a sample's features never depend on its batch neighbours (GEMM kernels are
-        chosen by row count on CUDA).
+        chosen by row count on CUDA). ``output_hidden_states``: returns ``(features, hidden)`` with, per image,
+        the tower's tuple of ``(P_i, 1 + n, D_vis)`` hidden states of its ``P_i`` tiles (same forward pass).
         """
         cfg = self.config
-        out = []
+        out, hidden = [], []
         for i in range(pixel_values.shape[0]):
-            feats = self.model.model.get_image_features(
+            res = self.model.model.get_image_features(
                 pixel_values=pixel_values[i : i + 1].to(self.device, self.dtype),
                 image_sizes=image_sizes[i : i + 1].to(self.device),
                 vision_feature_layer=cfg.vision_feature_layer,
                 vision_feature_select_strategy=cfg.vision_feature_select_strategy,
                 return_dict=True,
-            ).pooler_output
-            out.append(feats[0])
+                **({"output_hidden_states": True} if output_hidden_states else {}),
+            )
+            out.append(res.pooler_output[0])
+            if output_hidden_states:
+                hidden.append(tuple(res.hidden_states))
+        return (out, hidden) if output_hidden_states else out
+
+    def packed_extras(self, hidden, src: torch.Tensor, pos: torch.Tensor, needs) -> dict[str, Any]:
+        """Tower quantities of one image's packed tokens ``pos`` (indices into ``src``), for a :data:`TOWER_PORTS` method.
+
+        ``cls_attn:L`` is ``(1, H, 1 + n_u)``: column ``1 + j`` is the CLS-row attention of the tile and patch
+        packed token ``pos[j]`` comes from (each tile's own CLS query; ``bench.models.clip_extras``), column 0
+        (no CLS token in the packed sequence) is zero and is not read by a port.
+        """
+        from bench.models.clip_extras import build_extras
+
+        tiles = build_extras(self.model, hidden, needs)
+        idx = src[pos].to(self.device)
+        tile, patch = idx // self.tile_tokens, idx % self.tile_tokens + int(self.has_cls)
+
+        def cls_attn(key):
+            a = tiles[key]()  # (P, H, 1 + n)
+            rows = a[tile, :, patch].T.unsqueeze(0)  # (1, H, n_u)
+            return torch.cat([torch.zeros_like(rows[:, :, :1]), rows], dim=2)
+
+        out = {}
+        for key in needs:
+            if key.partition(":")[0] != "cls_attn":
+                raise IncompatibleMethodError(f"LLaVA-NeXT serves only cls_attn per packed token, not {key!r}")
+            out[key] = (lambda k=key: cls_attn(k))
         return out
 
-    def select_image(self, feats: torch.Tensor, src: torch.Tensor, method: PruningMethod, seed: torch.Tensor):
-        """One image: packed ``(N, D)`` features -> ``(kept (K, D), packed positions selected or None)``."""
+    def select_image(self, feats: torch.Tensor, src: torch.Tensor, method: PruningMethod, seed: torch.Tensor, hidden=None):
+        """One image: packed ``(N, D)`` features -> ``(kept (K, D), packed positions selected or None)``;
+        ``hidden``: the image's tower hidden states (per tile), for a method that ``needs`` tower quantities."""
         if method.prune_ratio == 0.0 or method.stage == "none":
             return feats, torch.arange(feats.shape[0])
         keys, parts = [], []
         for pos, grid in self.segments(src):
-            ctx = VisionContext(grid=grid, has_cls=self.has_cls, sample_seeds=seed.view(1))
+            extras = self.packed_extras(hidden, src, pos, method.needs) if method.needs else {}
+            ctx = VisionContext(grid=grid, has_cls=self.has_cls, sample_seeds=seed.view(1), extras=extras)
             sel = method.reduce(feats[pos.to(feats.device)].unsqueeze(0), ctx)
             k = int(sel.n_kept[0])
             parts.append(sel.features[0, :k])
@@ -178,11 +235,18 @@ class LlavaNextAdapter(LlavaAdapter):
                 keys.append(pos[sel.kept_index[0, :k].cpu()].double())
             else:  # merged tokens take the place of the first token they come from, in output order
                 keys.append(float(pos[0]) + torch.arange(k, dtype=torch.float64) / (k + 1))
-        newline = (src < 0).nonzero().flatten()
-        parts.append(feats[newline.to(feats.device)])
-        keys.append(newline.double())
+        if self.sends_newlines(method):
+            newline = (src < 0).nonzero().flatten()
+            parts.append(feats[newline.to(feats.device)])
+            keys.append(newline.double())
         order = torch.cat(keys).argsort(stable=True)
         return torch.cat(parts)[order.to(feats.device)], None
+
+    def sends_newlines(self, method: PruningMethod) -> bool:
+        """Whether ``image_newline`` tokens reach the LLM under ``method`` (all of them unless its official port drops them)."""
+        if method.prune_ratio == 0.0 or method.stage == "none":
+            return True
+        return TOWER_PORTS.get(method.name, {}).get("newlines", True) if method.needs else True
 
     @torch.no_grad()
     def prepare(self, batch: dict[str, torch.Tensor], method: PruningMethod, sample_seeds: torch.Tensor) -> PreparedBatch:
@@ -195,19 +259,26 @@ class LlavaNextAdapter(LlavaAdapter):
             self.check_method(method)
         ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
         sizes = batch["image_sizes"].cpu()
-        packed = self.encode_images(batch["pixel_values"], sizes)
+        tower = bool(method.needs) and method.prune_ratio > 0 and method.stage == "pre_llm"
+        if tower:
+            self.check_method(method)
+            packed, hidden = self.encode_images(batch["pixel_values"], sizes, output_hidden_states=True)
+        else:
+            packed, hidden = self.encode_images(batch["pixel_values"], sizes), [None] * len(sizes)
         feats, n_in, newlines = [], [], []
         for i, f in enumerate(packed):
             src = self.source_map(sizes[i], self._num_tiles(sizes[i]))
             if len(src) != f.shape[0]:
                 raise ValueError(f"sample {i}: {f.shape[0]} packed tokens, the layout says {len(src)}")
-            kept, _ = self.select_image(f, src, method, sample_seeds[i])
+            kept, _ = self.select_image(f, src, method, sample_seeds[i], hidden[i])
             feats.append(kept)
             n_in.append(int(f.shape[0]))
             newlines.append(int((src < 0).sum()))
         new_ids, new_mask, embeds, spans = self.assemble(ids, mask, n_in, feats)
         kept = [int(f.shape[0]) for f in feats]
-        extras = {"image_spans": spans, "sample_seeds": sample_seeds, "budget": self.budget, "newline_tokens": newlines}
+        sent = newlines if self.sends_newlines(method) else [0] * len(newlines)
+        extras = {"image_spans": spans, "sample_seeds": sample_seeds, "budget": self.budget, "newline_tokens": newlines,
+                  "newline_tokens_kept": sent}
         return PreparedBatch(new_ids, embeds, new_mask, n_in, kept, extras=extras)
 
     # --------------------------------------------------------------- synthetic input and costs
@@ -243,6 +314,9 @@ class LlavaNextAdapter(LlavaAdapter):
         if method.stage != "pre_llm":
             return None
         sizes = batch["image_sizes"].cpu()
-        packed = self.encode_images(batch["pixel_values"], sizes)
+        if method.needs and method.prune_ratio > 0:
+            packed, hidden = self.encode_images(batch["pixel_values"], sizes, output_hidden_states=True)
+        else:
+            packed, hidden = self.encode_images(batch["pixel_values"], sizes), [None] * len(sizes)
         srcs = [self.source_map(sizes[i], self._num_tiles(sizes[i])) for i in range(len(packed))]
-        return lambda: [self.select_image(f, src, method, sample_seeds[i]) for i, (f, src) in enumerate(zip(packed, srcs))]
+        return lambda: [self.select_image(f, src, method, sample_seeds[i], hidden[i]) for i, (f, src) in enumerate(zip(packed, srcs))]
