@@ -32,7 +32,8 @@ from bench.errors import ConfigError
 from methods.base import PruningMethod, VisionContext, VisualSelection
 
 
-def visionzip_merge(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, dominant: int, contextual: int) -> torch.Tensor:
+def visionzip_merge(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, dominant: int, contextual: int,
+                    return_index: bool = False):
     """The VisionZip rule on one layer's tensors.
 
     Parameters
@@ -50,6 +51,8 @@ def visionzip_merge(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Te
     -------
     torch.Tensor
         ``(B, D + C, C_vis)``: CLS and dominant patches in raster order, then the contextual tokens.
+        With ``return_index`` also ``(B, D + C)`` long: each row's token index (``0`` = CLS, ``1..N`` the
+        patches) for the dominant rows, ``-1`` for the contextual ones.
     """
     b, s, c = hidden.shape
     dev = hidden.device
@@ -61,8 +64,9 @@ def visionzip_merge(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Te
     order = (~keep).to(torch.int8).sort(dim=1, stable=True).indices
     dom_idx, rem_idx = order[:, :dominant], order[:, dominant:]
     dom = hidden.gather(1, dom_idx.unsqueeze(-1).expand(-1, -1, c))
+    index = torch.cat([dom_idx, dom_idx.new_full((b, max(contextual, 0)), -1)], dim=1)
     if contextual <= 0:
-        return dom
+        return (dom, index) if return_index else dom
     r = s - dominant
     metric = keys.gather(1, rem_idx.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
     metric = metric / metric.norm(dim=-1, keepdim=True)
@@ -85,7 +89,8 @@ def visionzip_merge(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Te
     agg = torch.stack([one_hot[i] @ rem_o[i] for i in range(b)])
     counts = one_hot.sum(dim=2)  # integers, exact in any float type at these sizes
     agg = agg / counts.clamp(min=1).unsqueeze(-1)
-    return torch.cat([dom, rem_h[:, tgt] + agg], dim=1)
+    out = torch.cat([dom, rem_h[:, tgt] + agg], dim=1)
+    return (out, index) if return_index else out
 
 
 @dataclass
@@ -160,6 +165,7 @@ class VisionZip(PruningMethod):
         hidden = ctx.get(f"hidden:{self.layer}")
         if hidden.shape[1] != n + 1:
             raise ValueError(f"visionzip: layer features have {hidden.shape[1]} rows, expected CLS + {n}")
-        merged = visionzip_merge(ctx.get(f"cls_attn:{self.layer}"), ctx.get(f"keys:{self.layer}"), hidden, d, c)
+        merged, index = visionzip_merge(ctx.get(f"cls_attn:{self.layer}"), ctx.get(f"keys:{self.layer}"), hidden, d, c, return_index=True)
         feats = ctx.get("projector")(merged).to(vis.dtype)
-        return VisualSelection(feats, None, torch.full((b,), d + c, dtype=torch.long))
+        # source_index: each row's token (0 = CLS, 1..N patches; -1 contextual), for layouts that place rows by patch
+        return VisualSelection(feats, None, torch.full((b,), d + c, dtype=torch.long), {"source_index": index})

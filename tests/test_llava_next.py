@@ -186,7 +186,7 @@ def test_kept_tokens_keep_their_order_and_newlines(adapter, budget):
 
 def test_refusals(adapter):
     with pytest.raises(IncompatibleMethodError, match="vision-tower quantities"):
-        adapter.check_method(create("visionzip", 0.5))
+        adapter.check_method(create("vispruner", 0.5))
     with pytest.raises(IncompatibleMethodError, match="pre-LLM"):
         adapter.check_method(create("fastv", 0.5))
     with pytest.raises(IncompatibleMethodError, match="budget=tile"):
@@ -298,3 +298,94 @@ def test_holov_only_with_its_official_budget(adapter):
     finally:
         adapter.budget = "image"
     adapter.check_method(_holov())
+
+
+# ----------------------------------------------------------------------------- VisionZip (official LLaVA-NeXT port)
+def _official_visionzip_image(adapter, pixels, size, m):
+    """VisionZip's official LLaVA-NeXT tokens for one image, rebuilt by hand: eager tower attentions, the rule
+    (``visionzip_merge``) per full tile, the projector on the kept rows, and ``restore_image_features_sorted``'s
+    mask over the stitched (not unpadded) crop grid: [base rows; crops' dominant patches; crops' CLS; contextual]."""
+    import copy
+
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    from methods.visionzip import visionzip_merge
+
+    tiles = adapter._num_tiles(size)
+    vt = copy.deepcopy(adapter.model.model.vision_tower)
+    vt.config._attn_implementation = "eager"
+    out = vt(pixels[:tiles], output_attentions=True, output_hidden_states=True)
+    enc = getattr(vt, "vision_model", vt).encoder
+    li = m.layer % len(enc.layers)
+    layer = enc.layers[li]
+    k = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[li]))
+    keys = k.view(tiles, k.shape[1], layer.self_attn.num_heads, -1).mean(dim=2)
+    d, c = m.counts(adapter.tile_tokens)
+    merged, index = visionzip_merge(out.attentions[li][:, :, 0, :], keys, out.hidden_states[li + 1], d, c, return_index=True)
+    feats = adapter.model.model.multi_modal_projector(merged)
+    side = adapter.grid[1]
+    nph, npw = get_anyres_image_grid_shape(size.tolist(), adapter.config.image_grid_pinpoints, adapter.config.vision_config.image_size)
+    crops, cidx = feats[1:], index[1:]
+    mask = torch.zeros(tiles - 1, side * side, dtype=torch.bool)
+    grid = torch.zeros(tiles - 1, side * side, feats.shape[-1])
+    for t in range(tiles - 1):
+        dom = cidx[t][cidx[t] > 0] - 1
+        mask[t, dom] = True
+        grid[t, dom] = crops[t][cidx[t] > 0]
+    def stitch(x):
+        x = x.view(nph, npw, side, side, *x.shape[3:]).transpose(1, 2)
+        return x.reshape(nph * side, npw * side, *x.shape[4:])
+    selected = stitch(grid.view(tiles - 1, side, side, -1))[stitch(mask.view(tiles - 1, side, side))]
+    return torch.cat([feats[0], selected, crops[:, 0], crops[:, d:].reshape(-1, feats.shape[-1])])
+
+
+@torch.no_grad()
+def test_visionzip_pruned_generate_equals_the_official_layout_built_by_hand(adapter):
+    adapter.budget = "tile"
+    try:
+        batch = make_batch(adapter, SIZES[:3])
+        m = create("visionzip", 0.5)
+        prepared = adapter.prepare(batch, m, seeds(3))
+        ours = adapter.generate(prepared, max_new_tokens=5)
+        for i in range(3):
+            size = batch["image_sizes"][i]
+            rows = _official_visionzip_image(adapter, batch["pixel_values"][i], size, m)
+            assert prepared.visual_tokens_kept[i] == rows.shape[0] == adapter._num_tiles(size) * m.n_keep(adapter.tile_tokens)
+            assert prepared.extras["newline_tokens_kept"][i] == 0
+            s0, s1 = prepared.extras["image_spans"][i].tolist()
+            torch.testing.assert_close(prepared.inputs_embeds[i, s0:s1], rows, rtol=1e-5, atol=1e-5)
+            seq = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+            start = int((seq == IMG).nonzero()[0])
+            n = len(adapter.source_map(size, adapter._num_tiles(size)))
+            text = adapter.model.get_input_embeddings()(seq)
+            emb = torch.cat([text[:start], prepared.inputs_embeds[i, s0:s1], text[start + n:]]).unsqueeze(0)
+            toks = _decode_by_hand(adapter, emb, 5)
+            assert ours[i].tolist()[: len(toks)] == toks
+    finally:
+        adapter.budget = "image"
+
+
+def test_visionzip_ratio_zero_and_batch_of_8_equals_batch_of_1(adapter):
+    adapter.budget = "tile"
+    try:
+        batch = make_batch(adapter, SIZES[:3])
+        prepared = adapter.prepare(batch, create("visionzip", 0.0), seeds(3))
+        ref = adapter.model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
+        assert torch.equal(adapter.generate(prepared, max_new_tokens=6), ref)
+        batch = make_batch(adapter, SIZES)
+        m = create("visionzip", 0.6)
+        prepared = adapter.prepare(batch, m, seeds(8))
+        together = adapter.generate(prepared, max_new_tokens=4)
+        for i in range(8):
+            one = {k: v[i:i + 1] for k, v in batch.items()}
+            one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
+            one["attention_mask"] = torch.ones_like(one["input_ids"])
+            p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
+            assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()],
+                               prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
+            assert together[i].tolist() == adapter.generate(p1, max_new_tokens=4)[0].tolist()
+        with pytest.raises(IncompatibleMethodError, match="model.budget=tile"):
+            adapter.budget = "image"
+            adapter.check_method(m)
+    finally:
+        adapter.budget = "image"

@@ -51,8 +51,16 @@ BUDGETS = ("image", "tile")
 #:   the per-tile CLS attention (``encode_images`` returns it beside the features) is stitched and unpadded like
 #:   the features, the newline concatenation is commented out for both, and ``HoloV(...)`` runs once per image
 #:   over ``[base tile; unpadded anyres grid]``: one budget per image, no newline sent.
+#: * ``visionzip`` (``dvlab-research/VisionZip``, ``visionzip/llava_arch.py``,
+#:   ``prepare_inputs_labels_for_multimodal_visionzip`` + ``restore_image_features_sorted``): every tile, the
+#:   base one included, is reduced on its own full 336 px grid (``D`` dominant with CLS + ``C`` contextual
+#:   each, before any unpadding: the official code does not unpad, and sends no newline); the image's tokens
+#:   are the base tile's output, then the crops' dominant patches in the raster order of the stitched
+#:   (not unpadded) grid, then the crops' CLS tokens, then their contextual tokens. ``model.budget=tile``
+#:   here means one budget per full tile.
 TOWER_PORTS: dict[str, dict[str, Any]] = {
     "holov": {"budget": "image", "newlines": False, "needs": ("cls_attn",)},
+    "visionzip": {"budget": "tile", "newlines": False, "needs": ("cls_attn", "hidden", "keys", "projector"), "full_tiles": True},
 }
 
 
@@ -242,6 +250,45 @@ class LlavaNextAdapter(LlavaAdapter):
         order = torch.cat(keys).argsort(stable=True)
         return torch.cat(parts)[order.to(feats.device)], None
 
+    def full_tiles(self, method: PruningMethod) -> bool:
+        """Whether ``method`` runs on whole tiles before packing (its official LLaVA-NeXT code, :data:`TOWER_PORTS`)."""
+        return bool(method.needs) and method.prune_ratio > 0 and TOWER_PORTS.get(method.name, {}).get("full_tiles", False)
+
+    @torch.no_grad()
+    def reduce_full_tiles(self, pixel_values: torch.Tensor, image_size: torch.Tensor, method: PruningMethod, seed: torch.Tensor) -> torch.Tensor:
+        """One image, VisionZip's official LLaVA-NeXT layout: ``(P, 3, H, W)`` pixels -> ``(K, D_llm)`` tokens.
+
+        The tower runs on the image's tiles (no projector: the method projects the rows it keeps); the method
+        reduces each tile on its full grid; rows are laid out as ``[base tile's rows; crops' dominant patches in
+        the stitched grid's raster order; crops' CLS rows; crops' contextual rows]``.
+        """
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        from bench.models.clip_extras import build_extras
+
+        tiles = self._num_tiles(image_size)
+        if tiles < 2:
+            raise IncompatibleMethodError(f"method {method.name!r}: an image without anyres crops has no official LLaVA-NeXT layout here")
+        px = pixel_values[:tiles].to(self.device, self.dtype)
+        hidden = tuple(self.model.model.vision_tower(px, output_hidden_states=True, return_dict=True).hidden_states)
+        n, side = self.tile_tokens, self.grid[1]
+        ctx = VisionContext(grid=self.grid, has_cls=self.has_cls, sample_seeds=seed.view(1).repeat(tiles),
+                            extras=build_extras(self.model, hidden, method.needs))
+        placeholder = torch.zeros((), dtype=self.dtype, device=self.device).expand(tiles, n, self.config.text_config.hidden_size)
+        sel = method.reduce(placeholder, ctx)
+        k = int(sel.n_kept[0])
+        feats, index = sel.features[:, :k], sel.extras["source_index"][:, :k]
+        nph, npw = get_anyres_image_grid_shape(image_size.tolist(), self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+        crop_f, crop_i = feats[1:], index[1:]
+        crop = torch.arange(tiles - 1, device=index.device).view(-1, 1).expand_as(crop_i)
+        dom = crop_i > 0
+        patch = (crop_i - 1).clamp(min=0)
+        row = (crop // npw) * side + patch // side
+        col = (crop % npw) * side + patch % side
+        key = (row * (npw * side) + col)[dom]
+        dominant = crop_f[dom][key.argsort()]
+        return torch.cat([feats[0], dominant, crop_f[crop_i == 0], crop_f[crop_i < 0]])
+
     def sends_newlines(self, method: PruningMethod) -> bool:
         """Whether ``image_newline`` tokens reach the LLM under ``method`` (all of them unless its official port drops them)."""
         if method.prune_ratio == 0.0 or method.stage == "none":
@@ -262,18 +309,26 @@ class LlavaNextAdapter(LlavaAdapter):
         tower = bool(method.needs) and method.prune_ratio > 0 and method.stage == "pre_llm"
         if tower:
             self.check_method(method)
-            packed, hidden = self.encode_images(batch["pixel_values"], sizes, output_hidden_states=True)
-        else:
-            packed, hidden = self.encode_images(batch["pixel_values"], sizes), [None] * len(sizes)
         feats, n_in, newlines = [], [], []
-        for i, f in enumerate(packed):
-            src = self.source_map(sizes[i], self._num_tiles(sizes[i]))
-            if len(src) != f.shape[0]:
-                raise ValueError(f"sample {i}: {f.shape[0]} packed tokens, the layout says {len(src)}")
-            kept, _ = self.select_image(f, src, method, sample_seeds[i], hidden[i])
-            feats.append(kept)
-            n_in.append(int(f.shape[0]))
-            newlines.append(int((src < 0).sum()))
+        if self.full_tiles(method):  # the official code reduces whole tiles before packing: no packed features
+            for i in range(len(sizes)):
+                src = self.source_map(sizes[i], self._num_tiles(sizes[i]))
+                feats.append(self.reduce_full_tiles(batch["pixel_values"][i], sizes[i], method, sample_seeds[i]))
+                n_in.append(len(src))
+                newlines.append(int((src < 0).sum()))
+        else:
+            if tower:
+                packed, hidden = self.encode_images(batch["pixel_values"], sizes, output_hidden_states=True)
+            else:
+                packed, hidden = self.encode_images(batch["pixel_values"], sizes), [None] * len(sizes)
+            for i, f in enumerate(packed):
+                src = self.source_map(sizes[i], self._num_tiles(sizes[i]))
+                if len(src) != f.shape[0]:
+                    raise ValueError(f"sample {i}: {f.shape[0]} packed tokens, the layout says {len(src)}")
+                kept, _ = self.select_image(f, src, method, sample_seeds[i], hidden[i])
+                feats.append(kept)
+                n_in.append(int(f.shape[0]))
+                newlines.append(int((src < 0).sum()))
         new_ids, new_mask, embeds, spans = self.assemble(ids, mask, n_in, feats)
         kept = [int(f.shape[0]) for f in feats]
         sent = newlines if self.sends_newlines(method) else [0] * len(newlines)
@@ -314,6 +369,8 @@ class LlavaNextAdapter(LlavaAdapter):
         if method.stage != "pre_llm":
             return None
         sizes = batch["image_sizes"].cpu()
+        if self.full_tiles(method):
+            return lambda: [self.reduce_full_tiles(batch["pixel_values"][i], sizes[i], method, sample_seeds[i]) for i in range(len(sizes))]
         if method.needs and method.prune_ratio > 0:
             packed, hidden = self.encode_images(batch["pixel_values"], sizes, output_hidden_states=True)
         else:
