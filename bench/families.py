@@ -15,7 +15,7 @@ CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 #: and the model settings the table varies (LLaVA-NeXT's budget convention)
 FAMILIES: dict[str, tuple[str, list[dict]]] = {
     "LLaVA-1.5": ("llava15_7b", [{}]),
-    "LLaVA-NeXT": ("llava_next_7b", [{"budget": "image"}, {"budget": "tile"}]),
+    "LLaVA-NeXT": ("llava_next_7b", [{"budget": "image"}, {"budget": "tile"}, {"budget": "base_grid"}]),
     "Qwen2.5-VL": ("qwen25vl_7b", [{}]),
 }
 #: the ratio the check uses (in-LLM schedules are checked for reachability at a ratio: a mid-range one)

@@ -19,7 +19,7 @@ from methods import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [("tiny_llava_next_random", {"budget": "image"}, None), ("tiny_llava_next_random", {"budget": "tile"}, None),
-        ("tiny_qwen25vl_random", {}, (112, 84))]
+        ("tiny_llava_next_random", {"budget": "base_grid"}, None), ("tiny_qwen25vl_random", {}, (112, 84))]
 
 
 def test_readme_table_is_the_generated_one():
@@ -56,7 +56,7 @@ def tiny_adapters():
 
 
 @pytest.mark.parametrize("method", registry.names())
-@pytest.mark.parametrize("model,overrides,size", TINY, ids=["llava_next-image", "llava_next-tile", "qwen25vl"])
+@pytest.mark.parametrize("model,overrides,size", TINY, ids=["llava_next-image", "llava_next-tile", "llava_next-base_grid", "qwen25vl"])
 def test_every_method_runs_or_is_refused(tiny_adapters, method, model, overrides, size):
     adapter = tiny_adapters[(model, tuple(overrides.items()))]
     m = registry.create(method, 0.0 if method == "none" else 0.5)

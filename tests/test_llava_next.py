@@ -191,9 +191,8 @@ def test_refusals(adapter):
         adapter.check_method(create("fastv", 0.5))
     with pytest.raises(IncompatibleMethodError, match="budget=tile"):
         adapter.check_method(create("pool", 0.5))
-    with pytest.raises(IncompatibleMethodError, match="original position ids"):
+    with pytest.raises(IncompatibleMethodError, match="model.budget=base_grid"):
         adapter.check_method(create("gprune", 0.5))
-    adapter.check_method(create("gprune", 0.5, renumber_positions=True))
     adapter.check_method(create("divprune", 0.5))
 
 
@@ -387,5 +386,71 @@ def test_visionzip_ratio_zero_and_batch_of_8_equals_batch_of_1(adapter):
         with pytest.raises(IncompatibleMethodError, match="model.budget=tile"):
             adapter.budget = "image"
             adapter.check_method(m)
+    finally:
+        adapter.budget = "image"
+
+
+# ----------------------------------------------------------------------------- G-Prune (official LLaVA-NeXT port)
+@torch.no_grad()
+def test_gprune_generate_equals_the_official_base_and_grid_graphs_with_original_positions(adapter):
+    """G-Prune's official LLaVA-NeXT code: one graph on the base tile, one on the unpadded grid's non-newline
+    tokens, ``int(keep_ratio * n)`` each, row-end newlines kept, kept tokens at their original position ids
+    (decoding at last + 1). Rebuilt here with ``gprune_scores`` and decoded by hand with those positions."""
+    import math
+
+    from methods.gprune import gprune_scores
+
+    adapter.budget = "base_grid"
+    try:
+        batch = make_batch(adapter, SIZES[:3])
+        m = create("gprune", 0.6)
+        prepared = adapter.prepare(batch, m, seeds(3))
+        ours = adapter.generate(prepared, max_new_tokens=5)
+        packed = adapter.encode_images(batch["pixel_values"], batch["image_sizes"])
+        n_base = adapter.tile_tokens
+        for i in range(3):
+            size = batch["image_sizes"][i]
+            src = adapter.source_map(size, adapter._num_tiles(size))
+            x = packed[i]
+            base = torch.arange(n_base)
+            grid = n_base + (src[n_base:] >= 0).nonzero().flatten()
+            rows_end = n_base + (src[n_base:] < 0).nonzero().flatten()
+            keep = [rows_end]
+            for unit in (base, grid):
+                s = gprune_scores(x[unit].unsqueeze(0))[0]
+                keep.append(unit[s.topk(math.floor(0.4 * len(unit))).indices])
+            keep = torch.cat(keep).sort().values
+            seq = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+            start = int((seq == IMG).nonzero()[0])
+            after = len(seq) - start - len(src)
+            text = adapter.model.get_input_embeddings()(seq)
+            emb = torch.cat([text[:start], x[keep], text[start + len(src):]]).unsqueeze(0)
+            pos = torch.cat([torch.arange(start), start + keep, start + len(src) + torch.arange(after)]).unsqueeze(0)
+            s0, s1 = prepared.extras["image_spans"][i].tolist()
+            assert torch.equal(prepared.inputs_embeds[i, s0:s1], x[keep])
+            valid = prepared.attention_mask[i].bool()
+            assert torch.equal(prepared.extras["position_ids"][i][valid].cpu(), pos[0])
+            out = adapter.model(inputs_embeds=emb, position_ids=pos, use_cache=True)
+            toks, last = [], int(pos[0, -1])
+            for step in range(5):
+                nxt = out.logits[:, -1].argmax(-1)
+                toks.append(int(nxt))
+                if int(nxt) == EOS:
+                    break
+                out = adapter.model(input_ids=nxt.view(1, 1), position_ids=torch.tensor([[last + 1 + step]]),
+                                    past_key_values=out.past_key_values, use_cache=True)
+            assert ours[i].tolist()[: len(toks)] == toks
+        # batch 8 == batch 1, and ratio 0 is the unpruned model
+        batch = make_batch(adapter, SIZES)
+        prepared = adapter.prepare(batch, m, seeds(8))
+        together = adapter.generate(prepared, max_new_tokens=4)
+        for i in range(8):
+            one = {k: v[i:i + 1] for k, v in batch.items()}
+            one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
+            one["attention_mask"] = torch.ones_like(one["input_ids"])
+            assert together[i].tolist() == adapter.generate(adapter.prepare(one, m, seeds(8)[i:i + 1]), max_new_tokens=4)[0].tolist()
+        batch = make_batch(adapter, SIZES[:3])
+        ref = adapter.model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
+        assert torch.equal(adapter.generate(adapter.prepare(batch, create("gprune", 0.0), seeds(3)), max_new_tokens=6), ref)
     finally:
         adapter.budget = "image"

@@ -505,9 +505,9 @@ def analytic_adapter(adapter, method, prepared, batch: dict, with_selection: boo
         newlines = prepared.extras.get("newline_tokens") or [0] * bsz
         sent = prepared.extras.get("newline_tokens_kept") or newlines
         n_in = {int(a) - int(nl) for a, nl in zip(prepared.visual_tokens_in, newlines)}
-        if len(n_in) != 1 or prepared.extras.get("budget") == "tile":
+        if len(n_in) != 1 or prepared.extras.get("budget") in ("tile", "base_grid"):
             raise NoSelectionFormula("selection FLOPs are modelled for one selection call over the same N tokens per sample "
-                                     "(not per tile, nor over samples of different visual counts)")
+                                     "(not per tile or per base tile + grid, nor over samples of different visual counts)")
         spans = prepared.extras.get("image_spans")
         sh = Shapes(bsz, n_in.pop(), tuple(int(k) - int(nl) for k, nl in zip(prepared.visual_tokens_kept, sent)), t,
                     int(spans[:, 0].min()) if spans is not None else 0)

@@ -15,7 +15,9 @@ Pruning is pre-LLM on the packed projected tokens, with the budget convention ``
   read a 2-D grid are refused);
 * ``tile``: one budget per tile, as VisionZip's and CDPruner's LLaVA-NeXT code do: the base tile and each
   anyres crop (its part that survives unpadding, a rectangle) get ``round(n_t * (1 - ratio))`` each,
-  chosen by one call per tile on its own raster grid.
+  chosen by one call per tile on its own raster grid;
+* ``base_grid``: two budgets, as G-Prune's LLaVA-NeXT code does: the base tile, and the whole unpadded
+  high-resolution grid (its non-newline tokens, one call on their ``rows x cols`` raster).
 
 ``image_newline`` tokens are layout markers, not image content: they never count in the budget and are
 all kept, at their place in the sequence (except where a method's official LLaVA-NeXT code drops them, below). Selected tokens keep their packed order; a merging method's
@@ -41,7 +43,7 @@ from bench.models.base import FlopsDescription, ImageBlock, PreparedBatch
 from bench.models.llava import LlavaAdapter
 from methods.base import PruningMethod, VisionContext
 
-BUDGETS = ("image", "tile")
+BUDGETS = ("image", "tile", "base_grid")
 
 #: Methods reading vision-tower quantities whose official LLaVA-NeXT code this adapter follows:
 #: ``budget`` (the only budget convention of that code), ``newlines`` (whether ``image_newline`` tokens reach
@@ -58,7 +60,11 @@ BUDGETS = ("image", "tile")
 #:   are the base tile's output, then the crops' dominant patches in the raster order of the stitched
 #:   (not unpadded) grid, then the crops' CLS tokens, then their contextual tokens. ``model.budget=tile``
 #:   here means one budget per full tile.
+#: * ``gprune`` (``jytmelon/G-Prune``, ``LLaVA-NeXT/llava/model/llava_arch.py``): one graph for the base tile's 576
+#:   tokens and one for the unpadded grid's non-newline tokens, each keeping ``int(keep_ratio * n)``; the row-end
+#:   newlines are always kept; kept tokens keep their original position ids. No tower quantity.
 TOWER_PORTS: dict[str, dict[str, Any]] = {
+    "gprune": {"budget": "base_grid", "newlines": True, "needs": ()},
     "holov": {"budget": "image", "newlines": False, "needs": ("cls_attn",)},
     "visionzip": {"budget": "tile", "newlines": False, "needs": ("cls_attn", "hidden", "keys", "projector"), "full_tiles": True},
 }
@@ -104,8 +110,13 @@ class LlavaNextAdapter(LlavaAdapter):
                 "implemented (the in-LLM runner, bench.models.llm_pruning, plans one schedule for one visual-token count "
                 "shared by the batch, and LLaVA-NeXT's count varies per image)"
             )
+        port = TOWER_PORTS.get(method.name)
+        if port is not None and not method.needs and method.prune_ratio > 0 and port["budget"] != self.budget:
+            raise IncompatibleMethodError(
+                f"method {method.name!r}: its official LLaVA-NeXT code budgets per {port['budget']} "
+                f"(use model.budget={port['budget']})"
+            )
         if method.needs and method.prune_ratio > 0:
-            port = TOWER_PORTS.get(method.name)
             if port is None or any(k.partition(":")[0] not in port["needs"] for k in method.needs):
                 raise IncompatibleMethodError(
                     f"method {method.name!r} needs vision-tower quantities ({', '.join(sorted(method.needs))}); on LLaVA-NeXT "
@@ -117,10 +128,10 @@ class LlavaNextAdapter(LlavaAdapter):
                     f"method {method.name!r}: its official LLaVA-NeXT code budgets per {port['budget']} "
                     f"(use model.budget={port['budget']})"
                 )
-        if method.stage == "pre_llm" and getattr(method, "renumber_positions", True) is False:
+        if method.stage == "pre_llm" and getattr(method, "renumber_positions", True) is False and (method.merges or method.needs):
             raise IncompatibleMethodError(
                 f"method {method.name!r} keeps its tokens' original position ids (renumber_positions: false); on LLaVA-NeXT "
-                "the kept tokens are renumbered (original ids not implemented here; method.renumber_positions=true runs)"
+                "original ids are kept for pure selections on the packed tokens only"
             )
         if self.budget == "image" and getattr(method, "needs_grid", False):
             raise IncompatibleMethodError(
@@ -151,6 +162,14 @@ class LlavaNextAdapter(LlavaAdapter):
         vis = (src >= 0).nonzero().flatten()
         if self.budget == "image":
             return [(vis, (1, len(vis)))]
+        if self.budget == "base_grid":
+            n = self.tile_tokens
+            base, grid = vis[src[vis] < n], vis[src[vis] >= n]
+            rows = int((src < 0).sum())
+            out = [(base, self.grid)]
+            if len(grid):
+                out.append((grid, (rows, len(grid) // max(rows, 1))))
+            return out
         n, side = self.tile_tokens, self.grid[1]
         out = []
         tile = src[vis] // n
@@ -232,7 +251,7 @@ class LlavaNextAdapter(LlavaAdapter):
         ``hidden``: the image's tower hidden states (per tile), for a method that ``needs`` tower quantities."""
         if method.prune_ratio == 0.0 or method.stage == "none":
             return feats, torch.arange(feats.shape[0])
-        keys, parts = [], []
+        keys, parts, merged = [], [], False
         for pos, grid in self.segments(src):
             extras = self.packed_extras(hidden, src, pos, method.needs) if method.needs else {}
             ctx = VisionContext(grid=grid, has_cls=self.has_cls, sample_seeds=seed.view(1), extras=extras)
@@ -243,12 +262,14 @@ class LlavaNextAdapter(LlavaAdapter):
                 keys.append(pos[sel.kept_index[0, :k].cpu()].double())
             else:  # merged tokens take the place of the first token they come from, in output order
                 keys.append(float(pos[0]) + torch.arange(k, dtype=torch.float64) / (k + 1))
+                merged = True
         if self.sends_newlines(method):
             newline = (src < 0).nonzero().flatten()
             parts.append(feats[newline.to(feats.device)])
             keys.append(newline.double())
-        order = torch.cat(keys).argsort(stable=True)
-        return torch.cat(parts)[order.to(feats.device)], None
+        key = torch.cat(keys)
+        order = key.argsort(stable=True)
+        return torch.cat(parts)[order.to(feats.device)], (None if merged else key[order].long())
 
     def full_tiles(self, method: PruningMethod) -> bool:
         """Whether ``method`` runs on whole tiles before packing (its official LLaVA-NeXT code, :data:`TOWER_PORTS`)."""
@@ -309,7 +330,7 @@ class LlavaNextAdapter(LlavaAdapter):
         tower = bool(method.needs) and method.prune_ratio > 0 and method.stage == "pre_llm"
         if tower:
             self.check_method(method)
-        feats, n_in, newlines = [], [], []
+        feats, n_in, newlines, picks = [], [], [], []
         if self.full_tiles(method):  # the official code reduces whole tiles before packing: no packed features
             for i in range(len(sizes)):
                 src = self.source_map(sizes[i], self._num_tiles(sizes[i]))
@@ -325,8 +346,9 @@ class LlavaNextAdapter(LlavaAdapter):
                 src = self.source_map(sizes[i], self._num_tiles(sizes[i]))
                 if len(src) != f.shape[0]:
                     raise ValueError(f"sample {i}: {f.shape[0]} packed tokens, the layout says {len(src)}")
-                kept, _ = self.select_image(f, src, method, sample_seeds[i], hidden[i])
+                kept, where = self.select_image(f, src, method, sample_seeds[i], hidden[i])
                 feats.append(kept)
+                picks.append(where)
                 n_in.append(int(f.shape[0]))
                 newlines.append(int((src < 0).sum()))
         new_ids, new_mask, embeds, spans = self.assemble(ids, mask, n_in, feats)
@@ -334,6 +356,16 @@ class LlavaNextAdapter(LlavaAdapter):
         sent = newlines if self.sends_newlines(method) else [0] * len(newlines)
         extras = {"image_spans": spans, "sample_seeds": sample_seeds, "budget": self.budget, "newline_tokens": newlines,
                   "newline_tokens_kept": sent}
+        if (method.stage == "pre_llm" and method.prune_ratio > 0 and getattr(method, "renumber_positions", True) is False
+                and picks and all(p is not None for p in picks)):
+            from bench.models.llava import kept_position_ids
+
+            # original ids (G-Prune's official code): each kept token at its unpruned position, decoding at last + 1
+            t = new_ids.shape[1]
+            extras["position_ids"] = torch.cat([
+                kept_position_ids(ids[i : i + 1], mask[i : i + 1], picks[i].view(1, -1), [len(picks[i])], self.image_token_id, n_in[i], t)
+                for i in range(len(picks))
+            ]).to(self.device)
         return PreparedBatch(new_ids, embeds, new_mask, n_in, kept, extras=extras)
 
     # --------------------------------------------------------------- synthetic input and costs
