@@ -2,9 +2,27 @@
 
 Two jobs of one run id (a resubmitted sweep while the first is still running, or ``none`` collapsed
 from several ratios) must not both execute it: :func:`claim` takes ``runs/<id>/.claim`` atomically.
+
+A claim is a *lease*: it records the holder's host, pid (and the process's start time, against pid
+reuse), Slurm job id, start time and a heartbeat that a daemon thread refreshes every
+:func:`heartbeat_s` seconds while the run lives. A claim is taken over, with a log line, when it is
+
+* **empty or unreadable** (a full disk leaves a 0-byte file; claims are written whole before they
+  appear, so a live one is never empty),
+* **dead**: its process is provably gone (same host and pid gone or reused, or its Slurm job left
+  the queue), or
+* **expired**: its heartbeat is older than :func:`timeout_s` (a claim from another host, outside Slurm).
+
+A claim of an older harness (no heartbeat) whose process cannot be checked is *unknown*: kept, unless
+``overwrite=true``, which takes over any claim that is not alive. Takeovers happen under an advisory
+lock on the run directory, so two jobs never both take over the same stale claim.
+
 While the claimed run executes, :func:`running` keeps a ``running`` marker record (so that
 ``python -m bench status`` can tell a live job from one that died without a word) and decides what a
 failure leaves behind.
+
+Environment: ``BENCH_CLAIM_HEARTBEAT_S`` (default 30) and ``BENCH_CLAIM_TIMEOUT_S`` (default 600;
+raise it where a shared disk's clocks drift).
 """
 
 from __future__ import annotations
@@ -19,8 +37,10 @@ import subprocess
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +49,18 @@ from bench.provenance import now
 from bench.records import write_json
 
 log = logging.getLogger("bench")
+
+CLAIM = ".claim"
+
+
+def heartbeat_s() -> float:
+    """Seconds between two heartbeats of a live claim (``BENCH_CLAIM_HEARTBEAT_S``, default 30)."""
+    return float(os.environ.get("BENCH_CLAIM_HEARTBEAT_S", 30))
+
+
+def timeout_s() -> float:
+    """Age of a heartbeat after which a claim counts as expired (``BENCH_CLAIM_TIMEOUT_S``, default 600)."""
+    return float(os.environ.get("BENCH_CLAIM_TIMEOUT_S", 600))
 
 
 class RunKilled(BaseException):
@@ -39,6 +71,16 @@ def _raise_killed(signum, frame):  # noqa: ARG001
     raise RunKilled(f"killed by signal {signal.Signals(signum).name} (scancel, time limit or preemption)")
 
 
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux ``/proc/<pid>/stat`` field 22): a pid
+    and this pair name one process, even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
 def job_info() -> dict[str, Any]:
     """Where the run executes: lets `bench status` tell a live run from one killed without a word."""
     env = os.environ
@@ -46,7 +88,7 @@ def job_info() -> dict[str, Any]:
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
         # array tasks are addressed as <array>_<task> by scancel/squeue
         jid = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": jid}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _proc_start(os.getpid()), "slurm_job_id": jid}
 
 
 def job_alive(job: dict[str, Any] | None) -> bool | None:
@@ -61,43 +103,204 @@ def job_alive(job: dict[str, Any] | None) -> bool | None:
             return None
         return out.returncode == 0 and bool(out.stdout.strip())
     if job.get("host") == socket.gethostname() and job.get("pid"):
+        pid = int(job["pid"])
         try:
-            os.kill(int(job["pid"]), 0)
-            return True
+            os.kill(pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:
-            return True
+            pass
+        if job.get("pid_start") and _proc_start(pid) not in (None, job["pid_start"]):
+            return False  # the pid now names another process
+        return True
     return None
 
 
-def claim(rdir: Path) -> bool:
-    """Atomically take the right to execute a run (``runs/<id>/.claim``, O_EXCL).
+@dataclass
+class ClaimState:
+    """What a run directory's ``.claim`` says (:func:`claim_state`)."""
 
-    A claim left by a job that is gone is taken over.
+    #: free (no claim) | alive | empty | dead | expired (the last three: stale, taken over) | unknown
+    #: (an older claim without heartbeat whose process cannot be checked: taken over only by overwrite=true)
+    state: str
+    reason: str
+    holder: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stale(self) -> bool:
+        return self.state in ("empty", "dead", "expired")
+
+
+def _who(holder: dict[str, Any]) -> str:
+    parts = [f"host {holder.get('host')}", f"pid {holder.get('pid')}"]
+    if holder.get("slurm_job_id"):
+        parts.append(f"Slurm job {holder['slurm_job_id']}")
+    if holder.get("started_at"):
+        parts.append(f"since {holder['started_at']}")
+    return ", ".join(parts)
+
+
+def claim_state(rdir: Path) -> ClaimState:
+    """Classify the claim on a run directory (see the module docstring)."""
+    lock = Path(rdir) / CLAIM
+    try:
+        text = lock.read_text()
+    except FileNotFoundError:
+        return ClaimState("free", "no claim")
+    except OSError as e:
+        return ClaimState("empty", f"unreadable claim ({e.strerror})")
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        holder = None
+    if not isinstance(holder, dict) or not holder:
+        return ClaimState("empty", "empty claim file (a full disk or a crash while claiming)" if not text.strip() else "unreadable claim file")
+    who = _who(holder)
+    alive = job_alive(holder)
+    if alive is False:
+        return ClaimState("dead", f"its job is gone ({who})", holder)
+    hb = holder.get("heartbeat")
+    age = None if not isinstance(hb, (int, float)) else time.time() - float(hb)
+    if alive:
+        return ClaimState("alive", f"held by a live job ({who})", holder)
+    if age is None:
+        return ClaimState("unknown", f"an older claim without heartbeat ({who}) whose job cannot be checked from here", holder)
+    if age > timeout_s():
+        return ClaimState("expired", f"heartbeat {age:.0f} s old, timeout {timeout_s():.0f} s ({who})", holder)
+    return ClaimState("alive", f"heartbeat {max(age, 0):.0f} s ago ({who})", holder)
+
+
+@contextmanager
+def _dir_lock(rdir: Path) -> Iterator[None]:
+    """An advisory lock (flock) on the run directory: takeovers and heartbeats happen one at a time.
+
+    Where the file system has no flock the O_EXCL-style link in :func:`_publish` still keeps two
+    fresh claims apart; only two simultaneous takeovers of one stale claim could then both succeed.
     """
-    rdir.mkdir(parents=True, exist_ok=True)
-    lock = rdir / ".claim"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    import fcntl
+
+    try:
+        fd = os.open(rdir, os.O_RDONLY)
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
             try:
-                holder = json.loads(lock.read_text() or "{}")
-            except (OSError, ValueError):
-                holder = {}
-            if holder and job_alive(holder) is False:
-                lock.unlink(missing_ok=True)
-                continue
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                pass
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _publish(rdir: Path, info: dict[str, Any]) -> bool:
+    """Create ``.claim`` holding ``info`` if none exists (False if one does).
+
+    Written to a temporary file first and hard-linked into place (atomic, fails if the name exists),
+    so a claim is never seen empty or half-written.
+    """
+    lock = rdir / CLAIM
+    tmp = rdir / f".claim.{info['token']}.tmp"
+    try:
+        tmp.write_text(json.dumps(info))
+        try:
+            os.link(tmp, lock)
+            return True
+        except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as fh:
-            json.dump(job_info(), fh)
-        return True
-    return False
+        except OSError:  # no hard links on this file system: exclusive create, then write
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(info))
+            return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class _Lease(threading.Thread):
+    """Refreshes the heartbeat of our claim until stopped; stops if the claim is no longer ours."""
+
+    def __init__(self, rdir: Path, info: dict[str, Any]):
+        super().__init__(name=f"claim-heartbeat-{rdir.name}", daemon=True)
+        self.rdir, self.info, self.halt = rdir, info, threading.Event()
+
+    def run(self) -> None:
+        from bench.records import atomic_write_text
+
+        while not self.halt.wait(heartbeat_s()):
+            try:
+                with _dir_lock(self.rdir):
+                    if self.halt.is_set():
+                        return
+                    if _token(self.rdir) != self.info["token"]:
+                        log.error("run %s: this job's claim was taken over by another job (%s)", self.rdir.name, claim_state(self.rdir).reason)
+                        return
+                    self.info["heartbeat"] = time.time()
+                    atomic_write_text(self.rdir / CLAIM, json.dumps(self.info))
+            except OSError as e:  # e.g. a full disk: try again at the next beat; the claim stays
+                log.warning("run %s: could not refresh the claim's heartbeat: %s", self.rdir.name, e)
+
+
+def _token(rdir: Path) -> str | None:
+    try:
+        return json.loads((rdir / CLAIM).read_text()).get("token")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+_LEASES: dict[str, _Lease] = {}
+_LEASES_LOCK = threading.Lock()
+
+
+def claim(rdir: Path, overwrite: bool = False) -> bool:
+    """Atomically take the right to execute a run (``runs/<id>/.claim``) and keep it alive with a heartbeat.
+
+    An empty, dead or expired claim is taken over (logged); with ``overwrite`` also one whose job
+    cannot be checked. A live claim is never taken: False. :func:`release` ends the lease.
+    """
+    rdir = Path(rdir)
+    rdir.mkdir(parents=True, exist_ok=True)
+    info = {**job_info(), "token": uuid.uuid4().hex, "started_at": now(), "heartbeat": time.time()}
+    if not _publish(rdir, info):
+        with _dir_lock(rdir):
+            st = claim_state(rdir)
+            if st.state != "free":
+                if not (st.stale or (overwrite and st.state != "alive")):
+                    return False
+                log.warning("run %s: taking over the %s claim: %s", rdir.name, st.state if st.stale else f"{st.state} (overwrite=true)", st.reason)
+                (rdir / CLAIM).unlink(missing_ok=True)
+            info["heartbeat"] = time.time()
+            if not _publish(rdir, info):
+                return False
+    lease = _Lease(rdir, info)
+    with _LEASES_LOCK:
+        _LEASES[str(rdir.resolve())] = lease
+    lease.start()
+    return True
 
 
 def release(rdir: Path) -> None:
-    (rdir / ".claim").unlink(missing_ok=True)
+    """End this process's claim on ``rdir``: stop its heartbeat and remove ``.claim`` if it is still ours."""
+    rdir = Path(rdir)
+    with _LEASES_LOCK:
+        lease = _LEASES.pop(str(rdir.resolve()), None)
+    if lease is None:
+        return
+    lease.halt.set()
+    with _dir_lock(rdir) if rdir.is_dir() else _nothing():
+        if _token(rdir) == lease.info["token"]:
+            (rdir / CLAIM).unlink(missing_ok=True)
+    lease.join(timeout=5)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 @contextmanager

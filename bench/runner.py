@@ -6,7 +6,8 @@ recorded one:
 1. check the config and build method and adapter, then name the run (``bench.build``: ratio and
    method options are checked here); skip it if already recorded, or verify it (``bench.verify``);
 2. load the model (missing or corrupt weights fail here, before anything is written);
-3. claim the run id and mark it running (``bench.claims``);
+3. claim the run id (a lease with a heartbeat; a stale claim is taken over) and mark it running
+   (``bench.claims``);
 4. accuracy pass through lmms-eval (``bench.evaluate``);
 5. efficiency pass on one fixed sample (``bench.measure.efficiency``);
 6. write ``samples.jsonl``, ``config.yaml`` and finally ``record.json``, each atomically, and refresh
@@ -24,7 +25,7 @@ from typing import Any
 
 from bench import task_data
 from bench.build import ModelCache, Run, build_run
-from bench.claims import claim, release, running
+from bench.claims import claim, claim_state, release, running
 from bench.evaluate import accuracy_pass
 from bench.measure.efficiency import efficiency_pass
 from bench.provenance import now, provenance
@@ -81,8 +82,10 @@ def execute(cfg: dict[str, Any], refresh: bool = True, models: ModelCache | None
     adapter = models.load(cfg, run.adapter)  # missing/corrupt weights raise a BenchError here: nothing written yet
 
     base = _base_record(cfg, rid, started=now(), deviations=run.method.deviations)
-    if not claim(rdir):
-        print(f"[bench] skip {rid}: being executed by another job ({rdir / '.claim'})")
+    if not claim(rdir, overwrite=bool(cfg.get("overwrite", False))):
+        st = claim_state(rdir)
+        hint = "" if st.state == "alive" else "; overwrite=true takes it over"
+        print(f"[bench] skip {rid}: being executed by another job ({rdir / '.claim'}: {st.reason}{hint})")
         return RunResult(existing or {"run_id": rid, "status": "running"})
     existing = read_record(rdir / "record.json")  # another job may have finished it meanwhile
     if _completed(existing) and not cfg.get("overwrite", False):
