@@ -34,7 +34,9 @@ commands:
                              what the config tree offers (families: which method runs on which family)
   aggregate [--results-dir DIR]
                              rebuild DIR/leaderboard.csv, tables and plots from the run records
-  status [sweep overrides]   done / failed / running / missing runs of a sweep (e.g. +sweep=demo)
+  status [SWEEP_DIR] [sweep overrides]
+                             done / failed / running / stale / refused / missing runs of a sweep
+                             (e.g. +sweep=demo, or multirun/<date> to read a sweep's own overrides)
 
 sweeps on Slurm:            python -m bench run -m +sweep=paper_table hydra/launcher=slurm
                              (partition/account/gpus in conf/local/default.yaml; scripts/sweep_slurm.sh)
@@ -253,23 +255,43 @@ def cmd_list(args: list[str]) -> None:
 
 def cmd_status(args: list[str]) -> None:
     if any(a in ("-h", "--help") for a in args):
-        print("usage: python -m bench status [sweep overrides ...]\n\n"
+        print("usage: python -m bench status [SWEEP_DIR] [sweep overrides ...]\n\n"
               "Expands the sweep exactly as `python -m bench run -m <overrides>` would (presets: +sweep=demo,\n"
               "+sweep=synth_curve, +sweep=paper_table) and reports each run: completed / failed / running /\n"
-              "killed (a running marker whose job is gone) / missing.")
+              "killed (a running marker whose job is gone) / stale (a claim the next run takes over) /\n"
+              "refused (run would reject the combination with exit code 2) / missing.\n\n"
+              "SWEEP_DIR: a sweep's multirun directory (multirun/<date>, or hydra.sweep.dir): its own overrides\n"
+              "are read from the multirun.yaml Hydra wrote there; overrides after it are applied on top.")
         return
+    if args and "=" not in args[0] and not args[0].startswith("-"):
+        from bench.sweep import sweep_dir_overrides
+
+        found = sweep_dir_overrides(args[0])
+        if found is None:
+            _die(f"{args[0]} is not a sweep directory (no multirun.yaml or */.hydra/overrides.yaml in it); "
+                 f"pass the sweep's overrides instead, e.g. python -m bench status +sweep=demo")
+        print(f"[bench] sweep overrides from {args[0]}: {' '.join(found) or '(none)'}")
+        args = [*found, *args[1:]]
     check_overrides(args)
+    from bench.validate import quote_paths
+
+    args = quote_paths(args)
     from bench.sweep import status
 
     st = status(args)
     width = max([len(r["method"]) for r in st["rows"]] + [6])
     for r in st["rows"]:
-        err = f"  {r['error']}" if r["error"] and r["status"] in ("failed", "killed") else ""
+        err = f"  {r['error']}" if r["error"] and r["status"] in ("failed", "killed", "stale", "refused") else ""
         print(f"  {r['status']:<9} {r['run_id']}  {r['model']:<16} {r['method']:<{width}} ratio={r['ratio']:<8} {r['benchmark']}{err}")
     c = st["counts"]
     done = c.get("completed", 0)
     failed = c.get("failed", 0) + c.get("killed", 0) + c.get("corrupt", 0)
-    print(f"\n[bench] {st['total']} runs: {done} done, {failed} failed, {c.get('running', 0)} running, {c.get('missing', 0)} missing")
+    extra = "".join(f", {c[k]} {label}" for k, label in (("stale", "stale claim(s)"), ("refused", "refused")) if c.get(k))
+    print(f"\n[bench] {st['total']} runs: {done} done, {failed} failed, {c.get('running', 0)} running, {c.get('missing', 0)} missing{extra}")
+    if c.get("refused"):
+        print("[bench] refused: `run` rejects these combinations with exit code 2 before any work; they will never have a record")
+    if c.get("stale"):
+        print("[bench] stale claims: their jobs are gone; re-running the sweep takes them over")
 
 
 def cmd_aggregate(args: list[str]) -> None:
