@@ -1,9 +1,14 @@
 """Leaderboard: a pure function of the run records (``results/runs/*/record.json``).
 
-``results/leaderboard.csv`` has one row per (model, method, ratio, benchmark, data); its columns are
+``results/leaderboard.csv`` has one row per (model, weights, method, ratio, benchmark, data); its columns are
 documented in :data:`bench.schema.LEADERBOARD_COLUMNS`. When several records share a key (other seeds,
 limits, batch sizes), the row comes from the record that measured accuracy on the full split, then the
 newest, then the largest run id, so the choice is deterministic.
+
+Rows are keyed by the model's *weights* (``provenance.model_fingerprint``), not only its config name: a run
+of another checkpoint under the same name (``model.source=<a copy>``, retrained weights) never replaces a
+row nor serves as another checkpoint's baseline. Where one model name has rows of several weights, each
+shows as ``<model>@<weights[:8]>`` so that tables and plots keep them apart too.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
                 "n_samples": r.get("n_samples"),
                 "data": data.get("origin") or _origin(prov.get("benchmark_fingerprint")),
                 "data_items": data.get("n_items") if data else (r.get("n_samples") if r.get("limit") is None else None),
+                "weights": prov.get("model_fingerprint") or "unrecorded",
                 "run_id": r["run_id"],
                 "env": ((r.get("provenance") or {}).get("env_digest") or "unrecorded")[:8],
                 "_acc": bool(r.get("accuracy_measured")),
@@ -73,22 +79,32 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=[*COLUMNS, *EXTRA])
     df = pd.DataFrame(rows)
+    _split_checkpoints(df)
     # baselines: every completed `none` record with a score, by (model, benchmark, n_samples), so a
     # subset run is compared with the unpruned run on the same subset (newest wins on ties)
     base: dict[tuple, float] = {}
     for _, b in df[(df["method"] == "none") & df["score"].notna()].sort_values(["_when", "run_id"]).iterrows():
-        base[(b["model"], b["benchmark"], b["_data"], b["n_samples"])] = b["score"]
+        base[(b["model"], b["weights"], b["benchmark"], b["_data"], b["n_samples"])] = b["score"]
     # one row per configuration: the budget mode is part of it (an official and a layer_mean run are two rows)
-    df = df.sort_values(["_acc", "_full", "_b1", "_when", "run_id"]).groupby(["model", "method", "ratio", "budget_mode", "benchmark", "_data"], as_index=False).tail(1)
+    df = df.sort_values(["_acc", "_full", "_b1", "_when", "run_id"]).groupby(["model", "weights", "method", "ratio", "budget_mode", "benchmark", "_data"], as_index=False).tail(1)
     ret = []
     for _, row in df.iterrows():
-        b = base.get((row["model"], row["benchmark"], row["_data"], row["n_samples"]))
+        b = base.get((row["model"], row["weights"], row["benchmark"], row["_data"], row["n_samples"]))
         ok = b is not None and b != 0 and pd.notna(row["score"])
         ret.append(round(100.0 * row["score"] / b, 2) if ok else None)
     df["retention_pct"] = ret
     df["_rank"] = df.apply(lambda r: -r["score"] if (r["_hib"] and pd.notna(r["score"])) else (r["score"] if pd.notna(r["score"]) else float("inf")), axis=1)
     df = df.sort_values(["model", "benchmark", "_rank", "method", "ratio"], kind="mergesort")
     return df[[*COLUMNS, *EXTRA]].reset_index(drop=True)
+
+
+def _split_checkpoints(df: pd.DataFrame) -> None:
+    """In place: a model name with rows of several weights fingerprints becomes ``<model>@<weights[:8]>``
+    on each of them (none keeps the bare name: which checkpoint is "the" model is not for us to guess)."""
+    for model, g in df.groupby("model"):
+        if g["weights"].nunique() > 1:
+            idx = g.index
+            df.loc[idx, "model"] = [f"{model}@{w[:8]}" for w in g["weights"]]
 
 
 #: columns of :func:`leaderboard_full` beyond :data:`COLUMNS`: the multiplier to the units papers report and
@@ -158,6 +174,8 @@ def aggregate(results_dir: str | Path = "results", quiet: bool = False, reports:
                     figures=built.figures if built else None, images=built.pictures if built else None)
     if not quiet:
         print(format_table(df))
+        for line in split_checkpoints_notes(df):
+            print(f"[bench] note: {line}")
         for line in mixed_environments(df):
             print(f"[bench] note: {line}")
         print(f"\n[bench] {len(df)} rows from {len(pairs)} records -> {results_dir / 'leaderboard.csv'}")
@@ -179,6 +197,16 @@ def refresh_leaderboard(results_dir: str | Path) -> None:
         log.exception("leaderboard refresh failed; run `python -m bench aggregate`")
 
 
+def split_checkpoints_notes(df: pd.DataFrame) -> list[str]:
+    """One line per model name whose rows come from several weights (see :func:`_split_checkpoints`)."""
+    out = []
+    names = sorted({m.split("@", 1)[0] for m in df["model"] if "@" in m})
+    for name in names:
+        shown = sorted({m for m in df["model"] if m.split("@", 1)[0] == name})
+        out.append(f"model {name}: rows from {len(shown)} different weights, kept apart as {', '.join(shown)} (column weights)")
+    return out
+
+
 def mixed_environments(df: pd.DataFrame) -> list[str]:
     """One line per model x benchmark whose rows were measured under more than one environment."""
     out = []
@@ -194,5 +222,6 @@ def format_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "(no completed runs yet: python -m bench run)"
     show = df[[c for c in [*COLUMNS, "score_ci_low", "score_ci_high", "rank"] if c in df]]
-    show = show.drop(columns=["run_id", "env"] if show["env"].nunique() <= 1 else ["run_id"]).copy()
+    drop = ["run_id"] + [c for c in ("env", "weights") if c in show and show[c].nunique() <= 1]
+    show = show.drop(columns=drop).copy()
     return show.to_string(index=False, na_rep="-", float_format=lambda x: f"{x:.4g}")

@@ -64,6 +64,8 @@ def provenance(cfg: dict[str, Any], adapter, fingerprints: dict[str, str], batch
         "batch_size_setting": setting,
         "model_fingerprint": fingerprints["model"],
         "weights_revision": adapter.weights_revision(),
+        "weights_format": adapter.weights_format(),
+        "pickle_weights_allowed": bool((cfg.get("model") or {}).get("allow_pickle_weights", False)),
         "benchmark_fingerprint": fingerprints["benchmark"],
         "date": now(),
         "hostname": socket.gethostname(),

@@ -152,6 +152,9 @@ def _measure(run: Run, adapter, base: dict[str, Any], t0: float) -> tuple[dict[s
     eff, n = efficiency_pass(measure, adapter, method, acc, seed=int(cfg["seed"]))
     notes += n
     _visual_tokens(eff, adapter, method, cfg, acc)
+    prov = provenance(cfg, adapter, run.fingerprints, acc["lm"].batch_size if acc else None)
+    if prov.get("weights_format") in ("pickle", "hub-pickle"):
+        notes.append("weights loaded from pickled files (model.allow_pickle_weights=true): not safetensors")
     record = {
         **base,
         "status": "completed",
@@ -159,7 +162,7 @@ def _measure(run: Run, adapter, base: dict[str, Any], t0: float) -> tuple[dict[s
         "n_samples": len(acc["samples"]) if acc else None,
         "metrics": acc["metrics"] if acc else {},
         "efficiency": eff,
-        "provenance": provenance(cfg, adapter, run.fingerprints, acc["lm"].batch_size if acc else None),
+        "provenance": prov,
         "notes": notes,
         "error": None,
         "finished_at": now(),

@@ -59,7 +59,10 @@ class Provenance(TypedDict):
     attn_implementation: str  # attention backend of the LLM and vision tower
     batch_size: int | None  # batch size the accuracy pass ran at; without an accuracy pass, the configured integer (null for "auto")
     batch_size_setting: int | str | None  # benchmark.batch_size as configured: an integer, or "auto" (then batch_size is what the memory probe chose)
-    model_fingerprint: str  # content hash of local weights, hub snapshot commit, or "random-init"
+    model_fingerprint: str  # content hash of local weights, hub snapshot commit, or "random-init" (the leaderboard keys rows by it)
+    weights_revision: str  # content hash (local) or snapshot commit (hub) of the weights actually loaded
+    weights_format: str | None  # what was loaded: safetensors | pickle (opted in with model.allow_pickle_weights) | random-init | hub-safetensors | hub-pickle
+    pickle_weights_allowed: bool  # model.allow_pickle_weights was set (pickle files may be unpickled on load)
     benchmark_fingerprint: str  # synthvqa-gen<version>, or lmms_eval-<version>:<task>:yaml=<digest>:data=<identity>:limit=<limit>
     date: str  # ISO-8601 UTC time the record was written
     hostname: str
@@ -132,6 +135,9 @@ LEADERBOARD_COLUMNS: dict[str, str] = {
     "n_samples": "samples evaluated (smaller than the split when benchmark.limit was set)",
     "data": "where the data came from: generated (SynthVQA), hub (the task's hub dataset or its cache), local (benchmark.dataset_path)",
     "data_items": "rows of the evaluated split before benchmark.limit (a local copy may be a subset of the benchmark)",
+    "weights": "fingerprint of the model's weights (provenance.model_fingerprint: content hash of local weight files, hub "
+    "snapshot commit, or random-init; 'unrecorded' for records without provenance): rows are keyed by it, and a model "
+    "name with rows of several weights shows as <model>@<weights[:8]>",
     "run_id": "run id (results/runs/<run_id>/record.json)",
     "env": "digest of the installed Python distributions the row was measured under (provenance.env_digest; "
     "'unrecorded' for records older than that field): rows of one model and benchmark with different values "

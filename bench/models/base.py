@@ -159,6 +159,10 @@ class ModelAdapter(abc.ABC):
     def weights_revision(self) -> str:
         """Content hash or hub snapshot of the weights actually loaded (provenance)."""
 
+    def weights_format(self) -> str | None:
+        """What :meth:`load` reads (``safetensors``, ``pickle``, ``random-init``, ...), for the record; None: not known."""
+        return None
+
     @property
     def config(self):
         """The loaded model's transformers config."""
