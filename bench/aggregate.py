@@ -57,6 +57,8 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
                 "retention_pct": None,
                 "tflops_prefill": None if eff.get("tflops_prefill") is None else round(float(eff["tflops_prefill"]), 6),
                 "prefill_ms": None if eff.get("prefill_ms") is None else round(float(eff["prefill_ms"]), 3),
+                "prefill_ms_iqr": None if eff.get("prefill_ms_iqr") is None else round(float(eff["prefill_ms_iqr"]), 3),
+                "host_load": eff.get("host_load"),
                 "kv_cache_mb": None if kv is None else round(kv / 2**20, 4),
                 "device": eff.get("device"),
                 "n_samples": r.get("n_samples"),
@@ -72,6 +74,7 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
                 "_hib": bool(mval.get("higher_is_better", True)),
                 "report_scale": float(((r.get("config") or {}).get("benchmark") or {}).get("report_scale", 1)),
                 "_when": r.get("finished_at") or "",
+                "_limit": r.get("limit"),
                 # rows of other data (a local copy, another revision) never replace or baseline each other
                 "_data": data.get("identity") or prov.get("benchmark_fingerprint") or "",
             }
@@ -79,6 +82,7 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=[*COLUMNS, *EXTRA])
     df = pd.DataFrame(rows)
+    df["host_load"] = pd.to_numeric(df["host_load"], errors="coerce")  # absent in older records: NaN, not None
     _split_checkpoints(df)
     # baselines: every completed `none` record with a score, by (model, benchmark, n_samples), so a
     # subset run is compared with the unpruned run on the same subset (newest wins on ties)
@@ -87,12 +91,14 @@ def leaderboard_full(records: list[dict[str, Any]]) -> pd.DataFrame:
         base[(b["model"], b["weights"], b["benchmark"], b["_data"], b["n_samples"])] = b["score"]
     # one row per configuration: the budget mode is part of it (an official and a layer_mean run are two rows)
     df = df.sort_values(["_acc", "_full", "_b1", "_when", "run_id"]).groupby(["model", "weights", "method", "ratio", "budget_mode", "benchmark", "_data"], as_index=False).tail(1)
-    ret = []
+    ret, hints = [], []
     for _, row in df.iterrows():
         b = base.get((row["model"], row["weights"], row["benchmark"], row["_data"], row["n_samples"]))
         ok = b is not None and b != 0 and pd.notna(row["score"])
         ret.append(round(100.0 * row["score"] / b, 2) if ok else None)
+        hints.append(_baseline_hint(row, b) if not ok and pd.notna(row["score"]) and row["method"] != "none" else None)
     df["retention_pct"] = ret
+    df["baseline_hint"] = hints
     df["_rank"] = df.apply(lambda r: -r["score"] if (r["_hib"] and pd.notna(r["score"])) else (r["score"] if pd.notna(r["score"]) else float("inf")), axis=1)
     df = df.sort_values(["model", "benchmark", "_rank", "method", "ratio"], kind="mergesort")
     return df[[*COLUMNS, *EXTRA]].reset_index(drop=True)
@@ -109,7 +115,29 @@ def _split_checkpoints(df: pd.DataFrame) -> None:
 
 #: columns of :func:`leaderboard_full` beyond :data:`COLUMNS`: the multiplier to the units papers report and
 #: the budget the run asked for (what published tables label their official configurations by)
-EXTRA = ["report_scale", "budget_requested"]
+EXTRA = ["report_scale", "budget_requested", "baseline_hint"]
+
+
+def _baseline_hint(row, base: float | None) -> str:
+    """Why ``retention_pct`` is empty for a scored row, and the run that fills it."""
+    if base == 0:
+        return f"the unpruned baseline of {row['model']} on {row['benchmark']} scored 0, so retention is undefined"
+    model = str(row["model"]).split("@", 1)[0]
+    limit = row.get("_limit")
+    cmd = f"python -m bench run method=none model={model} benchmark={row['benchmark']}"
+    if limit is not None and not pd.isna(limit):
+        cmd += f" benchmark.limit={int(limit)}"
+    same = f"{'' if limit is None or pd.isna(limit) else f'{int(limit)} '}samples, same data" + (" and weights" if "@" in str(row["model"]) else "")
+    return f"no `none` baseline of {row['model']} on {row['benchmark']} with the same {same}: {cmd}"
+
+
+def baseline_notes(df: pd.DataFrame) -> list[str]:
+    """One line per missing baseline (``baseline_hint`` of :func:`leaderboard_full`), with the rows it leaves
+    without ``retention_pct``."""
+    if "baseline_hint" not in df:
+        return []
+    hints = df["baseline_hint"].dropna()
+    return [f"retention_pct empty for {n} row(s): {h}" for h, n in hints.value_counts(sort=False).sort_index().items()]
 
 
 def _budget(eff: dict[str, Any]) -> dict[str, Any]:
@@ -155,7 +183,7 @@ def aggregate(results_dir: str | Path = "results", quiet: bool = False, reports:
     buf = io.StringIO()
     df.to_csv(buf, index=False)
     atomic_write_text(results_dir / "leaderboard.csv", buf.getvalue())
-    written: dict[str, list[Path]] = {"tables": [], "plots": []}
+    written: dict[str, list] = {"tables": [], "plots": [], "notes": []}
     if reports and not full.empty:
         from bench.report import write_reports
 
@@ -174,11 +202,15 @@ def aggregate(results_dir: str | Path = "results", quiet: bool = False, reports:
                     figures=built.figures if built else None, images=built.pictures if built else None)
     if not quiet:
         print(format_table(df))
+        for line in baseline_notes(full):
+            print(f"[bench] note: {line}")
         for line in split_checkpoints_notes(df):
             print(f"[bench] note: {line}")
         for line in mixed_environments(df):
             print(f"[bench] note: {line}")
         print(f"\n[bench] {len(df)} rows from {len(pairs)} records -> {results_dir / 'leaderboard.csv'}")
+        for line in written.get("notes", []):
+            print(f"[bench] note: {line}")
         if written["tables"] or written["plots"]:
             print(f"[bench] {len(written['tables'])} tables under {results_dir}/leaderboards and {results_dir}/tables, {len(written['plots'])} plots under {results_dir}/plots")
         if built:

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,22 @@ class Session:
     mismatches: list[str] = field(default_factory=list)  # verify=true: records not reproduced, one line each
     pending: set[str] = field(default_factory=set)  # results dirs whose leaderboard awaits one refresh
     models: ModelCache = field(default_factory=ModelCache)  # one loaded model, reused by the sweep's runs
+    jobs: int = 0  # jobs of a local sweep (Hydra's combinations), for the progress line
+    done: int = 0  # jobs of it finished (recorded, skipped, refused or failed)
+    started: float = field(default_factory=time.time)
+
+    def tick(self) -> None:
+        """One local sweep job finished: print the sweep's progress with its ETA (tqdm's meter).
+
+        The ETA extrapolates the mean time per job so far; already recorded runs are skipped in no time,
+        so it only settles once real runs have finished."""
+        if not self.jobs:
+            return
+        from tqdm import tqdm
+
+        self.done += 1
+        meter = tqdm.format_meter(self.done, self.jobs, time.time() - self.started, unit="run", prefix="[bench] sweep", ncols=100)
+        print(meter, file=sys.stderr, flush=True)
 
     def add(self, result) -> None:
         """Take in a ``bench.runner.RunResult``."""
@@ -191,6 +208,9 @@ def _hydra_app(session: Session):
             # a failed job leaves a `failed` record and must not stop the rest of the sweep
             traceback.print_exc()
             session.failures.append(f"{resolved['method']['name']} ratio={resolved['ratio']} on {resolved['benchmark']['name']}: {type(e).__name__}: {e}")
+        finally:
+            if defer:
+                session.tick()
 
     return app
 
@@ -212,6 +232,13 @@ def cmd_run(args: list[str]) -> None:
         _die(str(e), e.exit_code)
     sys.argv = [sys.argv[0], *args]
     session = Session()
+    if args and args[0] == "-m" and not any(a.replace(" ", "").startswith("hydra/launcher=") and "basic" not in a for a in args):
+        from bench.sweep import sweep_overrides
+
+        try:
+            session.jobs = len(sweep_overrides(args))  # Hydra's jobs: none at several ratios counts each time
+        except Exception:  # noqa: BLE001 - a progress line is not worth failing the sweep for
+            session.jobs = 0
     try:
         _hydra_app(session)()
     finally:

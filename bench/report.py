@@ -8,7 +8,9 @@
 * ``tables/<model>__<benchmark>__ranked.md``: the rows of one model and benchmark with their 95%
   intervals, tied ranks and paired tests against the baseline and the row above (``bench.uncertainty``).
 * ``plots/<model>__<benchmark>__{tflops,latency}.png``: score vs compute, one line per method (its own
-  colour and marker, ``bench.plotstyle``), 95% intervals as error bars, the Pareto frontier dashed.
+  colour and marker, ``bench.plotstyle``), 95% intervals as error bars, the Pareto frontier dashed. CPU
+  latency is labelled indicative, with its spread (IQR bars) and the host load, and its plot is left out
+  when the spread exceeds the differences between the runs (:func:`latency_left_out`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ def paper_table(df: pd.DataFrame, model: str) -> str:
         ret = rows["retention_pct"].dropna()
         avg = ret.mean() if len(ret) == len(rows) and len(ret) else None
         lines.append(f"| {tokens} | {method} | " + " | ".join(cells) + f" | {_fmt(avg)} |")
+    hints = sorted(set(m["baseline_hint"].dropna())) if "baseline_hint" in m else []
+    if hints:
+        lines += ["", "Retention is empty (–) where the unpruned baseline is missing:"] + [f"- {h}" for h in hints]
     return "\n".join(lines) + "\n"
 
 
@@ -133,6 +138,26 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 XLABEL = {"tflops_prefill": "prefill TFLOPs per sample (measured)", "prefill_ms": "prefill latency per sample, ms", "kv_cache_mb": "KV cache per sample, MiB"}
 
 
+def latency_left_out(d: pd.DataFrame) -> str | None:
+    """Why a latency Pareto view of the rows ``d`` (one model x benchmark) would mislead, or None.
+
+    GPU timings (CUDA events) are kept. CPU wall-clock timings are left out when their spread, the largest
+    inter-quartile range of the repeats, is at least the whole range of the medians: the order of the points
+    would then be noise (under load a pruned run measured slower than the unpruned one at fewer FLOPs).
+    """
+    d = d[d["score"].notna() & d["prefill_ms"].notna()]
+    cpu = d[d["device"].astype(str) == "cpu"]
+    if cpu.empty or len(d) < 2:
+        return None
+    iqr = pd.to_numeric(cpu.get("prefill_ms_iqr", pd.Series(dtype=float)), errors="coerce")
+    if iqr.isna().any():
+        return "CPU latency without a recorded spread"
+    spread, diff = float(iqr.max()), float(d["prefill_ms"].max() - d["prefill_ms"].min())
+    if spread >= diff:
+        return f"CPU latency spread (IQR up to {spread:.1f} ms) exceeds the differences between runs ({diff:.1f} ms)"
+    return None
+
+
 def pareto_figure(df: pd.DataFrame, model: str, bench: str, xcol: str, styles=None):
     """``(figure, placed labels, labels left out)`` of score vs ``xcol`` for one model x benchmark, or ``None``.
 
@@ -160,11 +185,17 @@ def pareto_figure(df: pd.DataFrame, model: str, bench: str, xcol: str, styles=No
         if has_ci and g["score_ci_low"].notna().all():
             yerr = [(g["shown"] - g["score_ci_low"].astype(float) * g["report_scale"]).clip(lower=0), (g["score_ci_high"].astype(float) * g["report_scale"] - g["shown"]).clip(lower=0)]
         size = 13 if method == "none" else 6
-        ax.errorbar(g[xcol], g["shown"], yerr=yerr, label=method, color=st.color, marker=st.marker, markersize=size, linewidth=1,
+        xerr = None
+        if xcol == "prefill_ms" and "prefill_ms_iqr" in g and (g["device"].astype(str) == "cpu").any() and g["prefill_ms_iqr"].notna().all():
+            xerr = g["prefill_ms_iqr"].astype(float) / 2  # the IQR's width around the median: the timing's spread
+        ax.errorbar(g[xcol], g["shown"], yerr=yerr, xerr=xerr, label=method, color=st.color, marker=st.marker, markersize=size, linewidth=1,
                     linestyle="none" if len(g) == 1 else "-", elinewidth=0.7, capsize=2, alpha=0.9)
     front = pareto_front(list(zip(d[xcol], d["shown"])))
     ax.plot([p[0] for p in front], [p[1] for p in front], linestyle="--", color="grey", linewidth=1, label="Pareto front")
     xlabel = XLABEL[xcol] + (f" ({', '.join(sorted(d['device'].dropna().unique()))})" if xcol == "prefill_ms" else "")
+    if xcol == "prefill_ms" and (d["device"].astype(str) == "cpu").any():
+        load = pd.to_numeric(d.get("host_load", pd.Series(dtype=float)), errors="coerce").max()
+        xlabel += "; CPU wall clock, indicative only: bars = IQR of the repeats" + ("" if pd.isna(load) else f", host load up to {load:.2f}/core")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{d['metric'].iloc[0]} ({'%' if scale.iloc[0] == 100 else 'score'})" + (", 95% CI" if has_ci else ""))
     what = {"tflops_prefill": "compute", "prefill_ms": "latency", "kv_cache_mb": "KV cache"}[xcol]
@@ -183,9 +214,13 @@ def pareto_figure(df: pd.DataFrame, model: str, bench: str, xcol: str, styles=No
 
 
 def pareto_plot(df: pd.DataFrame, model: str, bench: str, xcol: str, path: Path, styles=None) -> bool:
-    """Write :func:`pareto_figure` as a PNG (atomically); False when there is nothing to plot."""
+    """Write :func:`pareto_figure` as a PNG (atomically); False when there is nothing to plot, or when a
+    CPU latency view would mislead (:func:`latency_left_out`; a plot written earlier is then removed)."""
     import matplotlib.pyplot as plt
 
+    if xcol == "prefill_ms" and latency_left_out(df[(df["model"] == model) & (df["benchmark"] == bench)]):
+        Path(path).unlink(missing_ok=True)
+        return False
     out = pareto_figure(df, model, bench, xcol, styles)
     if out is None:
         return False
@@ -199,7 +234,7 @@ def pareto_plot(df: pd.DataFrame, model: str, bench: str, xcol: str, path: Path,
 
 def write_reports(full: pd.DataFrame, results_dir: Path) -> dict[str, list[Path]]:
     """Write every table and plot for the leaderboard ``full`` (with ``report_scale``)."""
-    written: dict[str, list[Path]] = {"tables": [], "plots": []}
+    written: dict[str, list] = {"tables": [], "plots": [], "notes": []}
     reference = load_reference(REFERENCE)
     cols = [*COLUMNS, *(c for c in STAT_COLUMNS if c in full)]
     styles = method_styles(full["method"].unique())
@@ -228,4 +263,6 @@ def write_reports(full: pd.DataFrame, results_dir: Path) -> dict[str, list[Path]
                 p = results_dir / "plots" / f"{model}__{bench}__{tag}.png"
                 if pareto_plot(full, model, bench, xcol, p, styles):
                     written["plots"].append(p)
+                elif xcol == "prefill_ms" and (why := latency_left_out(part[part["benchmark"] == bench])):
+                    written["notes"].append(f"latency plot of {model} / {bench} left out: {why} (`python -m bench run device=cuda` measures it)")
     return written

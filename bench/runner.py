@@ -203,6 +203,20 @@ def _sink(record: dict[str, Any], cfg: dict[str, Any]) -> None:
     log_run(record, cfg.get("logger") or {})
 
 
+def _latency(e: dict[str, Any]) -> str:
+    """``prefill=<median> ms`` with its spread; on CPU labelled indicative, with the host load."""
+    if e.get("prefill_ms") is None:
+        return ""
+    info = [str(e.get("timer"))]
+    if e.get("prefill_ms_iqr") is not None:
+        info.append(f"IQR {e['prefill_ms_iqr']:.1f} ms")
+    if e.get("device") == "cpu":
+        if e.get("host_load") is not None:
+            info.append(f"host load {e['host_load']:.2f}/core")
+        info.append("CPU: indicative only")
+    return f"prefill={e['prefill_ms']:.1f} ms ({', '.join(info)})"
+
+
 def _print_summary(rec: dict[str, Any], rdir: Path) -> None:
     m = rec["metrics"].get(rec["primary_metric"], {}).get("value") if rec["metrics"] else None
     e = rec["efficiency"]
@@ -212,7 +226,7 @@ def _print_summary(rec: dict[str, Any], rdir: Path) -> None:
         f"{rec['primary_metric']}={m:.4f}" if m is not None else "accuracy=n/a",
         f"visual tokens {e['visual_tokens_kept']:.1f}/{e['visual_tokens_in']}" if e.get("visual_tokens_kept") is not None else "",
         f"TFLOPs={e['tflops_prefill']:.4f}" if e.get("tflops_prefill") is not None else "",
-        f"prefill={e['prefill_ms']:.1f} ms ({e['timer']})" if e.get("prefill_ms") is not None else "",
+        _latency(e),
         f"{rec['wall_s']} s",
     ]
     print("[bench] " + " | ".join(p for p in parts if p))

@@ -38,6 +38,7 @@ class Efficiency(TypedDict):
     roofline: dict[str, float | None] | None  # measured matmul TFLOP/s and copy GB/s, LLM weight bytes, llm_prefill_floor_ms
     prefill_ms: float | None  # median wall time of one sample's vision encoder + selection + LLM prefill
     prefill_ms_iqr: float | None  # inter-quartile range of the repeats behind prefill_ms
+    host_load: float | None  # CPU runs: 1-minute load average per core (os.getloadavg / cpu_count) when prefill_ms was measured (CPU latency is indicative); null on GPU
     timer: str | None  # "cuda_events" on GPU, "wall_clock" (time.perf_counter) on CPU
     timing_repeats: int | None  # timed repeats after warm-up
     kv_cache_bytes: int | None  # bytes of all K/V tensors in the cache after one sample's prefill, read from the tensors
@@ -120,7 +121,8 @@ LEADERBOARD_COLUMNS: dict[str, str] = {
     "benchmark": "benchmark config name",
     "metric": "primary metric of the benchmark",
     "score": "value of the primary metric (null for efficiency-only runs)",
-    "retention_pct": "score / score of method=none on the same model, benchmark and number of samples x 100",
+    "retention_pct": "score / score of method=none on the same model (and weights), benchmark, data and number of samples x 100; "
+    "empty where that baseline was not run (`python -m bench aggregate` and the tables' footnotes name the run to make)",
     "budget": "the visual-token budget the row stands for: B = round(N(1 - ratio)) where the run met it, else the count it "
     "measured (budget_met false; a row is never shown under a budget it missed)",
     "budget_mode": "how the budget is counted: pre_llm_exact (exactly B tokens reach the LLM), official (the method's published "
@@ -129,7 +131,9 @@ LEADERBOARD_COLUMNS: dict[str, str] = {
     "budget_met": "whether the count the budget names (kept tokens, the layer mean, or the count after the first pruning "
     "stage: the record's budget_measure) is within one token of B; empty for records older than the field",
     "tflops_prefill": "measured TFLOPs of one sample's vision encoder + selection + LLM prefill",
-    "prefill_ms": "median time of that prefill (see `device` and the record's `timer`)",
+    "prefill_ms": "median time of that prefill (see `device` and the record's `timer`); on CPU indicative only (wall clock on a shared host)",
+    "prefill_ms_iqr": "inter-quartile range of the timed repeats behind prefill_ms (its spread)",
+    "host_load": "CPU runs: 1-minute load average per core while prefill_ms was measured (above ~1 the timing is stretched by other processes); empty on GPU",
     "kv_cache_mb": "KV-cache size after one sample's prefill, MiB, read from the cache tensors",
     "device": "where efficiency was measured",
     "n_samples": "samples evaluated (smaller than the split when benchmark.limit was set)",

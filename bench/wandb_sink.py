@@ -30,8 +30,29 @@ def _flat(prefix: str, d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _settings(logger_cfg: dict[str, Any]):
+    """W&B's own console output off unless ``logger.verbose=true``: its banner, run history and summary
+    (about 30 lines per run) would bury the run's result line; :func:`_one_line` says where the run went."""
+    import wandb
+
+    verbose = bool(logger_cfg.get("verbose", False))
+    return wandb.Settings(silent=not verbose, quiet=not verbose)
+
+
+def _one_line(run, logger_cfg: dict[str, Any], what: str) -> None:
+    if logger_cfg.get("verbose", False):
+        return
+    d = Path(run.dir).parent
+    if logger_cfg.get("mode", "offline") == "offline":
+        print(f"[bench] W&B {what}: offline run {d} (`wandb sync {d}` uploads it; logger.verbose=true shows W&B's output)")
+    else:
+        print(f"[bench] W&B {what}: {getattr(run, 'url', None) or d}")
+
+
 def log_run(record: dict[str, Any], logger_cfg: dict[str, Any]) -> str | None:
-    """Log one run record (config, metrics, efficiency) as a W&B run; returns its directory."""
+    """Log one run record (config, metrics, efficiency) as a W&B run; returns its directory.
+
+    Prints one ``[bench] W&B ...`` line, W&B's own output only with ``logger.verbose=true``."""
     if not logger_cfg or logger_cfg.get("name") != "wandb" or logger_cfg.get("mode") == "disabled":
         return None
     try:
@@ -51,6 +72,7 @@ def log_run(record: dict[str, Any], logger_cfg: dict[str, Any]) -> str | None:
             tags=list(logger_cfg.get("tags") or []),
             config=redact({k: v for k, v in record.get("config", {}).items() if k not in ("logger",)}),
             reinit="finish_previous",
+            settings=_settings(logger_cfg),
         )
         summary = {"run_id": record["run_id"], "status": record["status"], "ratio": record["ratio"]}
         summary.update({f"metrics/{k}": v.get("value") for k, v in (record.get("metrics") or {}).items()})
@@ -60,7 +82,8 @@ def log_run(record: dict[str, Any], logger_cfg: dict[str, Any]) -> str | None:
         run.summary.update(summary)
         run.log({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         path = run.dir
-        run.finish(quiet=True)
+        run.finish()
+        _one_line(run, logger_cfg, "run")
         return str(Path(path).parent)
     except Exception:  # noqa: BLE001 - a sink must never break a run
         log.exception("W&B logging failed; the run record is unaffected")
@@ -87,6 +110,7 @@ def log_summary(tables: dict[str, Any], plots: list[Path], logger_cfg: dict[str,
             job_type="aggregate",
             name="leaderboard",
             reinit="finish_previous",
+            settings=_settings(logger_cfg),
         )
         payload = {}
         for name, df in tables.items():
@@ -99,7 +123,8 @@ def log_summary(tables: dict[str, Any], plots: list[Path], logger_cfg: dict[str,
             payload[f"kept/{name}"] = wandb.Image(str(p), caption=name)
         run.log(payload)
         path = run.dir
-        run.finish(quiet=True)
+        run.finish()
+        _one_line(run, logger_cfg, "summary")
         return str(Path(path).parent)
     except Exception:  # noqa: BLE001
         log.exception("W&B summary logging failed; the tables and plots on disk are unaffected")

@@ -21,6 +21,8 @@ What is measured and how (the record's ``efficiency`` keys, see ``bench/schema.p
 
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 import torch
@@ -38,7 +40,7 @@ from bench.models.llava import kv_cache_bytes
 
 
 #: the efficiency keys of a record, null until measured (``measure.efficiency=false`` leaves them so)
-NULL_EFFICIENCY = ("tflops_prefill", "prefill_ms", "prefill_ms_iqr", "timer", "timing_repeats", "kv_cache_bytes", "kv_cache_bytes_per_layer", "peak_mem_bytes", "measured_batch_size")
+NULL_EFFICIENCY = ("tflops_prefill", "prefill_ms", "prefill_ms_iqr", "host_load", "timer", "timing_repeats", "kv_cache_bytes", "kv_cache_bytes_per_layer", "peak_mem_bytes", "measured_batch_size")
 
 
 def efficiency_pass(measure: dict[str, Any], adapter, method, acc: dict[str, Any] | None, seed: int) -> tuple[dict[str, Any], list[str]]:
@@ -67,12 +69,25 @@ def efficiency_pass(measure: dict[str, Any], adapter, method, acc: dict[str, Any
     if adapter.device.type == "cpu":
         # thread count changes CPU latency, never predictions (checked: samples identical at 1 and 2)
         notes.append(f"CPU timings with {torch.get_num_threads()} torch intra-op thread(s)")
+        eff["host_load"] = host_load()
+        load = "unknown" if eff["host_load"] is None else f"{eff['host_load']:.2f} per core (1-minute load average over {os.cpu_count()} core(s))"
+        notes.append(f"prefill_ms is indicative on CPU: wall clock on a shared host, host load {load} while measuring, "
+                     f"spread (IQR) {eff['prefill_ms_iqr']:.1f} ms; other processes move it, not the FLOPs")
     if measure.get("stages", False):
         lat, n3 = stage_latencies(adapter, method, batch, seeds, warmup=warmup, repeats=repeats, modes=tuple(measure.get("modes", ["eager"])))
         eff["latency"] = lat
         eff["roofline"] = roofline(adapter, eff)
         notes += n3
     return eff, notes
+
+
+def host_load() -> float | None:
+    """The 1-minute load average per CPU core (``os.getloadavg``), rounded to 0.01; None where the OS has none.
+    Above about 1, processes queued for the cores and CPU wall-clock timings stretch."""
+    try:
+        return round(os.getloadavg()[0] / (os.cpu_count() or 1), 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def device_name(device: torch.device) -> str:

@@ -20,7 +20,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from bench.plotstyle import method_styles
 from bench.records import atomic_write_bytes, atomic_write_text, is_temp_file
-from bench.report import REFERENCE, _bench_key, reported_gap
+from bench.report import REFERENCE, _bench_key, latency_left_out, reported_gap
 from bench.site.catalog import method_catalog
 from bench.site.figures import PARETO_X, efficiency_figures, efficiency_frames, pareto_figure, published_figure
 from bench.site.kept import IMAGES, PANEL, RATIOS, kept_pictures
@@ -146,6 +146,8 @@ def build_site(full: pd.DataFrame, records: list[dict[str, Any]], results_dir: s
         plots = []
         for xcol in PARETO_X:
             if not (d["score"].notna() & d[xcol].notna()).any():
+                continue
+            if xcol == "prefill_ms" and latency_left_out(d):  # CPU timings whose spread exceeds their differences
                 continue
             fig = pareto_figure(d, xcol, styles, f"{model} / {bench}: accuracy vs {PARETO_X[xcol]}", budget_mode)
             key = f"pareto__{model}__{bench}__{xcol}"
