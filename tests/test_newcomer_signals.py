@@ -160,3 +160,21 @@ def test_retention_says_which_baseline_to_run(tmp_path, capsys):
     # with the baseline run, no hint
     ok = leaderboard_full([rec("pool", 0.5, 0.8, "b", limit=20, n=20), rec("none", 0.0, 0.9, "a2", limit=20, n=20)])
     assert ok["baseline_hint"].isna().all() and baseline_notes(ok) == []
+
+
+def test_site_latency_figure_is_labelled_and_left_out_when_noisy(tmp_path):
+    from bench.plotstyle import method_styles
+    from bench.site.figures import pareto_figure as site_figure
+
+    df = leaderboard_full([rec("none", 0.0, 0.9, "a", ms=467, iqr=5), rec("pool", 0.5, 0.8, "b", ms=300, iqr=8)])
+    fig = site_figure(df, "prefill_ms", method_styles(df["method"].unique()), "t", {})
+    assert "indicative only" in fig.layout.xaxis.title.text
+    assert sorted(t.error_x.array[0] for t in fig.data if t.error_x is not None and t.error_x.array is not None) == [2.5, 4.0]
+    from bench.site.build import build_site
+
+    noisy = [rec("none", 0.0, 0.9, "a", ms=467, iqr=900), rec("pool", 0.5, 0.8, "b", ms=600, iqr=40)]
+    built = build_site(leaderboard_full(noisy), noisy, tmp_path, kept=False)
+    assert "pareto__m__synthvqa__tflops_prefill" in built.figures
+    assert "pareto__m__synthvqa__prefill_ms" not in built.figures, "a noisy CPU latency figure was built"
+    built = build_site(df, [rec("none", 0.0, 0.9, "a", ms=467, iqr=5), rec("pool", 0.5, 0.8, "b", ms=300, iqr=8)], tmp_path, kept=False)
+    assert "pareto__m__synthvqa__prefill_ms" in built.figures

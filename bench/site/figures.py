@@ -48,13 +48,18 @@ def pareto_figure(d: pd.DataFrame, xcol: str, styles: dict[str, Style], title: s
             line=dict(color=st.color, width=1.2),
             error_y=dict(type="data", symmetric=False, array=[round(h * s - y, 4) for h, s, y in zip(hi, sc, g["shown"])],
                          arrayminus=[round(y - l * s, 4) for l, s, y in zip(lo, sc, g["shown"])], thickness=1, width=3, color=st.color) if has else None,
+            error_x=dict(type="data", array=(g["prefill_ms_iqr"].astype(float) / 2).round(3).tolist(), thickness=1, width=2, color=st.color)
+            if xcol == "prefill_ms" and "prefill_ms_iqr" in g and g["prefill_ms_iqr"].notna().all() and (g["device"].astype(str) == "cpu").any() else None,
             hovertext=text, hoverinfo="text", customdata=g["run_id"].tolist(),
         ))
     front = pareto_front(list(zip(d[xcol].tolist(), d["shown"].tolist())))
     fig.add_trace(go.Scatter(x=[p[0] for p in front], y=[round(p[1], 4) for p in front], name="Pareto front", mode="lines",
                              line=dict(color="#777", dash="dash", width=1.5), hoverinfo="skip"))
     unit = "%" if float(scale.iloc[0]) == 100 else "score"
-    fig.update_layout(title=dict(text=title, font=dict(size=15)), xaxis_title=PARETO_X[xcol], yaxis_title=f"{d['metric'].iloc[0]} ({unit}), 95% CI", **LAYOUT)
+    xtitle = PARETO_X[xcol]
+    if xcol == "prefill_ms" and (d["device"].astype(str) == "cpu").any():
+        xtitle += " (CPU wall clock: indicative only; IQR bars)"
+    fig.update_layout(title=dict(text=title, font=dict(size=15)), xaxis_title=xtitle, yaxis_title=f"{d['metric'].iloc[0]} ({unit}), 95% CI", **LAYOUT)
     return fig
 
 
