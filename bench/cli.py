@@ -291,7 +291,7 @@ def cmd_status(args: list[str]) -> None:
               "are read from the multirun.yaml Hydra wrote there; overrides after it are applied on top.")
         return
     if args and "=" not in args[0] and not args[0].startswith("-"):
-        from bench.sweep import sweep_dir_overrides
+        from bench.status import sweep_dir_overrides
 
         found = sweep_dir_overrides(args[0])
         if found is None:
@@ -303,7 +303,7 @@ def cmd_status(args: list[str]) -> None:
     from bench.validate import quote_paths
 
     args = quote_paths(args)
-    from bench.sweep import status
+    from bench.status import status
 
     st = status(args)
     width = max([len(r["method"]) for r in st["rows"]] + [6])

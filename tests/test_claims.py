@@ -158,7 +158,7 @@ def test_processes_racing_for_a_stale_claim_one_wins(rdir):
 @pytest.mark.slow
 def test_run_takes_over_an_empty_claim_end_to_end(tmp_path):
     """The issue's reproduction: `touch runs/<id>/.claim`, then run: the run executes (it used to be skipped forever)."""
-    from bench.sweep import status
+    from bench.status import status
 
     results = tmp_path / "r"
     args = ["logger=none", "benchmark.limit=4", "measure=quick", f"results_dir={results}"]

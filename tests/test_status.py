@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.sweep import status, sweep_dir_overrides
+from bench.status import status, sweep_dir_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 
