@@ -28,13 +28,17 @@ def synthetic_extras(vis: torch.Tensor, needs, heads: int = 4, seed: int = 1234)
     wq = torch.randn(d, d, generator=g, dtype=vis.dtype) / math.sqrt(d)
     wk = torch.randn(d, d, generator=g, dtype=vis.dtype) / math.sqrt(d)
     hd = d // heads
+    wc = torch.randn(d, 32, generator=g, dtype=vis.dtype) / math.sqrt(d)
 
     def per_sample(i):
         h = torch.cat([vis[i].mean(0, keepdim=True), vis[i]])  # (S, D)
         q, k = h @ wq, h @ wk
         qh, kh = q.view(-1, heads, hd).transpose(0, 1), k.view(-1, heads, hd).transpose(0, 1)
         p = torch.softmax(qh @ kh.transpose(-1, -2) * hd**-0.5, dim=-1)  # (H, S, S)
-        return {"hidden": h, "q_proj": q, "k_proj": k, "keys": k.view(-1, heads, hd).mean(1), "cls_attn": p[:, 0], "attn_colmean": p.mean(0).mean(0)}
+        # CLIP's joint space (CDPruner): the patches and a one-chunk "question" (their mean) through a fixed projection
+        joint = (h @ wc).float()
+        return {"hidden": h, "q_proj": q, "k_proj": k, "keys": k.view(-1, heads, hd).mean(1), "cls_attn": p[:, 0], "attn_colmean": p.mean(0).mean(0),
+                "clip_image_embeds": joint[1:], "clip_text_embeds": joint[:1] + 0.1 * joint[1:2], "clip_text_chunks": torch.tensor(1)}
 
     rows = [per_sample(i) for i in range(b)]
     out = {}

@@ -304,3 +304,12 @@ def test_probe_batch_carries_a_question(adapter):
     assert b["texts"] == [adapter.PROBE_QUESTION] * 2
     prepared = adapter.prepare(b, CDPruner(prune_ratio=0.9), torch.zeros(2, dtype=torch.long))
     assert prepared.extras["clip_text"]["tower_flops"] > 0
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.9])
+def test_analytic_flops_match_the_counter(adapter, ratio):
+    """prepare + prefill counted by torch's FLOP counter == the analytic model (text tower included), within 1%."""
+    from test_flops import check  # tests/ is on sys.path
+
+    _, analytic = check(adapter, CDPruner(prune_ratio=ratio), adapter.probe_batch(batch_size=1))
+    assert analytic.selection > adapter.clip_text().tower_flops(1) > 0
