@@ -313,3 +313,58 @@ def test_analytic_flops_match_the_counter(adapter, ratio):
 
     _, analytic = check(adapter, CDPruner(prune_ratio=ratio), adapter.probe_batch(batch_size=1))
     assert analytic.selection > adapter.clip_text().tower_flops(1) > 0
+
+
+def test_llava_next_refuses():
+    from bench.errors import IncompatibleMethodError
+    from bench.models.llava_next import LlavaNextAdapter
+
+    ad = LlavaNextAdapter("next", "llava-hf/llava-v1.6-vicuna-7b-hf", weights="random", device="cpu",
+                          config_file="bench:configs/llava-v1.6-vicuna-7b-hf.json", budget="tile")
+    with pytest.raises(IncompatibleMethodError, match="per 336 px tile"):
+        ad.check_method(CDPruner(prune_ratio=0.5))
+
+
+# ----------------------------------------------------------------------------- end to end through the CLI
+def cli(*args: str):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=root, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.mark.slow
+def test_cli_run_on_the_embedded_model(tmp_path):
+    import json
+
+    results = tmp_path / "results"
+    r = cli("run", "model=tiny_llava_synth", "method=cdpruner", "ratio=0.75", "benchmark=synthvqa", "benchmark.limit=20",
+            "measure=quick", f"results_dir={results}", "logger=none")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (rec_path,) = list((results / "runs").glob("*/record.json"))
+    rec = json.loads(rec_path.read_text())
+    assert rec["status"] == "completed" and rec["method"] == "cdpruner" and rec["n_samples"] == 20
+    e = rec["efficiency"]
+    assert e["visual_tokens_in"] == 576 and e["budget_tokens"] == 144
+    # the tiny LLM is 128 wide: the kernel's rank ends the DPP's distinct picks before T = 144 (official arithmetic)
+    assert 120 <= e["visual_tokens_kept"] <= 144 and e["budget_measured"] == pytest.approx(e["visual_tokens_kept"], abs=1e-3)
+    assert e["tflops_selection_analytic"] > 0
+    assert rec["config"]["model"]["text_tower"]["source"] == "bench:tiny-llava-synth/clip-text"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,message", [
+    ("model.text_tower=null", "has none (model.text_tower is null)"),
+    ("model.text_tower.source=/nonexistent/clip", "no CLIP text tower at /nonexistent/clip"),
+])
+def test_cli_refuses_a_missing_text_tower(tmp_path, override, message):
+    results = tmp_path / "results"
+    r = cli("run", "model=tiny_llava_synth", "method=cdpruner", "ratio=0.5", "benchmark=synthvqa", "benchmark.limit=4",
+            "measure=quick", f"results_dir={results}", "logger=none", override)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert message in r.stderr + r.stdout and "Traceback" not in r.stderr
+    assert not (results / "runs").exists() or not any((results / "runs").iterdir())

@@ -77,8 +77,13 @@ class ClipTextSide:
             return self
         from transformers import CLIPTextModelWithProjection, CLIPTokenizerFast, CLIPVisionModelWithProjection
 
+        from transformers.utils import logging as hf_logging
+
         local = Path(self.source).is_dir()
         kw = {"local_files_only": not self.download, "dtype": torch.float32}
+        level = hf_logging.get_verbosity()
+        # each class reads only its half of the CLIP checkpoint: its load report lists the other half as unexpected
+        hf_logging.set_verbosity_error()
         try:
             self.tokenizer = CLIPTokenizerFast.from_pretrained(self.source, local_files_only=not self.download)
             self.text_tower = CLIPTextModelWithProjection.from_pretrained(self.source, **kw).to(self.device).eval()
@@ -93,6 +98,8 @@ class ClipTextSide:
                 f"visual_projection of the CLIP checkpoint the LLaVA vision tower comes from: download it "
                 f"(`hf download {self.source}`), point model.text_tower.source at a local copy, or pass model.download=true."
             ) from None
+        finally:
+            hf_logging.set_verbosity(level)
         self.text_tower.requires_grad_(False)
         self.visual_projection.requires_grad_(False)
         self.max_position_embeddings = int(self.text_tower.config.max_position_embeddings)
