@@ -447,7 +447,7 @@ def test_bench_selection_script_runs_on_cpu(tmp_path):
     # tome[tower-plain] / flowcut[tower-plain] are (merging or pruning tower - plain tower): negative when the
     # smaller token count saves more tower time than the method costs; every other row is a plain duration
     assert all(float(row["median_ms"]) >= 0 for row in rows if not row["method"].endswith("[tower-plain]"))
-    assert {"gprune", "holov", "flowcut[tower-plain]"} <= {row["method"] for row in rows}
+    assert {"gprune", "holov", "flowcut[tower-plain]", "cdpruner", "cdpruner[kernel+dpp]"} <= {row["method"] for row in rows}
     assert all(row["median_ms"] not in ("", "nan") for row in rows)
 
 
