@@ -65,6 +65,7 @@ def provenance(cfg: dict[str, Any], adapter, fingerprints: dict[str, str], batch
         "model_fingerprint": fingerprints["model"],
         "weights_revision": adapter.weights_revision(),
         "benchmark_fingerprint": fingerprints["benchmark"],
+        **({"text_tower_fingerprint": fingerprints["text_tower"]} if "text_tower" in fingerprints else {}),
         "date": now(),
         "hostname": socket.gethostname(),
     }

@@ -6,7 +6,7 @@ was not measured is ``null`` (with the reason in ``notes``), never a made-up val
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 SCHEMA_VERSION = 2  # 2: tflops_prefill_paper_convention in multiply-adds (was x2); budget_* fields
 
@@ -61,6 +61,7 @@ class Provenance(TypedDict):
     batch_size_setting: int | str | None  # benchmark.batch_size as configured: an integer, or "auto" (then batch_size is what the memory probe chose)
     model_fingerprint: str  # content hash of local weights, hub snapshot commit, or "random-init"
     benchmark_fingerprint: str  # synthvqa-gen<version>, or lmms_eval-<version>:<task>:yaml=<digest>:data=<identity>:limit=<limit>
+    text_tower_fingerprint: NotRequired[str]  # question-conditioned methods (CDPruner) only: model.text_tower's content hash or hub:<id>
     date: str  # ISO-8601 UTC time the record was written
     hostname: str
 
