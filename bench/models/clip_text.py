@@ -172,15 +172,13 @@ def build_text_extras(side: ClipTextSide, vision_model, hidden_states, feature_l
 
 
 def text_tower_source(cfg: dict | None) -> tuple[str | None, dict[str, str]]:
-    """``model.text_tower`` (``{source, sha256}`` or ``null``) -> ``(resolved source or None, pins)``."""
+    """``model.text_tower`` (``{source, sha256}`` or ``null``) -> ``(source or None, pins)``; the adapter resolves
+    ``bench:<asset>`` sources."""
     if cfg is None:
         return None, {}
     if not isinstance(cfg, dict) or not cfg.get("source"):
         raise ConfigError(f"model.text_tower must be null or a mapping with a 'source' (a CLIP checkpoint), got {cfg!r}")
-    from bench.models.llava import resolve_source
-
-    path, _ = resolve_source(str(cfg["source"]))
     pins = cfg.get("sha256") or {}
     if not isinstance(pins, dict):
         raise ConfigError(f"model.text_tower.sha256 must be a mapping {{file name: sha256}}, got {pins!r}")
-    return path, dict(pins)
+    return str(cfg["source"]), dict(pins)

@@ -228,7 +228,8 @@ class LlavaAdapter(ModelAdapter):
         self.allow_pickle_weights = bool(allow_pickle_weights)
         from bench.models.clip_text import text_tower_source
 
-        self.text_tower_path, self.text_tower_pins = text_tower_source(text_tower)
+        text_source, self.text_tower_pins = text_tower_source(text_tower)
+        self.text_tower_path = None if text_source is None else resolve_source(text_source)[0]
         self._clip_text = None
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
