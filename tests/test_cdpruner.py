@@ -368,3 +368,39 @@ def test_cli_refuses_a_missing_text_tower(tmp_path, override, message):
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert message in r.stderr + r.stdout and "Traceback" not in r.stderr
     assert not (results / "runs").exists() or not any((results / "runs").iterdir())
+
+
+def test_random_weights_build_a_random_text_side(llava_dir, tmp_path):
+    """model.weights=random (efficiency-only runs): the text tower and visual_projection are built at the shapes of
+    model.text_tower.config_file, no download; a hub text tower that is not cached is refused before model work."""
+    import json
+
+    from bench.errors import MissingWeightsError
+    from bench.models.llava import LlavaAdapter
+
+    cfg = json.loads((__import__("pathlib").Path(__file__).resolve().parent.parent / "bench/assets/configs/clip-vit-large-patch14-336.json").read_text())
+    cfg["text_config"].update(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, projection_dim=40)
+    cfg["projection_dim"] = 40
+    (tmp_path / "clip.json").write_text(json.dumps(cfg))
+    tower = {"source": "openai/clip-vit-large-patch14-336", "config_file": str(tmp_path / "clip.json")}
+    ad = LlavaAdapter("tiny", str(llava_dir), weights="random", device="cpu", dtype="float32", config_file=None, text_tower=tower).load()
+    ad.check_method(CDPruner(prune_ratio=0.9))
+    side = ad.clip_text()
+    assert side.projection_dim == 40 and side.visual_projection.in_features == ad.config.vision_config.hidden_size
+    assert ad.text_tower_fingerprint() == "random-init"
+    prepared = ad.prepare(ad.probe_batch(1), CDPruner(prune_ratio=0.9), torch.zeros(1, dtype=torch.long))
+    assert prepared.visual_tokens_kept == [58]
+
+    import os
+
+    old = os.environ.get("HF_HOME")
+    os.environ["HF_HOME"] = str(tmp_path / "empty-hf-home")
+    try:
+        pretrained = LlavaAdapter("tiny", str(llava_dir), device="cpu", dtype="float32", text_tower=tower)
+        with pytest.raises(MissingWeightsError, match="not in the local Hugging Face cache"):
+            pretrained.check_method(CDPruner(prune_ratio=0.9))
+    finally:
+        if old is None:
+            os.environ.pop("HF_HOME")
+        else:
+            os.environ["HF_HOME"] = old

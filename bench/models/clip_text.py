@@ -72,6 +72,26 @@ class ClipTextSide:
         self.source, self.device, self.download = source, device, download
         self.tokenizer = self.text_tower = self.visual_projection = None
 
+    @classmethod
+    def random(cls, config, vision_width: int, device: torch.device, seed: int = 0) -> "ClipTextSide":
+        """Random weights of the real shapes (``model.weights=random``: efficiency-only runs) from a ``CLIPConfig``;
+        ``visual_projection`` maps the LLaVA tower's width (``vision_width``, the CLIP vision width for the real
+        models) to the joint space. The tokenizer is the stand-in CLIP BPE of ``bench.tiny_clip_text`` (it only
+        sets the chunk count)."""
+        from transformers import CLIPTextModelWithProjection
+
+        from bench.tiny_clip_text import build_clip_tokenizer
+
+        side = cls("random-init", device)
+        torch.manual_seed(seed)
+        side.tokenizer = build_clip_tokenizer()
+        side.text_tower = CLIPTextModelWithProjection(config.text_config).to(device).eval()
+        side.visual_projection = torch.nn.Linear(vision_width, config.projection_dim, bias=False).to(device).eval()
+        side.text_tower.requires_grad_(False)
+        side.visual_projection.requires_grad_(False)
+        side.max_position_embeddings = int(config.text_config.max_position_embeddings)
+        return side
+
     def load(self) -> "ClipTextSide":
         if self.text_tower is not None:
             return self
@@ -172,8 +192,8 @@ def build_text_extras(side: ClipTextSide, vision_model, hidden_states, feature_l
 
 
 def text_tower_source(cfg: dict | None) -> tuple[str | None, dict[str, str]]:
-    """``model.text_tower`` (``{source, sha256}`` or ``null``) -> ``(source or None, pins)``; the adapter resolves
-    ``bench:<asset>`` sources."""
+    """``model.text_tower`` (``{source, sha256, config_file}`` or ``null``) -> ``(source or None, pins)``; the adapter
+    resolves ``bench:<asset>`` sources (``config_file``: the architecture for ``model.weights=random``)."""
     if cfg is None:
         return None, {}
     if not isinstance(cfg, dict) or not cfg.get("source"):

@@ -230,6 +230,7 @@ class LlavaAdapter(ModelAdapter):
 
         text_source, self.text_tower_pins = text_tower_source(text_tower)
         self.text_tower_path = None if text_source is None else resolve_source(text_source)[0]
+        self.text_tower_config = (text_tower or {}).get("config_file")
         self._clip_text = None
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -455,6 +456,12 @@ class LlavaAdapter(ModelAdapter):
             )
         if local:
             check_pins(f"{self.name}.text_tower", root, self.text_tower_pins)
+        elif not self.download and _hub_cached_file(self.text_tower_path, "config.json") is None:
+            raise MissingWeightsError(
+                f"model {self.name!r}: the CLIP text tower {self.text_tower_path!r} (model.text_tower.source) is not in the local "
+                f"Hugging Face cache (HF_HOME={_hf_home()}); method {method.name!r} needs it. Download it with "
+                f"`hf download {self.text_tower_path}`, pass model.download=true, or run model.weights=random measure=efficiency."
+            )
 
     def clip_text(self):
         """The :class:`bench.models.clip_text.ClipTextSide` of ``model.text_tower`` (loaded on first use)."""
@@ -463,13 +470,34 @@ class LlavaAdapter(ModelAdapter):
                 raise IncompatibleMethodError(f"model {self.name!r} has no CLIP text tower (model.text_tower is null)")
             from bench.models.clip_text import ClipTextSide
 
-            self._clip_text = ClipTextSide(self.text_tower_path, self.device, self.download)
+            if self.weights == "random":
+                self._clip_text = ClipTextSide.random(self._text_tower_architecture(), self.config.vision_config.hidden_size, self.device)
+            else:
+                self._clip_text = ClipTextSide(self.text_tower_path, self.device, self.download)
         return self._clip_text.load()
+
+    def _text_tower_architecture(self):
+        """The text tower's ``CLIPConfig`` for ``weights=random``: its local ``config.json``, else ``model.text_tower.config_file``."""
+        from transformers import CLIPConfig
+
+        root = Path(self.text_tower_path)
+        if (root / "config.json").is_file():
+            return CLIPConfig.from_pretrained(root)
+        if not self.text_tower_config:
+            raise MissingWeightsError(f"model {self.name!r}: weights=random needs model.text_tower.config_file (the CLIP architecture) "
+                                      f"for a text tower that is not available locally ({self.text_tower_path})")
+        cfile, _ = resolve_source(str(self.text_tower_config))
+        try:
+            return CLIPConfig(**json.loads(Path(cfile).read_text()))
+        except FileNotFoundError:
+            raise ConfigError(f"model.text_tower.config_file {self.text_tower_config!r} not found at {cfile}") from None
 
     def text_tower_fingerprint(self) -> str:
         """Identity of the text tower's weights (content hash of a local directory, else the hub id)."""
         if self.text_tower_path is None:
             return "none"
+        if self.weights == "random":
+            return "random-init"
         _, local = resolve_source(self.text_tower_path)
         return local_fingerprint(self.text_tower_path) if local else f"hub:{self.text_tower_path}"
 
