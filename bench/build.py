@@ -100,6 +100,11 @@ def build_run(cfg: dict[str, Any]) -> Run:
     adapter = build_adapter(cfg)
     adapter.check_method(method)
     fingerprints = {"model": adapter.fingerprint(), "benchmark": benchmark_fingerprint(cfg["benchmark"])}
+    from bench.models.clip_text import needs_text
+
+    if needs_text(method) and hasattr(adapter, "text_tower_fingerprint"):
+        # model.text_tower is not in the identity (runs of other methods never read it): its weights are, here
+        fingerprints["text_tower"] = adapter.text_tower_fingerprint()
     rid = run_id(cfg, fingerprints)
     return Run(cfg, method, adapter, fingerprints, rid, run_dir(cfg["results_dir"], rid))
 

@@ -157,6 +157,8 @@ class TokenPruneModel(lmms):
             images.append(vis[0].convert("RGB"))
         prompts = [self._prompt(c) for c in contexts]
         batch = self.adapter.process(images, prompts)
+        # the user text of each prompt: question-conditioned methods (CDPruner) encode it with CLIP's text tower
+        batch["texts"] = [c.replace("<image>", "").strip() for c in contexts]
         seeds = torch.tensor([sample_seed(self.seed, t, d) for t, d in zip(tasks, doc_ids)], dtype=torch.long)
         lap("inputs")
         prepared = self.adapter.prepare(batch, self.method, seeds)

@@ -67,6 +67,7 @@ def provenance(cfg: dict[str, Any], adapter, fingerprints: dict[str, str], batch
         "weights_format": adapter.weights_format(),
         "pickle_weights_allowed": bool((cfg.get("model") or {}).get("allow_pickle_weights", False)),
         "benchmark_fingerprint": fingerprints["benchmark"],
+        **({"text_tower_fingerprint": fingerprints["text_tower"]} if "text_tower" in fingerprints else {}),
         "date": now(),
         "hostname": socket.gethostname(),
     }

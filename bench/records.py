@@ -18,7 +18,9 @@ EXCLUDED_KEYS = ("results_dir", "overwrite", "verify", "logger", "hydra", "launc
 #: Keys inside a group that are checks or permissions, not identity: the weights' content fingerprint
 #: already identifies what ran (``model.sha256`` pins are verified against it; ``allow_pickle_weights`` only
 #: permits a format, and the record's provenance says which one loaded).
-EXCLUDED_NESTED = {"model": ("sha256", "allow_pickle_weights")}
+#: ``model.text_tower`` (CLIP's text side) is read only by question-conditioned methods (CDPruner); their runs carry
+#: its content fingerprint instead (``bench.build.build_run``), so adding it to a model changed no other run's id.
+EXCLUDED_NESTED = {"model": ("sha256", "allow_pickle_weights", "text_tower")}
 
 
 def canonicalize(config: dict[str, Any]) -> dict[str, Any]:

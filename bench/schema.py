@@ -6,7 +6,7 @@ was not measured is ``null`` (with the reason in ``notes``), never a made-up val
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 SCHEMA_VERSION = 2  # 2: tflops_prefill_paper_convention in multiply-adds (was x2); budget_* fields
 
@@ -65,6 +65,7 @@ class Provenance(TypedDict):
     weights_format: str | None  # what was loaded: safetensors | pickle (opted in with model.allow_pickle_weights) | random-init | hub-safetensors | hub-pickle
     pickle_weights_allowed: bool  # model.allow_pickle_weights was set (pickle files may be unpickled on load)
     benchmark_fingerprint: str  # synthvqa-gen<version>, or lmms_eval-<version>:<task>:yaml=<digest>:data=<identity>:limit=<limit>
+    text_tower_fingerprint: NotRequired[str]  # question-conditioned methods (CDPruner) only: model.text_tower's content hash or hub:<id>
     date: str  # ISO-8601 UTC time the record was written
     hostname: str
 

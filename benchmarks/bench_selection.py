@@ -21,6 +21,13 @@ forward (``bench.models.vision_merge.merge_step``); ``tome[tower-plain]`` is ``m
 count saves more than the merging costs); the note gives both absolute medians. FlowCut cuts between the
 tower's blocks: one row per mode, ``flowcut[tower-plain]``, the same difference of towers.
 
+CDPruner's rows time its whole selection given the tower's outputs: the question's tokenisation and CLIP text
+tower (CLIP ViT-L/14-336's text shapes, random weights: 12 layers x 768, one 77-token chunk), the image side's
+``visual_projection`` of ``post_layernorm(h[-2])``, the kernel and the greedy DPP, one sample at a time as the
+harness runs it (eager: the tokenizer runs on the host, so it is not CUDA-graph capturable). ``cdpruner[kernel+dpp]``
+times the kernel + DPP alone given the embeddings (the text tower shared across a batch's questions would not
+change it), eager and replayed from a CUDA graph, to show what the rule itself costs.
+
 VScan's row is its pre-LLM part at the layer-mean budget (two CLS rows, the scans, the merge; at ``kept``
 = 64 it keeps 96, said in the note); its in-LLM stage is timed by ``benchmarks/bench_inllm_overhead.py``.
 
@@ -54,6 +61,7 @@ from bench.models.clip_extras import GraphedSelection, build_extras  # noqa: E40
 from bench.models.llava import build_random_llava  # noqa: E402
 from bench.models.vision_merge import feature_block_count, merge_step, merged_features, merging_encoder  # noqa: E402
 from methods.base import CudaGraphCache, VisionContext  # noqa: E402
+from methods.cdpruner import CDPruner, conditional_kernel, greedy_dpp  # noqa: E402
 from methods.divprune import DivPrune  # noqa: E402
 from methods.fastervlm import FasterVLM  # noqa: E402
 from methods.flowcut import FlowCut  # noqa: E402
@@ -91,6 +99,8 @@ def variants(ratio: float, device: str):
         ("flowcut", FlowCut(prune_ratio=ratio)),
         ("vscan", VScan(prune_ratio=ratio)),  # its pre-LLM part (P = 1.5 x kept); its LLM stage: bench_inllm_overhead.py
         ("vscan[matmul]", VScan(prune_ratio=ratio, merge_similarity="matmul")),
+        ("cdpruner", CDPruner(prune_ratio=ratio)),
+        ("cdpruner[kernel+dpp]", CDPruner(prune_ratio=ratio)),
     ]
     return out
 
@@ -112,10 +122,44 @@ def build(tower: str, device: torch.device, dtype: torch.dtype):
 class Adapter:
     """The slice of ``LlavaAdapter`` that the selection and merging paths use, around a bare model."""
 
-    def __init__(self, model, device, dtype):
-        self.model, self.device, self.dtype = model, device, dtype
+    def __init__(self, model, device, dtype, tower: str = "llava15"):
+        self.model, self.device, self.dtype, self.tower = model, device, dtype, tower
         vc = model.config.vision_config
         self.grid = (vc.image_size // vc.patch_size,) * 2
+        self._text = None
+
+    def clip_text(self):
+        """A random-weight CLIP text side (``bench.models.clip_text.ClipTextSide``) at CLIP ViT-L/14-336's text shapes
+        (``--tower tiny``: a small one), float32 as the official code loads it; built on first use."""
+        if self._text is None:
+            from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+            from bench.models.clip_text import ClipTextSide
+            from bench.tiny_clip_text import build_clip_tokenizer
+
+            tok = build_clip_tokenizer()
+            big = self.tower != "tiny"
+            cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=768 if big else 32, intermediate_size=3072 if big else 64,
+                                 num_hidden_layers=12 if big else 2, num_attention_heads=12 if big else 2, projection_dim=768 if big else 24,
+                                 max_position_embeddings=77, bos_token_id=len(tok) - 2, eos_token_id=2)
+            side = ClipTextSide("random", self.device)
+            side.tokenizer = tok
+            side.text_tower = CLIPTextModelWithProjection(cfg).to(self.device).eval()
+            side.visual_projection = torch.nn.Linear(self.model.config.vision_config.hidden_size, cfg.projection_dim, bias=False).to(self.device)
+            side.max_position_embeddings = 77
+            self._text = side
+        return self._text
+
+    def extras(self, hidden, needs, b):
+        """``build_extras`` + the CLIP text side for ``b`` copies of a typical question, as the adapter builds them."""
+        from bench.models.clip_extras import vision_model
+        from bench.models.clip_text import build_text_extras
+
+        out = build_extras(self.model, hidden, needs)
+        if any(k.startswith("clip_") for k in needs):
+            out.update(build_text_extras(self.clip_text(), vision_model(self.model), hidden, self.model.config.vision_feature_layer,
+                                         ["What is the colour of the object at the centre of the image?"] * b, needs))
+        return out
 
     @torch.no_grad()
     def encode_images(self, px, output_hidden_states=False):
@@ -169,7 +213,7 @@ def main() -> int:
 
     torch.manual_seed(0)
     model = build(tower, device, dtype)
-    ad = Adapter(model, device, dtype)
+    ad = Adapter(model, device, dtype, tower)
     n = ad.grid[0] * ad.grid[1]
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     base = {"gpu": gpu, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", "")}
@@ -209,6 +253,8 @@ def main() -> int:
                                 cut_tower_rows(label, m, mode, b, kept, px, ad, plain, timed, emit)
                             elif m.stage == "in_vision":
                                 tome_rows(m, mode, b, kept, px, ad, plain, timed, emit)
+                            elif label == "cdpruner[kernel+dpp]":
+                                cdpruner_core_row(label, m, mode, b, kept, feats, hidden, ad, timed, emit)
                             else:
                                 selection_row(label, m, mode, b, kept, feats, hidden, ad, timed, emit)
                         except Exception as e:  # a failing variant must not lose the other rows
@@ -229,7 +275,7 @@ def selection_row(label, m, mode, b, kept, feats, hidden, ad, timed, emit):
     seeds = torch.arange(b)
 
     def eager():
-        ctx = VisionContext(ad.grid, True, seeds, build_extras(ad.model, hidden, m.needs))
+        ctx = VisionContext(ad.grid, True, seeds, ad.extras(hidden, m.needs, b))
         return m.reduce(feats, ctx)
 
     note = "extras+reduce given tower outputs"
@@ -247,12 +293,36 @@ def selection_row(label, m, mode, b, kept, feats, hidden, ad, timed, emit):
         emit(label, mode, b, kept, timed(eager), note)
         return
     if not m.graph_safe:
-        emit(label, mode, b, kept, note="not measured: not CUDA-graph capturable (value-dependent output length, host-side IQR budget); eager only")
+        why = ("the question is tokenised on the host and its chunk count read back" if m.name == "cdpruner"
+               else "value-dependent output length, host-side IQR budget")
+        emit(label, mode, b, kept, note=f"not measured: not CUDA-graph capturable ({why}); eager only")
         return
     g = GraphedSelection(ad.model, m, ad.grid, True)
     got = g(feats, hidden)
     matches = same((got.features, got.kept_index, got.n_kept), (ref.features, ref.kept_index, ref.n_kept))
     emit(label, mode, b, kept, timed(lambda: g(feats, hidden)), note + "; graph replay incl. input copies and output clones", str(matches).lower())
+
+
+def cdpruner_core_row(label, m, mode, b, kept, feats, hidden, ad, timed, emit):
+    """CDPruner's kernel + greedy DPP given the CLIP embeddings, per sample (as ``CDPruner.select_with_counts``)."""
+    ctx = VisionContext(ad.grid, True, torch.arange(b), ad.extras(hidden, m.needs, b))
+    img, txt, chunks = ctx.get("clip_image_embeds"), ctx.get("clip_text_embeds"), ctx.get("clip_text_chunks").to(feats.device)
+    t = m.n_keep(feats.shape[1])
+
+    def core(f, i, x, c):
+        return torch.cat([greedy_dpp(conditional_kernel(f[s : s + 1], i[s : s + 1], x[s : s + 1], c[s : s + 1]), t) for s in range(f.shape[0])])
+
+    ref = core(feats, img, txt, chunks)
+    want = m.select_with_counts(feats, ctx)[0]
+    same_set = all(sorted(set(ref[s].tolist())) == want[s, : len(set(ref[s].tolist()))].tolist() for s in range(b))
+    note = f"kernel + greedy DPP ({t} steps) given the CLIP embeddings; picks as CDPruner.select: {str(same_set).lower()}"
+    if mode == "eager":
+        emit(label, mode, b, kept, timed(lambda: core(feats, img, txt, chunks)), note)
+        return
+    g = CudaGraphCache(core)
+    got = g(feats, img, txt, chunks)
+    emit(label, mode, b, kept, timed(lambda: g(feats, img, txt, chunks)), note + "; graph replay incl. input copies and output clones",
+         str(same(got, ref)).lower())
 
 
 def cut_tower_rows(label, m, mode, b, kept, px, ad, plain, timed, emit):

@@ -28,13 +28,17 @@ def synthetic_extras(vis: torch.Tensor, needs, heads: int = 4, seed: int = 1234)
     wq = torch.randn(d, d, generator=g, dtype=vis.dtype) / math.sqrt(d)
     wk = torch.randn(d, d, generator=g, dtype=vis.dtype) / math.sqrt(d)
     hd = d // heads
+    wc = torch.randn(d, 32, generator=g, dtype=vis.dtype) / math.sqrt(d)
 
     def per_sample(i):
         h = torch.cat([vis[i].mean(0, keepdim=True), vis[i]])  # (S, D)
         q, k = h @ wq, h @ wk
         qh, kh = q.view(-1, heads, hd).transpose(0, 1), k.view(-1, heads, hd).transpose(0, 1)
         p = torch.softmax(qh @ kh.transpose(-1, -2) * hd**-0.5, dim=-1)  # (H, S, S)
-        return {"hidden": h, "q_proj": q, "k_proj": k, "keys": k.view(-1, heads, hd).mean(1), "cls_attn": p[:, 0], "attn_colmean": p.mean(0).mean(0)}
+        # CLIP's joint space (CDPruner): the patches and a one-chunk "question" (their mean) through a fixed projection
+        joint = (h @ wc).float()
+        return {"hidden": h, "q_proj": q, "k_proj": k, "keys": k.view(-1, heads, hd).mean(1), "cls_attn": p[:, 0], "attn_colmean": p.mean(0).mean(0),
+                "clip_image_embeds": joint[1:], "clip_text_embeds": joint[:1] + 0.1 * joint[1:2], "clip_text_chunks": torch.tensor(1)}
 
     rows = [per_sample(i) for i in range(b)]
     out = {}
@@ -378,3 +382,40 @@ def ref_vscan(x: torch.Tensor, shallow: torch.Tensor, deep: torch.Tensor, grid: 
         members[best].append(t)
     merged = torch.stack([(x[c] + sum((x[t] for t in members[c]), torch.zeros_like(x[c]))) / (1 + len(members[c])) for c in kept])
     return kept, merged
+
+
+# ----------------------------------------------------------------------------- CDPruner
+def ref_cdpruner(vis: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, t: int) -> list[int]:
+    """CDPruner's rule for one image, plainly: ``(N, D)`` projected tokens, ``(N, C)`` CLIP image embeddings,
+    ``(M, C)`` question chunk embeddings -> the ``t`` kept indices, ascending.
+
+    Relevance ``r_i = -(1/M) sum_m cos(img_i, txt_m)``, min-max normalised (``+ 1e-6`` on the numerator), kernel
+    ``L_ij = r_i cos(vis_i, vis_j) r_j``; greedy MAP inference of the DPP by the incremental Cholesky rule of
+    Chen et al. 2018 (each step: the unselected candidate of largest residual ``d_j^2``, first index on ties;
+    every candidate's new Cholesky entry ``e = (L_j. - sum_k c_k[j] c_k) / d_j``), exactly ``t`` steps.
+    """
+    n = vis.shape[0]
+    r = []
+    for i in range(n):
+        sims = [float(torch.dot(img[i], txt[m]) / (img[i].norm() * txt[m].norm())) for m in range(txt.shape[0])]
+        r.append(-sum(sims) / len(sims))
+    lo, hi = min(r), max(r)
+    r = torch.tensor([(x - lo + 1e-6) / (hi - lo) for x in r], dtype=vis.dtype)
+    unit = torch.stack([vis[i] / vis[i].norm() for i in range(n)])
+    kernel = r[:, None] * (unit @ unit.T) * r[None, :]
+    d2 = kernel.diagonal().clone()
+    rows: list[torch.Tensor] = []
+    chosen: list[int] = []
+    for _ in range(t):
+        best, j = -math.inf, -1
+        for cand in range(n):
+            if cand not in chosen and float(d2[cand]) > best:
+                best, j = float(d2[cand]), cand
+        chosen.append(j)
+        e = kernel[j].clone()
+        for c in rows:
+            e = e - c[j] * c
+        e = e / math.sqrt(best)
+        rows.append(e)
+        d2 = d2 - e * e
+    return sorted(chosen)

@@ -30,7 +30,8 @@ def setup(tmp_path_factory):
     src = ASSETS / "tiny-llava-synth"
     if not (src / "config.json").exists():
         pytest.fail(f"the embedded model is missing at {src}")
-    adapter = LlavaAdapter("tiny_llava_synth", str(src), device="cpu").load()
+    # with its CLIP text side, as conf/model/tiny_llava_synth.yaml configures it (CDPruner reads the question there)
+    adapter = LlavaAdapter("tiny_llava_synth", str(src), device="cpu", text_tower={"source": "bench:tiny-llava-synth/clip-text"}).load()
     docs = load_test(cache_dir=tmp_path_factory.mktemp("synth"))[:N_DOCS]
     return adapter, docs
 

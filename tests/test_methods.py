@@ -66,6 +66,11 @@ def test_shapes_counts_order(name, ratio, vis):
     out = m.reduce(vis, ctx(2, vis=vis, method=m))
     b, k, d = out.features.shape
     assert (b, d) == (2, 64)
+    if name == "cdpruner" and k > d:  # a rank-d kernel: the DPP's picks repeat after ~d steps, the mask keeps fewer
+        assert all(d <= c <= k for c in out.n_kept.tolist())
+        c = int(out.n_kept.min())
+        assert bool((out.kept_index[:, 1:c] > out.kept_index[:, : c - 1]).all())
+        return
     assert out.n_kept.tolist() == [k, k]
     if out.kept_index is not None:
         assert k == m.n_keep(576)

@@ -34,7 +34,7 @@ def test_entry_resolves_and_names_itself(name):
 def test_unknown_names_get_a_suggestion():
     with pytest.raises(ConfigError, match=r"unknown method 'vispruer' \(did you mean 'vispruner'\?\)"):
         registry.get("vispruer")
-    with pytest.raises(registry.UnknownMethodError, match="Valid methods: dart"):
+    with pytest.raises(registry.UnknownMethodError, match="Valid methods: cdpruner, dart"):
         registry.get("zzz")
 
 

@@ -43,11 +43,16 @@ def test_committed_tiny_records_keep_their_run_ids():
     fp = local_fingerprint(str(TINY))
     fresh = model_group()
     assert "sha256" in fresh and fresh["allow_pickle_weights"] is False
+    text_fp = local_fingerprint(str(TINY / "clip-text"))
     for r in recs:
         assert r["provenance"]["model_fingerprint"] == fp
         cfg = json.loads(json.dumps(r["config"]))
         cfg["model"] = {**fresh, "device": cfg["model"]["device"]}
-        assert run_id(cfg, {"model": fp, "benchmark": r["provenance"]["benchmark_fingerprint"]}) == r["run_id"]
+        fps = {"model": fp, "benchmark": r["provenance"]["benchmark_fingerprint"]}
+        if r["method"] == "cdpruner":  # question-conditioned: the CLIP text side's weights are part of its identity
+            assert r["provenance"]["text_tower_fingerprint"] == text_fp
+            fps["text_tower"] = text_fp
+        assert run_id(cfg, fps) == r["run_id"]
 
 
 def test_every_weight_file_counts(tmp_path):

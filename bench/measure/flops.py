@@ -218,6 +218,11 @@ class Shapes:
     seq_len: int
     vis_start: int
     vision_tokens: tuple[tuple[int, ...], ...] | None = None  # per sample, patches entering each block (FlowCut)
+    #: the CLIP text side a method asked the adapter for (CDPruner): per sample, the question's 77-token chunks;
+    #: the text tower's FLOPs over the batch; the width of CLIP's joint space (0: no text side ran)
+    text_chunks: tuple[int, ...] | None = None
+    text_tower_flops: int = 0
+    clip_projection_dim: int = 0
 
     @classmethod
     def of(cls, config, prepared) -> Shapes:
@@ -227,7 +232,9 @@ class Shapes:
         start = int(spans[:, 0].min()) if spans is not None else 0
         vt = prepared.extras.get("vision_tokens_per_layer")
         vt = tuple(tuple(int(t) for t in row) for row in vt) if vt is not None else None
-        return cls(len(prepared.visual_tokens_kept), n, tuple(int(k) for k in prepared.visual_tokens_kept), int(prepared.attention_mask.shape[1]), start, vt)
+        text = prepared.extras.get("clip_text") or {}
+        return cls(len(prepared.visual_tokens_kept), n, tuple(int(k) for k in prepared.visual_tokens_kept), int(prepared.attention_mask.shape[1]), start, vt,
+                   tuple(int(c) for c in text["chunks"]) if "chunks" in text else None, int(text.get("tower_flops", 0)), int(text.get("projection_dim", 0)))
 
 
 def _has_cls(vc) -> bool:
@@ -284,7 +291,7 @@ def _vision_extras(config, needs) -> int:
     qk, cls_rows, full = set(), set(), set()
     for key in needs:
         kind, layer, ref = parse_key(key)
-        if kind in ("projector", "hidden"):
+        if kind in ("projector", "hidden") or layer is None:  # the CLIP text side: counted by the method
             continue
         i = resolve_layer(layer, ref, n_layers) % n_layers
         qk.add(i)

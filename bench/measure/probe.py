@@ -24,7 +24,9 @@ def probe_batch(adapter, acc: dict[str, Any] | None, batch_size: int = 1) -> dic
         image = _first_image(doc)
         if image is not None:
             prompt = lm._prompt(str(doc.get("question", "What is shown in the image?")))
-            return adapter.process([image.convert("RGB")] * batch_size, [prompt] * batch_size)
+            batch = adapter.process([image.convert("RGB")] * batch_size, [prompt] * batch_size)
+            batch["texts"] = [str(doc.get("question", "What is shown in the image?"))] * batch_size  # the user text (CDPruner)
+            return batch
     return adapter.probe_batch(batch_size=batch_size)
 
 

@@ -19,6 +19,9 @@ convention (``-2`` = ``layers[-2]``, the one whose output LLaVA uses; its input 
 ``projector``       the multimodal projector itself, a ``(..., D_vis) -> (..., D_llm)`` callable (merging
                     methods merge in the tower's space and project the result)
 
+``clip_image_embeds``, ``clip_text_embeds``, ``clip_text_chunks``: CLIP's joint space and the question's text
+tower (CDPruner); served by the adapter from ``bench.models.clip_text``, not here (``build_extras`` skips them).
+
 ``L@R`` (e.g. ``attn_colmean:8@24``) names layer ``L`` of an ``R``-layer reference tower: on a tower of
 another depth ``n`` a non-negative ``L`` becomes ``round(L * n / R)`` (the convention the in-LLM
 methods use for schedules), so a method tuned on CLIP ViT-L (24 layers) also runs on small towers.
@@ -36,6 +39,8 @@ import torch
 from bench.errors import IncompatibleMethodError
 
 KINDS = ("cls_attn", "attn_colmean", "keys", "q_proj", "k_proj", "hidden")
+#: keys of the CLIP text side (``bench.models.clip_text``): parsed here, served by the adapter
+TEXT_KEYS = ("clip_image_embeds", "clip_text_embeds", "clip_text_chunks")
 
 
 def vision_model(model):
@@ -51,7 +56,7 @@ def tower_has_cls(model) -> bool:
 
 def parse_key(key: str) -> tuple[str, int | None, int | None]:
     """``"cls_attn:-2"`` -> ``("cls_attn", -2, None)``; ``"attn_colmean:8@24"`` -> ``(..., 8, 24)``."""
-    if key == "projector":
+    if key == "projector" or key in TEXT_KEYS:
         return key, None, None
     kind, _, layer = key.partition(":")
     layer, _, ref = layer.partition("@")
@@ -156,7 +161,7 @@ def build_extras(model, hidden_states, needs) -> dict[str, Callable[[], object]]
 
         return get
 
-    return {key: make(key) for key in needs}
+    return {key: make(key) for key in needs if key not in TEXT_KEYS}
 
 
 def hidden_indices(model, needs) -> list[int]:
@@ -165,7 +170,7 @@ def hidden_indices(model, needs) -> list[int]:
     out = set()
     for key in needs:
         kind, li, ref = parse_key(key)
-        if kind == "projector":
+        if kind == "projector" or kind in TEXT_KEYS:
             continue
         i = resolve_layer(li, ref, n_layers)
         if not -n_layers <= i < n_layers:

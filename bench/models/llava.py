@@ -178,6 +178,10 @@ class LlavaAdapter(ModelAdapter):
     allow_pickle_weights : bool
         Load pickled weights (``*.bin``, ``*.pt``) when a model has no safetensors. Off by default: a
         pickle can run code when loaded; the record's provenance says which format was loaded.
+    text_tower : dict, optional
+        ``{source, sha256}``: the CLIP checkpoint whose text tower and ``visual_projection`` question-conditioned
+        methods (CDPruner) use (``bench.models.clip_text``); ``None``: the model has none and such methods are
+        refused. Loaded only for a method that asks for it; its content fingerprint joins such runs' identity.
     """
 
     family = "llava"
@@ -209,6 +213,7 @@ class LlavaAdapter(ModelAdapter):
         download: bool = False,
         sha256: dict[str, str] | None = None,
         allow_pickle_weights: bool = False,
+        text_tower: dict | None = None,
         **_: Any,
     ) -> None:
         if weights not in ("pretrained", "random"):
@@ -221,6 +226,12 @@ class LlavaAdapter(ModelAdapter):
         self.download = download
         self.sha256 = dict(sha256 or {})
         self.allow_pickle_weights = bool(allow_pickle_weights)
+        from bench.models.clip_text import text_tower_source
+
+        text_source, self.text_tower_pins = text_tower_source(text_tower)
+        self.text_tower_path = None if text_source is None else resolve_source(text_source)[0]
+        self.text_tower_config = (text_tower or {}).get("config_file")
+        self._clip_text = None
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model = None
@@ -411,14 +422,88 @@ class LlavaAdapter(ModelAdapter):
         return 0 if pad is None else pad
 
     def check_method(self, method: PruningMethod) -> None:
-        """Refuse methods this model cannot run (stage not implemented, missing CLS, ...)."""
+        """Refuse methods this model cannot run (stage not implemented, missing CLS, no CLIP text tower, ...)."""
         if method.stage not in self.supported_stages:
             raise IncompatibleMethodError(
                 f"method {method.name!r} prunes at stage {method.stage!r}, which {type(self).__name__} does not implement yet"
             )
+        self.check_text_tower(method)
         method.check_compatible(VisionContext(self.grid, self.has_cls, torch.zeros(1, dtype=torch.long)))
         if method.stage == "in_llm":  # a budget no schedule reaches on this LLM's depth: refused before any model work
             method.check_budget(self.grid[0] * self.grid[1], self.num_llm_layers)
+
+    # --------------------------------------------------------------- CLIP text side (CDPruner)
+    def check_text_tower(self, method: PruningMethod) -> None:
+        """Before any model work: a method that asks for CLIP's text side needs ``model.text_tower`` set, its local
+        files present and matching their pins (exit 2 otherwise, naming what is missing)."""
+        from bench.models.clip_text import needs_text
+
+        if not needs_text(method):
+            return
+        if self.text_tower_path is None:
+            raise IncompatibleMethodError(
+                f"method {method.name!r} scores tokens against the question with CLIP's text tower, but model {self.name!r} "
+                f"has none (model.text_tower is null); set model.text_tower.source to the CLIP checkpoint of its vision tower"
+            )
+        if self.weights == "random":
+            return
+        _, local = resolve_source(self.text_tower_path)
+        root = Path(self.text_tower_path)
+        if local and not (root / "config.json").is_file():
+            raise MissingWeightsError(
+                f"model {self.name!r}: no CLIP text tower at {root} (model.text_tower.source); method {method.name!r} needs it."
+                + (" The embedded one is rebuilt by `python scripts/train_tiny_clip_text.py`." if "tiny-llava-synth" in str(root) else "")
+            )
+        if local:
+            check_pins(f"{self.name}.text_tower", root, self.text_tower_pins)
+        elif not self.download and _hub_cached_file(self.text_tower_path, "config.json") is None:
+            raise MissingWeightsError(
+                f"model {self.name!r}: the CLIP text tower {self.text_tower_path!r} (model.text_tower.source) is not in the local "
+                f"Hugging Face cache (HF_HOME={_hf_home()}); method {method.name!r} needs it. Download it with "
+                f"`hf download {self.text_tower_path}`, pass model.download=true, or run model.weights=random measure=efficiency."
+            )
+
+    def clip_text(self):
+        """The :class:`bench.models.clip_text.ClipTextSide` of ``model.text_tower`` (loaded on first use)."""
+        if self._clip_text is None:
+            if self.text_tower_path is None:
+                raise IncompatibleMethodError(f"model {self.name!r} has no CLIP text tower (model.text_tower is null)")
+            from bench.models.clip_text import ClipTextSide
+
+            if self.weights == "random":
+                self._clip_text = ClipTextSide.random(self._text_tower_architecture(), self.config.vision_config.hidden_size, self.device)
+            else:
+                self._clip_text = ClipTextSide(self.text_tower_path, self.device, self.download)
+        return self._clip_text.load()
+
+    def _text_tower_architecture(self):
+        """The text tower's ``CLIPConfig`` for ``weights=random``: its local ``config.json``, else ``model.text_tower.config_file``."""
+        from transformers import CLIPConfig
+
+        root = Path(self.text_tower_path)
+        if (root / "config.json").is_file():
+            return CLIPConfig.from_pretrained(root)
+        if not self.text_tower_config:
+            raise MissingWeightsError(f"model {self.name!r}: weights=random needs model.text_tower.config_file (the CLIP architecture) "
+                                      f"for a text tower that is not available locally ({self.text_tower_path})")
+        cfile, _ = resolve_source(str(self.text_tower_config))
+        try:
+            return CLIPConfig(**json.loads(Path(cfile).read_text()))
+        except FileNotFoundError:
+            raise ConfigError(f"model.text_tower.config_file {self.text_tower_config!r} not found at {cfile}") from None
+
+    def text_tower_fingerprint(self) -> str:
+        """Identity of the text tower's weights (content hash of a local directory, else the hub id)."""
+        if self.text_tower_path is None:
+            return "none"
+        if self.weights == "random":
+            return "random-init"
+        _, local = resolve_source(self.text_tower_path)
+        return local_fingerprint(self.text_tower_path) if local else f"hub:{self.text_tower_path}"
+
+    #: the synthetic probe question of :meth:`probe_batch` (``batch["texts"]``, read by question-conditioned methods):
+    #: one 77-token chunk, as almost every benchmark question
+    PROBE_QUESTION = "What is the colour of the object at the centre of the image?"
 
     #: the synthetic probe prompt: text tokens before and after the image (60 in all, methods.md's worked
     #: example) and the ids they are drawn from (below the tokenizer's added tokens, 32000 = ``<image>``)
@@ -441,7 +526,7 @@ class LlavaAdapter(ModelAdapter):
         text[text == self.image_token_id] = 3
         ids = torch.cat([text[:before], torch.full((n,), self.image_token_id), text[before:]]).unsqueeze(0).repeat(batch_size, 1)
         pix = torch.randn(1, 3, side, side, generator=g).repeat(batch_size, 1, 1, 1)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix}
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix, "texts": [self.PROBE_QUESTION] * batch_size}
 
     def visual_layout(self, batch: dict[str, torch.Tensor]) -> list[list[ImageBlock]]:
         """One contiguous block of ``N`` image tokens per sample on the square :attr:`grid`."""
@@ -494,7 +579,7 @@ class LlavaAdapter(ModelAdapter):
         needs = bool(method.needs)
         enc = self.encode_images(batch["pixel_values"], output_hidden_states=needs)
         feats, hidden = enc if needs else (enc, None)
-        ctx = self.vision_context(sample_seeds, hidden, method.needs)
+        ctx = self.vision_context(sample_seeds, hidden, method.needs, batch.get("texts"))
         return lambda: method.reduce(feats, ctx)
 
     # --------------------------------------------------------------- forward
@@ -559,20 +644,27 @@ class LlavaAdapter(ModelAdapter):
         feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
         return (feats, tuple(out.hidden_states)) if output_hidden_states else feats
 
-    def vision_context(self, sample_seeds: torch.Tensor, hidden_states=None, needs: frozenset[str] = frozenset()) -> VisionContext:
+    def vision_context(self, sample_seeds: torch.Tensor, hidden_states=None, needs: frozenset[str] = frozenset(),
+                       texts: list[str] | None = None) -> VisionContext:
         """The :class:`VisionContext` for a batch; ``extras`` serve what the method ``needs``.
 
         Vision-tower quantities (CLS attention rows, keys, layer features) are computed by
-        ``bench.models.clip_extras.build_extras`` from the hidden states of the same forward pass.
+        ``bench.models.clip_extras.build_extras`` from the hidden states of the same forward pass; CLIP's
+        joint-space quantities (``clip_*``) by ``bench.models.clip_text`` from them and ``texts`` (the batch's
+        user texts, ``batch["texts"]``).
         """
         extras = {}
         if needs:
-            from bench.models.clip_extras import build_extras
+            from bench.models.clip_extras import build_extras, vision_model
+            from bench.models.clip_text import TEXT_KEYS, build_text_extras
 
             extras = build_extras(self.model, hidden_states, needs)
+            if any(k in TEXT_KEYS for k in needs):
+                extras.update(build_text_extras(self.clip_text(), vision_model(self.model), hidden_states,
+                                                self.config.vision_feature_layer, texts, needs))
         return VisionContext(grid=self.grid, has_cls=self.has_cls, sample_seeds=sample_seeds, extras=extras)
 
-    def visual_selection(self, pixel_values: torch.Tensor, method: PruningMethod, sample_seeds: torch.Tensor):
+    def visual_selection(self, pixel_values: torch.Tensor, method: PruningMethod, sample_seeds: torch.Tensor, texts: list[str] | None = None):
         """Run the vision side and the method: ``(B, 3, H, W)`` -> :class:`VisualSelection`.
 
         ``in_vision`` methods (ToMe) merge inside the CLIP layers (``bench.models.vision_merge``);
@@ -604,7 +696,7 @@ class LlavaAdapter(ModelAdapter):
             return VisualSelection(feats, torch.arange(n, device=feats.device).expand(b, n), torch.full((b,), n, dtype=torch.long))
         if self.replays_selection(method):
             return self.graphed_selection(method)(feats, hidden)
-        return method.reduce(feats, self.vision_context(sample_seeds, hidden, method.needs))
+        return method.reduce(feats, self.vision_context(sample_seeds, hidden, method.needs, texts))
 
     def feature_placeholder(self, b: int) -> torch.Tensor:
         """``(B, N, D_llm)`` zeros of the model's dtype without memory (an expanded scalar): the projected
@@ -645,16 +737,30 @@ class LlavaAdapter(ModelAdapter):
         ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
         b = ids.shape[0]
         n = self.grid[0] * self.grid[1]
-        sel = self.visual_selection(batch["pixel_values"], method, sample_seeds)
+        texts = batch.get("texts")
+        sel = self.visual_selection(batch["pixel_values"], method, sample_seeds, texts)
         feats = [sel.features[i, : int(sel.n_kept[i])] for i in range(b)]
         new_ids, new_mask, embeds, spans = self.assemble(ids, mask, [n] * b, feats)
         kept = [int(f.shape[0]) for f in feats]
         extras = {"image_spans": spans, "sample_seeds": sample_seeds}
         if "vision_tokens_per_layer" in sel.extras:
             extras["vision_tokens_per_layer"] = sel.extras["vision_tokens_per_layer"]
+        if self.text_tower_path is not None and method.prune_ratio > 0 and texts is not None:
+            from bench.models.clip_text import needs_text
+
+            if needs_text(method):  # what the text side cost (the analytic FLOPs model reads it)
+                extras["clip_text"] = self.clip_text_costs(texts)
         if original_positions(method, sel):
             extras["position_ids"] = kept_position_ids(ids, mask, sel.kept_index.cpu(), kept, self.image_token_id, n, new_ids.shape[1]).to(self.device)
         return PreparedBatch(new_ids, embeds, new_mask, [n] * b, kept, extras=extras)
+
+    def clip_text_costs(self, texts: list[str]) -> dict:
+        """Per batch: each question's 77-token chunks, the text tower's FLOPs on them, CLIP's joint width."""
+        from bench.models.clip_text import question_text
+
+        side = self.clip_text()
+        chunks = [(len(side.tokenizer(text=question_text(t))["input_ids"]) - 1) // side.max_position_embeddings + 1 for t in texts]
+        return {"chunks": chunks, "tower_flops": sum(side.tower_flops(c) for c in chunks), "projection_dim": side.projection_dim}
 
     def assemble(self, ids: torch.Tensor, mask: torch.Tensor, n_in: list[int], feats: list[torch.Tensor]):
         """Rebuild left-padded prompts around the kept visual features.

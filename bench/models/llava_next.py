@@ -110,6 +110,13 @@ class LlavaNextAdapter(LlavaAdapter):
                 "implemented (the in-LLM runner, bench.models.llm_pruning, plans one schedule for one visual-token count "
                 "shared by the batch, and LLaVA-NeXT's count varies per image)"
             )
+        from bench.models.clip_text import needs_text
+
+        if needs_text(method):
+            raise IncompatibleMethodError(
+                f"method {method.name!r} is not implemented on LLaVA-NeXT (official: T tokens per 336 px tile before "
+                "unpadding, relevance from CLIP's text tower min-max normalised over the image's tiles)"
+            )
         port = TOWER_PORTS.get(method.name)
         if port is not None and not method.needs and method.prune_ratio > 0 and port["budget"] != self.budget:
             raise IncompatibleMethodError(

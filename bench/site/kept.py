@@ -151,7 +151,7 @@ def _compute(methods: list[str], cache: Path) -> dict[str, list[Picture]]:
             cfg = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("name", "description")}
             method = instantiate(cfg, _convert_="all")
             with torch.no_grad():
-                sel = ad.visual_selection(batch["pixel_values"], method, seeds)
+                sel = ad.visual_selection(batch["pixel_values"], method, seeds, [r["question"] for r in rows])
                 stages = None
                 if method.stage == "in_llm":
                     prepared = ad.prepare(batch, method, seeds)
