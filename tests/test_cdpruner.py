@@ -240,6 +240,7 @@ def test_text_side_chunks_like_the_official_code(adapter):
     assert question_text("<image>\nwhat color?\nAnswer the question using a single word or phrase.") == "what color?"
 
 
+@pytest.mark.integration
 def test_prepare_uses_the_question(adapter):
     m = CDPruner(prune_ratio=0.75)
     adapter.check_method(m)

@@ -30,6 +30,7 @@ def test_help_and_list():
         assert name in r.stdout
 
 
+@pytest.mark.integration
 def test_a_new_method_is_two_files(tmp_path):
     """Adding methods/x.py + conf/method/x.yaml is all it takes to appear in `list` and pass validation;
     a near miss gets a suggestion."""
@@ -61,6 +62,7 @@ def test_a_new_method_is_two_files(tmp_path):
         ("ratio=abc", "ratio must be a number"),
     ],
 )
+@pytest.mark.integration
 def test_bad_names_and_ratios_exit_2(tmp_path, override, needle):
     results = tmp_path / "results"
     r = bench("run", override, f"results_dir={results}")
@@ -69,6 +71,7 @@ def test_bad_names_and_ratios_exit_2(tmp_path, override, needle):
     assert nothing_written(results)
 
 
+@pytest.mark.integration
 def test_sweep_with_one_bad_value_exits_2_before_running(tmp_path):
     results = tmp_path / "results"
     r = bench("run", "-m", "method=random,bogus", "ratio=0.5", f"results_dir={results}")
@@ -76,6 +79,7 @@ def test_sweep_with_one_bad_value_exits_2_before_running(tmp_path):
     assert nothing_written(results)
 
 
+@pytest.mark.integration
 def test_none_with_ratio_exits_2(tmp_path):
     results = tmp_path / "results"
     r = bench("run", "method=none", "ratio=0.5", f"results_dir={results}")
@@ -83,6 +87,7 @@ def test_none_with_ratio_exits_2(tmp_path):
     assert nothing_written(results)
 
 
+@pytest.mark.integration
 def test_missing_weights_exit_2_with_instructions(tmp_path):
     results = tmp_path / "results"
     r = bench("run", "model=llava15_7b", "method=random", "ratio=0.5", f"results_dir={results}", "device=cpu")
@@ -94,6 +99,7 @@ def test_missing_weights_exit_2_with_instructions(tmp_path):
     assert nothing_written(results)
 
 
+@pytest.mark.integration
 def test_corrupt_weights_exit_2(tmp_path, tiny_model_dir):
     import shutil
 
@@ -180,6 +186,7 @@ def test_verify_reanswers_a_record_and_catches_a_changed_answer(tmp_path):
     assert r.returncode == 0 and (tmp_path / "other" / "runs" / run.name / "record.json").exists()
 
 
+@pytest.mark.integration
 def test_unreachable_in_llm_budget_exits_2_before_model_work(tmp_path):
     """TransPrune cannot bring the layer mean of LLaVA-1.5-7B's 32 layers down to 64 (its first pruning layer
     is 7: 126.8 at best): refused with the reason, before the 7B model is built, nothing written."""

@@ -79,6 +79,7 @@ def bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bench", "run", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
+@pytest.mark.integration
 def test_cli_refuses_an_inapplicable_method_with_exit_2(tmp_path):
     r = bench("model=tiny_qwen25vl_random", "method=fastervlm", "ratio=0.5", "measure=efficiency", "device=cpu", f"results_dir={tmp_path}", "logger=none")
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
@@ -86,6 +87,7 @@ def test_cli_refuses_an_inapplicable_method_with_exit_2(tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("record.json"))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("model,method", [("tiny_qwen25vl_random", "divprune"), ("tiny_llava_next_random", "random")])
 def test_cli_efficiency_run_end_to_end(tmp_path, model, method):
     r = bench(f"model={model}", "model.weights=random", f"method={method}", "ratio=0.778", "measure=efficiency", "measure.warmup=0",

@@ -26,6 +26,7 @@ def fe():
     return load_script()
 
 
+@pytest.mark.integration
 def test_tiny_mode_writes_one_csv_per_family(fe, tmp_path):
     paths = fe.main(["--tiny", "--device", "cpu", "--dtype", "float32", "--ratios", "0.5", "0.889", "--out", str(tmp_path)])
     assert sorted(p.name for p in paths) == ["tiny_llava_next_random_cpu.csv", "tiny_qwen25vl_random_cpu.csv"]

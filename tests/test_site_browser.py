@@ -13,7 +13,11 @@ import pytest
 from test_site import first, rec, write_results  # tests/ is on sys.path (rootdir-less test modules)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason="Debian's chromium is not installed (make browser-deps installs it)")
+# a real browser per test: part of `make test`, not of the fast `make check` tier
+pytestmark = [
+    pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason="Debian's chromium is not installed (make browser-deps installs it)"),
+    pytest.mark.integration,
+]
 
 
 @pytest.fixture(scope="module")
