@@ -11,7 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-IN_LLM = ["fastv", "pdrop", "sparsevlm", "dart", "transprune"]
+from methods import registry
+
+#: every registered method that prunes inside the LLM (a new one joins by its two files)
+IN_LLM = [e.name for e in registry.entries().values() if e.cls.stage == "in_llm"]
 STEPS = 5
 
 
@@ -43,6 +46,10 @@ def _single(batch, i):
     keep = batch["attention_mask"][i].bool()
     return {"input_ids": batch["input_ids"][i : i + 1, keep], "attention_mask": batch["attention_mask"][i : i + 1, keep],
             "pixel_values": batch["pixel_values"][i : i + 1]}
+
+
+def test_the_in_llm_methods_are_found():
+    assert {"fastv", "pdrop", "sparsevlm", "dart", "transprune", "vscan"} <= set(IN_LLM)
 
 
 @pytest.mark.parametrize("name", IN_LLM)
