@@ -226,6 +226,16 @@ def graph_fn(ad, prepared, method):
     return g, g.replay
 
 
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """``rows`` as a CSV at ``path`` (rewritten whole)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny model, 2 repeats, batches 1,2")
@@ -320,19 +330,12 @@ def main(argv=None) -> int:
                        "fixed_equals_method": same, "versions": versions, "note": note}
                 rows.append(row)
                 print(",".join("" if v is None else str(v) for v in row.values()), flush=True)
+                write_rows(Path(args.out), rows)  # after every row: a time-boxed call keeps what it measured
             if timer.cuda:
                 torch.cuda.empty_cache()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
     if kernel_rows:
-        with open(args.profile, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(kernel_rows[0].keys()))
-            w.writeheader()
-            w.writerows(kernel_rows)
+        write_rows(Path(args.profile), kernel_rows)
         print(f"wrote {args.profile}")
     print(f"wrote {out} in {time.time() - t_start:.0f} s")
     return 0
