@@ -118,6 +118,12 @@ def write_table(rows: list[dict], path: Path, merge: Path | None = None):
     if merge is not None and merge.exists():
         old = pd.read_csv(merge)
         old = old.rename(columns={"kept_nominal": "budget_requested"})  # CSVs written before the budget fields
+        if not df.empty and "gpu" in old and "gpu" in df:
+            old_gpus, new_gpus = set(old["gpu"].dropna()), set(df["gpu"].dropna())
+            mixed = old_gpus and new_gpus - old_gpus
+            if mixed:  # timings are comparable only on one kind of card: never mix them in one table
+                raise SystemExit(f"--merge {merge}: its rows were measured on {sorted(set(old['gpu'].dropna()))}, these on "
+                                 f"{sorted(set(df['gpu'].dropna()))}; write a separate CSV per GPU")
         key = ["method", "budget_requested", "batch"]
         if not df.empty:
             done = set(map(tuple, df[key].itertuples(index=False)))

@@ -14,6 +14,8 @@ eval "$(bash scripts/gpu_env.sh .whl 2>/dev/null)"
 export PYTHONPATH
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 sel=${1:-}; inllm=${2:-}; eff=${3:-}
+# efficiency rows merge only into the CSV of the same kind of card (h100, h200, ...)
+tag=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oE '[A-Z][0-9]{2,4}' | head -1 | tr A-Z a-z)
 if [ "${FAMILIES:-0}" = 1 ]; then
   timeout ${TINY_TIMEOUT:-60} python3 benchmarks/family_efficiency.py --tiny --out "$out/families_tiny" > "$out/families_tiny.log" 2>&1; echo "families tiny rc=$?"
   timeout ${FAM_TIMEOUT:-240} python3 benchmarks/family_efficiency.py --out "$out/families" > "$out/families.log" 2>&1; echo "families rc=$?"
@@ -23,5 +25,5 @@ fi
 timeout ${TEST_TIMEOUT:-150} python3 -m pytest -m gpu -q -p no:cacheprovider -rfE ${TESTS:-tests} > "$out/gpu_tests.log" 2>&1; echo "gpu tests rc=$?" | tee -a "$out/gpu_tests.log"
 tail -3 "$out/gpu_tests.log"
 [ -n "$inllm" ] && { timeout 100 python3 benchmarks/bench_inllm_overhead.py --methods "$inllm" --batches 1,16 --out "$out/inllm.csv" > "$out/inllm.log" 2>&1; echo "inllm rc=$?"; }
-[ -n "$eff" ] && { timeout ${EFF_TIMEOUT:-240} python3 benchmarks/efficiency_leaderboard.py --methods $eff --merge results/efficiency/llava15_7b_h100.csv --csv "$out/llava15_7b_h100.csv" --plot "$out/llava15_7b_h100.png" --results-dir /tmp/effres > "$out/efficiency.log" 2>&1; echo "efficiency rc=$?"; grep -c "^\[eff\] " "$out/efficiency.log"; }
+[ -n "$eff" ] && { timeout ${EFF_TIMEOUT:-240} python3 benchmarks/efficiency_leaderboard.py --methods $eff --merge results/efficiency/llava15_7b_${tag}.csv --csv "$out/llava15_7b_${tag}.csv" --plot "$out/llava15_7b_${tag}.png" --results-dir /tmp/effres > "$out/efficiency.log" 2>&1; echo "efficiency rc=$?"; grep -c "^\[eff\] " "$out/efficiency.log"; }
 exit 0

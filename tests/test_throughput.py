@@ -115,3 +115,21 @@ def test_gpu_path_on_a_shrunken_llava15_7b_config(tmp_path):
         # answers differ between questions: the generations depend on the inputs
         assert r["distinct_outputs"] > 1
     assert [r["visual_tokens_kept_mean"] for r in rows] == [576, 576, 64, 64]
+
+
+def test_efficiency_merge_refuses_another_card(tmp_path):
+    """Rows timed on one kind of GPU are never merged into a CSV timed on another: the merge stops."""
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("eff_lb", Path(__file__).resolve().parent.parent / "benchmarks" / "efficiency_leaderboard.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    old = tmp_path / "old.csv"
+    pd.DataFrame([{"method": "a", "budget_requested": 64, "batch": 1, "gpu": "NVIDIA H100 80GB HBM3", "prefill_graph_ms": 1.0}]).to_csv(old, index=False)
+    same = mod.write_table([{"method": "b", "budget_requested": 64, "batch": 1, "gpu": "NVIDIA H100 80GB HBM3", "prefill_graph_ms": 2.0}], tmp_path / "same.csv", old)
+    assert sorted(same["method"]) == ["a", "b"]
+    with pytest.raises(SystemExit, match="separate CSV per GPU"):
+        mod.write_table([{"method": "b", "budget_requested": 64, "batch": 1, "gpu": "NVIDIA H200", "prefill_graph_ms": 2.0}], tmp_path / "mixed.csv", old)
+    assert not (tmp_path / "mixed.csv").exists()
