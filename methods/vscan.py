@@ -138,6 +138,12 @@ class VScan(InLLMMethod):
         ``cosine_similarity`` (official): the broadcast ``F.cosine_similarity``, which materialises
         ``(N - K) x K x D`` products (about 1 GB of memory traffic per LLaVA-1.5 image); ``matmul``: one
         product of normalised rows (named deviation: assignments can differ on last-bit ties).
+    llm_span : {"official", "image"}
+        The in-LLM stage's visual block where the tokens sent outnumber ``P`` (LLaVA-NeXT: ``P`` per tile).
+        ``official``: as ``layer_prune``, the first ``min(P, tokens sent)`` tokens of the image block, scored by the
+        row ``prompt_len + min(P, tokens sent) - 1`` (on LLaVA-NeXT the base tile's tokens, and a row before the
+        last prompt token); ``image`` (named correction): the whole block, scored by the last prompt token. The
+        two coincide on LLaVA-1.5 (``bench.models.llava_next_inllm``).
     budget : {"layer_mean", "after_prune", "official"}
         Module docstring.
     """
@@ -150,6 +156,7 @@ class VScan(InLLMMethod):
     shallow_layer: str = "5@24"
     deep_layer: int = -2
     merge_similarity: str = "cosine_similarity"
+    llm_span: str = "official"
     # layer_mean by default (conf/method/vscan.yaml): VScan's official setting is one configuration (96 / 32)
     # whatever the ratio, so its official mode gives every ratio the same run
     budget: str = "layer_mean"
@@ -169,6 +176,8 @@ class VScan(InLLMMethod):
             raise ConfigError("vscan: visual_token_num and image_token_list must be >= 1")
         if not 0.0 <= float(self.global_ratio) <= 1.0 or int(self.window_size) < 1:
             raise ConfigError(f"vscan: global_ratio must be in [0, 1] and window_size >= 1, got {self.global_ratio}, {self.window_size}")
+        if self.llm_span not in ("official", "image"):
+            raise ConfigError(f"vscan: llm_span must be official or image, got {self.llm_span!r}")
         if self.merge_similarity not in ("cosine_similarity", "matmul"):
             raise ConfigError(f"vscan: merge_similarity must be cosine_similarity or matmul, got {self.merge_similarity!r}")
 

@@ -187,8 +187,12 @@ def test_kept_tokens_keep_their_order_and_newlines(adapter, budget):
 def test_refusals(adapter):
     with pytest.raises(IncompatibleMethodError, match="vision-tower quantities"):
         adapter.check_method(create("vispruner", 0.5))
-    with pytest.raises(IncompatibleMethodError, match="pre-LLM"):
-        adapter.check_method(create("fastv", 0.5))
+    with pytest.raises(IncompatibleMethodError, match="model.budget=image"):  # in-LLM: one budget per image
+        adapter.budget = "tile"
+        try:
+            adapter.check_method(create("fastv", 0.5))
+        finally:
+            adapter.budget = "image"
     with pytest.raises(IncompatibleMethodError, match="budget=tile"):
         adapter.check_method(create("pool", 0.5))
     with pytest.raises(IncompatibleMethodError, match="model.budget=base_grid"):

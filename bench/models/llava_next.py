@@ -26,6 +26,9 @@ as ``bench.models.llava`` does (the official pre-LLM code). ``visual_tokens_in``
 count what reaches the LLM, newlines included; ``extras["newline_tokens"]`` says how many of them were in
 the packed input and ``extras["newline_tokens_kept"]`` how many were sent.
 
+In-LLM methods (FastV, PyramidDrop, SparseVLM, DART, TransPrune, VScan) run through
+:class:`bench.models.llava_next_inllm.NextInLLM` (its docstring: the span, budgets, VScan's official port).
+
 Methods that read vision-tower quantities (CLS attention) run only where this adapter follows their official
 LLaVA-NeXT code (:data:`TOWER_PORTS`): the tower runs once per tile, so a packed token's quantity is the one of
 its own tile and patch (``source_map``), the base tile's and the crops' alike, stitched and unpadded exactly as
@@ -41,6 +44,7 @@ import torch
 from bench.errors import ConfigError, IncompatibleMethodError
 from bench.models.base import FlopsDescription, ImageBlock, PreparedBatch
 from bench.models.llava import LlavaAdapter
+from bench.models.llava_next_inllm import NextInLLM
 from methods.base import PruningMethod, VisionContext
 
 BUDGETS = ("image", "tile", "base_grid")
@@ -70,7 +74,7 @@ TOWER_PORTS: dict[str, dict[str, Any]] = {
 }
 
 
-class LlavaNextAdapter(LlavaAdapter):
+class LlavaNextAdapter(NextInLLM, LlavaAdapter):
     """Adapter for ``LlavaNextForConditionalGeneration`` (``llava-hf/llava-v1.6-*``).
 
     Parameters
@@ -83,7 +87,7 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_class_name = "LlavaNextForConditionalGeneration"
     config_class_name = "LlavaNextConfig"
-    supported_stages = frozenset({"none", "pre_llm"})
+    supported_stages = frozenset({"none", "pre_llm", "in_llm"})
     selection_graphs = False
 
     def __init__(self, *args: Any, budget: str = "image", **kwargs: Any) -> None:
@@ -98,6 +102,8 @@ class LlavaNextAdapter(LlavaAdapter):
         return self.grid[0] * self.grid[1]
 
     def check_method(self, method: PruningMethod) -> None:
+        if method.stage == "in_llm":
+            return self.check_inllm(method)
         if method.stage == "in_vision":
             raise IncompatibleMethodError(
                 f"method {method.name!r} prunes or merges inside the vision tower (stage 'in_vision'); on LLaVA-NeXT the "
@@ -106,9 +112,7 @@ class LlavaNextAdapter(LlavaAdapter):
             )
         if method.stage not in self.supported_stages:
             raise IncompatibleMethodError(
-                f"method {method.name!r} prunes at stage {method.stage!r}; on LLaVA-NeXT only pre-LLM pruning is "
-                "implemented (the in-LLM runner, bench.models.llm_pruning, plans one schedule for one visual-token count "
-                "shared by the batch, and LLaVA-NeXT's count varies per image)"
+                f"method {method.name!r} prunes at stage {method.stage!r}, which the LLaVA-NeXT adapter does not implement"
             )
         from bench.models.clip_text import needs_text
 
@@ -332,6 +336,8 @@ class LlavaNextAdapter(LlavaAdapter):
         """
         if method.stage not in self.supported_stages:
             self.check_method(method)
+        if method.stage == "in_llm":
+            return self.prepare_inllm(batch, method, sample_seeds)
         ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
         sizes = batch["image_sizes"].cpu()
         tower = bool(method.needs) and method.prune_ratio > 0 and method.stage == "pre_llm"
@@ -405,6 +411,9 @@ class LlavaNextAdapter(LlavaAdapter):
         return self.encode_images(batch["pixel_values"], batch["image_sizes"])
 
     def selection_stage(self, batch: dict[str, torch.Tensor], method: PruningMethod, sample_seeds: torch.Tensor):
+        if method.stage == "in_llm" and self.vscan_active(method):
+            sizes = batch["image_sizes"].cpu()
+            return lambda: [self.vscan_image(batch["pixel_values"][i], sizes[i], method, sample_seeds[i]) for i in range(len(sizes))]
         if method.stage != "pre_llm":
             return None
         sizes = batch["image_sizes"].cpu()

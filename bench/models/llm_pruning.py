@@ -333,6 +333,7 @@ class _Runner:
     rope_table: tuple | None = None  # (cos, sin) ``(P, d)`` by position: shifted decode positions
     call_pos: torch.Tensor | None = None  # position ids given to the LLM this call
     capturing: bool = False  # this prefill is being captured in a CUDA graph (its tensors hold no values)
+    query_offset: int = 0  # the "last" query row sits this many tokens before the sequence's end (``llm_query_offset``)
 
     @property
     def lm(self):
@@ -719,8 +720,9 @@ class _View:
             return hit
         t = self.hidden.shape[1]
         dev = self.hidden.device
-        if queries == "last":
-            q_index = torch.arange(t - 1, t, device=dev)
+        off = self._r.query_offset
+        if queries == "last":  # ``query_offset``: the row that many tokens before the last (an adapter's port says)
+            q_index = torch.arange(t - 1 - off, t - off, device=dev)
         elif queries == "after_image":
             first = self._r.vis_start_min + self.n_vis
             q_index = torch.arange(first, t, device=dev)
@@ -729,16 +731,20 @@ class _View:
         q_valid = q_index.view(1, -1) >= (self.vis_start + self.n_vis).view(-1, 1)
         st[("q", queries)] = (q_index, q_valid)
         # the last row of an unpadded sequence sees every key: no mask at all
-        allowed = None if (queries == "last" and self.no_padding) else _rows_allowed(q_index, None if self.no_padding else self.valid, t)
+        allowed = None if (queries == "last" and self.no_padding and not off) else _rows_allowed(q_index, None if self.no_padding else self.valid, t)
         st[("allowed", queries)] = allowed
         st[("bias", queries)] = None if allowed is None else _bias(allowed, self.hidden.dtype)
         return q_index, q_valid
 
     def attn_rows(self, layer: int, queries: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
         q_index, q_valid = self.query_index(queries)
-        first = self.hidden.shape[1] - q_index.shape[0]  # both query sets are a suffix of the sequence
+        nq = q_index.shape[0]
+        off = self._r.query_offset if queries == "last" else 0
+        first = self.hidden.shape[1] - nq - off  # both query sets are a suffix of the sequence (but ``off`` rows)
         qk = self._qk_one_rotation(layer, first) if FUSE_QK else None
         q, k = qk if qk is not None else (self._q_rows(layer, first), self.keys(layer))
+        if off:
+            q = q[:, :, :nq]
         attn = self._attn_module(layer)
         scaling = getattr(attn, "scaling", attn.head_dim**-0.5)
         return attention_rows(q, k, None, None, scaling, bias=self._s.static[("bias", queries)]), q_valid
@@ -796,13 +802,15 @@ def prune_in_llm(adapter, method, prepared):
     impl = getattr(lm.config, "_attn_implementation", None) or "sdpa"
     if impl not in ("sdpa", "eager"):
         raise IncompatibleMethodError(f"in-LLM pruning supports sdpa and eager attention, not {impl!r}")
-    spans = prepared.extras["image_spans"]
+    # ``llm_spans``: where an adapter's port says the method's visual block is, when it is not the whole image
+    # (VScan's official LLaVA-NeXT code: the block's first tokens only)
+    spans = prepared.extras.get("llm_spans", prepared.extras["image_spans"])
     widths = (spans[:, 1] - spans[:, 0]).unique()
     if len(widths) != 1:
         raise IncompatibleMethodError("in-LLM pruning needs the same number of visual tokens in every sample")
     n0 = int(widths[0])
     if getattr(method, "pre_llm_selection", False):  # VScan: the stages follow a selection before the LLM
-        plan = list(method.plan_for(int(prepared.visual_tokens_in[0]), n0, n_layers))
+        plan = list(method.plan_for(int(prepared.extras.get("llm_plan_tokens", prepared.visual_tokens_in[0])), n0, n_layers))
     else:
         plan = list(method.plan(n0, n_layers))
     b = prepared.input_ids.shape[0]
@@ -825,6 +833,7 @@ def prune_in_llm(adapter, method, prepared):
                      stages_at=stages_at)
     device = prepared.inputs_embeds.device
     runner.spans_dev = spans.to(device)
+    runner.query_offset = int(prepared.extras.get("llm_query_offset", 0))
     runner.vis_start_min = int(spans[:, 0].min())
     runner.uniform_start = bool((spans[:, 0] == spans[0, 0]).all())
     setup = getattr(method, "runtime_setup", None)
