@@ -254,3 +254,16 @@ def test_vscan_ratio_zero_and_batch_of_8_equals_batch_of_1():
         assert p1.visual_tokens_kept[0] == prepared.visual_tokens_kept[i]
         single = a.generate(p1, max_new_tokens=4, method=m)[0].tolist()
         assert together[i].tolist()[: len(single)] == single
+
+
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "sparsevlm", "transprune"])
+def test_analytic_flops_equal_the_counter(adapter, name):
+    """The families' analytic model runs each LLM layer on the tokens the stages left (per-layer counts), and the
+    method's selection formula over the packed span; the FLOP counter over prepare + prefill agrees exactly."""
+    from bench.measure.efficiency import measure_efficiency
+
+    m = _methods(ratio=0.5)[name]
+    eff, _ = measure_efficiency(adapter, m, make_batch(adapter, SIZES[2:3]), seeds(1), warmup=0, repeats=1)
+    assert eff["measured_visual_tokens_per_layer"][-1] < 88
+    assert eff["tflops_prefill_analytic"] == pytest.approx(eff["tflops_prefill"], rel=1e-9)
+    assert eff["tflops_selection_analytic"] > 0

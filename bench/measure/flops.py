@@ -504,15 +504,24 @@ def analytic_adapter(adapter, method, prepared, batch: dict, with_selection: boo
             tower, proj = vision_image_flops(desc, b)
             out.vision += tower
             out.projector += proj
-    llm = llm_prefill_flops(desc, t, bsz, logits_positions=0)
-    out.llm = llm
-    out.per_llm_layer = [llm // desc.llm_layers] * desc.llm_layers
+    vpl = prepared.extras.get("visual_tokens_per_layer") if method.stage == "in_llm" else None
+    if vpl is not None:  # pruned inside the LLM: layer l runs on the padded row less the tokens dropped before it
+        n_l = desc.llm_layers
+        out.per_llm_layer = [sum(llm_prefill_flops(desc, t - int(prepared.visual_tokens_kept[i]) + int(vpl[i][l]), 1, 0) // n_l
+                                 for i in range(bsz)) for l in range(n_l)]
+        out.llm = sum(out.per_llm_layer)
+    else:
+        llm = llm_prefill_flops(desc, t, bsz, logits_positions=0)
+        out.llm = llm
+        out.per_llm_layer = [llm // desc.llm_layers] * desc.llm_layers
     out.lm_head = bsz * 2 * desc.llm_width * desc.vocab
     if with_selection and method.stage != "none" and method.prune_ratio > 0:
         newlines = prepared.extras.get("newline_tokens") or [0] * bsz
         sent = prepared.extras.get("newline_tokens_kept") or newlines
+        if method.stage == "in_llm":  # the in-LLM block is the packed span, newlines included (llava_next_inllm)
+            newlines = sent = [0] * bsz
         n_in = {int(a) - int(nl) for a, nl in zip(prepared.visual_tokens_in, newlines)}
-        if len(n_in) != 1 or prepared.extras.get("budget") in ("tile", "base_grid"):
+        if len(n_in) != 1 or (prepared.extras.get("budget") in ("tile", "base_grid") and method.stage != "in_llm"):
             raise NoSelectionFormula("selection FLOPs are modelled for one selection call over the same N tokens per sample "
                                      "(not per tile or per base tile + grid, nor over samples of different visual counts)")
         spans = prepared.extras.get("image_spans")
