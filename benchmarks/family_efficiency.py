@@ -13,6 +13,10 @@ adapter's ``flops_description``: projections with grouped-query K/V, causal atte
     python benchmarks/family_efficiency.py --out $OUT            # llava_next_7b at 672x672, qwen25vl_7b at 448 and 1008
     python benchmarks/family_efficiency.py --models qwen25vl_3b --ratios 0 0.5 --out /tmp/x
     python benchmarks/family_efficiency.py --tiny --device cpu --out /tmp/x   # smoke: tiny random configs, seconds
+    python benchmarks/family_efficiency.py --models llava_next_7b --methods none fastv pdrop sparsevlm dart transprune --out $OUT
+
+In-LLM methods prune inside the timed prefill; ``visual_tokens_layer_mean`` is the mean over the LLM's layers of the
+visual tokens each one runs on, and the analytic FLOPs count each layer at its own length.
 
 ``--tiny`` runs the same code on ``conf/model/tiny_llava_next_random.yaml`` and ``tiny_qwen25vl_random.yaml``
 (toy sizes, every family code path: anyres tiles + newlines, windowed tower + 2x2 merger + M-RoPE) with one
@@ -98,12 +102,16 @@ def measure_model(model: str, args) -> tuple[Path, list[dict]]:
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                     torch.cuda.reset_peak_memory_stats(dev)
-                out_ = adapter.prefill(prepared)
+                out_ = adapter.prefill(prepared, m)  # in-LLM methods prune inside this prefill
                 kv = sum(adapter.kv_cache_bytes(out_.past_key_values))
                 del out_
-                timing = time_fn(lambda: adapter.prefill(prepared), dev, warmup=args.warmup, repeats=args.repeats)
+                timing = time_fn(lambda: adapter.prefill(prepared, m), dev, warmup=args.warmup, repeats=args.repeats)
                 t = int(prepared.attention_mask.shape[1])
-                flops = llm_prefill_flops(desc, t, args.batch)
+                per_layer = prepared.visual_tokens_per_layer(desc.llm_layers)[0]
+                kept = prepared.visual_tokens_kept[0]
+                # each layer at the tokens it runs on (all of them unless an in-LLM method dropped some), lm_head once
+                flops = (sum(llm_prefill_flops(desc, t - kept + int(n), args.batch, 0) // desc.llm_layers for n in per_layer)
+                         + llm_prefill_flops(desc, 0, args.batch, 1))
                 floor = roofline_ms(flops, weight_bytes, ceil)
                 rows.append({
                     "model": model, "family": adapter.family, "device": name, "dtype": str(adapter.dtype).removeprefix("torch."),
@@ -111,6 +119,7 @@ def measure_model(model: str, args) -> tuple[Path, list[dict]]:
                     "budget": getattr(adapter, "budget", ""),
                     "visual_tokens_in": prepared.visual_tokens_in[0], "visual_tokens_kept": prepared.visual_tokens_kept[0],
                     "newline_tokens": (prepared.extras.get("newline_tokens") or [""])[0],
+                    "visual_tokens_layer_mean": round(sum(per_layer) / len(per_layer), 3),
                     "seq_len": t, "prefill_ms": round(timing.median_ms, 4), "prefill_ms_iqr": round(timing.iqr_ms, 4),
                     "prepare_ms": round(prep.median_ms, 4), "prepare_ms_iqr": round(prep.iqr_ms, 4), "kv_cache_bytes": kv,
                     "peak_prefill_mem_bytes": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else "",
