@@ -74,6 +74,16 @@ def device_tag(name: str) -> str:
     return (m.group(1) if m else name.split()[-1]).lower()
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """All rows so far, replacing the file atomically (a reader never sees half a table)."""
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
 def measure_model(model: str, args) -> tuple[Path, list[dict]]:
     """Every (size, method, ratio) of one model; writes and returns its CSV."""
     import transformers
@@ -81,6 +91,7 @@ def measure_model(model: str, args) -> tuple[Path, list[dict]]:
     from bench.measure.flops import llm_prefill_flops
     from bench.measure.latency import measure_ceilings, roofline_ms
     from bench.measure.timing import time_fn
+    from bench.errors import BenchError
     from methods.registry import create
 
     adapter = build(model, args.device, args.dtype)
@@ -89,6 +100,9 @@ def measure_model(model: str, args) -> tuple[Path, list[dict]]:
     weight_bytes = adapter.llm_weight_bytes()
     desc = adapter.flops_description()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{model}_{device_tag(name)}.csv"
     rows = []
     for size in SIZES[model]:
         batch = adapter.probe_batch(batch_size=args.batch, size=size)
@@ -96,7 +110,11 @@ def measure_model(model: str, args) -> tuple[Path, list[dict]]:
         for method in args.methods:
             for ratio in ([0.0] if method == "none" else args.ratios):
                 m = create(method, ratio)
-                adapter.check_method(m)
+                try:
+                    adapter.check_method(m)
+                except BenchError as e:  # a method this family refuses (with its reason) is skipped, not fatal
+                    print(f"skipped {model} {method} ratio={ratio}: {e}", flush=True)
+                    continue
                 prep = time_fn(lambda: adapter.prepare(batch, m, seeds), dev, warmup=args.warmup, repeats=args.repeats)
                 prepared = adapter.prepare(batch, m, seeds)
                 if dev.type == "cuda":
@@ -131,13 +149,7 @@ def measure_model(model: str, args) -> tuple[Path, list[dict]]:
                     "timer": timing.timer, "repeats": args.repeats, "torch": torch.__version__, "transformers": transformers.__version__,
                 })
                 print({k: rows[-1][k] for k in ("model", "image_h", "image_w", "method", "ratio", "visual_tokens_kept", "seq_len", "prefill_ms", "llm_prefill_floor_ms")}, flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{model}_{device_tag(name)}.csv"
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+                write_csv(path, rows)  # after every row: a time-boxed GPU call keeps what it measured
     print("wrote", path, flush=True)
     del adapter, batch
     gc.collect()

@@ -18,7 +18,7 @@ sel=${1:-}; inllm=${2:-}; eff=${3:-}
 tag=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oE '[A-Z][0-9]{2,4}' | head -1 | tr A-Z a-z)
 if [ "${FAMILIES:-0}" = 1 ]; then
   timeout ${TINY_TIMEOUT:-60} python3 benchmarks/family_efficiency.py --tiny --out "$out/families_tiny" > "$out/families_tiny.log" 2>&1; echo "families tiny rc=$?"
-  timeout ${FAM_TIMEOUT:-240} python3 benchmarks/family_efficiency.py --out "$out/families" > "$out/families.log" 2>&1; echo "families rc=$?"
+  timeout ${FAM_TIMEOUT:-240} python3 benchmarks/family_efficiency.py ${FAM_METHODS:+--methods $FAM_METHODS} --out "$out/families" > "$out/families.log" 2>&1; echo "families rc=$?"
   tail -2 "$out/families.log"
 fi
 [ -n "$sel" ] && { timeout ${SEL_TIMEOUT:-100} python3 benchmarks/bench_selection.py --methods "$sel" --batches 1,16 --kept 192,128,64 --repeats ${SEL_REPEATS:-30} --out "$out/selection.csv" > "$out/selection.log" 2>&1; echo "selection rc=$?"; }
