@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import gc
 import json
 import statistics
@@ -222,6 +223,17 @@ def main() -> int:
     def timed(fn) -> tuple[float, float, float]:
         return quart(time_fn(fn, device, warmup=warmup, repeats=repeats).samples_ms)
 
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(rows):
+        tmp = out.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, out)
+
     def emit(label, mode, b, kept, q=None, note="", matches=""):
         row = {"method": label, "mode": mode, "batch": b, "kept": kept, "median_ms": "", "per_image_ms": "", "p25_ms": "", "p75_ms": "", "matches_eager": matches, **base, "note": note}
         if q is not None:
@@ -231,6 +243,7 @@ def main() -> int:
         else:
             print(f"{label:20s} {mode:5s} B={b:<3d} kept={kept:<4d} -- {note}", flush=True)
         rows.append(row)
+        write(rows)  # after every row: a time-boxed GPU call keeps what it measured
 
     def release():
         gc.collect()
@@ -261,12 +274,6 @@ def main() -> int:
                             print(f"{label} {mode} B={b} kept={kept}: FAILED {type(e).__name__}: {e}", flush=True)
                             emit(label, mode, b, kept, note=f"failed: {type(e).__name__}: {e}"[:200])
                         release()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
     print(f"wrote {out} ({len(rows)} rows)")
     return 0
 

@@ -143,6 +143,7 @@ def test_provenance_records_the_resolved_batch_size(setup):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_batch_size_probes_gpu_memory(tmp_path):
+    pytest.importorskip("lmms_eval", reason="the lmms-eval model class needs lmms-eval (the lent GPU machine has none)")
     from bench.lmms_model import AUTO_MAX_BATCH, TokenPruneLlava
     from bench.models.llava import ASSETS, LlavaAdapter
     from bench.synthvqa.data import load_test
