@@ -458,3 +458,123 @@ def test_gprune_generate_equals_the_official_base_and_grid_graphs_with_original_
         assert torch.equal(adapter.generate(adapter.prepare(batch, create("gprune", 0.0), seeds(3)), max_new_tokens=6), ref)
     finally:
         adapter.budget = "image"
+
+
+# ----------------------------------------------------------------------------- CDPruner (official LLaVA-NeXT port)
+QUESTIONS = ["what colour is the square", "how many circles are there", "is there a red triangle",
+             " ".join(["which shape is left of the blue circle"] * 12),  # > 77 tokens: two chunks, averaged
+             "what is in the centre", "where is the star", "is the square above the circle", "what shape is green"]
+
+
+@pytest.fixture(scope="module")
+def cd_adapter():
+    from bench.models.llava_next import LlavaNextAdapter
+
+    a = LlavaNextAdapter(name="tiny_next", source="none", weights="random", device="cpu", dtype="float32", budget="tile",
+                         text_tower={"source": "bench:configs/tiny-clip-text-random", "config_file": "bench:configs/tiny-clip-text-random.json"})
+    a.model = tiny_llava_next()
+    return a
+
+
+def _with_texts(batch, n):
+    return {**batch, "texts": QUESTIONS[:n]}
+
+
+@torch.no_grad()
+def _official_cdpruner_keep(adapter, pixels, size, question, t):
+    """CDPruner's official LLaVA-NeXT selection for one image, rebuilt by hand: the tower on the image's tiles
+    as one batch, the projector on every full tile, CLIP joint-space embeddings, the question's 77-token
+    chunks through the text tower, ``official_selection`` (the official ``encode_images`` transcribed: one
+    min-max over all tiles, the DPP batched over them), then the crops' index masks stitched, unpadded with
+    transformers' ``unpad_image``, a ``True`` newline column appended, base mask first.
+    Returns the packed positions kept and each tile's pick count before unpadding."""
+    from test_cdpruner import official_selection
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    side = adapter.clip_text()
+    tiles = adapter._num_tiles(size)
+    hid = adapter.model.model.vision_tower(pixels[:tiles], output_hidden_states=True).hidden_states[-2][:, 1:]
+    feats = adapter.model.model.multi_modal_projector(hid)
+    vm = adapter.model.model.vision_tower
+    img = side.visual_projection(vm.post_layernorm(hid).float())
+    tok = side.tokenizer(text=question, return_tensors="pt")
+    seg = (tok.input_ids.shape[1] - 1) // 77 + 1
+    tok = {k: torch.cat([v, v.new_zeros((1, 77 * seg - v.shape[1]))], dim=1).reshape(-1, 77) for k, v in tok.items()}
+    txt = side.text_tower(**tok).text_embeds
+    mask = official_selection(feats, img, txt, t)  # (P, n)
+    side_n = adapter.grid[1]
+    nph, npw = get_anyres_image_grid_shape(size.tolist(), adapter.config.image_grid_pinpoints, adapter.config.vision_config.image_size)
+    grid = mask[1:].view(nph, npw, side_n, side_n).permute(0, 2, 1, 3).contiguous().unsqueeze(0).flatten(1, 2).flatten(2, 3)
+    grid = unpad_image(grid, size)
+    grid = torch.cat([grid, torch.ones(*grid.shape[:-1], 1, dtype=torch.bool)], dim=-1).flatten(1, 2).squeeze(0)
+    keep = torch.cat([mask[0], grid])
+    return keep.nonzero().flatten(), mask.sum(1)
+
+
+@torch.no_grad()
+def test_cdpruner_generate_equals_the_official_tile_masks_built_by_hand(cd_adapter):
+    adapter = cd_adapter
+    batch = _with_texts(make_batch(adapter, SIZES[:4]), 4)
+    m = create("cdpruner", 0.5)
+    prepared = adapter.prepare(batch, m, seeds(4))
+    assert prepared.extras["budget"] == "tile" and prepared.extras["clip_text"]["chunks"] == [1, 1, 1, 2]
+    ours = adapter.generate(prepared, max_new_tokens=5)
+    packed = adapter.encode_images(batch["pixel_values"], batch["image_sizes"])
+    t = m.n_keep(adapter.tile_tokens)
+    for i in range(4):
+        size = batch["image_sizes"][i]
+        keep, per_tile = _official_cdpruner_keep(adapter, batch["pixel_values"][i], size, QUESTIONS[i], t)
+        assert per_tile.tolist() == [t] * adapter._num_tiles(size)  # T per full tile, before unpadding
+        src = adapter.source_map(size, adapter._num_tiles(size))
+        assert len(src) == len(packed[i]) and (src[keep] < 0).sum() == (src < 0).sum()  # every newline kept
+        assert prepared.visual_tokens_kept[i] == len(keep) and prepared.extras["newline_tokens_kept"][i] == int((src < 0).sum())
+        s0, s1 = prepared.extras["image_spans"][i].tolist()
+        assert torch.equal(prepared.inputs_embeds[i, s0:s1], packed[i][keep])  # the unpruned rows, in packed order
+        seq = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+        start = int((seq == IMG).nonzero()[0])
+        text = adapter.model.get_input_embeddings()(seq)
+        emb = torch.cat([text[:start], packed[i][keep], text[start + len(src):]]).unsqueeze(0)
+        toks = _decode_by_hand(adapter, emb, 5)  # contiguous positions, as the official code renumbers them
+        assert ours[i].tolist()[: len(toks)] == toks
+
+
+def test_cdpruner_ratio_zero_and_batch_of_8_equals_batch_of_1(cd_adapter):
+    adapter = cd_adapter
+    batch = _with_texts(make_batch(adapter, SIZES[:3]), 3)
+    ref = adapter.model.generate(**{k: v for k, v in batch.items() if k != "texts"}, max_new_tokens=6, do_sample=False,
+                                 pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
+    assert torch.equal(adapter.generate(adapter.prepare(batch, create("cdpruner", 0.0), seeds(3)), max_new_tokens=6), ref)
+    batch = _with_texts(make_batch(adapter, SIZES), 8)
+    m = create("cdpruner", 0.75)
+    prepared = adapter.prepare(batch, m, seeds(8))
+    together = adapter.generate(prepared, max_new_tokens=4)
+    for i in range(8):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
+        one["attention_mask"] = torch.ones_like(one["input_ids"])
+        p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
+        assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()], prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
+        assert together[i].tolist() == adapter.generate(p1, max_new_tokens=4)[0].tolist()
+
+
+def test_cdpruner_question_changes_the_selection_and_is_required(cd_adapter):
+    adapter = cd_adapter
+    batch = make_batch(adapter, SIZES[2:3])
+    m = create("cdpruner", 0.75)
+    kept = {q: adapter.prepare({**batch, "texts": [q]}, m, seeds(1)).inputs_embeds for q in QUESTIONS[:4]}
+    assert len({tuple(v.flatten().tolist()) for v in kept.values()}) > 1
+    with pytest.raises(IncompatibleMethodError, match="question text"):
+        adapter.prepare(batch, m, seeds(1))
+
+
+def test_cdpruner_only_with_its_official_budget_and_a_text_tower(cd_adapter, adapter):
+    for budget in ("image", "base_grid"):
+        cd_adapter.budget = budget
+        try:
+            with pytest.raises(IncompatibleMethodError, match="model.budget=tile"):
+                cd_adapter.check_method(create("cdpruner", 0.5))
+        finally:
+            cd_adapter.budget = "tile"
+    cd_adapter.check_method(create("cdpruner", 0.5))
+    with pytest.raises(IncompatibleMethodError, match="text tower"):
+        adapter.check_method(create("cdpruner", 0.5))  # the fixture without model.text_tower

@@ -67,7 +67,17 @@ BUDGETS = ("image", "tile", "base_grid")
 #: * ``gprune`` (``jytmelon/G-Prune``, ``LLaVA-NeXT/llava/model/llava_arch.py``): one graph for the base tile's 576
 #:   tokens and one for the unpadded grid's non-newline tokens, each keeping ``int(keep_ratio * n)``; the row-end
 #:   newlines are always kept; kept tokens keep their original position ids. No tower quantity.
+#: * ``cdpruner`` (``Theia-4869/CDPruner``, ``llava/model/llava_arch.py``, ``encode_images`` +
+#:   ``prepare_inputs_labels_for_multimodal``): the image's tiles are concatenated into one batch, so the DPP keeps
+#:   ``T`` tokens of every *full* 336 px tile (base and crops, before unpadding), with the relevance (CLIP's text
+#:   tower on the question) min-max normalised over all the image's tiles at once; the crops' index masks are
+#:   stitched and unpadded like the features, a ``True`` column is appended for the newlines (all kept), and the
+#:   image's tokens are the base tile's picks, then the unpadded grid's picks with its newlines. A pick in a part
+#:   of a crop that unpadding cuts away is lost: an image keeps ``T`` base tokens plus at most ``T`` per crop.
+#:   ``model.budget=tile`` here means one budget per full tile (:meth:`LlavaNextAdapter.select_full_tile_masks`).
 TOWER_PORTS: dict[str, dict[str, Any]] = {
+    "cdpruner": {"budget": "tile", "newlines": True, "needs": ("clip_image_embeds", "clip_text_embeds", "clip_text_chunks"),
+                 "tile_masks": True},
     "gprune": {"budget": "base_grid", "newlines": True, "needs": ()},
     "holov": {"budget": "image", "newlines": False, "needs": ("cls_attn",)},
     "visionzip": {"budget": "tile", "newlines": False, "needs": ("cls_attn", "hidden", "keys", "projector"), "full_tiles": True},
@@ -114,13 +124,7 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
             raise IncompatibleMethodError(
                 f"method {method.name!r} prunes at stage {method.stage!r}, which the LLaVA-NeXT adapter does not implement"
             )
-        from bench.models.clip_text import needs_text
-
-        if needs_text(method):
-            raise IncompatibleMethodError(
-                f"method {method.name!r} is not implemented on LLaVA-NeXT (official: T tokens per 336 px tile before "
-                "unpadding, relevance from CLIP's text tower min-max normalised over the image's tiles)"
-            )
+        self.check_text_tower(method)
         port = TOWER_PORTS.get(method.name)
         if port is not None and not method.needs and method.prune_ratio > 0 and port["budget"] != self.budget:
             raise IncompatibleMethodError(
@@ -321,6 +325,51 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         dominant = crop_f[dom][key.argsort()]
         return torch.cat([feats[0], dominant, crop_f[crop_i == 0], crop_f[crop_i < 0]])
 
+    # --------------------------------------------------------------- CDPruner (official LLaVA-NeXT port)
+    def tile_masks(self, method: PruningMethod) -> bool:
+        """Whether ``method`` picks on every full tile and its index masks are unpadded like the features
+        (CDPruner's official LLaVA-NeXT code, :data:`TOWER_PORTS`)."""
+        return method.stage == "pre_llm" and method.prune_ratio > 0 and TOWER_PORTS.get(method.name, {}).get("tile_masks", False)
+
+    @torch.no_grad()
+    def select_full_tile_masks(self, hidden, src: torch.Tensor, method: PruningMethod, seed: torch.Tensor, text: str | None) -> torch.Tensor:
+        """One image, CDPruner's official LLaVA-NeXT selection: ``(K,)`` ascending packed positions kept.
+
+        ``hidden``: the tower's hidden states of the image's ``P`` tiles (``(P, 1 + n, D_vis)`` each, from the
+        pass that made the packed features); ``src``: :meth:`source_map`. The method runs once on the ``P`` full
+        tiles as a batch (``(P, n, D_llm)`` projected features, the projector of ``get_image_features`` on every
+        patch, before unpadding; CLIP joint-space embeddings of every tile; the question's chunks repeated per
+        tile; ``clip_joint_batch``: one min-max over the tiles). A packed token is kept when its tile's mask
+        holds it; every ``image_newline`` is kept (the official code appends a ``True`` column to the unpadded
+        mask). Packed order is the official order: base picks, then the unpadded grid's raster with newlines.
+        """
+        from bench.models.clip_extras import vision_model
+        from bench.models.clip_text import question_text
+
+        if text is None:
+            raise IncompatibleMethodError(f"method {method.name!r} needs the question text (batch['texts']), which this batch does not carry")
+        layer = hidden[self.config.vision_feature_layer]  # (P, 1 + n, D_vis)
+        tiles, n = layer.shape[0], self.tile_tokens
+        feats = self.model.model.multi_modal_projector(layer[:, int(self.has_cls):])  # (P, n, D_llm)
+        side = self.clip_text()
+        image_embeds = side.image_embeds(vision_model(self.model), layer)  # (P, n, C)
+        q = side.encode_question(question_text(text))  # (M, C)
+        extras = {
+            "clip_image_embeds": lambda: image_embeds,
+            "clip_text_embeds": lambda: q.unsqueeze(0).expand(tiles, -1, -1),
+            "clip_text_chunks": lambda: torch.full((tiles,), q.shape[0], dtype=torch.long),
+            "clip_joint_batch": lambda: True,
+        }
+        ctx = VisionContext(grid=self.grid, has_cls=self.has_cls, sample_seeds=seed.view(1).repeat(tiles), extras=extras)
+        sel = method.reduce(feats, ctx)
+        mask = torch.zeros(tiles, n, dtype=torch.bool)
+        for t in range(tiles):
+            mask[t, sel.kept_index[t, : int(sel.n_kept[t])].cpu()] = True
+        vis = src >= 0
+        keep = ~vis
+        keep[vis] = mask.view(-1)[src[vis]]
+        return keep.nonzero().flatten()
+
     def sends_newlines(self, method: PruningMethod) -> bool:
         """Whether ``image_newline`` tokens reach the LLM under ``method`` (all of them unless its official port drops them)."""
         if method.prune_ratio == 0.0 or method.stage == "none":
@@ -344,7 +393,17 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         if tower:
             self.check_method(method)
         feats, n_in, newlines, picks = [], [], [], []
-        if self.full_tiles(method):  # the official code reduces whole tiles before packing: no packed features
+        if self.tile_masks(method):  # CDPruner: index masks on the full tiles, unpadded like the features
+            packed, hidden = self.encode_images(batch["pixel_values"], sizes, output_hidden_states=True)
+            texts = batch.get("texts")
+            for i, f in enumerate(packed):
+                src = self.source_map(sizes[i], self._num_tiles(sizes[i]))
+                where = self.select_full_tile_masks(hidden[i], src, method, sample_seeds[i], None if texts is None else texts[i])
+                feats.append(f[where.to(f.device)])
+                picks.append(where)
+                n_in.append(int(f.shape[0]))
+                newlines.append(int((src < 0).sum()))
+        elif self.full_tiles(method):  # the official code reduces whole tiles before packing: no packed features
             for i in range(len(sizes)):
                 src = self.source_map(sizes[i], self._num_tiles(sizes[i]))
                 feats.append(self.reduce_full_tiles(batch["pixel_values"][i], sizes[i], method, sample_seeds[i]))
@@ -369,6 +428,8 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         sent = newlines if self.sends_newlines(method) else [0] * len(newlines)
         extras = {"image_spans": spans, "sample_seeds": sample_seeds, "budget": self.budget, "newline_tokens": newlines,
                   "newline_tokens_kept": sent}
+        if self.tile_masks(method) and self.text_tower_path is not None and batch.get("texts") is not None:
+            extras["clip_text"] = self.clip_text_costs(batch["texts"])  # what the text side cost
         if (method.stage == "pre_llm" and method.prune_ratio > 0 and getattr(method, "renumber_positions", True) is False
                 and picks and all(p is not None for p in picks)):
             from bench.models.llava import kept_position_ids
@@ -400,7 +461,8 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         text[text == self.image_token_id] = 3
         ids = torch.cat([text[:before], torch.full((n,), self.image_token_id), text[before:]]).unsqueeze(0).repeat(batch_size, 1)
         pix = torch.randn(1, tiles, 3, side, side, generator=g).repeat(batch_size, 1, 1, 1, 1)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix, "image_sizes": size.view(1, 2).repeat(batch_size, 1)}
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix, "image_sizes": size.view(1, 2).repeat(batch_size, 1),
+                "texts": [self.PROBE_QUESTION] * batch_size}
 
     def flops_description(self) -> FlopsDescription:
         from dataclasses import replace
@@ -417,6 +479,12 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         if method.stage != "pre_llm":
             return None
         sizes = batch["image_sizes"].cpu()
+        if self.tile_masks(method):
+            packed, hidden = self.encode_images(batch["pixel_values"], sizes, output_hidden_states=True)
+            texts = batch.get("texts") or [None] * len(sizes)
+            srcs = [self.source_map(sizes[i], self._num_tiles(sizes[i])) for i in range(len(packed))]
+            return lambda: [f[self.select_full_tile_masks(hidden[i], src, method, sample_seeds[i], texts[i]).to(f.device)]
+                            for i, (f, src) in enumerate(zip(packed, srcs))]
         if self.full_tiles(method):
             return lambda: [self.reduce_full_tiles(batch["pixel_values"][i], sizes[i], method, sample_seeds[i]) for i in range(len(sizes))]
         if method.needs and method.prune_ratio > 0:
