@@ -186,7 +186,7 @@ def test_kept_tokens_keep_their_order_and_newlines(adapter, budget):
 
 def test_refusals(adapter):
     with pytest.raises(IncompatibleMethodError, match="vision-tower quantities"):
-        adapter.check_method(create("vispruner", 0.5))
+        adapter.check_method(create("prumerge", 0.5))
     with pytest.raises(IncompatibleMethodError, match="model.budget=image"):  # in-LLM: one budget per image
         adapter.budget = "tile"
         try:
@@ -489,7 +489,6 @@ def _official_cdpruner_keep(adapter, pixels, size, question, t):
     transformers' ``unpad_image``, a ``True`` newline column appended, base mask first.
     Returns the packed positions kept and each tile's pick count before unpadding."""
     from test_cdpruner import official_selection
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
     side = adapter.clip_text()
     tiles = adapter._num_tiles(size)
@@ -502,13 +501,21 @@ def _official_cdpruner_keep(adapter, pixels, size, question, t):
     tok = {k: torch.cat([v, v.new_zeros((1, 77 * seg - v.shape[1]))], dim=1).reshape(-1, 77) for k, v in tok.items()}
     txt = side.text_tower(**tok).text_embeds
     mask = official_selection(feats, img, txt, t)  # (P, n)
+    return _official_unpadded_keep(adapter, mask, size), mask.sum(1)
+
+
+def _official_unpadded_keep(adapter, mask, size):
+    """``(P, n)`` per-tile index masks -> packed positions kept, as the official LLaVA-NeXT code of CDPruner and
+    VisPruner builds them: crops' masks stitched, unpadded (transformers' ``unpad_image``), a ``True`` newline
+    column appended, the base tile's mask first."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
     side_n = adapter.grid[1]
     nph, npw = get_anyres_image_grid_shape(size.tolist(), adapter.config.image_grid_pinpoints, adapter.config.vision_config.image_size)
     grid = mask[1:].view(nph, npw, side_n, side_n).permute(0, 2, 1, 3).contiguous().unsqueeze(0).flatten(1, 2).flatten(2, 3)
     grid = unpad_image(grid, size)
     grid = torch.cat([grid, torch.ones(*grid.shape[:-1], 1, dtype=torch.bool)], dim=-1).flatten(1, 2).squeeze(0)
-    keep = torch.cat([mask[0], grid])
-    return keep.nonzero().flatten(), mask.sum(1)
+    return torch.cat([mask[0], grid]).nonzero().flatten()
 
 
 @torch.no_grad()
@@ -578,3 +585,70 @@ def test_cdpruner_only_with_its_official_budget_and_a_text_tower(cd_adapter, ada
     cd_adapter.check_method(create("cdpruner", 0.5))
     with pytest.raises(IncompatibleMethodError, match="text tower"):
         adapter.check_method(create("cdpruner", 0.5))  # the fixture without model.text_tower
+
+
+# ----------------------------------------------------------------------------- VisPruner (official LLaVA-NeXT port)
+@torch.no_grad()
+def test_vispruner_generate_equals_the_official_tile_masks_built_by_hand(adapter):
+    """VisPruner's official LLaVA-NeXT code: ``encode_images`` on the image's tiles as one batch (T per full tile:
+    important by head-mean CLS attention at layer -2, diverse by de-duplicating layer -2 features), the crops'
+    index masks stitched and unpadded like the features, newlines kept. Rebuilt from the eager tower's attentions
+    and ``ref_vispruner_official``."""
+    from reference_vision import ref_vispruner_official
+
+    adapter.budget = "tile"
+    try:
+        batch = make_batch(adapter, SIZES[:4])
+        m = create("vispruner", 0.5)
+        prepared = adapter.prepare(batch, m, seeds(4))
+        assert prepared.extras["budget"] == "tile"
+        ours = adapter.generate(prepared, max_new_tokens=5)
+        packed = adapter.encode_images(batch["pixel_values"], batch["image_sizes"])
+        t = m.n_keep(adapter.tile_tokens)
+        for i in range(4):
+            size = batch["image_sizes"][i]
+            tiles = adapter._num_tiles(size)
+            attn = _eager_cls_attention(adapter, batch["pixel_values"][i], tiles, m.layer)  # (P, n)
+            hid = adapter.model.model.vision_tower(batch["pixel_values"][i][:tiles], output_hidden_states=True).hidden_states[m.layer][:, 1:]
+            mask = torch.zeros(tiles, adapter.tile_tokens, dtype=torch.bool)
+            for p in range(tiles):
+                mask[p, ref_vispruner_official(attn[p], hid[p], t, m.important_ratio, m.step)] = True
+            assert mask.sum(1).tolist() == [t] * tiles
+            keep = _official_unpadded_keep(adapter, mask, size)
+            src = adapter.source_map(size, tiles)
+            assert prepared.visual_tokens_kept[i] == len(keep) and prepared.extras["newline_tokens_kept"][i] == int((src < 0).sum())
+            s0, s1 = prepared.extras["image_spans"][i].tolist()
+            assert torch.equal(prepared.inputs_embeds[i, s0:s1], packed[i][keep])
+            seq = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+            start = int((seq == IMG).nonzero()[0])
+            text = adapter.model.get_input_embeddings()(seq)
+            emb = torch.cat([text[:start], packed[i][keep], text[start + len(src):]]).unsqueeze(0)
+            toks = _decode_by_hand(adapter, emb, 5)
+            assert ours[i].tolist()[: len(toks)] == toks
+    finally:
+        adapter.budget = "image"
+
+
+def test_vispruner_ratio_zero_batch_of_8_and_budget(adapter):
+    adapter.budget = "tile"
+    try:
+        batch = make_batch(adapter, SIZES[:3])
+        ref = adapter.model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
+        assert torch.equal(adapter.generate(adapter.prepare(batch, create("vispruner", 0.0), seeds(3)), max_new_tokens=6), ref)
+        batch = make_batch(adapter, SIZES)
+        m = create("vispruner", 0.75)
+        prepared = adapter.prepare(batch, m, seeds(8))
+        together = adapter.generate(prepared, max_new_tokens=4)
+        for i in range(8):
+            one = {k: v[i:i + 1] for k, v in batch.items()}
+            one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
+            one["attention_mask"] = torch.ones_like(one["input_ids"])
+            p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
+            assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()], prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
+            assert together[i].tolist() == adapter.generate(p1, max_new_tokens=4)[0].tolist()
+        for budget in ("image", "base_grid"):
+            adapter.budget = budget
+            with pytest.raises(IncompatibleMethodError, match="model.budget=tile"):
+                adapter.check_method(m)
+    finally:
+        adapter.budget = "image"

@@ -75,11 +75,16 @@ BUDGETS = ("image", "tile", "base_grid")
 #:   image's tokens are the base tile's picks, then the unpadded grid's picks with its newlines. A pick in a part
 #:   of a crop that unpadding cuts away is lost: an image keeps ``T`` base tokens plus at most ``T`` per crop.
 #:   ``model.budget=tile`` here means one budget per full tile (:meth:`LlavaNextAdapter.select_full_tile_masks`).
+#: * ``vispruner`` (``Theia-4869/VisPruner``, ``llava/model/llava_arch.py``, ``encode_images`` +
+#:   ``prepare_inputs_labels_for_multimodal``): the same layout as CDPruner's (the two share their LLaVA-NeXT
+#:   code): ``T`` picks per full tile (important by its CLS attention, diverse by de-duplication of its layer -2
+#:   features, each tile on its own), the index masks stitched and unpadded like the features, newlines kept.
 TOWER_PORTS: dict[str, dict[str, Any]] = {
     "cdpruner": {"budget": "tile", "newlines": True, "needs": ("clip_image_embeds", "clip_text_embeds", "clip_text_chunks"),
                  "tile_masks": True},
     "gprune": {"budget": "base_grid", "newlines": True, "needs": ()},
     "holov": {"budget": "image", "newlines": False, "needs": ("cls_attn",)},
+    "vispruner": {"budget": "tile", "newlines": True, "needs": ("cls_attn", "hidden"), "tile_masks": True},
     "visionzip": {"budget": "tile", "newlines": False, "needs": ("cls_attn", "hidden", "keys", "projector"), "full_tiles": True},
 }
 
@@ -325,41 +330,60 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         dominant = crop_f[dom][key.argsort()]
         return torch.cat([feats[0], dominant, crop_f[crop_i == 0], crop_f[crop_i < 0]])
 
-    # --------------------------------------------------------------- CDPruner (official LLaVA-NeXT port)
+    # --------------------------------------------------------------- per-full-tile index masks (CDPruner, VisPruner)
     def tile_masks(self, method: PruningMethod) -> bool:
         """Whether ``method`` picks on every full tile and its index masks are unpadded like the features
-        (CDPruner's official LLaVA-NeXT code, :data:`TOWER_PORTS`)."""
+        (the official LLaVA-NeXT code of CDPruner and VisPruner, :data:`TOWER_PORTS`)."""
         return method.stage == "pre_llm" and method.prune_ratio > 0 and TOWER_PORTS.get(method.name, {}).get("tile_masks", False)
 
     @torch.no_grad()
-    def select_full_tile_masks(self, hidden, src: torch.Tensor, method: PruningMethod, seed: torch.Tensor, text: str | None) -> torch.Tensor:
-        """One image, CDPruner's official LLaVA-NeXT selection: ``(K,)`` ascending packed positions kept.
+    def tile_features(self, pixel_values: torch.Tensor, image_size: torch.Tensor):
+        """One image's full tiles: ``(P_pad, 3, H, W)`` pixels -> ``(hidden, feats)``: the tower's hidden states of
+        its ``P`` tiles (``(P, 1 + n, D_vis)`` each) and the projector on every tile's patches, ``(P, n, D_llm)``,
+        before unpadding. The calls of ``get_image_features`` on the same tiles, so ``feats`` holds the packed
+        features bit for bit (packing only indexes them and appends newlines)."""
+        tiles = self._num_tiles(image_size)
+        out = self.model.model.vision_tower(pixel_values[:tiles].to(self.device, self.dtype), output_hidden_states=True, return_dict=True)
+        hidden = tuple(out.hidden_states)
+        layer = hidden[self.config.vision_feature_layer]
+        return hidden, self.model.model.multi_modal_projector(layer[:, int(self.has_cls):])
 
-        ``hidden``: the tower's hidden states of the image's ``P`` tiles (``(P, 1 + n, D_vis)`` each, from the
-        pass that made the packed features); ``src``: :meth:`source_map`. The method runs once on the ``P`` full
-        tiles as a batch (``(P, n, D_llm)`` projected features, the projector of ``get_image_features`` on every
-        patch, before unpadding; CLIP joint-space embeddings of every tile; the question's chunks repeated per
-        tile; ``clip_joint_batch``: one min-max over the tiles). A packed token is kept when its tile's mask
-        holds it; every ``image_newline`` is kept (the official code appends a ``True`` column to the unpadded
-        mask). Packed order is the official order: base picks, then the unpadded grid's raster with newlines.
+    def packed_from_tiles(self, feats: torch.Tensor, src: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """Packed positions ``where`` of one image as ``(K, D_llm)`` rows: tile features by ``src``, newlines the model's."""
+        s = src[where].to(feats.device)
+        rows = feats.reshape(-1, feats.shape[-1])[s.clamp(min=0)]
+        newline = self.model.model.image_newline.to(rows.dtype)
+        return torch.where((s < 0).unsqueeze(-1), newline.expand_as(rows), rows)
+
+    @torch.no_grad()
+    def select_full_tile_masks(self, hidden, feats: torch.Tensor, src: torch.Tensor, method: PruningMethod, seed: torch.Tensor,
+                               text: str | None) -> torch.Tensor:
+        """One image, the official LLaVA-NeXT selection of CDPruner / VisPruner: ``(K,)`` ascending packed positions kept.
+
+        ``hidden``, ``feats``: :meth:`tile_features`; ``src``: :meth:`source_map`. The method runs once on the
+        image's ``P`` full tiles as a batch (``(P, n, D_llm)`` features before unpadding, its tower quantities
+        per tile; for CDPruner CLIP joint-space embeddings per tile, the question's chunks repeated per tile and
+        ``clip_joint_batch``: one min-max of the relevance over the tiles). A packed token is kept when its tile's
+        mask holds it; every ``image_newline`` is kept (the official code appends a ``True`` column to the
+        unpadded mask). Packed order is the official order: base picks, then the unpadded grid's raster with newlines.
         """
-        from bench.models.clip_extras import vision_model
-        from bench.models.clip_text import question_text
+        from bench.models.clip_extras import build_extras, vision_model
+        from bench.models.clip_text import TEXT_KEYS, needs_text, question_text
 
-        if text is None:
-            raise IncompatibleMethodError(f"method {method.name!r} needs the question text (batch['texts']), which this batch does not carry")
-        layer = hidden[self.config.vision_feature_layer]  # (P, 1 + n, D_vis)
-        tiles, n = layer.shape[0], self.tile_tokens
-        feats = self.model.model.multi_modal_projector(layer[:, int(self.has_cls):])  # (P, n, D_llm)
-        side = self.clip_text()
-        image_embeds = side.image_embeds(vision_model(self.model), layer)  # (P, n, C)
-        q = side.encode_question(question_text(text))  # (M, C)
-        extras = {
-            "clip_image_embeds": lambda: image_embeds,
-            "clip_text_embeds": lambda: q.unsqueeze(0).expand(tiles, -1, -1),
-            "clip_text_chunks": lambda: torch.full((tiles,), q.shape[0], dtype=torch.long),
-            "clip_joint_batch": lambda: True,
-        }
+        tiles, n = feats.shape[0], self.tile_tokens
+        extras = build_extras(self.model, hidden, [k for k in method.needs if k not in TEXT_KEYS])
+        if needs_text(method):
+            if text is None:
+                raise IncompatibleMethodError(f"method {method.name!r} needs the question text (batch['texts']), which this batch does not carry")
+            side = self.clip_text()
+            image_embeds = side.image_embeds(vision_model(self.model), hidden[self.config.vision_feature_layer])  # (P, n, C)
+            q = side.encode_question(question_text(text))  # (M, C)
+            extras.update({
+                "clip_image_embeds": lambda: image_embeds,
+                "clip_text_embeds": lambda: q.unsqueeze(0).expand(tiles, -1, -1),
+                "clip_text_chunks": lambda: torch.full((tiles,), q.shape[0], dtype=torch.long),
+                "clip_joint_batch": lambda: True,
+            })
         ctx = VisionContext(grid=self.grid, has_cls=self.has_cls, sample_seeds=seed.view(1).repeat(tiles), extras=extras)
         sel = method.reduce(feats, ctx)
         mask = torch.zeros(tiles, n, dtype=torch.bool)
@@ -369,6 +393,14 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         keep = ~vis
         keep[vis] = mask.view(-1)[src[vis]]
         return keep.nonzero().flatten()
+
+    def tile_mask_image(self, pixel_values: torch.Tensor, image_size: torch.Tensor, method: PruningMethod, seed: torch.Tensor,
+                        text: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One image through :meth:`select_full_tile_masks`: ``(kept rows (K, D_llm), packed positions (K,), src)``."""
+        src = self.source_map(image_size, self._num_tiles(image_size))
+        hidden, feats = self.tile_features(pixel_values, image_size)
+        where = self.select_full_tile_masks(hidden, feats, src, method, seed, text)
+        return self.packed_from_tiles(feats, src, where), where, src
 
     def sends_newlines(self, method: PruningMethod) -> bool:
         """Whether ``image_newline`` tokens reach the LLM under ``method`` (all of them unless its official port drops them)."""
@@ -393,15 +425,13 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         if tower:
             self.check_method(method)
         feats, n_in, newlines, picks = [], [], [], []
-        if self.tile_masks(method):  # CDPruner: index masks on the full tiles, unpadded like the features
-            packed, hidden = self.encode_images(batch["pixel_values"], sizes, output_hidden_states=True)
-            texts = batch.get("texts")
-            for i, f in enumerate(packed):
-                src = self.source_map(sizes[i], self._num_tiles(sizes[i]))
-                where = self.select_full_tile_masks(hidden[i], src, method, sample_seeds[i], None if texts is None else texts[i])
-                feats.append(f[where.to(f.device)])
+        if self.tile_masks(method):  # CDPruner, VisPruner: index masks on the full tiles, unpadded like the features
+            texts = batch.get("texts") or [None] * len(sizes)
+            for i in range(len(sizes)):
+                kept, where, src = self.tile_mask_image(batch["pixel_values"][i], sizes[i], method, sample_seeds[i], texts[i])
+                feats.append(kept)
                 picks.append(where)
-                n_in.append(int(f.shape[0]))
+                n_in.append(len(src))
                 newlines.append(int((src < 0).sum()))
         elif self.full_tiles(method):  # the official code reduces whole tiles before packing: no packed features
             for i in range(len(sizes)):
@@ -480,11 +510,11 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
             return None
         sizes = batch["image_sizes"].cpu()
         if self.tile_masks(method):
-            packed, hidden = self.encode_images(batch["pixel_values"], sizes, output_hidden_states=True)
             texts = batch.get("texts") or [None] * len(sizes)
-            srcs = [self.source_map(sizes[i], self._num_tiles(sizes[i])) for i in range(len(packed))]
-            return lambda: [f[self.select_full_tile_masks(hidden[i], src, method, sample_seeds[i], texts[i]).to(f.device)]
-                            for i, (f, src) in enumerate(zip(packed, srcs))]
+            enc = [self.tile_features(batch["pixel_values"][i], sizes[i]) for i in range(len(sizes))]
+            srcs = [self.source_map(sizes[i], self._num_tiles(sizes[i])) for i in range(len(sizes))]
+            return lambda: [self.packed_from_tiles(f, src, self.select_full_tile_masks(h, f, src, method, sample_seeds[i], texts[i]))
+                            for i, ((h, f), src) in enumerate(zip(enc, srcs))]
         if self.full_tiles(method):
             return lambda: [self.reduce_full_tiles(batch["pixel_values"][i], sizes[i], method, sample_seeds[i]) for i in range(len(sizes))]
         if method.needs and method.prune_ratio > 0:
