@@ -652,3 +652,77 @@ def test_vispruner_ratio_zero_batch_of_8_and_budget(adapter):
                 adapter.check_method(m)
     finally:
         adapter.budget = "image"
+
+
+# ----------------------------------------------------------------------------- FasterVLM (official LLaVA-NeXT port)
+@torch.no_grad()
+def _official_fastervlm_image(adapter, pixels, size, t, layer):
+    """FasterVLM's official LLaVA-NeXT tokens for one image, rebuilt by hand: the eager tower's CLS attention at
+    ``layer``, ``topk`` T per full tile, the projector on every tile, and the hard-coded ``'spatial'`` merge: base
+    tile's picks, then ``image_feature.permute(0, 2, 1, 3, 4).flatten(0, 3)[index_mask]`` over the crops (no
+    unpadding, no newline)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    tiles = adapter._num_tiles(size)
+    attn = _eager_cls_attention(adapter, pixels, tiles, layer)  # (P, n)
+    mask = torch.zeros(tiles, adapter.tile_tokens, dtype=torch.bool)
+    mask.scatter_(1, torch.topk(attn, k=t, dim=1)[1], True)
+    hid = adapter.model.model.vision_tower(pixels[:tiles], output_hidden_states=True).hidden_states[-2][:, 1:]
+    feats = adapter.model.model.multi_modal_projector(hid)
+    nph, npw = get_anyres_image_grid_shape(size.tolist(), adapter.config.image_grid_pinpoints, adapter.config.vision_config.image_size)
+    h = w = adapter.grid[1]
+    crops = feats[1:].view(nph, npw, h, w, -1).permute(0, 2, 1, 3, 4).contiguous().flatten(0, 3)
+    cmask = mask[1:].view(nph, npw, h, w).permute(0, 2, 1, 3).contiguous().flatten(0, 3)
+    return torch.cat([feats[0][mask[0]], crops[cmask]])
+
+
+@torch.no_grad()
+def test_fastervlm_generate_equals_the_official_spatial_layout_built_by_hand(adapter):
+    adapter.budget = "tile"
+    try:
+        batch = make_batch(adapter, SIZES[:4])
+        m = create("fastervlm", 0.5)
+        prepared = adapter.prepare(batch, m, seeds(4))
+        ours = adapter.generate(prepared, max_new_tokens=5)
+        t = m.n_keep(adapter.tile_tokens)
+        for i in range(4):
+            size = batch["image_sizes"][i]
+            rows = _official_fastervlm_image(adapter, batch["pixel_values"][i], size, t, m.layer)
+            assert rows.shape[0] == prepared.visual_tokens_kept[i] == adapter._num_tiles(size) * t  # no unpadding
+            assert prepared.extras["newline_tokens_kept"][i] == 0 and prepared.extras["budget"] == "tile"
+            s0, s1 = prepared.extras["image_spans"][i].tolist()
+            assert torch.equal(prepared.inputs_embeds[i, s0:s1], rows)
+            seq = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+            start = int((seq == IMG).nonzero()[0])
+            n = len(adapter.source_map(size, adapter._num_tiles(size)))
+            text = adapter.model.get_input_embeddings()(seq)
+            emb = torch.cat([text[:start], rows, text[start + n:]]).unsqueeze(0)
+            toks = _decode_by_hand(adapter, emb, 5)
+            assert ours[i].tolist()[: len(toks)] == toks
+    finally:
+        adapter.budget = "image"
+
+
+def test_fastervlm_ratio_zero_batch_of_8_and_budget(adapter):
+    adapter.budget = "tile"
+    try:
+        batch = make_batch(adapter, SIZES[:3])
+        ref = adapter.model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
+        assert torch.equal(adapter.generate(adapter.prepare(batch, create("fastervlm", 0.0), seeds(3)), max_new_tokens=6), ref)
+        batch = make_batch(adapter, SIZES)
+        m = create("fastervlm", 0.75)
+        prepared = adapter.prepare(batch, m, seeds(8))
+        together = adapter.generate(prepared, max_new_tokens=4)
+        for i in range(8):
+            one = {k: v[i:i + 1] for k, v in batch.items()}
+            one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
+            one["attention_mask"] = torch.ones_like(one["input_ids"])
+            p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
+            assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()], prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
+            assert together[i].tolist() == adapter.generate(p1, max_new_tokens=4)[0].tolist()
+        for budget in ("image", "base_grid"):
+            adapter.budget = budget
+            with pytest.raises(IncompatibleMethodError, match="model.budget=tile"):
+                adapter.check_method(m)
+    finally:
+        adapter.budget = "image"

@@ -79,12 +79,18 @@ BUDGETS = ("image", "tile", "base_grid")
 #:   ``prepare_inputs_labels_for_multimodal``): the same layout as CDPruner's (the two share their LLaVA-NeXT
 #:   code): ``T`` picks per full tile (important by its CLS attention, diverse by de-duplication of its layer -2
 #:   features, each tile on its own), the index masks stitched and unpadded like the features, newlines kept.
+#: * ``fastervlm`` (``Theia-4869/FasterVLM``, ``llava/model/llava_arch.py``): ``T`` per full tile by its CLS attention
+#:   (``--visual-token-num``, "29 * 5 = 145" in its README), the tiles one batch; ``prepare_inputs_labels_for_multimodal``
+#:   hard-codes ``mm_patch_merge_type = 'spatial'`` ("only support 'spatial' and 'spatial_unpad'"), so the crops'
+#:   masks are stitched but *not* unpadded and no newline is sent: the base tile's picks, then the crops' picks in
+#:   the raster order of the stitched full grid (``unpad: False``; a pick outside the unpadded image reaches the LLM).
 TOWER_PORTS: dict[str, dict[str, Any]] = {
     "cdpruner": {"budget": "tile", "newlines": True, "needs": ("clip_image_embeds", "clip_text_embeds", "clip_text_chunks"),
                  "tile_masks": True},
     "gprune": {"budget": "base_grid", "newlines": True, "needs": ()},
     "holov": {"budget": "image", "newlines": False, "needs": ("cls_attn",)},
     "vispruner": {"budget": "tile", "newlines": True, "needs": ("cls_attn", "hidden"), "tile_masks": True},
+    "fastervlm": {"budget": "tile", "newlines": False, "needs": ("cls_attn",), "tile_masks": True, "unpad": False},
     "visionzip": {"budget": "tile", "newlines": False, "needs": ("cls_attn", "hidden", "keys", "projector"), "full_tiles": True},
 }
 
@@ -358,7 +364,8 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
     @torch.no_grad()
     def select_full_tile_masks(self, hidden, feats: torch.Tensor, src: torch.Tensor, method: PruningMethod, seed: torch.Tensor,
                                text: str | None) -> torch.Tensor:
-        """One image, the official LLaVA-NeXT selection of CDPruner / VisPruner: ``(K,)`` ascending packed positions kept.
+        """One image, the official LLaVA-NeXT selection of CDPruner / VisPruner / FasterVLM: ``(K,)`` ascending packed
+        positions kept (FasterVLM, ``unpad: False``: the ``(P, n)`` tile masks themselves, laid out by :meth:`stitched_rows`).
 
         ``hidden``, ``feats``: :meth:`tile_features`; ``src``: :meth:`source_map`. The method runs once on the
         image's ``P`` full tiles as a batch (``(P, n, D_llm)`` features before unpadding, its tower quantities
@@ -389,17 +396,33 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         mask = torch.zeros(tiles, n, dtype=torch.bool)
         for t in range(tiles):
             mask[t, sel.kept_index[t, : int(sel.n_kept[t])].cpu()] = True
+        if not TOWER_PORTS[method.name].get("unpad", True):
+            return mask
         vis = src >= 0
         keep = ~vis
         keep[vis] = mask.view(-1)[src[vis]]
         return keep.nonzero().flatten()
 
+    def stitched_rows(self, feats: torch.Tensor, mask: torch.Tensor, image_size: torch.Tensor) -> torch.Tensor:
+        """FasterVLM's official ``'spatial'`` layout of one image: ``(P, n, D)`` tile features and ``(P, n)`` masks ->
+        ``(K, D)``: the base tile's picks (raster), then the crops' picks in the raster order of the stitched full
+        (not unpadded) crop grid; no newline."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        nph, npw = get_anyres_image_grid_shape(image_size.tolist(), self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+        side = self.grid[1]
+        grid = feats[1:].view(nph, npw, side, side, -1).permute(0, 2, 1, 3, 4).reshape(nph * npw * side * side, -1)
+        gmask = mask[1:].view(nph, npw, side, side).permute(0, 2, 1, 3).reshape(-1).to(feats.device)
+        return torch.cat([feats[0][mask[0].to(feats.device)], grid[gmask]])
+
     def tile_mask_image(self, pixel_values: torch.Tensor, image_size: torch.Tensor, method: PruningMethod, seed: torch.Tensor,
                         text: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One image through :meth:`select_full_tile_masks`: ``(kept rows (K, D_llm), packed positions (K,), src)``."""
+        """One image through :meth:`select_full_tile_masks`: ``(kept rows (K, D_llm), packed positions (K,) or None, src)``."""
         src = self.source_map(image_size, self._num_tiles(image_size))
         hidden, feats = self.tile_features(pixel_values, image_size)
         where = self.select_full_tile_masks(hidden, feats, src, method, seed, text)
+        if not TOWER_PORTS[method.name].get("unpad", True):  # FasterVLM: no packed positions (not unpadded)
+            return self.stitched_rows(feats, where, image_size), None, src
         return self.packed_from_tiles(feats, src, where), where, src
 
     def sends_newlines(self, method: PruningMethod) -> bool:
@@ -513,8 +536,15 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
             texts = batch.get("texts") or [None] * len(sizes)
             enc = [self.tile_features(batch["pixel_values"][i], sizes[i]) for i in range(len(sizes))]
             srcs = [self.source_map(sizes[i], self._num_tiles(sizes[i])) for i in range(len(sizes))]
-            return lambda: [self.packed_from_tiles(f, src, self.select_full_tile_masks(h, f, src, method, sample_seeds[i], texts[i]))
-                            for i, ((h, f), src) in enumerate(zip(enc, srcs))]
+            unpad = TOWER_PORTS[method.name].get("unpad", True)
+
+            def run():
+                out = []
+                for i, ((h, f), src) in enumerate(zip(enc, srcs)):
+                    where = self.select_full_tile_masks(h, f, src, method, sample_seeds[i], texts[i])
+                    out.append(self.packed_from_tiles(f, src, where) if unpad else self.stitched_rows(f, where, sizes[i]))
+                return out
+            return run
         if self.full_tiles(method):
             return lambda: [self.reduce_full_tiles(batch["pixel_values"][i], sizes[i], method, sample_seeds[i]) for i in range(len(sizes))]
         if method.needs and method.prune_ratio > 0:
