@@ -726,3 +726,90 @@ def test_fastervlm_ratio_zero_batch_of_8_and_budget(adapter):
                 adapter.check_method(m)
     finally:
         adapter.budget = "image"
+
+
+# ----------------------------------------------------------------------------- HiPrune (official LLaVA-NeXT port)
+def _eager_colmean(adapter, pixels, tiles, layer):
+    """``(P, n)`` attention averaged over heads, then over all query rows, CLS column dropped, from an eager copy
+    of the tower (the official ``.mean(dim=1).mean(dim=1)[:, 1:]``)."""
+    import copy
+
+    vt = copy.deepcopy(adapter.model.model.vision_tower)
+    vt.config._attn_implementation = "eager"
+    with torch.no_grad():
+        att = vt(pixels[:tiles], output_attentions=True).attentions[layer]
+    return att.mean(dim=1).mean(dim=1)[:, 1:]
+
+
+@torch.no_grad()
+def test_hiprune_generate_equals_the_official_split_budget_and_spatial_layout(adapter):
+    """HiPrune's official LLaVA-NeXT code: ``int(N' / P)`` per full tile of the image's ``P`` tiles (``N'`` of the
+    largest pinpoint's 5 tiles: 80 on the tiny model), each tile by ``ref_hiprune`` on the eager tower's attentions
+    (object layer 9 of 24 is layer 1 of the tiny 2-layer tower, the deep layer -2 is layer 0), laid out like
+    FasterVLM's hard-coded ``'spatial'`` merge (stitched, not unpadded, no newline)."""
+    from reference_vision import ref_hiprune
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    adapter.budget = "tile"
+    try:
+        batch = make_batch(adapter, SIZES[:4])
+        m = create("hiprune", 0.5)
+        n_img = m.n_keep(5 * adapter.tile_tokens)  # N' = 40 of 80
+        prepared = adapter.prepare(batch, m, seeds(4))
+        ours = adapter.generate(prepared, max_new_tokens=5)
+        counts = set()
+        for i in range(4):
+            size = batch["image_sizes"][i]
+            tiles = adapter._num_tiles(size)
+            t = n_img // tiles
+            counts.add(t)
+            shallow, deep = _eager_colmean(adapter, batch["pixel_values"][i], tiles, 1), _eager_colmean(adapter, batch["pixel_values"][i], tiles, 0)
+            mask = torch.zeros(tiles, adapter.tile_tokens, dtype=torch.bool)
+            for p in range(tiles):
+                mask[p, ref_hiprune(shallow[p], deep[p], t, m.alpha, adapter.grid[1])] = True
+            hid = adapter.model.model.vision_tower(batch["pixel_values"][i][:tiles], output_hidden_states=True).hidden_states[-2][:, 1:]
+            feats = adapter.model.model.multi_modal_projector(hid)
+            nph, npw = get_anyres_image_grid_shape(size.tolist(), adapter.config.image_grid_pinpoints, adapter.config.vision_config.image_size)
+            h = adapter.grid[1]
+            crops = feats[1:].view(nph, npw, h, h, -1).permute(0, 2, 1, 3, 4).contiguous().flatten(0, 3)
+            cmask = mask[1:].view(nph, npw, h, h).permute(0, 2, 1, 3).contiguous().flatten(0, 3)
+            rows = torch.cat([feats[0][mask[0]], crops[cmask]])
+            assert rows.shape[0] == prepared.visual_tokens_kept[i] == tiles * t and prepared.extras["newline_tokens_kept"][i] == 0
+            s0, s1 = prepared.extras["image_spans"][i].tolist()
+            assert torch.equal(prepared.inputs_embeds[i, s0:s1], rows)
+            seq = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+            start = int((seq == IMG).nonzero()[0])
+            n = len(adapter.source_map(size, tiles))
+            text = adapter.model.get_input_embeddings()(seq)
+            toks = _decode_by_hand(adapter, torch.cat([text[:start], rows, text[start + n:]]).unsqueeze(0), 5)
+            assert ours[i].tolist()[: len(toks)] == toks
+        assert len(counts) > 1  # 3-tile and 5-tile images: the official split keeps more per tile on fewer tiles
+    finally:
+        adapter.budget = "image"
+
+
+def test_hiprune_ratio_zero_batch_of_8_budget_and_the_split_limit(adapter):
+    adapter.budget = "tile"
+    try:
+        batch = make_batch(adapter, SIZES[:3])
+        ref = adapter.model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
+        assert torch.equal(adapter.generate(adapter.prepare(batch, create("hiprune", 0.0), seeds(3)), max_new_tokens=6), ref)
+        batch = make_batch(adapter, SIZES)
+        m = create("hiprune", 0.75)
+        prepared = adapter.prepare(batch, m, seeds(8))
+        together = adapter.generate(prepared, max_new_tokens=4)
+        for i in range(8):
+            one = {k: v[i:i + 1] for k, v in batch.items()}
+            one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
+            one["attention_mask"] = torch.ones_like(one["input_ids"])
+            p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
+            assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()], prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
+            assert together[i].tolist() == adapter.generate(p1, max_new_tokens=4)[0].tolist()
+        with pytest.raises(IncompatibleMethodError, match="exceeds a tile"):  # N' = 64 of 80 over 3 tiles: 21 > 16
+            adapter.check_method(create("hiprune", 0.2))
+        for budget in ("image", "base_grid"):
+            adapter.budget = budget
+            with pytest.raises(IncompatibleMethodError, match="model.budget=tile"):
+                adapter.check_method(m)
+    finally:
+        adapter.budget = "image"

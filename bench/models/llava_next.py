@@ -84,6 +84,14 @@ BUDGETS = ("image", "tile", "base_grid")
 #:   hard-codes ``mm_patch_merge_type = 'spatial'`` ("only support 'spatial' and 'spatial_unpad'"), so the crops'
 #:   masks are stitched but *not* unpadded and no newline is sent: the base tile's picks, then the crops' picks in
 #:   the raster order of the stitched full grid (``unpad: False``; a pick outside the unpadded image reaches the LLM).
+#: * ``hiprune`` (``Danielement321/HiPrune``, ``LLaVA/llava/model/llava_arch.py``, run by ``bench_llava_next.sh``
+#:   through lmms-eval): ``encode_images`` on the image's tiles as one batch splits the image budget ``N'``
+#:   (``HIPRUNE_RETENTION``, "1-2880", 640/320/160 in its README) evenly, ``int(N' / P)`` per full tile of its
+#:   ``P`` tiles, each tile selected on its own (anchors, buffers, registers); the same hard-coded ``'spatial'``
+#:   merge as FasterVLM (stitched, not unpadded, no newline). Here ``N' = round(N_ref (1 - ratio))`` with ``N_ref``
+#:   the largest pinpoint's tile count times ``n`` (2,880 on LLaVA-NeXT-7B: ratio ``1 - 640/2880`` is ``N' = 640``),
+#:   so an image of fewer tiles keeps more per tile, as the official code does (``image_split``,
+#:   :meth:`LlavaNextAdapter.split_tile_budget`).
 TOWER_PORTS: dict[str, dict[str, Any]] = {
     "cdpruner": {"budget": "tile", "newlines": True, "needs": ("clip_image_embeds", "clip_text_embeds", "clip_text_chunks"),
                  "tile_masks": True},
@@ -91,6 +99,7 @@ TOWER_PORTS: dict[str, dict[str, Any]] = {
     "holov": {"budget": "image", "newlines": False, "needs": ("cls_attn",)},
     "vispruner": {"budget": "tile", "newlines": True, "needs": ("cls_attn", "hidden"), "tile_masks": True},
     "fastervlm": {"budget": "tile", "newlines": False, "needs": ("cls_attn",), "tile_masks": True, "unpad": False},
+    "hiprune": {"budget": "tile", "newlines": False, "needs": ("attn_colmean",), "tile_masks": True, "unpad": False, "image_split": True},
     "visionzip": {"budget": "tile", "newlines": False, "needs": ("cls_attn", "hidden", "keys", "projector"), "full_tiles": True},
 }
 
@@ -153,6 +162,14 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
                 raise IncompatibleMethodError(
                     f"method {method.name!r}: its official LLaVA-NeXT code budgets per {port['budget']} "
                     f"(use model.budget={port['budget']})"
+                )
+        if port is not None and port.get("image_split") and method.prune_ratio > 0:
+            fewest = self.pinpoint_tiles()[0]
+            if self.split_tile_budget(method, fewest) > self.tile_tokens:
+                raise IncompatibleMethodError(
+                    f"method {method.name!r}: its official LLaVA-NeXT budget N' = {method.n_keep(self.pinpoint_tiles()[1] * self.tile_tokens)} "
+                    f"split over an image of {fewest} tiles exceeds a tile's {self.tile_tokens} tokens (the official top-k fails); "
+                    f"use a ratio of at least {1 - fewest / self.pinpoint_tiles()[1]:.3f}"
                 )
         if method.stage == "pre_llm" and getattr(method, "renumber_positions", True) is False and (method.merges or method.needs):
             raise IncompatibleMethodError(
@@ -392,6 +409,10 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
                 "clip_joint_batch": lambda: True,
             })
         ctx = VisionContext(grid=self.grid, has_cls=self.has_cls, sample_seeds=seed.view(1).repeat(tiles), extras=extras)
+        if TOWER_PORTS[method.name].get("image_split"):  # HiPrune: int(N' / P) per tile, as a ratio of the tile's n
+            from dataclasses import replace
+
+            method = replace(method, prune_ratio=1.0 - self.split_tile_budget(method, tiles) / n)
         sel = method.reduce(feats, ctx)
         mask = torch.zeros(tiles, n, dtype=torch.bool)
         for t in range(tiles):
@@ -402,6 +423,17 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         keep = ~vis
         keep[vis] = mask.view(-1)[src[vis]]
         return keep.nonzero().flatten()
+
+    def pinpoint_tiles(self) -> tuple[int, int]:
+        """``(fewest, most)`` tiles an image gets (base + the crops of the smallest / largest pinpoint)."""
+        side = self.config.vision_config.image_size
+        crops = [(h // side) * (w // side) for h, w in self.config.image_grid_pinpoints]
+        return 1 + min(crops), 1 + max(crops)
+
+    def split_tile_budget(self, method: PruningMethod, tiles: int) -> int:
+        """HiPrune's official per-tile count on an image of ``tiles`` tiles: ``int(N' / tiles)``, with the image
+        budget ``N' = round(N_ref (1 - ratio))``, ``N_ref`` the most tiles times ``n`` (2,880 on LLaVA-NeXT-7B)."""
+        return method.n_keep(self.pinpoint_tiles()[1] * self.tile_tokens) // tiles
 
     def stitched_rows(self, feats: torch.Tensor, mask: torch.Tensor, image_size: torch.Tensor) -> torch.Tensor:
         """FasterVLM's official ``'spatial'`` layout of one image: ``(P, n, D)`` tile features and ``(P, n)`` masks ->
