@@ -185,8 +185,11 @@ def test_kept_tokens_keep_their_order_and_newlines(adapter, budget):
 
 
 def test_refusals(adapter):
-    with pytest.raises(IncompatibleMethodError, match="vision-tower quantities"):
-        adapter.check_method(create("prumerge", 0.5))
+    for name in ("prumerge", "prumerge_plus"):  # official code for LLaVA-1.5 only: the precise reason
+        with pytest.raises(IncompatibleMethodError, match="LLaVA-1.5 only"):
+            adapter.check_method(create(name, 0.5))
+    with pytest.raises(IncompatibleMethodError, match="two stages.*LLM layer 1"):  # FlowCut's official NeXT code
+        adapter.check_method(create("flowcut", 0.5))
     with pytest.raises(IncompatibleMethodError, match="model.budget=image"):  # in-LLM: one budget per image
         adapter.budget = "tile"
         try:

@@ -104,6 +104,33 @@ TOWER_PORTS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Methods with [CLS]-attention or in-tower rules whose official code was read for LLaVA-NeXT and is not followed
+#: here, with the reason (refused with it, exit 2).
+NOT_PORTED: dict[str, str] = {
+    "flowcut": (
+        "its official LLaVA-NeXT code (TungChintao/FlowCut, flowcut/main.py, image_aspect_ratio 'anyres') has two stages: "
+        "inside the vision tower it keeps int(target_num / 2) patches of every 336 px tile (the tiles one batch), stitches the crops' kept "
+        "patches and drops those outside the unpadded image without newlines (llava_arch.py::restore_image_features_sorted, "
+        "unpad_mask), and then prunes the image again to target_num at LLM layer 1 by relation and semantic attention of "
+        "the last instruction token (modeling_llama_flowcut.py); that second, text-guided stage runs inside the language "
+        "model, which this adapter does not run on LLaVA-NeXT, and the in-tower path (bench.models.vision_prune) handles "
+        "one tile per image"
+    ),
+    "prumerge": (
+        "its official code (42Shawn/LLaVA-PruMerge) is built on LLaVA-1.5 only: prepare_inputs_labels_for_multimodal takes "
+        "no image_sizes and flattens a batch of tiles without stitching, unpadding or newlines, and with more than one tile "
+        "its IQR outlier count pools all tiles (outlier_dectection flattens the batch); an adaptive count of merged tokens "
+        "has no place in the unpadded grid, so no LLaVA-NeXT budget convention follows from it"
+    ),
+    "prumerge_plus": (
+        "its official code (42Shawn/LLaVA-PruMerge, clip_encoder.py::token_prune_merge_advanced_plus) is built on LLaVA-1.5 "
+        "only: its IQR outlier count pools a batch of tiles and torch.cat((idx, filtered_sequence.unsqueeze(0)), dim=1) "
+        "fails for more than one tile, and prepare_inputs_labels_for_multimodal takes no image_sizes (no stitching, "
+        "unpadding or newlines); an adaptive count of merged tokens has no place in the unpadded grid"
+    ),
+}
+
+
 class LlavaNextAdapter(NextInLLM, LlavaAdapter):
     """Adapter for ``LlavaNextForConditionalGeneration`` (``llava-hf/llava-v1.6-*``).
 
@@ -132,6 +159,8 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         return self.grid[0] * self.grid[1]
 
     def check_method(self, method: PruningMethod) -> None:
+        if method.name in NOT_PORTED and method.prune_ratio > 0:
+            raise IncompatibleMethodError(f"method {method.name!r} is not run on LLaVA-NeXT: {NOT_PORTED[method.name]}")
         if method.stage == "in_llm":
             return self.check_inllm(method)
         if method.stage == "in_vision":
