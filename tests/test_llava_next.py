@@ -816,3 +816,59 @@ def test_hiprune_ratio_zero_batch_of_8_budget_and_the_split_limit(adapter):
                 adapter.check_method(m)
     finally:
         adapter.budget = "image"
+
+
+# ----------------------------------------------------------------------------- the per-tile ports on CUDA
+TILE_PORTS = [("cdpruner", 1 - 64 / 576), ("vispruner", 1 - 64 / 576), ("fastervlm", 1 - 64 / 576), ("hiprune", 1 - 320 / 2880)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name,ratio", TILE_PORTS)
+def test_tile_ports_cuda_batch_of_8_equals_batch_of_1(name, ratio):
+    """fp16 on CUDA, the tiny model: each image's tiles go through the tower, the projector and the selection on
+    their own, so a sample's kept rows are bit-identical whatever its batch neighbours."""
+    from bench.models.llava_next import LlavaNextAdapter
+
+    a = LlavaNextAdapter(name="tiny_next", source="none", weights="random", device="cuda", dtype="float16", budget="tile",
+                         text_tower={"source": "bench:configs/tiny-clip-text-random", "config_file": "bench:configs/tiny-clip-text-random.json"})
+    a.model = tiny_llava_next().to("cuda", torch.float16)
+    batch = _with_texts(make_batch(a, SIZES), 8)
+    m = create(name, 0.5)
+    prepared = a.prepare(batch, m, seeds(8))
+    for i in range(8):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
+        one["attention_mask"] = torch.ones_like(one["input_ids"])
+        p1 = a.prepare(one, m, seeds(8)[i:i + 1])
+        assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()], prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tile_ports_at_real_shapes_cuda():
+    """LLaVA-NeXT-7B's architecture (random weights, fp16) at 672 x 672 (5 tiles, 2,880 tokens + 48 newlines): each
+    per-tile port keeps its official count: 64 per tile (ratio 1 - 64/576; CDPruner and VisPruner after unpadding,
+    which cuts nothing at a square image, plus the 48 newlines; FasterVLM without newlines), HiPrune N' = 320 of
+    2,880 split over the 5 tiles."""
+    import yaml
+    from hydra.utils import get_class
+
+    from bench.families import CONF
+
+    cfg = yaml.safe_load((CONF / "llava_next_7b.yaml").read_text())
+    cfg.update(device="cuda", weights="random", budget="tile")
+    a = get_class(cfg.pop("_target_"))(**cfg).load()
+    batch = a.probe_batch(batch_size=1)
+    want = {"cdpruner": 5 * 64 + 48, "vispruner": 5 * 64 + 48, "fastervlm": 5 * 64, "hiprune": 320}
+    for name, ratio in TILE_PORTS:
+        m = create(name, ratio)
+        a.check_method(m)
+        prepared = a.prepare(batch, m, seeds(1))
+        assert prepared.visual_tokens_in == [2880 + 48]
+        if name == "cdpruner":  # a degenerate kernel may repeat picks: never more than the official count
+            assert prepared.visual_tokens_kept[0] <= want[name]
+        else:
+            assert prepared.visual_tokens_kept == [want[name]], name
+        out = a.prefill(prepared, m)
+        assert torch.isfinite(out.logits).all(), name
