@@ -509,7 +509,7 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         if tower:
             self.check_method(method)
         feats, n_in, newlines, picks = [], [], [], []
-        if self.tile_masks(method):  # CDPruner, VisPruner: index masks on the full tiles, unpadded like the features
+        if self.tile_masks(method):  # CDPruner, VisPruner, FasterVLM, HiPrune: index masks on the full tiles
             texts = batch.get("texts") or [None] * len(sizes)
             for i in range(len(sizes)):
                 kept, where, src = self.tile_mask_image(batch["pixel_values"][i], sizes[i], method, sample_seeds[i], texts[i])
@@ -543,7 +543,10 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         extras = {"image_spans": spans, "sample_seeds": sample_seeds, "budget": self.budget, "newline_tokens": newlines,
                   "newline_tokens_kept": sent}
         if self.tile_masks(method) and self.text_tower_path is not None and batch.get("texts") is not None:
-            extras["clip_text"] = self.clip_text_costs(batch["texts"])  # what the text side cost
+            from bench.models.clip_text import needs_text
+
+            if needs_text(method):  # what the text side cost (CDPruner)
+                extras["clip_text"] = self.clip_text_costs(batch["texts"])
         if (method.stage == "pre_llm" and method.prune_ratio > 0 and getattr(method, "renumber_positions", True) is False
                 and picks and all(p is not None for p in picks)):
             from bench.models.llava import kept_position_ids
