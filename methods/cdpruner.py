@@ -33,6 +33,11 @@ The commented-out ``theta`` of the official code (``r <- exp(theta / (2 (1 - the
 
 The question reaches CLIP's text tower through the model adapter (``needs``: ``clip_image_embeds``,
 ``clip_text_embeds``, ``clip_text_chunks``; see ``bench.models.clip_text``); this file holds the rule only.
+
+On LLaVA-NeXT (official ``prepare_inputs_labels_for_multimodal``, anyres branch) the image's tiles (base + crops,
+each a full 336 px grid before unpadding) are encoded as one batch: ``T`` picks per tile, the relevance min-max
+normalised over all the image's tiles together, the DPP batched over them; the adapter passes the tiles as one
+call with ``extras["clip_joint_batch"]`` set and unpads the tiles' index masks like the features.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from methods.base import PruningMethod, VisionContext, VisualSelection
 
 
 def conditional_kernel(vis: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor, n_chunks: torch.Tensor,
-                       theta: float | None = None) -> torch.Tensor:
+                       theta: float | None = None, joint: bool = False) -> torch.Tensor:
     """The conditional DPP kernel ``L = diag(r) S diag(r)``, float32.
 
     Parameters
@@ -63,6 +68,9 @@ def conditional_kernel(vis: torch.Tensor, image_embeds: torch.Tensor, text_embed
         ``(B,)`` number of 77-token chunks of each question (``>= 1``).
     theta : float, optional
         The official code's commented-out relevance exponent; ``None`` = off (official).
+    joint : bool
+        Min-max normalise the relevance over the whole ``(B, N)`` batch at once (the official
+        ``relevance.min()`` / ``.max()``: on LLaVA-NeXT its batch is one image's tiles) instead of per row.
 
     Returns
     -------
@@ -83,8 +91,8 @@ def conditional_kernel(vis: torch.Tensor, image_embeds: torch.Tensor, text_embed
     else:  # questions of different chunk counts in one batch: mean over each sample's own chunks
         valid = torch.arange(m, device=rel.device) < n_chunks.unsqueeze(1)
         relevance = (-rel).masked_fill(~valid.unsqueeze(1), 0.0).sum(dim=-1) / n_chunks.unsqueeze(1).to(rel.dtype)
-    lo = relevance.amin(dim=1, keepdim=True)
-    hi = relevance.amax(dim=1, keepdim=True)
+    lo = relevance.amin() if joint else relevance.amin(dim=1, keepdim=True)
+    hi = relevance.amax() if joint else relevance.amax(dim=1, keepdim=True)
     relevance = (relevance - lo + 1e-6) / (hi - lo)
     if theta is not None:
         relevance = torch.exp(theta / (2 * (1 - theta)) * relevance)
@@ -163,6 +171,11 @@ class CDPruner(PruningMethod):
         """
         n, t = vis.shape[1], self.n_keep(vis.shape[1])
         img, txt, chunks = ctx.get("clip_image_embeds"), ctx.get("clip_text_embeds"), ctx.get("clip_text_chunks")
+        if "clip_joint_batch" in ctx.extras and ctx.get("clip_joint_batch"):
+            # the rows are the tiles of one image (LLaVA-NeXT): the official code encodes them as one batch,
+            # min-max normalised together, the DPP batched over them
+            m = int(chunks.max())
+            return picks_to_kept(greedy_dpp(conditional_kernel(vis, img, txt[:, :m], chunks, self.theta, joint=True), t), n)
         picks = []
         for i in range(vis.shape[0]):
             m = int(chunks[i])

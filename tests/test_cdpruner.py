@@ -316,14 +316,14 @@ def test_analytic_flops_match_the_counter(adapter, ratio):
     assert analytic.selection > adapter.clip_text().tower_flops(1) > 0
 
 
-def test_llava_next_refuses():
+def test_llava_next_only_per_tile():
+    """LLaVA-NeXT runs CDPruner as its official code does, per full tile (tests/test_llava_next.py); other budgets are refused."""
     from bench.errors import IncompatibleMethodError
-    from bench.models.llava_next import LlavaNextAdapter
+    from bench.families import adapter_for
 
-    ad = LlavaNextAdapter("next", "llava-hf/llava-v1.6-vicuna-7b-hf", weights="random", device="cpu",
-                          config_file="bench:configs/llava-v1.6-vicuna-7b-hf.json", budget="tile")
-    with pytest.raises(IncompatibleMethodError, match="per 336 px tile"):
-        ad.check_method(CDPruner(prune_ratio=0.5))
+    adapter_for("llava_next_7b", budget="tile").check_method(CDPruner(prune_ratio=0.5))
+    with pytest.raises(IncompatibleMethodError, match="model.budget=tile"):
+        adapter_for("llava_next_7b", budget="image").check_method(CDPruner(prune_ratio=0.5))
 
 
 # ----------------------------------------------------------------------------- end to end through the CLI

@@ -185,8 +185,11 @@ def test_kept_tokens_keep_their_order_and_newlines(adapter, budget):
 
 
 def test_refusals(adapter):
-    with pytest.raises(IncompatibleMethodError, match="vision-tower quantities"):
-        adapter.check_method(create("vispruner", 0.5))
+    for name in ("prumerge", "prumerge_plus"):  # official code for LLaVA-1.5 only: the precise reason
+        with pytest.raises(IncompatibleMethodError, match="LLaVA-1.5 only"):
+            adapter.check_method(create(name, 0.5))
+    with pytest.raises(IncompatibleMethodError, match="two stages.*LLM layer 1"):  # FlowCut's official NeXT code
+        adapter.check_method(create("flowcut", 0.5))
     with pytest.raises(IncompatibleMethodError, match="model.budget=image"):  # in-LLM: one budget per image
         adapter.budget = "tile"
         try:
@@ -458,3 +461,414 @@ def test_gprune_generate_equals_the_official_base_and_grid_graphs_with_original_
         assert torch.equal(adapter.generate(adapter.prepare(batch, create("gprune", 0.0), seeds(3)), max_new_tokens=6), ref)
     finally:
         adapter.budget = "image"
+
+
+# ----------------------------------------------------------------------------- CDPruner (official LLaVA-NeXT port)
+QUESTIONS = ["what colour is the square", "how many circles are there", "is there a red triangle",
+             " ".join(["which shape is left of the blue circle"] * 12),  # > 77 tokens: two chunks, averaged
+             "what is in the centre", "where is the star", "is the square above the circle", "what shape is green"]
+
+
+@pytest.fixture(scope="module")
+def cd_adapter():
+    from bench.models.llava_next import LlavaNextAdapter
+
+    a = LlavaNextAdapter(name="tiny_next", source="none", weights="random", device="cpu", dtype="float32", budget="tile",
+                         text_tower={"source": "bench:configs/tiny-clip-text-random", "config_file": "bench:configs/tiny-clip-text-random.json"})
+    a.model = tiny_llava_next()
+    return a
+
+
+def _with_texts(batch, n):
+    return {**batch, "texts": QUESTIONS[:n]}
+
+
+@torch.no_grad()
+def _official_cdpruner_keep(adapter, pixels, size, question, t):
+    """CDPruner's official LLaVA-NeXT selection for one image, rebuilt by hand: the tower on the image's tiles
+    as one batch, the projector on every full tile, CLIP joint-space embeddings, the question's 77-token
+    chunks through the text tower, ``official_selection`` (the official ``encode_images`` transcribed: one
+    min-max over all tiles, the DPP batched over them), then the crops' index masks stitched, unpadded with
+    transformers' ``unpad_image``, a ``True`` newline column appended, base mask first.
+    Returns the packed positions kept and each tile's pick count before unpadding."""
+    from test_cdpruner import official_selection
+
+    side = adapter.clip_text()
+    tiles = adapter._num_tiles(size)
+    hid = adapter.model.model.vision_tower(pixels[:tiles], output_hidden_states=True).hidden_states[-2][:, 1:]
+    feats = adapter.model.model.multi_modal_projector(hid)
+    vm = adapter.model.model.vision_tower
+    img = side.visual_projection(vm.post_layernorm(hid).float())
+    tok = side.tokenizer(text=question, return_tensors="pt")
+    seg = (tok.input_ids.shape[1] - 1) // 77 + 1
+    tok = {k: torch.cat([v, v.new_zeros((1, 77 * seg - v.shape[1]))], dim=1).reshape(-1, 77) for k, v in tok.items()}
+    txt = side.text_tower(**tok).text_embeds
+    mask = official_selection(feats, img, txt, t)  # (P, n)
+    return _official_unpadded_keep(adapter, mask, size), mask.sum(1)
+
+
+def _official_unpadded_keep(adapter, mask, size):
+    """``(P, n)`` per-tile index masks -> packed positions kept, as the official LLaVA-NeXT code of CDPruner and
+    VisPruner builds them: crops' masks stitched, unpadded (transformers' ``unpad_image``), a ``True`` newline
+    column appended, the base tile's mask first."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    side_n = adapter.grid[1]
+    nph, npw = get_anyres_image_grid_shape(size.tolist(), adapter.config.image_grid_pinpoints, adapter.config.vision_config.image_size)
+    grid = mask[1:].view(nph, npw, side_n, side_n).permute(0, 2, 1, 3).contiguous().unsqueeze(0).flatten(1, 2).flatten(2, 3)
+    grid = unpad_image(grid, size)
+    grid = torch.cat([grid, torch.ones(*grid.shape[:-1], 1, dtype=torch.bool)], dim=-1).flatten(1, 2).squeeze(0)
+    return torch.cat([mask[0], grid]).nonzero().flatten()
+
+
+@torch.no_grad()
+def test_cdpruner_generate_equals_the_official_tile_masks_built_by_hand(cd_adapter):
+    adapter = cd_adapter
+    batch = _with_texts(make_batch(adapter, SIZES[:4]), 4)
+    m = create("cdpruner", 0.5)
+    prepared = adapter.prepare(batch, m, seeds(4))
+    assert prepared.extras["budget"] == "tile" and prepared.extras["clip_text"]["chunks"] == [1, 1, 1, 2]
+    ours = adapter.generate(prepared, max_new_tokens=5)
+    packed = adapter.encode_images(batch["pixel_values"], batch["image_sizes"])
+    t = m.n_keep(adapter.tile_tokens)
+    for i in range(4):
+        size = batch["image_sizes"][i]
+        keep, per_tile = _official_cdpruner_keep(adapter, batch["pixel_values"][i], size, QUESTIONS[i], t)
+        assert per_tile.tolist() == [t] * adapter._num_tiles(size)  # T per full tile, before unpadding
+        src = adapter.source_map(size, adapter._num_tiles(size))
+        assert len(src) == len(packed[i]) and (src[keep] < 0).sum() == (src < 0).sum()  # every newline kept
+        assert prepared.visual_tokens_kept[i] == len(keep) and prepared.extras["newline_tokens_kept"][i] == int((src < 0).sum())
+        s0, s1 = prepared.extras["image_spans"][i].tolist()
+        assert torch.equal(prepared.inputs_embeds[i, s0:s1], packed[i][keep])  # the unpruned rows, in packed order
+        seq = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+        start = int((seq == IMG).nonzero()[0])
+        text = adapter.model.get_input_embeddings()(seq)
+        emb = torch.cat([text[:start], packed[i][keep], text[start + len(src):]]).unsqueeze(0)
+        toks = _decode_by_hand(adapter, emb, 5)  # contiguous positions, as the official code renumbers them
+        assert ours[i].tolist()[: len(toks)] == toks
+
+
+def test_cdpruner_ratio_zero_and_batch_of_8_equals_batch_of_1(cd_adapter):
+    adapter = cd_adapter
+    batch = _with_texts(make_batch(adapter, SIZES[:3]), 3)
+    ref = adapter.model.generate(**{k: v for k, v in batch.items() if k != "texts"}, max_new_tokens=6, do_sample=False,
+                                 pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
+    assert torch.equal(adapter.generate(adapter.prepare(batch, create("cdpruner", 0.0), seeds(3)), max_new_tokens=6), ref)
+    batch = _with_texts(make_batch(adapter, SIZES), 8)
+    m = create("cdpruner", 0.75)
+    prepared = adapter.prepare(batch, m, seeds(8))
+    together = adapter.generate(prepared, max_new_tokens=4)
+    for i in range(8):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
+        one["attention_mask"] = torch.ones_like(one["input_ids"])
+        p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
+        assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()], prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
+        assert together[i].tolist() == adapter.generate(p1, max_new_tokens=4)[0].tolist()
+
+
+def test_cdpruner_question_changes_the_selection_and_is_required(cd_adapter):
+    adapter = cd_adapter
+    batch = make_batch(adapter, SIZES[2:3])
+    m = create("cdpruner", 0.75)
+    kept = {q: adapter.prepare({**batch, "texts": [q]}, m, seeds(1)).inputs_embeds for q in QUESTIONS[:4]}
+    assert len({tuple(v.flatten().tolist()) for v in kept.values()}) > 1
+    with pytest.raises(IncompatibleMethodError, match="question text"):
+        adapter.prepare(batch, m, seeds(1))
+
+
+def test_cdpruner_only_with_its_official_budget_and_a_text_tower(cd_adapter, adapter):
+    for budget in ("image", "base_grid"):
+        cd_adapter.budget = budget
+        try:
+            with pytest.raises(IncompatibleMethodError, match="model.budget=tile"):
+                cd_adapter.check_method(create("cdpruner", 0.5))
+        finally:
+            cd_adapter.budget = "tile"
+    cd_adapter.check_method(create("cdpruner", 0.5))
+    with pytest.raises(IncompatibleMethodError, match="text tower"):
+        adapter.check_method(create("cdpruner", 0.5))  # the fixture without model.text_tower
+
+
+# ----------------------------------------------------------------------------- VisPruner (official LLaVA-NeXT port)
+@torch.no_grad()
+def test_vispruner_generate_equals_the_official_tile_masks_built_by_hand(adapter):
+    """VisPruner's official LLaVA-NeXT code: ``encode_images`` on the image's tiles as one batch (T per full tile:
+    important by head-mean CLS attention at layer -2, diverse by de-duplicating layer -2 features), the crops'
+    index masks stitched and unpadded like the features, newlines kept. Rebuilt from the eager tower's attentions
+    and ``ref_vispruner_official``."""
+    from reference_vision import ref_vispruner_official
+
+    adapter.budget = "tile"
+    try:
+        batch = make_batch(adapter, SIZES[:4])
+        m = create("vispruner", 0.5)
+        prepared = adapter.prepare(batch, m, seeds(4))
+        assert prepared.extras["budget"] == "tile"
+        ours = adapter.generate(prepared, max_new_tokens=5)
+        packed = adapter.encode_images(batch["pixel_values"], batch["image_sizes"])
+        t = m.n_keep(adapter.tile_tokens)
+        for i in range(4):
+            size = batch["image_sizes"][i]
+            tiles = adapter._num_tiles(size)
+            attn = _eager_cls_attention(adapter, batch["pixel_values"][i], tiles, m.layer)  # (P, n)
+            hid = adapter.model.model.vision_tower(batch["pixel_values"][i][:tiles], output_hidden_states=True).hidden_states[m.layer][:, 1:]
+            mask = torch.zeros(tiles, adapter.tile_tokens, dtype=torch.bool)
+            for p in range(tiles):
+                mask[p, ref_vispruner_official(attn[p], hid[p], t, m.important_ratio, m.step)] = True
+            assert mask.sum(1).tolist() == [t] * tiles
+            keep = _official_unpadded_keep(adapter, mask, size)
+            src = adapter.source_map(size, tiles)
+            assert prepared.visual_tokens_kept[i] == len(keep) and prepared.extras["newline_tokens_kept"][i] == int((src < 0).sum())
+            s0, s1 = prepared.extras["image_spans"][i].tolist()
+            assert torch.equal(prepared.inputs_embeds[i, s0:s1], packed[i][keep])
+            seq = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+            start = int((seq == IMG).nonzero()[0])
+            text = adapter.model.get_input_embeddings()(seq)
+            emb = torch.cat([text[:start], packed[i][keep], text[start + len(src):]]).unsqueeze(0)
+            toks = _decode_by_hand(adapter, emb, 5)
+            assert ours[i].tolist()[: len(toks)] == toks
+    finally:
+        adapter.budget = "image"
+
+
+def test_vispruner_ratio_zero_batch_of_8_and_budget(adapter):
+    adapter.budget = "tile"
+    try:
+        batch = make_batch(adapter, SIZES[:3])
+        ref = adapter.model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
+        assert torch.equal(adapter.generate(adapter.prepare(batch, create("vispruner", 0.0), seeds(3)), max_new_tokens=6), ref)
+        batch = make_batch(adapter, SIZES)
+        m = create("vispruner", 0.75)
+        prepared = adapter.prepare(batch, m, seeds(8))
+        together = adapter.generate(prepared, max_new_tokens=4)
+        for i in range(8):
+            one = {k: v[i:i + 1] for k, v in batch.items()}
+            one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
+            one["attention_mask"] = torch.ones_like(one["input_ids"])
+            p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
+            assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()], prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
+            assert together[i].tolist() == adapter.generate(p1, max_new_tokens=4)[0].tolist()
+        for budget in ("image", "base_grid"):
+            adapter.budget = budget
+            with pytest.raises(IncompatibleMethodError, match="model.budget=tile"):
+                adapter.check_method(m)
+    finally:
+        adapter.budget = "image"
+
+
+# ----------------------------------------------------------------------------- FasterVLM (official LLaVA-NeXT port)
+@torch.no_grad()
+def _official_fastervlm_image(adapter, pixels, size, t, layer):
+    """FasterVLM's official LLaVA-NeXT tokens for one image, rebuilt by hand: the eager tower's CLS attention at
+    ``layer``, ``topk`` T per full tile, the projector on every tile, and the hard-coded ``'spatial'`` merge: base
+    tile's picks, then ``image_feature.permute(0, 2, 1, 3, 4).flatten(0, 3)[index_mask]`` over the crops (no
+    unpadding, no newline)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    tiles = adapter._num_tiles(size)
+    attn = _eager_cls_attention(adapter, pixels, tiles, layer)  # (P, n)
+    mask = torch.zeros(tiles, adapter.tile_tokens, dtype=torch.bool)
+    mask.scatter_(1, torch.topk(attn, k=t, dim=1)[1], True)
+    hid = adapter.model.model.vision_tower(pixels[:tiles], output_hidden_states=True).hidden_states[-2][:, 1:]
+    feats = adapter.model.model.multi_modal_projector(hid)
+    nph, npw = get_anyres_image_grid_shape(size.tolist(), adapter.config.image_grid_pinpoints, adapter.config.vision_config.image_size)
+    h = w = adapter.grid[1]
+    crops = feats[1:].view(nph, npw, h, w, -1).permute(0, 2, 1, 3, 4).contiguous().flatten(0, 3)
+    cmask = mask[1:].view(nph, npw, h, w).permute(0, 2, 1, 3).contiguous().flatten(0, 3)
+    return torch.cat([feats[0][mask[0]], crops[cmask]])
+
+
+@torch.no_grad()
+def test_fastervlm_generate_equals_the_official_spatial_layout_built_by_hand(adapter):
+    adapter.budget = "tile"
+    try:
+        batch = make_batch(adapter, SIZES[:4])
+        m = create("fastervlm", 0.5)
+        prepared = adapter.prepare(batch, m, seeds(4))
+        ours = adapter.generate(prepared, max_new_tokens=5)
+        t = m.n_keep(adapter.tile_tokens)
+        for i in range(4):
+            size = batch["image_sizes"][i]
+            rows = _official_fastervlm_image(adapter, batch["pixel_values"][i], size, t, m.layer)
+            assert rows.shape[0] == prepared.visual_tokens_kept[i] == adapter._num_tiles(size) * t  # no unpadding
+            assert prepared.extras["newline_tokens_kept"][i] == 0 and prepared.extras["budget"] == "tile"
+            s0, s1 = prepared.extras["image_spans"][i].tolist()
+            assert torch.equal(prepared.inputs_embeds[i, s0:s1], rows)
+            seq = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+            start = int((seq == IMG).nonzero()[0])
+            n = len(adapter.source_map(size, adapter._num_tiles(size)))
+            text = adapter.model.get_input_embeddings()(seq)
+            emb = torch.cat([text[:start], rows, text[start + n:]]).unsqueeze(0)
+            toks = _decode_by_hand(adapter, emb, 5)
+            assert ours[i].tolist()[: len(toks)] == toks
+    finally:
+        adapter.budget = "image"
+
+
+def test_fastervlm_ratio_zero_batch_of_8_and_budget(adapter):
+    adapter.budget = "tile"
+    try:
+        batch = make_batch(adapter, SIZES[:3])
+        ref = adapter.model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
+        assert torch.equal(adapter.generate(adapter.prepare(batch, create("fastervlm", 0.0), seeds(3)), max_new_tokens=6), ref)
+        batch = make_batch(adapter, SIZES)
+        m = create("fastervlm", 0.75)
+        prepared = adapter.prepare(batch, m, seeds(8))
+        together = adapter.generate(prepared, max_new_tokens=4)
+        for i in range(8):
+            one = {k: v[i:i + 1] for k, v in batch.items()}
+            one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
+            one["attention_mask"] = torch.ones_like(one["input_ids"])
+            p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
+            assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()], prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
+            assert together[i].tolist() == adapter.generate(p1, max_new_tokens=4)[0].tolist()
+        for budget in ("image", "base_grid"):
+            adapter.budget = budget
+            with pytest.raises(IncompatibleMethodError, match="model.budget=tile"):
+                adapter.check_method(m)
+    finally:
+        adapter.budget = "image"
+
+
+# ----------------------------------------------------------------------------- HiPrune (official LLaVA-NeXT port)
+def _eager_colmean(adapter, pixels, tiles, layer):
+    """``(P, n)`` attention averaged over heads, then over all query rows, CLS column dropped, from an eager copy
+    of the tower (the official ``.mean(dim=1).mean(dim=1)[:, 1:]``)."""
+    import copy
+
+    vt = copy.deepcopy(adapter.model.model.vision_tower)
+    vt.config._attn_implementation = "eager"
+    with torch.no_grad():
+        att = vt(pixels[:tiles], output_attentions=True).attentions[layer]
+    return att.mean(dim=1).mean(dim=1)[:, 1:]
+
+
+@torch.no_grad()
+def test_hiprune_generate_equals_the_official_split_budget_and_spatial_layout(adapter):
+    """HiPrune's official LLaVA-NeXT code: ``int(N' / P)`` per full tile of the image's ``P`` tiles (``N'`` of the
+    largest pinpoint's 5 tiles: 80 on the tiny model), each tile by ``ref_hiprune`` on the eager tower's attentions
+    (object layer 9 of 24 is layer 1 of the tiny 2-layer tower, the deep layer -2 is layer 0), laid out like
+    FasterVLM's hard-coded ``'spatial'`` merge (stitched, not unpadded, no newline)."""
+    from reference_vision import ref_hiprune
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    adapter.budget = "tile"
+    try:
+        batch = make_batch(adapter, SIZES[:4])
+        m = create("hiprune", 0.5)
+        n_img = m.n_keep(5 * adapter.tile_tokens)  # N' = 40 of 80
+        prepared = adapter.prepare(batch, m, seeds(4))
+        ours = adapter.generate(prepared, max_new_tokens=5)
+        counts = set()
+        for i in range(4):
+            size = batch["image_sizes"][i]
+            tiles = adapter._num_tiles(size)
+            t = n_img // tiles
+            counts.add(t)
+            shallow, deep = _eager_colmean(adapter, batch["pixel_values"][i], tiles, 1), _eager_colmean(adapter, batch["pixel_values"][i], tiles, 0)
+            mask = torch.zeros(tiles, adapter.tile_tokens, dtype=torch.bool)
+            for p in range(tiles):
+                mask[p, ref_hiprune(shallow[p], deep[p], t, m.alpha, adapter.grid[1])] = True
+            hid = adapter.model.model.vision_tower(batch["pixel_values"][i][:tiles], output_hidden_states=True).hidden_states[-2][:, 1:]
+            feats = adapter.model.model.multi_modal_projector(hid)
+            nph, npw = get_anyres_image_grid_shape(size.tolist(), adapter.config.image_grid_pinpoints, adapter.config.vision_config.image_size)
+            h = adapter.grid[1]
+            crops = feats[1:].view(nph, npw, h, h, -1).permute(0, 2, 1, 3, 4).contiguous().flatten(0, 3)
+            cmask = mask[1:].view(nph, npw, h, h).permute(0, 2, 1, 3).contiguous().flatten(0, 3)
+            rows = torch.cat([feats[0][mask[0]], crops[cmask]])
+            assert rows.shape[0] == prepared.visual_tokens_kept[i] == tiles * t and prepared.extras["newline_tokens_kept"][i] == 0
+            s0, s1 = prepared.extras["image_spans"][i].tolist()
+            assert torch.equal(prepared.inputs_embeds[i, s0:s1], rows)
+            seq = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+            start = int((seq == IMG).nonzero()[0])
+            n = len(adapter.source_map(size, tiles))
+            text = adapter.model.get_input_embeddings()(seq)
+            toks = _decode_by_hand(adapter, torch.cat([text[:start], rows, text[start + n:]]).unsqueeze(0), 5)
+            assert ours[i].tolist()[: len(toks)] == toks
+        assert len(counts) > 1  # 3-tile and 5-tile images: the official split keeps more per tile on fewer tiles
+    finally:
+        adapter.budget = "image"
+
+
+def test_hiprune_ratio_zero_batch_of_8_budget_and_the_split_limit(adapter):
+    adapter.budget = "tile"
+    try:
+        batch = make_batch(adapter, SIZES[:3])
+        ref = adapter.model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
+        assert torch.equal(adapter.generate(adapter.prepare(batch, create("hiprune", 0.0), seeds(3)), max_new_tokens=6), ref)
+        batch = make_batch(adapter, SIZES)
+        m = create("hiprune", 0.75)
+        prepared = adapter.prepare(batch, m, seeds(8))
+        together = adapter.generate(prepared, max_new_tokens=4)
+        for i in range(8):
+            one = {k: v[i:i + 1] for k, v in batch.items()}
+            one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
+            one["attention_mask"] = torch.ones_like(one["input_ids"])
+            p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
+            assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()], prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
+            assert together[i].tolist() == adapter.generate(p1, max_new_tokens=4)[0].tolist()
+        with pytest.raises(IncompatibleMethodError, match="exceeds a tile"):  # N' = 64 of 80 over 3 tiles: 21 > 16
+            adapter.check_method(create("hiprune", 0.2))
+        for budget in ("image", "base_grid"):
+            adapter.budget = budget
+            with pytest.raises(IncompatibleMethodError, match="model.budget=tile"):
+                adapter.check_method(m)
+    finally:
+        adapter.budget = "image"
+
+
+# ----------------------------------------------------------------------------- the per-tile ports on CUDA
+TILE_PORTS = [("cdpruner", 1 - 64 / 576), ("vispruner", 1 - 64 / 576), ("fastervlm", 1 - 64 / 576), ("hiprune", 1 - 320 / 2880)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name,ratio", TILE_PORTS)
+def test_tile_ports_cuda_batch_of_8_equals_batch_of_1(name, ratio):
+    """fp16 on CUDA, the tiny model: each image's tiles go through the tower, the projector and the selection on
+    their own, so a sample's kept rows are bit-identical whatever its batch neighbours."""
+    from bench.models.llava_next import LlavaNextAdapter
+
+    a = LlavaNextAdapter(name="tiny_next", source="none", weights="random", device="cuda", dtype="float16", budget="tile",
+                         text_tower={"source": "bench:configs/tiny-clip-text-random", "config_file": "bench:configs/tiny-clip-text-random.json"})
+    a.model = tiny_llava_next().to("cuda", torch.float16)
+    batch = _with_texts(make_batch(a, SIZES), 8)
+    m = create(name, 0.5)
+    prepared = a.prepare(batch, m, seeds(8))
+    for i in range(8):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
+        one["attention_mask"] = torch.ones_like(one["input_ids"])
+        p1 = a.prepare(one, m, seeds(8)[i:i + 1])
+        assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()], prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tile_ports_at_real_shapes_cuda():
+    """LLaVA-NeXT-7B's architecture (random weights, fp16) at 672 x 672 (5 tiles, 2,880 tokens + 48 newlines): each
+    per-tile port keeps its official count: 64 per tile (ratio 1 - 64/576; CDPruner and VisPruner after unpadding,
+    which cuts nothing at a square image, plus the 48 newlines; FasterVLM without newlines), HiPrune N' = 320 of
+    2,880 split over the 5 tiles."""
+    import yaml
+    from hydra.utils import get_class
+
+    from bench.families import CONF
+
+    cfg = yaml.safe_load((CONF / "llava_next_7b.yaml").read_text())
+    cfg.update(device="cuda", weights="random", budget="tile")
+    a = get_class(cfg.pop("_target_"))(**cfg).load()
+    batch = a.probe_batch(batch_size=1)
+    want = {"cdpruner": 5 * 64 + 48, "vispruner": 5 * 64 + 48, "fastervlm": 5 * 64, "hiprune": 320}
+    for name, ratio in TILE_PORTS:
+        m = create(name, ratio)
+        a.check_method(m)
+        prepared = a.prepare(batch, m, seeds(1))
+        assert prepared.visual_tokens_in == [2880 + 48]
+        if name == "cdpruner":  # a degenerate kernel may repeat picks: never more than the official count
+            assert prepared.visual_tokens_kept[0] <= want[name]
+        else:
+            assert prepared.visual_tokens_kept == [want[name]], name
+        out = a.prefill(prepared, m)
+        assert torch.isfinite(out.logits).all(), name

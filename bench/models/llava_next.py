@@ -67,10 +67,67 @@ BUDGETS = ("image", "tile", "base_grid")
 #: * ``gprune`` (``jytmelon/G-Prune``, ``LLaVA-NeXT/llava/model/llava_arch.py``): one graph for the base tile's 576
 #:   tokens and one for the unpadded grid's non-newline tokens, each keeping ``int(keep_ratio * n)``; the row-end
 #:   newlines are always kept; kept tokens keep their original position ids. No tower quantity.
+#: * ``cdpruner`` (``Theia-4869/CDPruner``, ``llava/model/llava_arch.py``, ``encode_images`` +
+#:   ``prepare_inputs_labels_for_multimodal``): the image's tiles are concatenated into one batch, so the DPP keeps
+#:   ``T`` tokens of every *full* 336 px tile (base and crops, before unpadding), with the relevance (CLIP's text
+#:   tower on the question) min-max normalised over all the image's tiles at once; the crops' index masks are
+#:   stitched and unpadded like the features, a ``True`` column is appended for the newlines (all kept), and the
+#:   image's tokens are the base tile's picks, then the unpadded grid's picks with its newlines. A pick in a part
+#:   of a crop that unpadding cuts away is lost: an image keeps ``T`` base tokens plus at most ``T`` per crop.
+#:   ``model.budget=tile`` here means one budget per full tile (:meth:`LlavaNextAdapter.select_full_tile_masks`).
+#: * ``vispruner`` (``Theia-4869/VisPruner``, ``llava/model/llava_arch.py``, ``encode_images`` +
+#:   ``prepare_inputs_labels_for_multimodal``): the same layout as CDPruner's (the two share their LLaVA-NeXT
+#:   code): ``T`` picks per full tile (important by its CLS attention, diverse by de-duplication of its layer -2
+#:   features, each tile on its own), the index masks stitched and unpadded like the features, newlines kept.
+#: * ``fastervlm`` (``Theia-4869/FasterVLM``, ``llava/model/llava_arch.py``): ``T`` per full tile by its CLS attention
+#:   (``--visual-token-num``, "29 * 5 = 145" in its README), the tiles one batch; ``prepare_inputs_labels_for_multimodal``
+#:   hard-codes ``mm_patch_merge_type = 'spatial'`` ("only support 'spatial' and 'spatial_unpad'"), so the crops'
+#:   masks are stitched but *not* unpadded and no newline is sent: the base tile's picks, then the crops' picks in
+#:   the raster order of the stitched full grid (``unpad: False``; a pick outside the unpadded image reaches the LLM).
+#: * ``hiprune`` (``Danielement321/HiPrune``, ``LLaVA/llava/model/llava_arch.py``, run by ``bench_llava_next.sh``
+#:   through lmms-eval): ``encode_images`` on the image's tiles as one batch splits the image budget ``N'``
+#:   (``HIPRUNE_RETENTION``, "1-2880", 640/320/160 in its README) evenly, ``int(N' / P)`` per full tile of its
+#:   ``P`` tiles, each tile selected on its own (anchors, buffers, registers); the same hard-coded ``'spatial'``
+#:   merge as FasterVLM (stitched, not unpadded, no newline). Here ``N' = round(N_ref (1 - ratio))`` with ``N_ref``
+#:   the largest pinpoint's tile count times ``n`` (2,880 on LLaVA-NeXT-7B: ratio ``1 - 640/2880`` is ``N' = 640``),
+#:   so an image of fewer tiles keeps more per tile, as the official code does (``image_split``,
+#:   :meth:`LlavaNextAdapter.split_tile_budget`).
 TOWER_PORTS: dict[str, dict[str, Any]] = {
+    "cdpruner": {"budget": "tile", "newlines": True, "needs": ("clip_image_embeds", "clip_text_embeds", "clip_text_chunks"),
+                 "tile_masks": True},
     "gprune": {"budget": "base_grid", "newlines": True, "needs": ()},
     "holov": {"budget": "image", "newlines": False, "needs": ("cls_attn",)},
+    "vispruner": {"budget": "tile", "newlines": True, "needs": ("cls_attn", "hidden"), "tile_masks": True},
+    "fastervlm": {"budget": "tile", "newlines": False, "needs": ("cls_attn",), "tile_masks": True, "unpad": False},
+    "hiprune": {"budget": "tile", "newlines": False, "needs": ("attn_colmean",), "tile_masks": True, "unpad": False, "image_split": True},
     "visionzip": {"budget": "tile", "newlines": False, "needs": ("cls_attn", "hidden", "keys", "projector"), "full_tiles": True},
+}
+
+
+#: Methods with [CLS]-attention or in-tower rules whose official code was read for LLaVA-NeXT and is not followed
+#: here, with the reason (refused with it, exit 2).
+NOT_PORTED: dict[str, str] = {
+    "flowcut": (
+        "its official LLaVA-NeXT code (TungChintao/FlowCut, flowcut/main.py, image_aspect_ratio 'anyres') has two stages: "
+        "inside the vision tower it keeps int(target_num / 2) patches of every 336 px tile (the tiles one batch), stitches the crops' kept "
+        "patches and drops those outside the unpadded image without newlines (llava_arch.py::restore_image_features_sorted, "
+        "unpad_mask), and then prunes the image again to target_num at LLM layer 1 by relation and semantic attention of "
+        "the last instruction token (modeling_llama_flowcut.py); that second, text-guided stage inside the language model "
+        "is not implemented here (methods/flowcut.py is the single-stage LLaVA-1.5 rule), and the in-tower path "
+        "(bench.models.vision_prune) handles one tile per image"
+    ),
+    "prumerge": (
+        "its official code (42Shawn/LLaVA-PruMerge) is built on LLaVA-1.5 only: prepare_inputs_labels_for_multimodal takes "
+        "no image_sizes and flattens a batch of tiles without stitching, unpadding or newlines, and with more than one tile "
+        "its IQR outlier count pools all tiles (outlier_dectection flattens the batch); an adaptive count of merged tokens "
+        "has no place in the unpadded grid, so no LLaVA-NeXT budget convention follows from it"
+    ),
+    "prumerge_plus": (
+        "its official code (42Shawn/LLaVA-PruMerge, clip_encoder.py::token_prune_merge_advanced_plus) is built on LLaVA-1.5 "
+        "only: its IQR outlier count pools a batch of tiles and torch.cat((idx, filtered_sequence.unsqueeze(0)), dim=1) "
+        "fails for more than one tile, and prepare_inputs_labels_for_multimodal takes no image_sizes (no stitching, "
+        "unpadding or newlines); an adaptive count of merged tokens has no place in the unpadded grid"
+    ),
 }
 
 
@@ -102,6 +159,8 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         return self.grid[0] * self.grid[1]
 
     def check_method(self, method: PruningMethod) -> None:
+        if method.name in NOT_PORTED and method.prune_ratio > 0:
+            raise IncompatibleMethodError(f"method {method.name!r} is not run on LLaVA-NeXT: {NOT_PORTED[method.name]}")
         if method.stage == "in_llm":
             return self.check_inllm(method)
         if method.stage == "in_vision":
@@ -114,13 +173,7 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
             raise IncompatibleMethodError(
                 f"method {method.name!r} prunes at stage {method.stage!r}, which the LLaVA-NeXT adapter does not implement"
             )
-        from bench.models.clip_text import needs_text
-
-        if needs_text(method):
-            raise IncompatibleMethodError(
-                f"method {method.name!r} is not implemented on LLaVA-NeXT (official: T tokens per 336 px tile before "
-                "unpadding, relevance from CLIP's text tower min-max normalised over the image's tiles)"
-            )
+        self.check_text_tower(method)
         port = TOWER_PORTS.get(method.name)
         if port is not None and not method.needs and method.prune_ratio > 0 and port["budget"] != self.budget:
             raise IncompatibleMethodError(
@@ -138,6 +191,14 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
                 raise IncompatibleMethodError(
                     f"method {method.name!r}: its official LLaVA-NeXT code budgets per {port['budget']} "
                     f"(use model.budget={port['budget']})"
+                )
+        if port is not None and port.get("image_split") and method.prune_ratio > 0:
+            fewest = self.pinpoint_tiles()[0]
+            if self.split_tile_budget(method, fewest) > self.tile_tokens:
+                raise IncompatibleMethodError(
+                    f"method {method.name!r}: its official LLaVA-NeXT budget N' = {method.n_keep(self.pinpoint_tiles()[1] * self.tile_tokens)} "
+                    f"split over an image of {fewest} tiles exceeds a tile's {self.tile_tokens} tokens (the official top-k fails); "
+                    f"use a ratio of at least {1 - fewest / self.pinpoint_tiles()[1]:.3f}"
                 )
         if method.stage == "pre_llm" and getattr(method, "renumber_positions", True) is False and (method.merges or method.needs):
             raise IncompatibleMethodError(
@@ -321,6 +382,110 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         dominant = crop_f[dom][key.argsort()]
         return torch.cat([feats[0], dominant, crop_f[crop_i == 0], crop_f[crop_i < 0]])
 
+    # --------------------------------------------------------------- per-full-tile index masks (CDPruner, VisPruner)
+    def tile_masks(self, method: PruningMethod) -> bool:
+        """Whether ``method`` picks on every full tile and its index masks are unpadded like the features
+        (the official LLaVA-NeXT code of CDPruner and VisPruner, :data:`TOWER_PORTS`)."""
+        return method.stage == "pre_llm" and method.prune_ratio > 0 and TOWER_PORTS.get(method.name, {}).get("tile_masks", False)
+
+    @torch.no_grad()
+    def tile_features(self, pixel_values: torch.Tensor, image_size: torch.Tensor):
+        """One image's full tiles: ``(P_pad, 3, H, W)`` pixels -> ``(hidden, feats)``: the tower's hidden states of
+        its ``P`` tiles (``(P, 1 + n, D_vis)`` each) and the projector on every tile's patches, ``(P, n, D_llm)``,
+        before unpadding. The calls of ``get_image_features`` on the same tiles, so ``feats`` holds the packed
+        features bit for bit (packing only indexes them and appends newlines)."""
+        tiles = self._num_tiles(image_size)
+        out = self.model.model.vision_tower(pixel_values[:tiles].to(self.device, self.dtype), output_hidden_states=True, return_dict=True)
+        hidden = tuple(out.hidden_states)
+        layer = hidden[self.config.vision_feature_layer]
+        return hidden, self.model.model.multi_modal_projector(layer[:, int(self.has_cls):])
+
+    def packed_from_tiles(self, feats: torch.Tensor, src: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """Packed positions ``where`` of one image as ``(K, D_llm)`` rows: tile features by ``src``, newlines the model's."""
+        s = src[where].to(feats.device)
+        rows = feats.reshape(-1, feats.shape[-1])[s.clamp(min=0)]
+        newline = self.model.model.image_newline.to(rows.dtype)
+        return torch.where((s < 0).unsqueeze(-1), newline.expand_as(rows), rows)
+
+    @torch.no_grad()
+    def select_full_tile_masks(self, hidden, feats: torch.Tensor, src: torch.Tensor, method: PruningMethod, seed: torch.Tensor,
+                               text: str | None) -> torch.Tensor:
+        """One image, the official LLaVA-NeXT selection of CDPruner / VisPruner / FasterVLM: ``(K,)`` ascending packed
+        positions kept (FasterVLM, ``unpad: False``: the ``(P, n)`` tile masks themselves, laid out by :meth:`stitched_rows`).
+
+        ``hidden``, ``feats``: :meth:`tile_features`; ``src``: :meth:`source_map`. The method runs once on the
+        image's ``P`` full tiles as a batch (``(P, n, D_llm)`` features before unpadding, its tower quantities
+        per tile; for CDPruner CLIP joint-space embeddings per tile, the question's chunks repeated per tile and
+        ``clip_joint_batch``: one min-max of the relevance over the tiles). A packed token is kept when its tile's
+        mask holds it; every ``image_newline`` is kept (the official code appends a ``True`` column to the
+        unpadded mask). Packed order is the official order: base picks, then the unpadded grid's raster with newlines.
+        """
+        from bench.models.clip_extras import build_extras, vision_model
+        from bench.models.clip_text import TEXT_KEYS, needs_text, question_text
+
+        tiles, n = feats.shape[0], self.tile_tokens
+        extras = build_extras(self.model, hidden, [k for k in method.needs if k not in TEXT_KEYS])
+        if needs_text(method):
+            if text is None:
+                raise IncompatibleMethodError(f"method {method.name!r} needs the question text (batch['texts']), which this batch does not carry")
+            side = self.clip_text()
+            image_embeds = side.image_embeds(vision_model(self.model), hidden[self.config.vision_feature_layer])  # (P, n, C)
+            q = side.encode_question(question_text(text))  # (M, C)
+            extras.update({
+                "clip_image_embeds": lambda: image_embeds,
+                "clip_text_embeds": lambda: q.unsqueeze(0).expand(tiles, -1, -1),
+                "clip_text_chunks": lambda: torch.full((tiles,), q.shape[0], dtype=torch.long),
+                "clip_joint_batch": lambda: True,
+            })
+        ctx = VisionContext(grid=self.grid, has_cls=self.has_cls, sample_seeds=seed.view(1).repeat(tiles), extras=extras)
+        if TOWER_PORTS[method.name].get("image_split"):  # HiPrune: int(N' / P) per tile, as a ratio of the tile's n
+            from dataclasses import replace
+
+            method = replace(method, prune_ratio=1.0 - self.split_tile_budget(method, tiles) / n)
+        sel = method.reduce(feats, ctx)
+        mask = torch.zeros(tiles, n, dtype=torch.bool)
+        for t in range(tiles):
+            mask[t, sel.kept_index[t, : int(sel.n_kept[t])].cpu()] = True
+        if not TOWER_PORTS[method.name].get("unpad", True):
+            return mask
+        vis = src >= 0
+        keep = ~vis
+        keep[vis] = mask.view(-1)[src[vis]]
+        return keep.nonzero().flatten()
+
+    def pinpoint_tiles(self) -> tuple[int, int]:
+        """``(fewest, most)`` tiles an image gets (base + the crops of the smallest / largest pinpoint)."""
+        side = self.config.vision_config.image_size
+        crops = [(h // side) * (w // side) for h, w in self.config.image_grid_pinpoints]
+        return 1 + min(crops), 1 + max(crops)
+
+    def split_tile_budget(self, method: PruningMethod, tiles: int) -> int:
+        """HiPrune's official per-tile count on an image of ``tiles`` tiles: ``int(N' / tiles)``, with the image
+        budget ``N' = round(N_ref (1 - ratio))``, ``N_ref`` the most tiles times ``n`` (2,880 on LLaVA-NeXT-7B)."""
+        return method.n_keep(self.pinpoint_tiles()[1] * self.tile_tokens) // tiles
+
+    def stitched_rows(self, feats: torch.Tensor, mask: torch.Tensor, image_size: torch.Tensor) -> torch.Tensor:
+        """FasterVLM's official ``'spatial'`` layout of one image: ``(P, n, D)`` tile features and ``(P, n)`` masks ->
+        ``(K, D)``: the base tile's picks (raster), then the crops' picks in the raster order of the stitched full
+        (not unpadded) crop grid; no newline."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        nph, npw = get_anyres_image_grid_shape(image_size.tolist(), self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+        side = self.grid[1]
+        grid = feats[1:].view(nph, npw, side, side, -1).permute(0, 2, 1, 3, 4).reshape(nph * npw * side * side, -1)
+        gmask = mask[1:].view(nph, npw, side, side).permute(0, 2, 1, 3).reshape(-1).to(feats.device)
+        return torch.cat([feats[0][mask[0].to(feats.device)], grid[gmask]])
+
+    def tile_mask_image(self, pixel_values: torch.Tensor, image_size: torch.Tensor, method: PruningMethod, seed: torch.Tensor,
+                        text: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One image through :meth:`select_full_tile_masks`: ``(kept rows (K, D_llm), packed positions (K,) or None, src)``."""
+        src = self.source_map(image_size, self._num_tiles(image_size))
+        hidden, feats = self.tile_features(pixel_values, image_size)
+        where = self.select_full_tile_masks(hidden, feats, src, method, seed, text)
+        if not TOWER_PORTS[method.name].get("unpad", True):  # FasterVLM: no packed positions (not unpadded)
+            return self.stitched_rows(feats, where, image_size), None, src
+        return self.packed_from_tiles(feats, src, where), where, src
+
     def sends_newlines(self, method: PruningMethod) -> bool:
         """Whether ``image_newline`` tokens reach the LLM under ``method`` (all of them unless its official port drops them)."""
         if method.prune_ratio == 0.0 or method.stage == "none":
@@ -344,7 +509,15 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         if tower:
             self.check_method(method)
         feats, n_in, newlines, picks = [], [], [], []
-        if self.full_tiles(method):  # the official code reduces whole tiles before packing: no packed features
+        if self.tile_masks(method):  # CDPruner, VisPruner, FasterVLM, HiPrune: index masks on the full tiles
+            texts = batch.get("texts") or [None] * len(sizes)
+            for i in range(len(sizes)):
+                kept, where, src = self.tile_mask_image(batch["pixel_values"][i], sizes[i], method, sample_seeds[i], texts[i])
+                feats.append(kept)
+                picks.append(where)
+                n_in.append(len(src))
+                newlines.append(int((src < 0).sum()))
+        elif self.full_tiles(method):  # the official code reduces whole tiles before packing: no packed features
             for i in range(len(sizes)):
                 src = self.source_map(sizes[i], self._num_tiles(sizes[i]))
                 feats.append(self.reduce_full_tiles(batch["pixel_values"][i], sizes[i], method, sample_seeds[i]))
@@ -369,6 +542,11 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         sent = newlines if self.sends_newlines(method) else [0] * len(newlines)
         extras = {"image_spans": spans, "sample_seeds": sample_seeds, "budget": self.budget, "newline_tokens": newlines,
                   "newline_tokens_kept": sent}
+        if self.tile_masks(method) and self.text_tower_path is not None and batch.get("texts") is not None:
+            from bench.models.clip_text import needs_text
+
+            if needs_text(method):  # what the text side cost (CDPruner)
+                extras["clip_text"] = self.clip_text_costs(batch["texts"])
         if (method.stage == "pre_llm" and method.prune_ratio > 0 and getattr(method, "renumber_positions", True) is False
                 and picks and all(p is not None for p in picks)):
             from bench.models.llava import kept_position_ids
@@ -400,7 +578,8 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         text[text == self.image_token_id] = 3
         ids = torch.cat([text[:before], torch.full((n,), self.image_token_id), text[before:]]).unsqueeze(0).repeat(batch_size, 1)
         pix = torch.randn(1, tiles, 3, side, side, generator=g).repeat(batch_size, 1, 1, 1, 1)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix, "image_sizes": size.view(1, 2).repeat(batch_size, 1)}
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pix, "image_sizes": size.view(1, 2).repeat(batch_size, 1),
+                "texts": [self.PROBE_QUESTION] * batch_size}
 
     def flops_description(self) -> FlopsDescription:
         from dataclasses import replace
@@ -417,6 +596,19 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         if method.stage != "pre_llm":
             return None
         sizes = batch["image_sizes"].cpu()
+        if self.tile_masks(method):
+            texts = batch.get("texts") or [None] * len(sizes)
+            enc = [self.tile_features(batch["pixel_values"][i], sizes[i]) for i in range(len(sizes))]
+            srcs = [self.source_map(sizes[i], self._num_tiles(sizes[i])) for i in range(len(sizes))]
+            unpad = TOWER_PORTS[method.name].get("unpad", True)
+
+            def run():
+                out = []
+                for i, ((h, f), src) in enumerate(zip(enc, srcs)):
+                    where = self.select_full_tile_masks(h, f, src, method, sample_seeds[i], texts[i])
+                    out.append(self.packed_from_tiles(f, src, where) if unpad else self.stitched_rows(f, where, sizes[i]))
+                return out
+            return run
         if self.full_tiles(method):
             return lambda: [self.reduce_full_tiles(batch["pixel_values"][i], sizes[i], method, sample_seeds[i]) for i in range(len(sizes))]
         if method.needs and method.prune_ratio > 0:
