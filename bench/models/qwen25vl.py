@@ -15,7 +15,8 @@ ids that way), which is the unpruned model's ``rope_deltas`` rule: the next posi
 ``max(position) + 1`` whatever was removed.
 
 The tower has no [CLS] token: methods whose definition needs one (CLS attention) are refused, as are
-methods needing CLIP-tower quantities; in-LLM pruning is not implemented for Qwen2's decoder with 3-D
+methods needing CLIP-tower quantities, except where the method's official Qwen2.5-VL port defines a
+substitute that this adapter serves (:data:`QWEN_PORTS`); in-LLM pruning is not implemented for Qwen2's decoder with 3-D
 positions and is refused (exit code 2) rather than approximated.
 """
 
@@ -29,6 +30,40 @@ from bench.errors import ConfigError, IncompatibleMethodError
 from bench.models.base import FlopsDescription, ImageBlock, PreparedBatch
 from bench.models.llava import LlavaAdapter
 from methods.base import PruningMethod, VisionContext
+
+#: Methods whose official Qwen2.5-VL port replaces a [CLS] quantity by one of the windowed tower; the adapter
+#: serves it under ``needs`` (``VisionContext.extras`` keys).
+#:
+#: * ``holov`` (``obananas/HoloV``, ``qwen-model-HoloV/modeling_qwen2_5_vl.py``: the vision tower's ``forward``
+#:   returns ``attention_scores`` beside the merged features): ``merged_attn_received:{window,raster}``, ``(1, N)``
+#:   per merged token, see :meth:`Qwen25VLAdapter.received_attention`.
+QWEN_PORTS: dict[str, dict[str, Any]] = {
+    "holov": {"needs": ("merged_attn_received:window", "merged_attn_received:raster")},
+}
+
+
+def received_attention(attn_module, hidden: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """The attention each patch receives in one vision block, as HoloV's official Qwen2.5-VL port computes it.
+
+    ``hidden`` ``(L, D)`` is the block's normed input (window order), ``cu_seqlens`` its attention segments
+    (the whole image for a full-attention block, windows otherwise). The official port materialises the
+    ``(H, L, L)`` softmax with the segments as a mask, averages over heads and then over *all* ``L`` query
+    rows (zero outside a query's segment): ``(L,)`` in window order, the model's dtype. Here one segment at
+    a time (no ``L x L`` over the whole image), the same sums.
+    """
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    n = hidden.shape[0]
+    q, k, _ = attn_module.qkv(hidden).reshape(n, 3, attn_module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, L, d)
+    col = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        p = torch.softmax((q[:, s:e] @ k[:, s:e].transpose(-1, -2)) * attn_module.scaling, dim=-1)  # (H, l, l)
+        col[s:e] = p.mean(dim=0).float().sum(dim=0)
+    return (col / n).to(hidden.dtype)
 
 
 class Qwen25VLAdapter(LlavaAdapter):
@@ -99,6 +134,10 @@ class Qwen25VLAdapter(LlavaAdapter):
                 f"method {method.name!r} prunes at stage {method.stage!r}; on Qwen2.5-VL only pre-LLM pruning is implemented "
                 "(in-LLM hooks on Qwen2's decoder with 3-D M-RoPE positions are not)"
             )
+        port = QWEN_PORTS.get(method.name)
+        if port is not None:
+            method.check_compatible(VisionContext(self.grid, False, torch.zeros(1, dtype=torch.long), {k: None for k in port["needs"]}))
+            return
         if method.requires_cls:
             raise IncompatibleMethodError(f"method {method.name!r} is defined by [CLS] attention; Qwen2.5-VL's vision tower has no [CLS] token")
         if method.merges and method.stage == "pre_llm":
@@ -130,15 +169,50 @@ class Qwen25VLAdapter(LlavaAdapter):
 
     # --------------------------------------------------------------- forward
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, needs=()):
         """Flattened patches ``(sum_i T*H*W, C*t*p*p)`` + ``(B, 3)`` grids -> per image ``(H/2 * W/2, D_llm)`` merged
-        tokens in raster order; one image at a time (batch-neighbour independent)."""
+        tokens in raster order; one image at a time (batch-neighbour independent).
+
+        With ``needs`` (keys of :data:`QWEN_PORTS`) returns ``(features, extras)``: per image a dict of the asked
+        quantities, each ``(1, N)``, from the same tower pass (:meth:`received_attention`)."""
         sizes = image_grid_thw.prod(-1).tolist()
-        out = []
+        out, extras = [], []
         for px, thw in zip(pixel_values.split(sizes), image_grid_thw):
-            feats = self.model.model.get_image_features(px.to(self.device, self.dtype), thw.view(1, 3).to(self.device), return_dict=True).pooler_output
-            out.append(feats[0])
-        return out
+            thw = thw.view(1, 3).to(self.device)
+            if not needs:
+                out.append(self.model.model.get_image_features(px.to(self.device, self.dtype), thw, return_dict=True).pooler_output[0])
+                continue
+            f, e = self._encode_with_received_attention(px, thw, needs)
+            out.append(f)
+            extras.append(e)
+        return (out, extras) if needs else out
+
+    def _encode_with_received_attention(self, px: torch.Tensor, thw: torch.Tensor, needs):
+        """One image's merged features and ``merged_attn_received:*`` (HoloV's official Qwen2.5-VL substitute for CLS
+        attention): the attention each patch receives in the tower's last block (:func:`received_attention`),
+        averaged over the 2x2 patches of each merged token. ``window``: in the tower's window order, which the
+        official port pairs with raster-ordered tokens; ``raster``: the merged token's own score."""
+        from transformers.vision_utils import get_vision_window_index
+
+        visual = self.model.model.visual
+        seen = {}
+
+        def grab(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen["a"] = received_attention(module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"])
+
+        handle = visual.blocks[-1].attn.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            feats = self.model.model.get_image_features(px.to(self.device, self.dtype), thw, return_dict=True).pooler_output[0]
+        finally:
+            handle.remove()
+        unit = visual.spatial_merge_unit
+        window = seen["a"].view(-1, unit).mean(dim=1)  # (N,) window order, official: view(N, 4).mean(1)
+        index, _ = get_vision_window_index(thw.cpu(), spatial_merge_size=visual.spatial_merge_size,
+                                           window_size=visual.window_size, patch_size=visual.patch_size)
+        raster = window[torch.argsort(index.to(window.device))]
+        have = {"merged_attn_received:window": window, "merged_attn_received:raster": raster}
+        return feats, {k: have[k].unsqueeze(0) for k in needs}
 
     def rope_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The unpruned model's ``(3, B, T)`` M-RoPE positions (``get_rope_index``; 0 on padding)."""
@@ -160,7 +234,9 @@ class Qwen25VLAdapter(LlavaAdapter):
             self.check_method(method)
         ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
         grids = self.image_grids(batch)
-        feats = self.encode_images(batch["pixel_values"], batch["image_grid_thw"].cpu())
+        needs = self.port_needs(method)
+        feats = self.encode_images(batch["pixel_values"], batch["image_grid_thw"].cpu(), needs)
+        feats, extras_per_image = feats if needs else (feats, [{}] * len(feats))
         pos_full = self.rope_positions(batch).cpu()
         img = self.image_token_id
         rows, row_pos, kept_feats, n_in = [], [], [], []
@@ -174,13 +250,16 @@ class Qwen25VLAdapter(LlavaAdapter):
             if method.prune_ratio == 0.0 or method.stage == "none":
                 keep_idx, k_feats = torch.arange(n), f
             else:
-                sel = method.reduce(f.unsqueeze(0), VisionContext(grid=grid, has_cls=False, sample_seeds=sample_seeds[i].view(1)))
+                sel = method.reduce(f.unsqueeze(0), self.image_context(grid, sample_seeds[i].view(1), extras_per_image[i]))
                 k = int(sel.n_kept[0])
-                if sel.kept_index is None:
+                source = sel.kept_index if sel.kept_index is not None else sel.extras.get("source_index")
+                if source is None:
                     raise IncompatibleMethodError(
                         f"method {method.name!r} merges tokens; on Qwen2.5-VL a merged token has no original M-RoPE position"
                     )
-                keep_idx, k_feats = sel.kept_index[0, :k].cpu(), sel.features[0, :k]
+                # a row of source -1 (HoloV's all-zero padding rows) takes the id and 3-D position of the block's last
+                # token, as the official port's ``kept_pos[:, :, final_position]`` indexes with -1
+                keep_idx, k_feats = source[0, :k].cpu() % n, sel.features[0, :k]
             s0 = int(at[0])
             keep_rows = torch.cat([torch.arange(s0), s0 + keep_idx, torch.arange(s0 + n, len(seq))])
             rows.append(seq[keep_rows])
@@ -205,6 +284,17 @@ class Qwen25VLAdapter(LlavaAdapter):
         kept = [int(f.shape[0]) for f in kept_feats]
         extras = {"image_spans": spans, "sample_seeds": sample_seeds, "position_ids": new_pos.to(self.device), "grids": grids}
         return PreparedBatch(new_ids, embeds, new_mask, n_in, kept, extras=extras)
+
+    def port_needs(self, method: PruningMethod) -> tuple[str, ...]:
+        """The :data:`QWEN_PORTS` quantities ``method`` reads (none at ratio 0 or for other methods)."""
+        if method.prune_ratio == 0.0 or method.stage == "none" or method.name not in QWEN_PORTS:
+            return ()
+        return tuple(k for k in QWEN_PORTS[method.name]["needs"] if k.endswith(":" + getattr(method, "qwen_order", "")))
+
+    @staticmethod
+    def image_context(grid: tuple[int, int], seeds: torch.Tensor, extras: dict[str, torch.Tensor]) -> VisionContext:
+        """One image's :class:`VisionContext`: its merged grid and the port quantities computed with its features."""
+        return VisionContext(grid=grid, has_cls=False, sample_seeds=seeds, extras={k: (lambda v=v: v) for k, v in extras.items()})
 
     def generate(self, prepared: PreparedBatch, max_new_tokens: int = 16, method: PruningMethod | None = None, **gen_kwargs) -> torch.Tensor:
         """Greedy generation; prompt positions are the kept M-RoPE ones, decoding continues from their last + 1."""
@@ -298,6 +388,8 @@ class Qwen25VLAdapter(LlavaAdapter):
         if method.stage != "pre_llm":
             return None
         grids = self.image_grids(batch)
-        feats = self.vision_stage(batch)
-        ctxs = [VisionContext(grid=g, has_cls=False, sample_seeds=sample_seeds[i].view(1)) for i, g in enumerate(grids)]
+        needs = self.port_needs(method)
+        feats = self.encode_images(batch["pixel_values"], batch["image_grid_thw"].cpu(), needs)
+        feats, extras = feats if needs else (feats, [{}] * len(feats))
+        ctxs = [self.image_context(g, sample_seeds[i].view(1), extras[i]) for i, g in enumerate(grids)]
         return lambda: [method.reduce(f.unsqueeze(0), c) for f, c in zip(feats, ctxs)]
