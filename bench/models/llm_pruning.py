@@ -412,7 +412,8 @@ class _Runner:
                 cur = self.seqs[-1]
                 kwargs["attention_mask"] = cur.mask
                 kwargs["position_embeddings"] = cur.pe
-                kwargs["position_ids"] = cur.pos
+                if cur.pos.dim() == 2:  # M-RoPE's (3, B, T) ids stay at the LM (its layers get text ids or None)
+                    kwargs["position_ids"] = cur.pos
             return args, kwargs
         idx = self.stage_of_layer[layer]
         if idx <= 0 or idx >= len(self.seqs):
@@ -548,7 +549,9 @@ class _Runner:
             shift = cur.shift + (cur.n_vis - k - m)
             pos_static = "pos" in lay
         else:
-            pos = cur.pos.gather(1, src)
+            # original ids, 1-D (B, T) or M-RoPE's 3-D (3, B, T): each kept token keeps its own
+            pos = cur.pos.gather(1, src) if cur.pos.dim() == 2 else _expand_b(cur.pos.transpose(0, 1), b).gather(
+                2, src.unsqueeze(1).expand(-1, cur.pos.shape[0], -1)).transpose(0, 1)
             shift = cur.shift
             pe = tuple(_expand_b(x, b).gather(1, src3.expand(-1, -1, x.shape[-1])) for x in cur.pe)
             pos_static = False

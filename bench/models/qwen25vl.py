@@ -16,8 +16,20 @@ ids that way), which is the unpruned model's ``rope_deltas`` rule: the next posi
 
 The tower has no [CLS] token: methods whose definition needs one (CLS attention) are refused, as are
 methods needing CLIP-tower quantities, except where the method's official Qwen2.5-VL port defines a
-substitute that this adapter serves (:data:`QWEN_PORTS`); in-LLM pruning is not implemented for Qwen2's decoder with 3-D
-positions and is refused (exit code 2) rather than approximated.
+substitute that this adapter serves (:data:`QWEN_PORTS`).
+
+In-LLM pruning runs through ``bench.models.llm_pruning`` (hooks on the ``Qwen2_5_VLTextModel`` decoder layers)
+for stages that keep original positions: the runner gathers each kept token's own ``(3,)`` M-RoPE ids and its
+rows of the rotary tables (transformers 5.x recomposes the three sections into ``(B, T, d)`` tables in the
+text model, before the layers), the KV cache of pruned layers holds the kept tokens only, and decoding
+continues at the unpruned prompt's ``max + 1`` in every dimension, the same ``rope_deltas`` the unpruned
+model uses (pruning inside the LLM changes no position). Stages that *renumber* positions (PDrop's and
+TransPrune's official default, SparseVLM 1.5) are refused: a contiguous renumbering of an image's
+``(t, h, w)`` grid positions after dropping some of them is not defined (which dimension shifts, and by
+how much?), and no official Qwen2.5-VL port of those methods defines one. Stages that merge tokens in the
+LLM (SparseVLM's recycling) are refused too (a merged token has no original 3-D position). The runner plans
+one schedule per visual-token count, so :meth:`generate` runs the samples of a batch in groups of equal
+count (mixed image sizes), each group one ``generate`` call.
 """
 
 from __future__ import annotations
@@ -80,7 +92,7 @@ class Qwen25VLAdapter(LlavaAdapter):
     family = "qwen25vl"
     model_class_name = "Qwen2_5_VLForConditionalGeneration"
     config_class_name = "Qwen2_5_VLConfig"
-    supported_stages = frozenset({"none", "pre_llm"})
+    supported_stages = frozenset({"none", "pre_llm", "in_llm"})
     selection_graphs = False
     #: the synthetic probe image's (height, width) in pixels (a multiple of 28); ``probe_batch(size=...)`` overrides
     PROBE_IMAGE = (448, 448)
@@ -131,9 +143,10 @@ class Qwen25VLAdapter(LlavaAdapter):
             )
         if method.stage not in self.supported_stages:
             raise IncompatibleMethodError(
-                f"method {method.name!r} prunes at stage {method.stage!r}; on Qwen2.5-VL only pre-LLM pruning is implemented "
-                "(in-LLM hooks on Qwen2's decoder with 3-D M-RoPE positions are not)"
+                f"method {method.name!r} prunes at stage {method.stage!r}; on Qwen2.5-VL pre-LLM and in-LLM pruning are implemented"
             )
+        if method.stage == "in_llm":
+            self.check_in_llm(method)
         port = QWEN_PORTS.get(method.name)
         if port is not None:
             method.check_compatible(VisionContext(self.grid, False, torch.zeros(1, dtype=torch.long), {k: None for k in port["needs"]}))
@@ -149,6 +162,24 @@ class Qwen25VLAdapter(LlavaAdapter):
                 f"method {method.name!r} needs CLIP vision-tower quantities ({', '.join(sorted(method.needs))}) that Qwen2.5-VL's tower does not provide"
             )
         method.check_compatible(VisionContext(self.grid, False, torch.zeros(1, dtype=torch.long)))
+
+    def check_in_llm(self, method: PruningMethod) -> None:
+        """In-LLM stages on M-RoPE: only those that keep original positions and select (no merged tokens)."""
+        if getattr(method, "pre_llm_selection", False):
+            raise IncompatibleMethodError(f"method {method.name!r} selects before the LLM by [CLS] attention; Qwen2.5-VL's tower has no [CLS] token")
+        n = self.grid[0] * self.grid[1]
+        method.check_budget(n, self.num_llm_layers)
+        plan = list(method.plan(n, self.num_llm_layers)) if method.prune_ratio > 0 else []
+        if any(st.renumber for st in plan):
+            raise IncompatibleMethodError(
+                f"method {method.name!r} renumbers positions in the LLM; Qwen2.5-VL's 3-D M-RoPE positions of an image have "
+                "no defined contiguous renumbering once tokens are dropped (kept tokens keep their (t, h, w) ids here): "
+                "run it with renumber_positions=false (a named deviation from its official default) or on another family"
+            )
+        if any(st.n_selected != st.n_keep for st in plan):
+            raise IncompatibleMethodError(
+                f"method {method.name!r} merges tokens inside the LLM; on Qwen2.5-VL a merged token has no original M-RoPE position"
+            )
 
     def image_grids(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
         """Merged ``(H, W)`` grid per sample (one image per sample)."""
@@ -247,7 +278,7 @@ class Qwen25VLAdapter(LlavaAdapter):
             at = (seq == img).nonzero().flatten()
             if len(at) != n or at[-1] - at[0] + 1 != n or f.shape[0] != n:
                 raise ValueError(f"sample {i}: expected one image of {n} contiguous image tokens, found {len(at)} (features {f.shape[0]})")
-            if method.prune_ratio == 0.0 or method.stage == "none":
+            if method.prune_ratio == 0.0 or method.stage in ("none", "in_llm"):  # in-LLM: every token enters the LLM
                 keep_idx, k_feats = torch.arange(n), f
             else:
                 sel = method.reduce(f.unsqueeze(0), self.image_context(grid, sample_seeds[i].view(1), extras_per_image[i]))
@@ -297,9 +328,22 @@ class Qwen25VLAdapter(LlavaAdapter):
         return VisionContext(grid=grid, has_cls=False, sample_seeds=seeds, extras={k: (lambda v=v: v) for k, v in extras.items()})
 
     def generate(self, prepared: PreparedBatch, max_new_tokens: int = 16, method: PruningMethod | None = None, **gen_kwargs) -> torch.Tensor:
-        """Greedy generation; prompt positions are the kept M-RoPE ones, decoding continues from their last + 1."""
-        if method is not None and method.stage == "in_llm":
-            self.check_method(method)
+        """Greedy generation; prompt positions are the kept M-RoPE ones, decoding continues from their last + 1.
+
+        An ``in_llm`` method runs inside :meth:`llm_pruning`, one ``generate`` per group of samples with the same
+        visual-token count (the runner plans one schedule per count); rows come back in batch order, right-padded
+        with the pad id to the longest group output."""
+        if method is not None and method.stage == "in_llm" and method.prune_ratio > 0:
+            outs = []
+            for idx, sub in self.count_groups(prepared):
+                with self.llm_pruning(method, sub):
+                    outs.append((idx, self.generate(sub, max_new_tokens=max_new_tokens, **gen_kwargs)))
+                self.merge_group_extras(prepared, sub, idx)
+            width = max(o.shape[1] for _, o in outs)
+            res = torch.full((prepared.input_ids.shape[0], width), self.pad_token_id, dtype=outs[0][1].dtype, device=outs[0][1].device)
+            for idx, o in outs:
+                res[idx.to(res.device), : o.shape[1]] = o
+            return res
         tok = self.processor.tokenizer if self.processor is not None else None
         out = self.model.generate(
             input_ids=prepared.input_ids,
@@ -316,7 +360,11 @@ class Qwen25VLAdapter(LlavaAdapter):
 
     @torch.no_grad()
     def prefill(self, prepared: PreparedBatch, method: PruningMethod | None = None):
-        """One LLM prefill with the KV cache on, at the kept M-RoPE positions (those ``generate`` uses)."""
+        """One LLM prefill with the KV cache on, at the kept M-RoPE positions (those ``generate`` uses); an ``in_llm``
+        method needs one visual-token count in the batch (one schedule: a single prefill to time)."""
+        if method is not None and method.stage == "in_llm" and method.prune_ratio > 0:
+            with self.llm_pruning(method, prepared):
+                return self.prefill(prepared)
         return self.model(
             inputs_embeds=prepared.inputs_embeds,
             attention_mask=prepared.attention_mask,
@@ -325,8 +373,51 @@ class Qwen25VLAdapter(LlavaAdapter):
             logits_to_keep=1,
         )
 
+    def count_groups(self, prepared: PreparedBatch):
+        """``(indices, sub-batch)`` per visual-token count of ``prepared``, in order of first appearance; one group
+        (``prepared`` itself) when every sample has the same count."""
+        spans = prepared.extras["image_spans"]
+        width = (spans[:, 1] - spans[:, 0]).tolist()
+        if len(set(width)) == 1:
+            return [(torch.arange(len(width)), prepared)]
+        out = []
+        for w in dict.fromkeys(width):
+            idx = torch.tensor([i for i, x in enumerate(width) if x == w])
+            dev = idx.to(prepared.input_ids.device)
+            mask = prepared.attention_mask.index_select(0, dev)
+            cut = int((mask.sum(0) > 0).nonzero()[0])  # the group's common left padding is dropped
+            ex = dict(prepared.extras)
+            ex["image_spans"] = spans[idx] - cut
+            ex["position_ids"] = prepared.extras["position_ids"][:, dev, cut:]
+            if ex.get("sample_seeds") is not None:
+                ex["sample_seeds"] = ex["sample_seeds"][idx]
+            ex["grids"] = [prepared.extras["grids"][i] for i in idx.tolist()]
+            for k in ("visual_tokens_per_layer", "llm_stages", "visual_tokens_layer_mean"):
+                ex.pop(k, None)
+            out.append((idx, PreparedBatch(prepared.input_ids[dev, cut:], prepared.inputs_embeds[dev, cut:], mask[:, cut:],
+                                           [prepared.visual_tokens_in[i] for i in idx.tolist()],
+                                           [prepared.visual_tokens_kept[i] for i in idx.tolist()], extras=ex)))
+        return out
+
+    @staticmethod
+    def merge_group_extras(prepared: PreparedBatch, sub: PreparedBatch, idx: torch.Tensor) -> None:
+        """Copy a group's per-sample in-LLM records (tokens per layer) back into the whole batch's extras."""
+        if sub is prepared:
+            return
+        vpl = sub.extras.get("visual_tokens_per_layer")
+        if vpl is not None:
+            whole = prepared.extras.get("visual_tokens_per_layer")
+            if whole is None or whole.shape[1] != vpl.shape[1]:
+                whole = prepared.extras["visual_tokens_per_layer"] = torch.zeros(len(prepared.visual_tokens_in), vpl.shape[1], dtype=torch.long)
+            whole[idx] = vpl
+            prepared.extras["visual_tokens_layer_mean"] = float(whole.float().mean())
+        prepared.extras.setdefault("llm_stages_groups", []).append({"samples": idx.tolist(), "stages": sub.extras.get("llm_stages", [])})
+
     def llm_pruning(self, method: PruningMethod, prepared: PreparedBatch):
-        return super(LlavaAdapter, self).llm_pruning(method, prepared)
+        """The in-LLM runner (``bench.models.llm_pruning``) on Qwen2's decoder; refused stages: :meth:`check_in_llm`."""
+        if method.stage == "in_llm":
+            self.check_in_llm(method)
+        return super().llm_pruning(method, prepared)
 
     def is_llama_rms_norm(self, norm: torch.nn.Module) -> bool:
         return False
