@@ -19,7 +19,7 @@ from methods import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [("tiny_llava_next_random", {"budget": "image"}, None), ("tiny_llava_next_random", {"budget": "tile"}, None),
-        ("tiny_llava_next_random", {"budget": "base_grid"}, None), ("tiny_qwen25vl_random", {}, (112, 84))]
+        ("tiny_llava_next_random", {"budget": "base_grid"}, None), ("tiny_qwen25vl_random", {}, (168, 112))]  # merged 6 x 4: one VScan 4 x 4 window
 
 
 def test_readme_table_is_the_generated_one():

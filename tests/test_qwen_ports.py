@@ -43,18 +43,18 @@ def ref_window_order(h: int, w: int, win: int) -> list[int]:
     return out
 
 
-def ref_received_attention(adapter, px, thw):
+def ref_received_attention(adapter, px, thw, block: int = -1):
     """Official: last block's ``(H, L, L)`` softmax under the segment mask, ``mean(heads)`` then ``mean(queries)``;
     then ``view(N, 4).mean(1)`` in window order. Inputs of the last block captured by a hook."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
     visual = adapter.model.model.visual
     got = {}
-    h = visual.blocks[-1].attn.register_forward_pre_hook(lambda m, a, k: got.update(x=a[0] if a else k["hidden_states"], **k), with_kwargs=True)
+    h = visual.blocks[block].attn.register_forward_pre_hook(lambda m, a, k: got.update(x=a[0] if a else k["hidden_states"], **k), with_kwargs=True)
     with torch.no_grad():
         adapter.model.model.get_image_features(px, thw)
     h.remove()
-    at = visual.blocks[-1].attn
+    at = visual.blocks[block].attn
     x, cu = got["x"], got["cu_seqlens"].tolist()
     n = x.shape[0]
     with torch.no_grad():

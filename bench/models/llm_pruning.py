@@ -739,16 +739,22 @@ class _View:
         st[("bias", queries)] = None if allowed is None else _bias(allowed, self.hidden.dtype)
         return q_index, q_valid
 
-    def attn_rows(self, layer: int, queries: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
+    def attn_rows(self, layer: int, queries: str = "last", rope: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         q_index, q_valid = self.query_index(queries)
         nq = q_index.shape[0]
         off = self._r.query_offset if queries == "last" else 0
         first = self.hidden.shape[1] - nq - off  # both query sets are a suffix of the sequence (but ``off`` rows)
-        qk = self._qk_one_rotation(layer, first) if FUSE_QK else None
-        q, k = qk if qk is not None else (self._q_rows(layer, first), self.keys(layer))
+        attn = self._attn_module(layer)
+        if not rope:  # scores from the un-rotated projections of the layer's input (VScan's Qwen2.5-VL port)
+            x = self._norm_input(layer)
+            b, t = x.shape[:2]
+            q = attn.q_proj(x[:, first:]).view(b, t - first, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+        else:
+            qk = self._qk_one_rotation(layer, first) if FUSE_QK else None
+            q, k = qk if qk is not None else (self._q_rows(layer, first), self.keys(layer))
         if off:
             q = q[:, :, :nq]
-        attn = self._attn_module(layer)
         scaling = getattr(attn, "scaling", attn.head_dim**-0.5)
         return attention_rows(q, k, None, None, scaling, bias=self._s.static[("bias", queries)]), q_valid
 

@@ -34,6 +34,7 @@ count (mixed image sizes), each group one ``generate`` call.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -49,8 +50,13 @@ from methods.base import PruningMethod, VisionContext
 #: * ``holov`` (``obananas/HoloV``, ``qwen-model-HoloV/modeling_qwen2_5_vl.py``: the vision tower's ``forward``
 #:   returns ``attention_scores`` beside the merged features): ``merged_attn_received:{window,raster}``, ``(1, N)``
 #:   per merged token, see :meth:`Qwen25VLAdapter.received_attention`.
+#: * ``vscan`` (``Tencent/SelfEvolvingAgent``, ``VScan/qwen/model/qwen2_5_vl_custom.py``: the tower's ``forward``
+#:   returns the received attention of its first full-attention block and of its last block, in raster order):
+#:   ``merged_attn_received@first_full:raster`` and ``merged_attn_received:raster``; its ``port: auto`` is resolved to
+#:   ``qwen25vl`` here (:meth:`Qwen25VLAdapter.resolve_port`).
 QWEN_PORTS: dict[str, dict[str, Any]] = {
     "holov": {"needs": ("merged_attn_received:window", "merged_attn_received:raster")},
+    "vscan": {"needs": ("merged_attn_received@first_full:raster", "merged_attn_received:raster")},
 }
 
 
@@ -145,12 +151,15 @@ class Qwen25VLAdapter(LlavaAdapter):
             raise IncompatibleMethodError(
                 f"method {method.name!r} prunes at stage {method.stage!r}; on Qwen2.5-VL pre-LLM and in-LLM pruning are implemented"
             )
-        if method.stage == "in_llm":
-            self.check_in_llm(method)
         port = QWEN_PORTS.get(method.name)
         if port is not None:
+            self.resolve_port(method)
             method.check_compatible(VisionContext(self.grid, False, torch.zeros(1, dtype=torch.long), {k: None for k in port["needs"]}))
+            if method.stage == "in_llm":
+                self.check_in_llm(method)
             return
+        if method.stage == "in_llm":
+            self.check_in_llm(method)
         if method.requires_cls:
             raise IncompatibleMethodError(f"method {method.name!r} is defined by [CLS] attention; Qwen2.5-VL's vision tower has no [CLS] token")
         if method.merges and method.stage == "pre_llm":
@@ -163,9 +172,21 @@ class Qwen25VLAdapter(LlavaAdapter):
             )
         method.check_compatible(VisionContext(self.grid, False, torch.zeros(1, dtype=torch.long)))
 
+    @staticmethod
+    def resolve_port(method: PruningMethod) -> PruningMethod:
+        """A method whose official code has a Qwen2.5-VL port chosen by a ``port`` field (VScan): ``auto`` becomes
+        ``qwen25vl`` (in place, so that the run's record, budget and FLOPs all read the rule that ran); an explicit
+        other port is refused."""
+        port = getattr(method, "port", None)
+        if port == "auto":
+            method.port = "qwen25vl"
+        elif port is not None and port != "qwen25vl":
+            raise IncompatibleMethodError(f"method {method.name!r} with port={port!r} follows its LLaVA code ([CLS] attention); on Qwen2.5-VL use port=qwen25vl or auto")
+        return method
+
     def check_in_llm(self, method: PruningMethod) -> None:
         """In-LLM stages on M-RoPE: only those that keep original positions and select (no merged tokens)."""
-        if getattr(method, "pre_llm_selection", False):
+        if getattr(method, "pre_llm_selection", False) and method.name not in QWEN_PORTS:
             raise IncompatibleMethodError(f"method {method.name!r} selects before the LLM by [CLS] attention; Qwen2.5-VL's tower has no [CLS] token")
         n = self.grid[0] * self.grid[1]
         method.check_budget(n, self.num_llm_layers)
@@ -226,24 +247,30 @@ class Qwen25VLAdapter(LlavaAdapter):
         from transformers.vision_utils import get_vision_window_index
 
         visual = self.model.model.visual
-        seen = {}
+        # key "merged_attn_received[@first_full]:<order>": the last block, or the first full-attention one (VScan's local scan)
+        blocks = {k: (visual.fullatt_block_indexes[0] if k.partition(":")[0].endswith("@first_full") else len(visual.blocks) - 1)
+                  for k in needs}
+        seen: dict[int, torch.Tensor] = {}
 
-        def grab(module, args, kwargs):
+        def grab(block, module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            seen["a"] = received_attention(module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"])
+            seen[block] = received_attention(module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"])
 
-        handle = visual.blocks[-1].attn.register_forward_pre_hook(grab, with_kwargs=True)
+        handles = [visual.blocks[i].attn.register_forward_pre_hook(partial(grab, i), with_kwargs=True) for i in set(blocks.values())]
         try:
             feats = self.model.model.get_image_features(px.to(self.device, self.dtype), thw, return_dict=True).pooler_output[0]
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
         unit = visual.spatial_merge_unit
-        window = seen["a"].view(-1, unit).mean(dim=1)  # (N,) window order, official: view(N, 4).mean(1)
         index, _ = get_vision_window_index(thw.cpu(), spatial_merge_size=visual.spatial_merge_size,
                                            window_size=visual.window_size, patch_size=visual.patch_size)
-        raster = window[torch.argsort(index.to(window.device))]
-        have = {"merged_attn_received:window": window, "merged_attn_received:raster": raster}
-        return feats, {k: have[k].unsqueeze(0) for k in needs}
+        back = torch.argsort(index.to(feats.device))
+        out = {}
+        for k, block in blocks.items():
+            window = seen[block].view(-1, unit).mean(dim=1)  # (N,) window order, official: view(N, 4).mean(1)
+            out[k] = (window if k.endswith(":window") else window[back]).unsqueeze(0)
+        return feats, out
 
     def rope_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The unpruned model's ``(3, B, T)`` M-RoPE positions (``get_rope_index``; 0 on padding)."""
@@ -263,6 +290,8 @@ class Qwen25VLAdapter(LlavaAdapter):
         """
         if method.stage not in self.supported_stages:
             self.check_method(method)
+        if method.name in QWEN_PORTS:
+            self.resolve_port(method)
         ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
         grids = self.image_grids(batch)
         needs = self.port_needs(method)
@@ -278,7 +307,8 @@ class Qwen25VLAdapter(LlavaAdapter):
             at = (seq == img).nonzero().flatten()
             if len(at) != n or at[-1] - at[0] + 1 != n or f.shape[0] != n:
                 raise ValueError(f"sample {i}: expected one image of {n} contiguous image tokens, found {len(at)} (features {f.shape[0]})")
-            if method.prune_ratio == 0.0 or method.stage in ("none", "in_llm"):  # in-LLM: every token enters the LLM
+            if method.prune_ratio == 0.0 or method.stage == "none" or (method.stage == "in_llm" and not getattr(method, "pre_llm_selection", False)):
+                # in-LLM methods send every token to the LLM (VScan's scan selects before it)
                 keep_idx, k_feats = torch.arange(n), f
             else:
                 sel = method.reduce(f.unsqueeze(0), self.image_context(grid, sample_seeds[i].view(1), extras_per_image[i]))
@@ -320,7 +350,10 @@ class Qwen25VLAdapter(LlavaAdapter):
         """The :data:`QWEN_PORTS` quantities ``method`` reads (none at ratio 0 or for other methods)."""
         if method.prune_ratio == 0.0 or method.stage == "none" or method.name not in QWEN_PORTS:
             return ()
-        return tuple(k for k in QWEN_PORTS[method.name]["needs"] if k.endswith(":" + getattr(method, "qwen_order", "")))
+        served = QWEN_PORTS[method.name]["needs"]
+        if method.name == "holov":  # its needs name the CLIP quantity; the port reads the order it is configured for
+            return tuple(k for k in served if k.endswith(":" + method.qwen_order))
+        return tuple(k for k in served if k in method.needs)
 
     @staticmethod
     def image_context(grid: tuple[int, int], seeds: torch.Tensor, extras: dict[str, torch.Tensor]) -> VisionContext:
@@ -416,6 +449,8 @@ class Qwen25VLAdapter(LlavaAdapter):
     def llm_pruning(self, method: PruningMethod, prepared: PreparedBatch):
         """The in-LLM runner (``bench.models.llm_pruning``) on Qwen2's decoder; refused stages: :meth:`check_in_llm`."""
         if method.stage == "in_llm":
+            if method.name in QWEN_PORTS:
+                self.resolve_port(method)
             self.check_in_llm(method)
         return super().llm_pruning(method, prepared)
 
@@ -476,8 +511,10 @@ class Qwen25VLAdapter(LlavaAdapter):
         return self.encode_images(batch["pixel_values"], batch["image_grid_thw"].cpu())
 
     def selection_stage(self, batch: dict[str, torch.Tensor], method: PruningMethod, sample_seeds: torch.Tensor):
-        if method.stage != "pre_llm":
+        if not (method.stage == "pre_llm" or getattr(method, "pre_llm_selection", False)):
             return None
+        if method.name in QWEN_PORTS:
+            self.resolve_port(method)
         grids = self.image_grids(batch)
         needs = self.port_needs(method)
         feats = self.encode_images(batch["pixel_values"], batch["image_grid_thw"].cpu(), needs)
