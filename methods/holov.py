@@ -22,6 +22,24 @@ the head-mean CLS attention ``a`` of CLIP layer -2 (patch columns, ``.float()``)
   zero rows are not sent, so fewer than ``T`` tokens may reach the LLM (recorded per sample).
 
 The official ``new_image_token_num = 64`` is hard-coded; here ``T = round(N (1 - prune_ratio))``.
+
+Qwen2.5-VL port (official ``qwen-model-HoloV/modeling_qwen2_5_vl.py`` + ``utils.py``; the tower has no
+[CLS]): the same rule on the merged (2x2 merger) tokens, with two substitutes the official port computes,
+both given by the adapter, never by this file:
+
+* the attention score of a merged token is the attention each patch *receives* in the tower's last block
+  (head mean, then mean over all query patches: the column mean), averaged over the 2x2 patches it merges
+  (``VisionContext`` key ``merged_attn_received:<order>``, ``(B, N)``);
+* the chunk count is ``max(1, int(1024 / 576 * N / T))`` (official ``num_patches``; 16 for 576 -> 64),
+  ``qwen_chunks: official``; ``qwen_chunks: fixed`` uses ``chunks`` instead.
+
+The official port keeps those scores in the tower's *window-attention order* while the merged tokens are
+in raster order (it reverses the window permutation for the features only), so chunk ``c``'s tokens are
+ranked by the scores of other tokens whenever the image spans more than one 112 px window. That is the
+faithful default (``qwen_order: window``); ``qwen_order: raster`` is the named correction (each token its own
+score). Not reproduced (recorded in :attr:`HoloV.deviations`): the official port slices the image block from
+``<|vision_start|>`` (one token early: the marker is a candidate and the last image token always stays) and
+floors the budget (``int(N * keep)``); here the block is the image tokens and ``T`` is the harness's ``round``.
 The official loop runs per sample; this version is batched (same arithmetic per chunk). The output is
 not a raster-ordered pure selection, so ``kept_index`` is ``None``; ``extras["source_index"]`` holds each
 row's token index, ``-1`` for the zero rows.
@@ -34,7 +52,7 @@ from typing import ClassVar
 
 import torch
 
-from bench.errors import ConfigError
+from bench.errors import ConfigError, IncompatibleMethodError
 from methods.base import PruningMethod, VisionContext, VisualSelection
 
 
@@ -104,7 +122,8 @@ def holov_select(x: torch.Tensor, attn: torch.Tensor, budget: int, chunks: int =
 
 @dataclass
 class HoloV(PruningMethod):
-    """HoloV with the official defaults (16 chunks, alpha 0.09, CLS attention of CLIP layer -2).
+    """HoloV with the official defaults (16 chunks, alpha 0.09, CLS attention of CLIP layer -2; on Qwen2.5-VL
+    the official port's substitutes, see the module docstring).
 
     Parameters
     ----------
@@ -117,14 +136,27 @@ class HoloV(PruningMethod):
     overflow : {"zero_pad", "drop"}
         ``zero_pad`` (official): quota lost to full chunks becomes all-zero rows sent to the LLM;
         ``drop``: those rows are not sent (fewer tokens reach the LLM).
+    qwen_order : {"window", "raster"}
+        On a tower without [CLS] (Qwen2.5-VL): ``window`` (official) reads the last block's received attention
+        in the tower's window order against raster-ordered tokens; ``raster``: each token its own score.
+    qwen_chunks : {"official", "fixed"}
+        On a tower without [CLS]: ``official`` cuts ``max(1, int(1024 / 576 * N / T))`` chunks; ``fixed``: ``chunks``.
     """
 
     chunks: int = 16
     alpha: float = 0.09
     layer: int = -2
     overflow: str = "zero_pad"
+    qwen_order: str = "window"
+    qwen_chunks: str = "official"
 
-    requires_cls: ClassVar[bool] = True
+    #: the no-[CLS] substitute (Qwen2.5-VL's official port), served by the adapter
+    NO_CLS_SCORE: ClassVar[str] = "merged_attn_received"
+    deviations: ClassVar[tuple[str, ...]] = (
+        "qwen_block_slice (Qwen2.5-VL runs only): the official Qwen2.5-VL port cuts the image block from <|vision_start|> (one token early: the "
+        "marker is a candidate, the last image token is always kept); here the block is exactly the image tokens",
+        "qwen_budget_rounding (Qwen2.5-VL runs only): the official Qwen2.5-VL port keeps int(N * keep) tokens; here round(N * (1 - ratio))",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -132,6 +164,25 @@ class HoloV(PruningMethod):
             raise ConfigError(f"holov: overflow must be zero_pad or drop, got {self.overflow!r}")
         if int(self.chunks) < 1:
             raise ConfigError(f"holov: chunks must be >= 1, got {self.chunks}")
+        if self.qwen_order not in ("window", "raster"):
+            raise ConfigError(f"holov: qwen_order must be window or raster, got {self.qwen_order!r}")
+        if self.qwen_chunks not in ("official", "fixed"):
+            raise ConfigError(f"holov: qwen_chunks must be official or fixed, got {self.qwen_chunks!r}")
+
+    def check_compatible(self, ctx: VisionContext) -> None:
+        """A tower without [CLS] is accepted only where the adapter serves the official port's substitute."""
+        if not ctx.has_cls and self.NO_CLS_SCORE + ":" + self.qwen_order not in ctx.extras:
+            raise IncompatibleMethodError(
+                f"method {self.name!r} scores by CLS attention, but this vision tower has no CLS token "
+                "(and the adapter does not serve HoloV's official no-CLS substitute)"
+            )
+
+    def n_chunks(self, n: int, t: int, has_cls: bool) -> int:
+        """Chunks for ``n`` tokens and budget ``t``: ``chunks`` with a [CLS] tower (official LLaVA code); the official
+        Qwen2.5-VL port's ``max(1, int(1024 / 576 * n / t))`` without one (``qwen_chunks: official``)."""
+        if has_cls or self.qwen_chunks == "fixed":
+            return int(self.chunks)
+        return max(1, int(((1024 / 576) * n) / t))
 
     @property
     def graph_safe(self) -> bool:  # type: ignore[override]
@@ -147,10 +198,15 @@ class HoloV(PruningMethod):
         if self.prune_ratio == 0.0:
             return VisualSelection(vis, torch.arange(n, device=vis.device).expand(b, n), torch.full((b,), n, dtype=torch.long))
         self.check_compatible(ctx)
-        if n < 2 * int(self.chunks):
-            raise ConfigError(f"holov: {n} visual tokens cannot be cut into {self.chunks} chunks of at least 2")
-        attn = ctx.get(f"cls_attn:{self.layer}")[:, :, 1:].mean(dim=1).float()
-        idx = holov_select(vis, attn, self.n_keep(n), int(self.chunks), float(self.alpha))
+        t = self.n_keep(n)
+        chunks = self.n_chunks(n, t, ctx.has_cls)
+        if n < 2 * chunks:
+            raise ConfigError(f"holov: {n} visual tokens cannot be cut into {chunks} chunks of at least 2")
+        if ctx.has_cls:
+            attn = ctx.get(f"cls_attn:{self.layer}")[:, :, 1:].mean(dim=1).float()
+        else:
+            attn = ctx.get(f"{self.NO_CLS_SCORE}:{self.qwen_order}").float()
+        idx = holov_select(vis, attn, t, chunks, float(self.alpha))
         real = idx >= 0
         feats = vis.gather(1, idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, d)) * real.unsqueeze(-1).to(vis.dtype)
         n_kept = torch.full((b,), idx.shape[1], dtype=torch.long) if self.overflow == "zero_pad" else real.sum(dim=1).cpu()
@@ -158,10 +214,17 @@ class HoloV(PruningMethod):
         return VisualSelection(feats, None, n_kept, {"source_index": idx})
 
     def selection_flops(self, cost) -> int:
-        """Per image: the CLS row of the layer, and the ``M x M`` cosine matrix of every chunk of projected
+        """Per image: the CLS row of the layer (no [CLS]: the last tower block's ``q, k, v`` recomputed and its
+        ``L x L`` scores over the ``L = m^2 N`` patches), and the ``M x M`` cosine matrix of every chunk of projected
         tokens (``M = ceil(N / C)``, padded slots included)."""
         if self.prune_ratio == 0.0:
             return 0
-        c = int(self.chunks)
+        has_cls = getattr(cost, "has_cls", True)
+        c = self.n_chunks(cost.n_visual, self.n_keep(cost.n_visual), has_cls)
         m = -(-cost.n_visual // c)
-        return cost.batch * (cost.vision_extras(self.needs) + c * 2 * m * m * cost.llm_width)
+        if has_cls:
+            extras = cost.vision_extras(self.needs)
+        else:
+            patches, w = cost.n_visual * getattr(cost, "vision_merge", 2) ** 2, cost.vision_width
+            extras = 2 * patches * w * 3 * w + 2 * patches * patches * w
+        return cost.batch * (extras + c * 2 * m * m * cost.llm_width)

@@ -130,8 +130,9 @@ class StageView(Protocol):
     layer: int
     sample_seeds: torch.Tensor
 
-    def attn_rows(self, layer: int, queries: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention probabilities of ``layer`` for some query rows, recomputed from its q/k and RoPE.
+    def attn_rows(self, layer: int, queries: str, rope: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention probabilities of ``layer`` for some query rows, recomputed from its q/k and RoPE
+        (``rope=False``: from the un-rotated q/k, ``layer == self.layer`` only; VScan's Qwen2.5-VL port).
 
         ``layer`` is either ``self.layer - 1`` (the layer that produced :attr:`hidden`, scored on its
         own input) or ``self.layer`` (scored on :attr:`hidden` through that layer's input norm).

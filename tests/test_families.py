@@ -19,7 +19,7 @@ from methods import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [("tiny_llava_next_random", {"budget": "image"}, None), ("tiny_llava_next_random", {"budget": "tile"}, None),
-        ("tiny_llava_next_random", {"budget": "base_grid"}, None), ("tiny_qwen25vl_random", {}, (112, 84))]
+        ("tiny_llava_next_random", {"budget": "base_grid"}, None), ("tiny_qwen25vl_random", {}, (168, 112))]  # merged 6 x 4: one VScan 4 x 4 window
 
 
 def test_readme_table_is_the_generated_one():
@@ -46,9 +46,12 @@ def test_refusals_name_the_stage_that_is_missing():
         for name in ("tome", "flowcut"):
             assert "vision tower" in table[name][fam] and "in-LLM" not in table[name][fam], (name, fam, table[name][fam])
     for name in ("fastv", "pdrop", "sparsevlm", "dart", "transprune"):
-        assert "in-LLM" in table[name]["Qwen2.5-VL"], (name, table[name]["Qwen2.5-VL"])
         assert table[name]["LLaVA-NeXT"] == "budget=image", (name, table[name]["LLaVA-NeXT"])  # one budget per image
     assert table["vscan"]["LLaVA-NeXT"] == "budget=tile"  # its official per-tile P
+    # Qwen2.5-VL: the in-LLM runner keeps original 3-D positions; stages that renumber them are refused
+    assert table["fastv"]["Qwen2.5-VL"] == table["dart"]["Qwen2.5-VL"] == "yes"
+    for name in ("pdrop", "sparsevlm", "transprune"):
+        assert "renumbers positions" in table[name]["Qwen2.5-VL"], (name, table[name]["Qwen2.5-VL"])
 
 
 @pytest.fixture(scope="module")

@@ -162,8 +162,9 @@ def test_refusals(adapter):
     for name in ("fastervlm", "vispruner", "visionzip", "prumerge"):
         with pytest.raises(IncompatibleMethodError):
             adapter.check_method(create(name, 0.5))
-    with pytest.raises(IncompatibleMethodError, match="in-LLM"):
-        adapter.check_method(create("fastv", 0.5))
+    with pytest.raises(IncompatibleMethodError, match="renumbers positions"):
+        adapter.check_method(create("pdrop", 0.5, budget="layer_mean"))
+    adapter.check_method(create("fastv", 0.5))
     adapter.check_method(create("divprune", 0.5))
 
 

@@ -471,6 +471,9 @@ class DescriptionCostModel(CostModel):
         self.vision_width = desc.vision_width
         self.vision_head_dim = desc.vision_width // max(desc.vision_heads, 1)
         self.has_cls = desc.vision_cls > 0
+        self.vision_merge = desc.vision_merge
+        #: tower blocks whose received attention a no-[CLS] port reads: the first full-attention one and the last
+        self.received_attention_blocks = len({*desc.vision_full_layers[:1], desc.vision_layers - 1})
         self.llm_width = desc.llm_width
         self.llm_head_dim = desc.llm_head_dim
         self.projector_per_token = sum(2 * a * b for a, b in desc.projector_dims)

@@ -412,7 +412,8 @@ class _Runner:
                 cur = self.seqs[-1]
                 kwargs["attention_mask"] = cur.mask
                 kwargs["position_embeddings"] = cur.pe
-                kwargs["position_ids"] = cur.pos
+                if cur.pos.dim() == 2:  # M-RoPE's (3, B, T) ids stay at the LM (its layers get text ids or None)
+                    kwargs["position_ids"] = cur.pos
             return args, kwargs
         idx = self.stage_of_layer[layer]
         if idx <= 0 or idx >= len(self.seqs):
@@ -548,7 +549,9 @@ class _Runner:
             shift = cur.shift + (cur.n_vis - k - m)
             pos_static = "pos" in lay
         else:
-            pos = cur.pos.gather(1, src)
+            # original ids, 1-D (B, T) or M-RoPE's 3-D (3, B, T): each kept token keeps its own
+            pos = cur.pos.gather(1, src) if cur.pos.dim() == 2 else _expand_b(cur.pos.transpose(0, 1), b).gather(
+                2, src.unsqueeze(1).expand(-1, cur.pos.shape[0], -1)).transpose(0, 1)
             shift = cur.shift
             pe = tuple(_expand_b(x, b).gather(1, src3.expand(-1, -1, x.shape[-1])) for x in cur.pe)
             pos_static = False
@@ -736,16 +739,22 @@ class _View:
         st[("bias", queries)] = None if allowed is None else _bias(allowed, self.hidden.dtype)
         return q_index, q_valid
 
-    def attn_rows(self, layer: int, queries: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
+    def attn_rows(self, layer: int, queries: str = "last", rope: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         q_index, q_valid = self.query_index(queries)
         nq = q_index.shape[0]
         off = self._r.query_offset if queries == "last" else 0
         first = self.hidden.shape[1] - nq - off  # both query sets are a suffix of the sequence (but ``off`` rows)
-        qk = self._qk_one_rotation(layer, first) if FUSE_QK else None
-        q, k = qk if qk is not None else (self._q_rows(layer, first), self.keys(layer))
+        attn = self._attn_module(layer)
+        if not rope:  # scores from the un-rotated projections of the layer's input (VScan's Qwen2.5-VL port)
+            x = self._norm_input(layer)
+            b, t = x.shape[:2]
+            q = attn.q_proj(x[:, first:]).view(b, t - first, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+        else:
+            qk = self._qk_one_rotation(layer, first) if FUSE_QK else None
+            q, k = qk if qk is not None else (self._q_rows(layer, first), self.keys(layer))
         if off:
             q = q[:, :, :nq]
-        attn = self._attn_module(layer)
         scaling = getattr(attn, "scaling", attn.head_dim**-0.5)
         return attention_rows(q, k, None, None, scaling, bias=self._s.static[("bias", queries)]), q_valid
 

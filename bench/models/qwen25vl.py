@@ -15,12 +15,26 @@ ids that way), which is the unpruned model's ``rope_deltas`` rule: the next posi
 ``max(position) + 1`` whatever was removed.
 
 The tower has no [CLS] token: methods whose definition needs one (CLS attention) are refused, as are
-methods needing CLIP-tower quantities; in-LLM pruning is not implemented for Qwen2's decoder with 3-D
-positions and is refused (exit code 2) rather than approximated.
+methods needing CLIP-tower quantities, except where the method's official Qwen2.5-VL port defines a
+substitute that this adapter serves (:data:`QWEN_PORTS`).
+
+In-LLM pruning runs through ``bench.models.llm_pruning`` (hooks on the ``Qwen2_5_VLTextModel`` decoder layers)
+for stages that keep original positions: the runner gathers each kept token's own ``(3,)`` M-RoPE ids and its
+rows of the rotary tables (transformers 5.x recomposes the three sections into ``(B, T, d)`` tables in the
+text model, before the layers), the KV cache of pruned layers holds the kept tokens only, and decoding
+continues at the unpruned prompt's ``max + 1`` in every dimension, the same ``rope_deltas`` the unpruned
+model uses (pruning inside the LLM changes no position). Stages that *renumber* positions (PDrop's and
+TransPrune's official default, SparseVLM 1.5) are refused: a contiguous renumbering of an image's
+``(t, h, w)`` grid positions after dropping some of them is not defined (which dimension shifts, and by
+how much?), and no official Qwen2.5-VL port of those methods defines one. Stages that merge tokens in the
+LLM (SparseVLM's recycling) are refused too (a merged token has no original 3-D position). The runner plans
+one schedule per visual-token count, so :meth:`generate` runs the samples of a batch in groups of equal
+count (mixed image sizes), each group one ``generate`` call.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -29,6 +43,45 @@ from bench.errors import ConfigError, IncompatibleMethodError
 from bench.models.base import FlopsDescription, ImageBlock, PreparedBatch
 from bench.models.llava import LlavaAdapter
 from methods.base import PruningMethod, VisionContext
+
+#: Methods whose official Qwen2.5-VL port replaces a [CLS] quantity by one of the windowed tower; the adapter
+#: serves it under ``needs`` (``VisionContext.extras`` keys).
+#:
+#: * ``holov`` (``obananas/HoloV``, ``qwen-model-HoloV/modeling_qwen2_5_vl.py``: the vision tower's ``forward``
+#:   returns ``attention_scores`` beside the merged features): ``merged_attn_received:{window,raster}``, ``(1, N)``
+#:   per merged token, see :meth:`Qwen25VLAdapter.received_attention`.
+#: * ``vscan`` (``Tencent/SelfEvolvingAgent``, ``VScan/qwen/model/qwen2_5_vl_custom.py``: the tower's ``forward``
+#:   returns the received attention of its first full-attention block and of its last block, in raster order):
+#:   ``merged_attn_received@first_full:raster`` and ``merged_attn_received:raster``; its ``port: auto`` is resolved to
+#:   ``qwen25vl`` here (:meth:`Qwen25VLAdapter.resolve_port`).
+QWEN_PORTS: dict[str, dict[str, Any]] = {
+    "holov": {"needs": ("merged_attn_received:window", "merged_attn_received:raster")},
+    "vscan": {"needs": ("merged_attn_received@first_full:raster", "merged_attn_received:raster")},
+}
+
+
+def received_attention(attn_module, hidden: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """The attention each patch receives in one vision block, as HoloV's official Qwen2.5-VL port computes it.
+
+    ``hidden`` ``(L, D)`` is the block's normed input (window order), ``cu_seqlens`` its attention segments
+    (the whole image for a full-attention block, windows otherwise). The official port materialises the
+    ``(H, L, L)`` softmax with the segments as a mask, averages over heads and then over *all* ``L`` query
+    rows (zero outside a query's segment): ``(L,)`` in window order, the model's dtype. Here one segment at
+    a time (no ``L x L`` over the whole image), the same sums.
+    """
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    n = hidden.shape[0]
+    q, k, _ = attn_module.qkv(hidden).reshape(n, 3, attn_module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, L, d)
+    col = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        p = torch.softmax((q[:, s:e] @ k[:, s:e].transpose(-1, -2)) * attn_module.scaling, dim=-1)  # (H, l, l)
+        col[s:e] = p.mean(dim=0).float().sum(dim=0)
+    return (col / n).to(hidden.dtype)
 
 
 class Qwen25VLAdapter(LlavaAdapter):
@@ -45,7 +98,7 @@ class Qwen25VLAdapter(LlavaAdapter):
     family = "qwen25vl"
     model_class_name = "Qwen2_5_VLForConditionalGeneration"
     config_class_name = "Qwen2_5_VLConfig"
-    supported_stages = frozenset({"none", "pre_llm"})
+    supported_stages = frozenset({"none", "pre_llm", "in_llm"})
     selection_graphs = False
     #: the synthetic probe image's (height, width) in pixels (a multiple of 28); ``probe_batch(size=...)`` overrides
     PROBE_IMAGE = (448, 448)
@@ -96,9 +149,17 @@ class Qwen25VLAdapter(LlavaAdapter):
             )
         if method.stage not in self.supported_stages:
             raise IncompatibleMethodError(
-                f"method {method.name!r} prunes at stage {method.stage!r}; on Qwen2.5-VL only pre-LLM pruning is implemented "
-                "(in-LLM hooks on Qwen2's decoder with 3-D M-RoPE positions are not)"
+                f"method {method.name!r} prunes at stage {method.stage!r}; on Qwen2.5-VL pre-LLM and in-LLM pruning are implemented"
             )
+        port = QWEN_PORTS.get(method.name)
+        if port is not None:
+            self.resolve_port(method)
+            method.check_compatible(VisionContext(self.grid, False, torch.zeros(1, dtype=torch.long), {k: None for k in port["needs"]}))
+            if method.stage == "in_llm":
+                self.check_in_llm(method)
+            return
+        if method.stage == "in_llm":
+            self.check_in_llm(method)
         if method.requires_cls:
             raise IncompatibleMethodError(f"method {method.name!r} is defined by [CLS] attention; Qwen2.5-VL's vision tower has no [CLS] token")
         if method.merges and method.stage == "pre_llm":
@@ -110,6 +171,36 @@ class Qwen25VLAdapter(LlavaAdapter):
                 f"method {method.name!r} needs CLIP vision-tower quantities ({', '.join(sorted(method.needs))}) that Qwen2.5-VL's tower does not provide"
             )
         method.check_compatible(VisionContext(self.grid, False, torch.zeros(1, dtype=torch.long)))
+
+    @staticmethod
+    def resolve_port(method: PruningMethod) -> PruningMethod:
+        """A method whose official code has a Qwen2.5-VL port chosen by a ``port`` field (VScan): ``auto`` becomes
+        ``qwen25vl`` (in place, so that the run's record, budget and FLOPs all read the rule that ran); an explicit
+        other port is refused."""
+        port = getattr(method, "port", None)
+        if port == "auto":
+            method.port = "qwen25vl"
+        elif port is not None and port != "qwen25vl":
+            raise IncompatibleMethodError(f"method {method.name!r} with port={port!r} follows its LLaVA code ([CLS] attention); on Qwen2.5-VL use port=qwen25vl or auto")
+        return method
+
+    def check_in_llm(self, method: PruningMethod) -> None:
+        """In-LLM stages on M-RoPE: only those that keep original positions and select (no merged tokens)."""
+        if getattr(method, "pre_llm_selection", False) and method.name not in QWEN_PORTS:
+            raise IncompatibleMethodError(f"method {method.name!r} selects before the LLM by [CLS] attention; Qwen2.5-VL's tower has no [CLS] token")
+        n = self.grid[0] * self.grid[1]
+        method.check_budget(n, self.num_llm_layers)
+        plan = list(method.plan(n, self.num_llm_layers)) if method.prune_ratio > 0 else []
+        if any(st.renumber for st in plan):
+            raise IncompatibleMethodError(
+                f"method {method.name!r} renumbers positions in the LLM; Qwen2.5-VL's 3-D M-RoPE positions of an image have "
+                "no defined contiguous renumbering once tokens are dropped (kept tokens keep their (t, h, w) ids here): "
+                "run it with renumber_positions=false (a named deviation from its official default) or on another family"
+            )
+        if any(st.n_selected != st.n_keep for st in plan):
+            raise IncompatibleMethodError(
+                f"method {method.name!r} merges tokens inside the LLM; on Qwen2.5-VL a merged token has no original M-RoPE position"
+            )
 
     def image_grids(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
         """Merged ``(H, W)`` grid per sample (one image per sample)."""
@@ -130,15 +221,56 @@ class Qwen25VLAdapter(LlavaAdapter):
 
     # --------------------------------------------------------------- forward
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, needs=()):
         """Flattened patches ``(sum_i T*H*W, C*t*p*p)`` + ``(B, 3)`` grids -> per image ``(H/2 * W/2, D_llm)`` merged
-        tokens in raster order; one image at a time (batch-neighbour independent)."""
+        tokens in raster order; one image at a time (batch-neighbour independent).
+
+        With ``needs`` (keys of :data:`QWEN_PORTS`) returns ``(features, extras)``: per image a dict of the asked
+        quantities, each ``(1, N)``, from the same tower pass (:meth:`received_attention`)."""
         sizes = image_grid_thw.prod(-1).tolist()
-        out = []
+        out, extras = [], []
         for px, thw in zip(pixel_values.split(sizes), image_grid_thw):
-            feats = self.model.model.get_image_features(px.to(self.device, self.dtype), thw.view(1, 3).to(self.device), return_dict=True).pooler_output
-            out.append(feats[0])
-        return out
+            thw = thw.view(1, 3).to(self.device)
+            if not needs:
+                out.append(self.model.model.get_image_features(px.to(self.device, self.dtype), thw, return_dict=True).pooler_output[0])
+                continue
+            f, e = self._encode_with_received_attention(px, thw, needs)
+            out.append(f)
+            extras.append(e)
+        return (out, extras) if needs else out
+
+    def _encode_with_received_attention(self, px: torch.Tensor, thw: torch.Tensor, needs):
+        """One image's merged features and ``merged_attn_received:*`` (HoloV's official Qwen2.5-VL substitute for CLS
+        attention): the attention each patch receives in the tower's last block (:func:`received_attention`),
+        averaged over the 2x2 patches of each merged token. ``window``: in the tower's window order, which the
+        official port pairs with raster-ordered tokens; ``raster``: the merged token's own score."""
+        from transformers.vision_utils import get_vision_window_index
+
+        visual = self.model.model.visual
+        # key "merged_attn_received[@first_full]:<order>": the last block, or the first full-attention one (VScan's local scan)
+        blocks = {k: (visual.fullatt_block_indexes[0] if k.partition(":")[0].endswith("@first_full") else len(visual.blocks) - 1)
+                  for k in needs}
+        seen: dict[int, torch.Tensor] = {}
+
+        def grab(block, module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen[block] = received_attention(module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"])
+
+        handles = [visual.blocks[i].attn.register_forward_pre_hook(partial(grab, i), with_kwargs=True) for i in set(blocks.values())]
+        try:
+            feats = self.model.model.get_image_features(px.to(self.device, self.dtype), thw, return_dict=True).pooler_output[0]
+        finally:
+            for h in handles:
+                h.remove()
+        unit = visual.spatial_merge_unit
+        index, _ = get_vision_window_index(thw.cpu(), spatial_merge_size=visual.spatial_merge_size,
+                                           window_size=visual.window_size, patch_size=visual.patch_size)
+        back = torch.argsort(index.to(feats.device))
+        out = {}
+        for k, block in blocks.items():
+            window = seen[block].view(-1, unit).mean(dim=1)  # (N,) window order, official: view(N, 4).mean(1)
+            out[k] = (window if k.endswith(":window") else window[back]).unsqueeze(0)
+        return feats, out
 
     def rope_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The unpruned model's ``(3, B, T)`` M-RoPE positions (``get_rope_index``; 0 on padding)."""
@@ -158,9 +290,13 @@ class Qwen25VLAdapter(LlavaAdapter):
         """
         if method.stage not in self.supported_stages:
             self.check_method(method)
+        if method.name in QWEN_PORTS:
+            self.resolve_port(method)
         ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
         grids = self.image_grids(batch)
-        feats = self.encode_images(batch["pixel_values"], batch["image_grid_thw"].cpu())
+        needs = self.port_needs(method)
+        feats = self.encode_images(batch["pixel_values"], batch["image_grid_thw"].cpu(), needs)
+        feats, extras_per_image = feats if needs else (feats, [{}] * len(feats))
         pos_full = self.rope_positions(batch).cpu()
         img = self.image_token_id
         rows, row_pos, kept_feats, n_in = [], [], [], []
@@ -171,16 +307,20 @@ class Qwen25VLAdapter(LlavaAdapter):
             at = (seq == img).nonzero().flatten()
             if len(at) != n or at[-1] - at[0] + 1 != n or f.shape[0] != n:
                 raise ValueError(f"sample {i}: expected one image of {n} contiguous image tokens, found {len(at)} (features {f.shape[0]})")
-            if method.prune_ratio == 0.0 or method.stage == "none":
+            if method.prune_ratio == 0.0 or method.stage == "none" or (method.stage == "in_llm" and not getattr(method, "pre_llm_selection", False)):
+                # in-LLM methods send every token to the LLM (VScan's scan selects before it)
                 keep_idx, k_feats = torch.arange(n), f
             else:
-                sel = method.reduce(f.unsqueeze(0), VisionContext(grid=grid, has_cls=False, sample_seeds=sample_seeds[i].view(1)))
+                sel = method.reduce(f.unsqueeze(0), self.image_context(grid, sample_seeds[i].view(1), extras_per_image[i]))
                 k = int(sel.n_kept[0])
-                if sel.kept_index is None:
+                source = sel.kept_index if sel.kept_index is not None else sel.extras.get("source_index")
+                if source is None:
                     raise IncompatibleMethodError(
                         f"method {method.name!r} merges tokens; on Qwen2.5-VL a merged token has no original M-RoPE position"
                     )
-                keep_idx, k_feats = sel.kept_index[0, :k].cpu(), sel.features[0, :k]
+                # a row of source -1 (HoloV's all-zero padding rows) takes the id and 3-D position of the block's last
+                # token, as the official port's ``kept_pos[:, :, final_position]`` indexes with -1
+                keep_idx, k_feats = source[0, :k].cpu() % n, sel.features[0, :k]
             s0 = int(at[0])
             keep_rows = torch.cat([torch.arange(s0), s0 + keep_idx, torch.arange(s0 + n, len(seq))])
             rows.append(seq[keep_rows])
@@ -206,10 +346,37 @@ class Qwen25VLAdapter(LlavaAdapter):
         extras = {"image_spans": spans, "sample_seeds": sample_seeds, "position_ids": new_pos.to(self.device), "grids": grids}
         return PreparedBatch(new_ids, embeds, new_mask, n_in, kept, extras=extras)
 
+    def port_needs(self, method: PruningMethod) -> tuple[str, ...]:
+        """The :data:`QWEN_PORTS` quantities ``method`` reads (none at ratio 0 or for other methods)."""
+        if method.prune_ratio == 0.0 or method.stage == "none" or method.name not in QWEN_PORTS:
+            return ()
+        served = QWEN_PORTS[method.name]["needs"]
+        if method.name == "holov":  # its needs name the CLIP quantity; the port reads the order it is configured for
+            return tuple(k for k in served if k.endswith(":" + method.qwen_order))
+        return tuple(k for k in served if k in method.needs)
+
+    @staticmethod
+    def image_context(grid: tuple[int, int], seeds: torch.Tensor, extras: dict[str, torch.Tensor]) -> VisionContext:
+        """One image's :class:`VisionContext`: its merged grid and the port quantities computed with its features."""
+        return VisionContext(grid=grid, has_cls=False, sample_seeds=seeds, extras={k: (lambda v=v: v) for k, v in extras.items()})
+
     def generate(self, prepared: PreparedBatch, max_new_tokens: int = 16, method: PruningMethod | None = None, **gen_kwargs) -> torch.Tensor:
-        """Greedy generation; prompt positions are the kept M-RoPE ones, decoding continues from their last + 1."""
-        if method is not None and method.stage == "in_llm":
-            self.check_method(method)
+        """Greedy generation; prompt positions are the kept M-RoPE ones, decoding continues from their last + 1.
+
+        An ``in_llm`` method runs inside :meth:`llm_pruning`, one ``generate`` per group of samples with the same
+        visual-token count (the runner plans one schedule per count); rows come back in batch order, right-padded
+        with the pad id to the longest group output."""
+        if method is not None and method.stage == "in_llm" and method.prune_ratio > 0:
+            outs = []
+            for idx, sub in self.count_groups(prepared):
+                with self.llm_pruning(method, sub):
+                    outs.append((idx, self.generate(sub, max_new_tokens=max_new_tokens, **gen_kwargs)))
+                self.merge_group_extras(prepared, sub, idx)
+            width = max(o.shape[1] for _, o in outs)
+            res = torch.full((prepared.input_ids.shape[0], width), self.pad_token_id, dtype=outs[0][1].dtype, device=outs[0][1].device)
+            for idx, o in outs:
+                res[idx.to(res.device), : o.shape[1]] = o
+            return res
         tok = self.processor.tokenizer if self.processor is not None else None
         out = self.model.generate(
             input_ids=prepared.input_ids,
@@ -226,7 +393,11 @@ class Qwen25VLAdapter(LlavaAdapter):
 
     @torch.no_grad()
     def prefill(self, prepared: PreparedBatch, method: PruningMethod | None = None):
-        """One LLM prefill with the KV cache on, at the kept M-RoPE positions (those ``generate`` uses)."""
+        """One LLM prefill with the KV cache on, at the kept M-RoPE positions (those ``generate`` uses); an ``in_llm``
+        method needs one visual-token count in the batch (one schedule: a single prefill to time)."""
+        if method is not None and method.stage == "in_llm" and method.prune_ratio > 0:
+            with self.llm_pruning(method, prepared):
+                return self.prefill(prepared)
         return self.model(
             inputs_embeds=prepared.inputs_embeds,
             attention_mask=prepared.attention_mask,
@@ -235,8 +406,53 @@ class Qwen25VLAdapter(LlavaAdapter):
             logits_to_keep=1,
         )
 
+    def count_groups(self, prepared: PreparedBatch):
+        """``(indices, sub-batch)`` per visual-token count of ``prepared``, in order of first appearance; one group
+        (``prepared`` itself) when every sample has the same count."""
+        spans = prepared.extras["image_spans"]
+        width = (spans[:, 1] - spans[:, 0]).tolist()
+        if len(set(width)) == 1:
+            return [(torch.arange(len(width)), prepared)]
+        out = []
+        for w in dict.fromkeys(width):
+            idx = torch.tensor([i for i, x in enumerate(width) if x == w])
+            dev = idx.to(prepared.input_ids.device)
+            mask = prepared.attention_mask.index_select(0, dev)
+            cut = int((mask.sum(0) > 0).nonzero()[0])  # the group's common left padding is dropped
+            ex = dict(prepared.extras)
+            ex["image_spans"] = spans[idx] - cut
+            ex["position_ids"] = prepared.extras["position_ids"][:, dev, cut:]
+            if ex.get("sample_seeds") is not None:
+                ex["sample_seeds"] = ex["sample_seeds"][idx]
+            ex["grids"] = [prepared.extras["grids"][i] for i in idx.tolist()]
+            for k in ("visual_tokens_per_layer", "llm_stages", "visual_tokens_layer_mean"):
+                ex.pop(k, None)
+            out.append((idx, PreparedBatch(prepared.input_ids[dev, cut:], prepared.inputs_embeds[dev, cut:], mask[:, cut:],
+                                           [prepared.visual_tokens_in[i] for i in idx.tolist()],
+                                           [prepared.visual_tokens_kept[i] for i in idx.tolist()], extras=ex)))
+        return out
+
+    @staticmethod
+    def merge_group_extras(prepared: PreparedBatch, sub: PreparedBatch, idx: torch.Tensor) -> None:
+        """Copy a group's per-sample in-LLM records (tokens per layer) back into the whole batch's extras."""
+        if sub is prepared:
+            return
+        vpl = sub.extras.get("visual_tokens_per_layer")
+        if vpl is not None:
+            whole = prepared.extras.get("visual_tokens_per_layer")
+            if whole is None or whole.shape[1] != vpl.shape[1]:
+                whole = prepared.extras["visual_tokens_per_layer"] = torch.zeros(len(prepared.visual_tokens_in), vpl.shape[1], dtype=torch.long)
+            whole[idx] = vpl
+            prepared.extras["visual_tokens_layer_mean"] = float(whole.float().mean())
+        prepared.extras.setdefault("llm_stages_groups", []).append({"samples": idx.tolist(), "stages": sub.extras.get("llm_stages", [])})
+
     def llm_pruning(self, method: PruningMethod, prepared: PreparedBatch):
-        return super(LlavaAdapter, self).llm_pruning(method, prepared)
+        """The in-LLM runner (``bench.models.llm_pruning``) on Qwen2's decoder; refused stages: :meth:`check_in_llm`."""
+        if method.stage == "in_llm":
+            if method.name in QWEN_PORTS:
+                self.resolve_port(method)
+            self.check_in_llm(method)
+        return super().llm_pruning(method, prepared)
 
     def is_llama_rms_norm(self, norm: torch.nn.Module) -> bool:
         return False
@@ -295,9 +511,13 @@ class Qwen25VLAdapter(LlavaAdapter):
         return self.encode_images(batch["pixel_values"], batch["image_grid_thw"].cpu())
 
     def selection_stage(self, batch: dict[str, torch.Tensor], method: PruningMethod, sample_seeds: torch.Tensor):
-        if method.stage != "pre_llm":
+        if not (method.stage == "pre_llm" or getattr(method, "pre_llm_selection", False)):
             return None
+        if method.name in QWEN_PORTS:
+            self.resolve_port(method)
         grids = self.image_grids(batch)
-        feats = self.vision_stage(batch)
-        ctxs = [VisionContext(grid=g, has_cls=False, sample_seeds=sample_seeds[i].view(1)) for i, g in enumerate(grids)]
+        needs = self.port_needs(method)
+        feats = self.encode_images(batch["pixel_values"], batch["image_grid_thw"].cpu(), needs)
+        feats, extras = feats if needs else (feats, [{}] * len(feats))
+        ctxs = [self.image_context(g, sample_seeds[i].view(1), extras[i]) for i, g in enumerate(grids)]
         return lambda: [method.reduce(f.unsqueeze(0), c) for f, c in zip(feats, ctxs)]
