@@ -56,7 +56,7 @@ DEFAULT_MODELS = ["llava_next_7b", "qwen25vl_7b"]
 TINY_MODELS = ["tiny_llava_next_random", "tiny_qwen25vl_random"]
 
 
-def build(model: str, device: str, dtype: str):
+def build(model: str, device: str, dtype: str, budget: str | None = None):
     """The model's adapter from ``conf/model/<model>.yaml`` with ``weights=random``, loaded."""
     from hydra.utils import get_class
 
@@ -65,6 +65,8 @@ def build(model: str, device: str, dtype: str):
         raise SystemExit(f"unknown model {model!r}: no {path.relative_to(ROOT)}")
     cfg = yaml.safe_load(path.read_text())
     cfg.update(device=device, weights="random", dtype=dtype)
+    if budget:  # LLaVA-NeXT's budget convention (image | tile | base_grid): per-tile ports run under budget=tile
+        cfg["budget"] = budget
     return get_class(cfg.pop("_target_"))(**cfg).load()
 
 
@@ -74,11 +76,24 @@ def device_tag(name: str) -> str:
     return (m.group(1) if m else name.split()[-1]).lower()
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """All rows so far, replacing the file atomically (a reader never sees half a table)."""
+KEY = ("model", "image_h", "image_w", "method", "ratio", "batch", "budget")
+
+
+def write_csv(path: Path, rows: list[dict], merge: Path | None = None) -> None:
+    """All rows so far, plus those of ``merge`` (an earlier CSV of this model) not re-measured here, replacing
+    the file atomically (a reader never sees half a table). Rows timed on another device are never mixed in."""
+    if merge is not None and merge.is_file():
+        with open(merge, newline="") as fh:
+            old = list(csv.DictReader(fh))
+        devices = {r["device"] for r in old} - {rows[0]["device"]}
+        if devices:
+            raise SystemExit(f"--merge {merge}: its rows were timed on {sorted(devices)}, these on {rows[0]['device']!r}; "
+                             "write a separate CSV per GPU")
+        done = {tuple(str(r[k]) for k in KEY) for r in rows}
+        rows = [r for r in old if tuple(str(r.get(k, "")) for k in KEY) not in done] + rows
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w = csv.DictWriter(fh, fieldnames=list(rows[-1]), restval="", extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, path)
@@ -94,7 +109,7 @@ def measure_model(model: str, args) -> tuple[Path, list[dict]]:
     from bench.errors import BenchError
     from methods.registry import create
 
-    adapter = build(model, args.device, args.dtype)
+    adapter = build(model, args.device, args.dtype, args.budget)
     dev = adapter.device
     ceil = measure_ceilings(dev, adapter.dtype)
     weight_bytes = adapter.llm_weight_bytes()
@@ -149,7 +164,7 @@ def measure_model(model: str, args) -> tuple[Path, list[dict]]:
                     "timer": timing.timer, "repeats": args.repeats, "torch": torch.__version__, "transformers": transformers.__version__,
                 })
                 print({k: rows[-1][k] for k in ("model", "image_h", "image_w", "method", "ratio", "visual_tokens_kept", "seq_len", "prefill_ms", "llm_prefill_floor_ms")}, flush=True)
-                write_csv(path, rows)  # after every row: a time-boxed GPU call keeps what it measured
+                write_csv(path, rows, args.merge_dir and Path(args.merge_dir) / path.name)  # after every row: a time-boxed GPU call keeps what it measured
     print("wrote", path, flush=True)
     del adapter, batch
     gc.collect()
@@ -170,6 +185,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--out", default=os.environ.get("OUT", "results/efficiency"))
+    ap.add_argument("--budget", default=None, help="model.budget for every model (LLaVA-NeXT: image | tile | base_grid); default: the model's YAML")
+    ap.add_argument("--merge-dir", default=None, help="a folder of earlier CSVs (e.g. results/efficiency): rows of <model>_<device>.csv "
+                    "there that this run does not re-measure are kept in the new CSV (same device only)")
     args = ap.parse_args(argv)
     args.models = args.models or (TINY_MODELS if args.tiny else DEFAULT_MODELS)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
