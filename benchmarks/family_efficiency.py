@@ -130,7 +130,11 @@ def measure_model(model: str, args) -> tuple[Path, list[dict]]:
                 except BenchError as e:  # a method this family refuses (with its reason) is skipped, not fatal
                     print(f"skipped {model} {method} ratio={ratio}: {e}", flush=True)
                     continue
-                prep = time_fn(lambda: adapter.prepare(batch, m, seeds), dev, warmup=args.warmup, repeats=args.repeats)
+                try:
+                    prep = time_fn(lambda: adapter.prepare(batch, m, seeds), dev, warmup=args.warmup, repeats=args.repeats)
+                except BenchError as e:  # refused for this image (e.g. too few tokens for the method's chunks or windows)
+                    print(f"skipped {model} {size} {method} ratio={ratio}: {e}", flush=True)
+                    continue
                 prepared = adapter.prepare(batch, m, seeds)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
