@@ -115,7 +115,7 @@ def greedy_dpp(kernel: torch.Tensor, t: int) -> torch.Tensor:
         eis = (kernel[rows, j] - torch.einsum("tb,tbn->bn", cis[:i, rows, j], cis[:i])) / torch.sqrt(di2s[rows, j]).unsqueeze(-1)
         cis[i, :, :] = eis
         di2s -= torch.square(eis)
-        di2s[rows, j] = -float("inf")
+        di2s.scatter_(1, j.unsqueeze(1), -float("inf"))  # a device-side fill: capturable in a CUDA graph
     return picks.t()
 
 
