@@ -110,8 +110,9 @@ def row(rec: dict, requested: int, driver: str | None) -> dict:
     }
 
 
-def write_table(rows: list[dict], path: Path, merge: Path | None = None):
-    """Rows of this invocation, plus those of ``merge`` for (method, kept, batch) not measured here."""
+def write_table(rows: list[dict], path: Path, merge: Path | None = None, drop: tuple[str, ...] = ()):
+    """Rows of this invocation, plus those of ``merge`` for (method, kept, batch) not measured here, less the
+    merged rows of the methods in ``drop`` (stale: measured under defaults that have changed since)."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
@@ -124,6 +125,7 @@ def write_table(rows: list[dict], path: Path, merge: Path | None = None):
             if mixed:  # timings are comparable only on one kind of card: never mix them in one table
                 raise SystemExit(f"--merge {merge}: its rows were measured on {sorted(set(old['gpu'].dropna()))}, these on "
                                  f"{sorted(set(df['gpu'].dropna()))}; write a separate CSV per GPU")
+        old = old[~old["method"].isin(drop)]
         key = ["method", "budget_requested", "batch"]
         if not df.empty:
             done = set(map(tuple, df[key].itertuples(index=False)))
@@ -193,6 +195,8 @@ def main() -> None:
     ap.add_argument("--modes", nargs="*", default=["eager", "graph", "compiled_graph"], help="latency modes (measure.modes)")
     ap.add_argument("--compile-variant", default=None, help="torch.compile variant of compiled_graph (bench.measure.latency.COMPILE_VARIANTS; default: its DEFAULT_COMPILE_VARIANT)")
     ap.add_argument("--merge", type=Path, help="an earlier CSV: its rows not re-measured here are kept")
+    ap.add_argument("--drop", nargs="*", default=[], help="methods whose rows in --merge are stale (their defaults changed): removed, not kept")
+    ap.add_argument("--no-measure", action="store_true", help="measure nothing: only rewrite --merge into --csv (with --drop); no GPU needed")
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides (e.g. model.source=... for a tiny model)")
     args = ap.parse_args()
     from bench.measure.latency import DEFAULT_COMPILE_VARIANT
@@ -206,7 +210,7 @@ def main() -> None:
     from bench.errors import BenchError
     from bench.runner import execute
 
-    methods = args.methods or sorted(p.stem for p in (ROOT / "conf/method").glob("*.yaml"))
+    methods = [] if args.no_measure else args.methods or sorted(p.stem for p in (ROOT / "conf/method").glob("*.yaml"))
     driver = driver_version()
     rows, failures = [], []
     models = ModelCache()  # one 7B model for the whole sweep
@@ -222,14 +226,14 @@ def main() -> None:
                     r = rows[-1]
                     comp = f", compiled+graph {r['prefill_compiled_graph_ms']} ms (compile {r['compile_s']} s)" if r["compile_variant"] else ""
                     print(f"[eff] {method:>14} kept={kept:>3} b={batch:>2}: eager {r['prefill_eager_ms']} ms, graph {r['prefill_graph_ms']} ms{comp}, floor {r['llm_prefill_floor_ms']}, {r['tflops_prefill_counted']:.3f} TFLOPs ({time.time() - t0:.0f} s)", flush=True)
-                    write_table(rows, args.csv, args.merge)
+                    write_table(rows, args.csv, args.merge, tuple(args.drop))
                 except BenchError as e:  # refused with a reason (e.g. a budget no schedule of the method reaches)
                     failures.append(f"{method} kept={kept} batch={batch}: refused: {e}")
                     print(f"[eff] REFUSED {failures[-1]}", flush=True)
                 except Exception as e:  # noqa: BLE001 - one method failing must not hide the others
                     failures.append(f"{method} kept={kept} batch={batch}: {type(e).__name__}: {e}")
                     print(f"[eff] FAILED {failures[-1]}", flush=True)
-    df = write_table(rows, args.csv, args.merge)
+    df = write_table(rows, args.csv, args.merge, tuple(args.drop))
     if not df.empty:
         plot(df, args.plot)
     print(f"[eff] {len(rows)} rows -> {args.csv}; {len(failures)} failures")
