@@ -16,7 +16,7 @@ timeout ${QWEN_TIMEOUT:-100} python3 benchmarks/family_efficiency.py --models qw
   --merge-dir results/efficiency --out "$out/fam" > "$out/fam_qwen.log" 2>&1; echo "qwen rc=$?"
 timeout ${SEL_TIMEOUT:-45} python3 benchmarks/bench_selection.py --methods "flowcut,cdpruner,cdpruner[kernel+dpp]" --batches 1 \
   --kept 192,128,64 --repeats 20 --out "$out/selection.csv" > "$out/selection.log" 2>&1; echo "selection rc=$?"
-timeout ${EFF_TIMEOUT:-130} python3 benchmarks/efficiency_leaderboard.py --methods gprune holov flowcut cdpruner --batches 1 \
+timeout ${EFF_TIMEOUT:-130} python3 benchmarks/efficiency_leaderboard.py --methods visionzip gprune holov flowcut cdpruner --batches 1 \
   --modes eager graph --merge "results/efficiency/llava15_7b_${tag}.csv" --csv "$out/llava15_7b_${tag}.csv" \
   --plot "$out/llava15_7b_${tag}.png" --results-dir /tmp/effres > "$out/efficiency.log" 2>&1; echo "efficiency rc=$?"
 timeout ${NEXT_TIMEOUT:-90} python3 benchmarks/family_efficiency.py --models llava_next_7b --budget tile \
