@@ -42,9 +42,9 @@ def test_refusals_name_the_stage_that_is_missing():
     from bench.families import support
 
     table = support()
-    for fam in ("LLaVA-NeXT", "Qwen2.5-VL"):
-        for name in ("tome", "flowcut"):
-            assert "vision tower" in table[name][fam] and "in-LLM" not in table[name][fam], (name, fam, table[name][fam])
+    for fam, name in (("LLaVA-NeXT", "tome"), ("LLaVA-NeXT", "flowcut"), ("Qwen2.5-VL", "tome")):
+        assert "vision tower" in table[name][fam] and "in-LLM" not in table[name][fam], (name, fam, table[name][fam])
+    assert table["flowcut"]["Qwen2.5-VL"] == "yes"  # its official FlowCut_Qwen port (tower cut + LLM layer-1 stage)
     for name in ("fastv", "pdrop", "sparsevlm", "dart", "transprune"):
         assert table[name]["LLaVA-NeXT"] == "budget=image", (name, table[name]["LLaVA-NeXT"])  # one budget per image
     assert table["vscan"]["LLaVA-NeXT"] == "budget=tile"  # its official per-tile P

@@ -433,7 +433,7 @@ def _windows(h: int, w: int, win: int) -> list[int]:
     return [a * b for a in rows for b in cols]
 
 
-def vision_image_flops(desc, block) -> tuple[int, int]:
+def vision_image_flops(desc, block, segments: Sequence[Sequence[int]] | None = None, merged: int | None = None) -> tuple[int, int]:
     """``(tower, projector)`` FLOPs of one image, from its :class:`~bench.models.base.ImageBlock`.
 
     * ``vision_window == 0`` (CLIP): ``block.tiles`` tiles of ``vision_tokens_per_tile`` tokens ([CLS] included),
@@ -442,6 +442,8 @@ def vision_image_flops(desc, block) -> tuple[int, int]:
     * ``vision_window > 0`` (Qwen2.5-VL): one image of ``(m H) x (m W)`` patches for its merged ``H x W`` grid;
       layers in ``vision_full_layers`` attend over the whole image, the others within ``vision_window`` patch
       windows (the sum of the windows' squares); the merger runs on the ``H W`` merged tokens.
+    * ``segments`` (a tower cut between blocks, FlowCut's Qwen port): per block the lengths of its attention
+      segments (the surviving patches of each window, or of the image); the merger runs on ``merged`` tokens.
     """
     d, m = desc.vision_width, desc.vision_mlp
     dense = lambda n: 2 * n * (4 * d * d + desc.vision_mlp_matrices * d * m)  # noqa: E731 - q, k, v, o + MLP per token
@@ -454,6 +456,11 @@ def vision_image_flops(desc, block) -> tuple[int, int]:
     (gh, gw), mm = block.grids[0], desc.vision_merge
     ph, pw = gh * mm, gw * mm
     n = ph * pw
+    if segments is not None:
+        tower = 2 * n * desc.vision_patch_dim * d
+        for segs in segments:
+            tower += dense(sum(segs)) + 2 * 2 * d * sum(s * s for s in segs)
+        return tower, int(merged) * proj_per_token
     windowed = sum(s * s for s in _windows(ph, pw, desc.vision_window))
     tower = 2 * n * desc.vision_patch_dim * d
     for layer in range(desc.vision_layers):
@@ -502,9 +509,10 @@ def analytic_adapter(adapter, method, prepared, batch: dict, with_selection: boo
         return analytic_batch(adapter.config, method, prepared, with_selection)
     bsz, t = len(prepared.visual_tokens_kept), int(prepared.attention_mask.shape[1])
     out = Breakdown(per_llm_layer=[0] * desc.llm_layers)
-    for blocks in layouts:
+    segments = prepared.extras.get("vision_segments") or [None] * len(layouts)
+    for blocks, segs, kept in zip(layouts, segments, prepared.visual_tokens_kept):
         for b in blocks:
-            tower, proj = vision_image_flops(desc, b)
+            tower, proj = vision_image_flops(desc, b, segs, kept)
             out.vision += tower
             out.projector += proj
     vpl = prepared.extras.get("visual_tokens_per_layer") if method.stage == "in_llm" else None
@@ -528,8 +536,10 @@ def analytic_adapter(adapter, method, prepared, batch: dict, with_selection: boo
             raise NoSelectionFormula("selection FLOPs are modelled for one selection call over the same N tokens per sample "
                                      "(not per tile or per base tile + grid, nor over samples of different visual counts)")
         spans = prepared.extras.get("image_spans")
+        # a tower cut (FlowCut's Qwen port): the patches entering each block of the images it cut
+        vt = tuple(tuple(c) if s is not None else () for c, s in zip(prepared.extras.get("vision_tokens_per_layer") or [], segments)) or None
         sh = Shapes(bsz, n_in.pop(), tuple(int(k) - int(nl) for k, nl in zip(prepared.visual_tokens_kept, sent)), t,
-                    int(spans[:, 0].min()) if spans is not None else 0)
+                    int(spans[:, 0].min()) if spans is not None else 0, vision_tokens=vt)
         try:
             out.selection = int(method.selection_flops(DescriptionCostModel(adapter.config, desc, sh)))
         except NotImplementedError as e:

@@ -112,9 +112,9 @@ NOT_PORTED: dict[str, str] = {
         "inside the vision tower it keeps int(target_num / 2) patches of every 336 px tile (the tiles one batch), stitches the crops' kept "
         "patches and drops those outside the unpadded image without newlines (llava_arch.py::restore_image_features_sorted, "
         "unpad_mask), and then prunes the image again to target_num at LLM layer 1 by relation and semantic attention of "
-        "the last instruction token (modeling_llama_flowcut.py); that second, text-guided stage inside the language model "
-        "is not implemented here (methods/flowcut.py is the single-stage LLaVA-1.5 rule), and the in-tower path "
-        "(bench.models.vision_prune) handles one tile per image"
+        "the last instruction token (modeling_llama_flowcut.py); neither the per-tile in-CLIP cut feeding the tile-mask path "
+        "(which gathers rows of the unpruned tower) nor that layer-1 stage on the LLaVA-NeXT LLM runner is implemented here "
+        "(methods/flowcut.py holds the LLaVA-1.5 rule and the Qwen2.5-VL port)"
     ),
     "prumerge": (
         "its official code (42Shawn/LLaVA-PruMerge) is built on LLaVA-1.5 only: prepare_inputs_labels_for_multimodal takes "

@@ -666,6 +666,22 @@ class _View:
         b, t = k.shape[:2]
         return apply_rope(k.view(b, t, -1, self._attn_module(layer).head_dim), self.rope_table(layer), heads_first)
 
+    def values(self, layer: int) -> torch.Tensor:
+        """Values ``(B, T, H_kv, d)`` of ``layer`` (``self.layer - 1``, captured when the method sets
+        ``capture_values``, or ``self.layer``) on the current sequence."""
+        cap = self._captured(layer)
+        attn = self._attn_module(layer)
+        v = cap["v"] if cap is not None and "v" in cap else attn.v_proj(self._norm_input(layer))
+        b, t = v.shape[:2]
+        return v.view(b, t, -1, attn.head_dim)
+
+    def query_rows(self, layer: int, queries: str = "last") -> torch.Tensor:
+        """Post-RoPE queries ``(B, H, Q, d)`` of ``layer`` for the query set ``queries`` (see :meth:`attn_rows`)."""
+        q_index, _ = self.query_index(queries)
+        nq = q_index.shape[0]
+        off = self._r.query_offset if queries == "last" else 0
+        return self._q_rows(layer, self.hidden.shape[1] - nq - off)[:, :, :nq]
+
     def _q_rows(self, layer: int, first: int) -> torch.Tensor:
         """Post-RoPE queries ``(B, H, T - first, d)`` of ``layer`` for the rows ``first:``."""
         attn = self._attn_module(layer)
@@ -860,6 +876,8 @@ def prune_in_llm(adapter, method, prepared):
             attn = layers[layer].self_attn
             handles.append(attn.q_proj.register_forward_hook(partial(runner.capture_out, layer, "q")))
             handles.append(attn.k_proj.register_forward_hook(partial(runner.capture_out, layer, "k")))
+            if getattr(method, "capture_values", False):  # FlowCut's Qwen port scores with the layer's values too
+                handles.append(attn.v_proj.register_forward_hook(partial(runner.capture_out, layer, "v")))
         if capture and impl == "sdpa":
             undo_tap = _tap_attention({layers[layer].self_attn: partial(runner.capture_rot, layer) for layer in capture})
         extra_hooks = getattr(method, "install_hooks", None)

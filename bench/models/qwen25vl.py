@@ -54,9 +54,13 @@ from methods.base import PruningMethod, VisionContext
 #:   returns the received attention of its first full-attention block and of its last block, in raster order):
 #:   ``merged_attn_received@first_full:raster`` and ``merged_attn_received:raster``; its ``port: auto`` is resolved to
 #:   ``qwen25vl`` here (:meth:`Qwen25VLAdapter.resolve_port`).
+#: * ``flowcut`` (``TungChintao/FlowCut``, ``FlowCut_Qwen/modeling_qwen2_vl_flowcut.py``: the tower's ``forward`` cuts
+#:   patches between its blocks): no extra quantity; the adapter runs the tower itself (:meth:`Qwen25VLAdapter.encode_flowcut`)
+#:   and hands each block's rotated q/k and values to the method; its ``port: auto`` is resolved to ``qwen25vl`` here.
 QWEN_PORTS: dict[str, dict[str, Any]] = {
     "holov": {"needs": ("merged_attn_received:window", "merged_attn_received:raster")},
     "vscan": {"needs": ("merged_attn_received@first_full:raster", "merged_attn_received:raster")},
+    "flowcut": {"needs": (), "tower": True},
 }
 
 
@@ -141,6 +145,8 @@ class Qwen25VLAdapter(LlavaAdapter):
         return self.config.image_token_id
 
     def check_method(self, method: PruningMethod) -> None:
+        if method.name in QWEN_PORTS:  # a port may change the method's stage (FlowCut: in the tower -> tower + LLM)
+            self.resolve_port(method)
         if method.stage == "in_vision":
             raise IncompatibleMethodError(
                 f"method {method.name!r} prunes or merges inside the vision tower (stage 'in_vision'); the in-tower path "
@@ -295,8 +301,14 @@ class Qwen25VLAdapter(LlavaAdapter):
         ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
         grids = self.image_grids(batch)
         needs = self.port_needs(method)
-        feats = self.encode_images(batch["pixel_values"], batch["image_grid_thw"].cpu(), needs)
-        feats, extras_per_image = feats if needs else (feats, [{}] * len(feats))
+        tower = self.tower_port(method)
+        tower_counts = None
+        if tower:
+            feats, tower_counts, tower_segments = self.encode_flowcut(batch["pixel_values"], batch["image_grid_thw"].cpu(), method)
+            extras_per_image = [{}] * len(feats)
+        else:
+            feats = self.encode_images(batch["pixel_values"], batch["image_grid_thw"].cpu(), needs)
+            feats, extras_per_image = feats if needs else (feats, [{}] * len(feats))
         pos_full = self.rope_positions(batch).cpu()
         img = self.image_token_id
         rows, row_pos, kept_feats, n_in = [], [], [], []
@@ -305,9 +317,13 @@ class Qwen25VLAdapter(LlavaAdapter):
             valid = mask[i].bool()
             seq, pos = ids[i][valid], pos_full[:, i][:, valid]
             at = (seq == img).nonzero().flatten()
-            if len(at) != n or at[-1] - at[0] + 1 != n or f.shape[0] != n:
+            if len(at) != n or at[-1] - at[0] + 1 != n or (f.shape[0] != n and not tower):
                 raise ValueError(f"sample {i}: expected one image of {n} contiguous image tokens, found {len(at)} (features {f.shape[0]})")
-            if method.prune_ratio == 0.0 or method.stage == "none" or (method.stage == "in_llm" and not getattr(method, "pre_llm_selection", False)):
+            if tower:
+                # FlowCut's tower cut: the merged tokens take the image block's first positions (official
+                # ``position_ids[:, :, first:first + image_embeds.shape[0]]``); uncut, every token its own
+                keep_idx, k_feats = torch.arange(f.shape[0]), f
+            elif method.prune_ratio == 0.0 or method.stage == "none" or (method.stage == "in_llm" and not getattr(method, "pre_llm_selection", False)):
                 # in-LLM methods send every token to the LLM (VScan's scan selects before it)
                 keep_idx, k_feats = torch.arange(n), f
             else:
@@ -344,7 +360,82 @@ class Qwen25VLAdapter(LlavaAdapter):
         spans = torch.tensor([[s, s + int(f.shape[0])] for s, f in zip(starts, kept_feats)], dtype=torch.long)
         kept = [int(f.shape[0]) for f in kept_feats]
         extras = {"image_spans": spans, "sample_seeds": sample_seeds, "position_ids": new_pos.to(self.device), "grids": grids}
+        if tower_counts is not None:
+            extras["vision_tokens_per_layer"] = tower_counts
+            extras["vision_segments"] = tower_segments
         return PreparedBatch(new_ids, embeds, new_mask, n_in, kept, extras=extras)
+
+    @staticmethod
+    def tower_port(method: PruningMethod) -> bool:
+        """Whether ``method`` is a port that cuts inside the tower (FlowCut) and prunes at this ratio."""
+        return bool(QWEN_PORTS.get(method.name, {}).get("tower")) and method.prune_ratio > 0 and method.stage != "none"
+
+    @torch.no_grad()
+    def encode_flowcut(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, method: PruningMethod):
+        """FlowCut's tower (official ``FlowCut_Qwen``), one image at a time: per image the merged tokens ``(M, D_llm)``,
+        the patches entering each block, and each block's attention segment lengths (``None``: the tower did not cut).
+
+        The tower runs as ``Qwen2_5_VisionTransformerPretrainedModel.forward`` (patch embedding, window order, the
+        blocks with their own modules, the merger); after each block the method gets the block's rotated q/k and its
+        values ``(H, L, d)`` (:meth:`methods.flowcut.FlowCut.tower_step`, from the ``qkv`` output the block computed)
+        and returns the patches kept, whose hidden states, rotary rows and window membership go on. A windowed block
+        attends within each window's surviving patches (``cu_seqlens`` from the survivors' windows), a full one over
+        all of them. After a cut the merger merges runs of 4 surviving patches in window order, and the result is
+        not permuted back (official: no permutation to undo); an image the tower does not cut (``4 N <= target``)
+        goes through ``get_image_features`` unchanged.
+        """
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+        from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+        visual = self.model.model.visual
+        unit, depth = visual.spatial_merge_unit, len(visual.blocks)
+        full = set(visual.fullatt_block_indexes)
+        sizes = image_grid_thw.prod(-1).tolist()
+        feats, counts, segments = [], [], []
+        for px, thw in zip(pixel_values.split(sizes), image_grid_thw):
+            thw = thw.view(1, 3)
+            n_patch = int(thw.prod())
+            target = method.qwen_tower_target(n_patch // unit, self.num_llm_layers, unit)
+            if n_patch <= target:
+                feats.append(self.model.model.get_image_features(px.to(self.device, self.dtype), thw.to(self.device), return_dict=True).pooler_output[0])
+                counts.append([n_patch] * depth)
+                segments.append(None)
+                continue
+            index, cu_win = get_vision_window_index(thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+                                                    patch_size=visual.patch_size)
+            win = torch.repeat_interleave(torch.arange(len(cu_win) - 1), cu_win.diff().long()).to(self.device)
+            h = visual.patch_embed(px.to(self.device, self.dtype))
+            index = index.to(self.device)
+            h = visual.permute_input_for_window_attn(h, index, seq_len=n_patch)
+            cos, sin = visual.rotary_pos_emb(h, get_vision_position_ids(thw.to(self.device), visual.spatial_merge_size))
+            cos, sin = (visual.permute_input_for_window_attn(x, index, seq_len=n_patch) for x in (cos, sin))
+            state: dict = {}
+            seen: list[int] = []
+            segs: list[list[int]] = []  # per block, the attention segments' lengths (the FLOPs model's input)
+            grabbed: dict = {}
+            for i, blk in enumerate(visual.blocks):
+                cur = h.shape[0]
+                seen.append(cur)
+                if i in full:
+                    cu = torch.tensor([0, cur], dtype=torch.int32, device=self.device)
+                else:
+                    _, per_window = torch.unique_consecutive(win, return_counts=True)  # survivors per (non-empty) window
+                    cu = torch.nn.functional.pad(per_window.cumsum(0), (1, 0)).to(torch.int32)
+                segs.append(cu.diff().tolist())
+                hook = blk.attn.qkv.register_forward_hook(lambda mod, inp, out: grabbed.__setitem__("qkv", out))
+                try:
+                    h = blk(h, cu_seqlens=cu, position_embeddings=(cos, sin))
+                finally:
+                    hook.remove()
+                q, k, v = grabbed.pop("qkv").reshape(cur, 3, blk.attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+                q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+                keep = method.tower_step(i, depth, q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), target, state)
+                if keep is not None:
+                    h, cos, sin, win = h[keep], cos[keep], sin[keep], win[keep]
+            feats.append(visual.merger(h))
+            counts.append(seen)
+            segments.append(segs)
+        return feats, counts, segments
 
     def port_needs(self, method: PruningMethod) -> tuple[str, ...]:
         """The :data:`QWEN_PORTS` quantities ``method`` reads (none at ratio 0 or for other methods)."""
@@ -425,6 +516,9 @@ class Qwen25VLAdapter(LlavaAdapter):
             if ex.get("sample_seeds") is not None:
                 ex["sample_seeds"] = ex["sample_seeds"][idx]
             ex["grids"] = [prepared.extras["grids"][i] for i in idx.tolist()]
+            for k in ("vision_tokens_per_layer", "vision_segments"):  # per sample (a tower port's cut)
+                if ex.get(k) is not None:
+                    ex[k] = [ex[k][i] for i in idx.tolist()]
             for k in ("visual_tokens_per_layer", "llm_stages", "visual_tokens_layer_mean"):
                 ex.pop(k, None)
             out.append((idx, PreparedBatch(prepared.input_ids[dev, cut:], prepared.inputs_embeds[dev, cut:], mask[:, cut:],
@@ -511,8 +605,8 @@ class Qwen25VLAdapter(LlavaAdapter):
         return self.encode_images(batch["pixel_values"], batch["image_grid_thw"].cpu())
 
     def selection_stage(self, batch: dict[str, torch.Tensor], method: PruningMethod, sample_seeds: torch.Tensor):
-        if not (method.stage == "pre_llm" or getattr(method, "pre_llm_selection", False)):
-            return None
+        if not (method.stage == "pre_llm" or getattr(method, "pre_llm_selection", False)) or self.tower_port(method):
+            return None  # a tower port's selection is interleaved with the tower's blocks: timed with the tower
         if method.name in QWEN_PORTS:
             self.resolve_port(method)
         grids = self.image_grids(batch)
