@@ -155,6 +155,8 @@ class FlowCut(InLLMMethod):
 
     def check_compatible(self, ctx: VisionContext) -> None:
         if not self.qwen:
+            if self.budget != "official":
+                raise IncompatibleMethodError(f"flowcut: budget={self.budget} applies to the Qwen2.5-VL port only; the CLIP rule keeps round(N (1 - ratio)) patches")
             return super().check_compatible(ctx)
         if ctx.has_cls:
             raise IncompatibleMethodError(f"method {self.name!r} with port=qwen25vl runs on Qwen2.5-VL's tower only")
@@ -170,6 +172,9 @@ class FlowCut(InLLMMethod):
         def mean(t: int) -> float:
             return (head * min(n, int(self.qwen_tower_tokens) * t) + (n_layers - head) * min(t, n)) / n_layers
         return min(range(1, n + 1), key=lambda t: (abs(mean(t) - b), t))
+
+    def layers_for(self, n_layers: int) -> list[int]:
+        return [int(self.qwen_llm_layer) + 1] if self.qwen else []
 
     def qwen_tower_target(self, n: int, n_layers: int, merge_area: int) -> int:
         """Patches the tower keeps at most: ``qwen_tower_tokens * target_num`` merged tokens of ``merge_area`` patches."""

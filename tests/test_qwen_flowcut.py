@@ -235,6 +235,10 @@ def test_refusals(adapter):
 
     with pytest.raises(IncompatibleMethodError, match="qwen25vl"):
         create("flowcut", 0.5, port="qwen25vl").check_compatible(VisionContext((24, 24), True, torch.zeros(1)))
+    clip = create("flowcut", 0.5)  # the CLIP rule (port auto on a [CLS] tower): pre-LLM budget convention, no budget modes
+    assert clip.stage == "in_vision" and clip.budget_mode == "in_vision_exact" and clip.plan(576, 32) == []
+    with pytest.raises(IncompatibleMethodError, match="Qwen2.5-VL port only"):
+        create("flowcut", 0.5, budget="layer_mean").check_compatible(VisionContext((24, 24), True, torch.zeros(1)))
     from test_qwen25vl import tiny_qwen
 
     from bench.models.qwen25vl import Qwen25VLAdapter
