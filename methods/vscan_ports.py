@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import ConfigError
+from methods.holov_ports import received_attention_flops
 from methods.inllm import per_layer_counts, scale_layer
 
 
@@ -115,6 +116,5 @@ class VScanQwenPort:
     @staticmethod
     def qwen_tower_flops(cost) -> int:
         """Two tower blocks' ``q, k, v`` recomputed and their ``L x L`` scores (``L = m^2 N`` patches), per batch."""
-        patches, w = cost.n_visual * getattr(cost, "vision_merge", 2) ** 2, cost.vision_width
         blocks = getattr(cost, "received_attention_blocks", 2)  # one where the first full-attention block is the last
-        return cost.batch * blocks * (2 * patches * w * 3 * w + 2 * patches * patches * w)
+        return cost.batch * blocks * received_attention_flops(cost)
