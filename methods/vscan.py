@@ -46,10 +46,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from bench.errors import ConfigError, IncompatibleMethodError
+from bench.errors import IncompatibleMethodError
 from methods.base import VisionContext, VisualSelection
 from methods.fastv import view_scores
-from methods.inllm import InLLMMethod, Stage, StageOut, StageView, scale_layer
+from methods.inllm import InLLMMethod, Stage, StageOut, StageView
 from methods.ranking import topk_sorted
 from methods.vscan_parts import VScanBudget
 from methods.vscan_ports import vscan_qwen_keep_mask, window_greedy_picks  # noqa: F401 (window_greedy_picks re-exported)
@@ -179,19 +179,7 @@ class VScan(VScanBudget, InLLMMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if len(self.layer_list) != len(self.image_token_list) or not self.layer_list:
-            raise ConfigError(f"vscan: layer_list {self.layer_list} and image_token_list {self.image_token_list} need one count per layer")
-        if int(self.visual_token_num) < 1 or any(int(c) < 1 for c in self.image_token_list):
-            raise ConfigError("vscan: visual_token_num and image_token_list must be >= 1")
-        if not 0.0 <= float(self.global_ratio) <= 1.0 or int(self.window_size) < 1:
-            raise ConfigError(f"vscan: global_ratio must be in [0, 1] and window_size >= 1, got {self.global_ratio}, {self.window_size}")
-        if self.llm_span not in ("official", "image"):
-            raise ConfigError(f"vscan: llm_span must be official or image, got {self.llm_span!r}")
-        if self.port not in ("auto", "llava", "qwen25vl"):
-            raise ConfigError(f"vscan: port must be auto, llava or qwen25vl, got {self.port!r}")
-        self.check_qwen_settings()
-        if self.merge_similarity not in ("cosine_similarity", "matmul"):
-            raise ConfigError(f"vscan: merge_similarity must be cosine_similarity or matmul, got {self.merge_similarity!r}")
+        self.check_settings()
 
     @property
     def qwen(self) -> bool:
@@ -210,28 +198,6 @@ class VScan(VScanBudget, InLLMMethod):
             return super().check_compatible(ctx)
         if ctx.has_cls or any(k not in ctx.extras for k in self.QWEN_NEEDS):
             raise IncompatibleMethodError(f"method {self.name!r} with port=qwen25vl runs on Qwen2.5-VL's tower only (received-attention scores, no [CLS])")
-
-    # -------------------------------------------------------------- schedule (budget modes: methods.vscan_parts)
-    def layers_for(self, n_layers: int) -> list[int]:
-        return [scale_layer(x, n_layers, self.ref_layers) for x in self.layer_list]
-
-    def plan(self, n_vis: int, n_layers: int) -> list[Stage]:
-        """Stages for ``n_vis`` visual tokens entering the LLM when the tower gave ``n_vis`` (no pre-LLM loss)."""
-        return self.plan_for(n_vis, n_vis, n_layers)
-
-    def plan_for(self, n_grid: int, n_in: int, n_layers: int) -> list[Stage]:
-        """In-LLM stages after the pre-LLM selection kept ``n_in`` of the tower's ``n_grid`` tokens: the
-        official ``min(image_token_list[s], tokens present)``."""
-        if self.prune_ratio == 0.0 and self.budget != "official":
-            return []
-        if self.qwen:  # original 3-D positions kept; counts from the tokens present (official int(ratio * n))
-            return [Stage(layer, max(1, q), False) for layer, q in zip(self.qwen_layers(n_layers), self.qwen_stage_counts(n_in))]
-        _, qs = self.counts(n_grid)
-        out, cur = [], n_in
-        for layer, q in zip(self.layers_for(n_layers), qs):
-            cur = min(q, cur)
-            out.append(Stage(layer, cur, True))
-        return out
 
     # -------------------------------------------------------------- pre-LLM selection
     def reduce(self, vis: torch.Tensor, ctx: VisionContext) -> VisualSelection:

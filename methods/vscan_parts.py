@@ -1,4 +1,5 @@
-"""VScan's schedule under the harness's budget modes (:class:`methods.vscan.VScan` mixes it in).
+"""VScan's settings check and its stage schedule under the harness's budget modes (:class:`methods.vscan.VScan`
+mixes it in).
 
 Budget (``budget``): the official run keeps 96 before the LLM and 32 from layer 16 on, a mean of 64 over
 the 32 layers. ``layer_mean`` (default) scales both counts by one factor so that this nominal mean is
@@ -10,12 +11,29 @@ counts in the official proportion. ``official``: ``visual_token_num`` and ``imag
 
 from __future__ import annotations
 
-from methods.inllm import per_layer_counts
+from bench.errors import ConfigError
+from methods.inllm import Stage, per_layer_counts, scale_layer
 from methods.vscan_ports import VScanQwenPort
 
 
 class VScanBudget(VScanQwenPort):
-    """The pre-LLM budget ``P`` and the in-LLM counts of both ports, and what a run's budget counts."""
+    """The pre-LLM budget ``P`` and the in-LLM stages of both ports, and what a run's budget counts."""
+
+    def check_settings(self) -> None:
+        """Refuse (:class:`ConfigError`, exit code 2) settings the rule cannot run."""
+        if len(self.layer_list) != len(self.image_token_list) or not self.layer_list:
+            raise ConfigError(f"vscan: layer_list {self.layer_list} and image_token_list {self.image_token_list} need one count per layer")
+        if int(self.visual_token_num) < 1 or any(int(c) < 1 for c in self.image_token_list):
+            raise ConfigError("vscan: visual_token_num and image_token_list must be >= 1")
+        if not 0.0 <= float(self.global_ratio) <= 1.0 or int(self.window_size) < 1:
+            raise ConfigError(f"vscan: global_ratio must be in [0, 1] and window_size >= 1, got {self.global_ratio}, {self.window_size}")
+        if self.llm_span not in ("official", "image"):
+            raise ConfigError(f"vscan: llm_span must be official or image, got {self.llm_span!r}")
+        if self.port not in ("auto", "llava", "qwen25vl"):
+            raise ConfigError(f"vscan: port must be auto, llava or qwen25vl, got {self.port!r}")
+        self.check_qwen_settings()
+        if self.merge_similarity not in ("cosine_similarity", "matmul"):
+            raise ConfigError(f"vscan: merge_similarity must be cosine_similarity or matmul, got {self.merge_similarity!r}")
 
     # -------------------------------------------------------------- budget
     def counts(self, n: int) -> tuple[int, list[int]]:
@@ -55,3 +73,24 @@ class VScanBudget(VScanQwenPort):
         if self.budget_measure == "after_prune":
             return float(per_layer[0])
         return super().measure(per_layer, n_vis, n_layers)
+
+    def layers_for(self, n_layers: int) -> list[int]:
+        return [scale_layer(x, n_layers, self.ref_layers) for x in self.layer_list]
+
+    def plan(self, n_vis: int, n_layers: int) -> list[Stage]:
+        """Stages for ``n_vis`` visual tokens entering the LLM when the tower gave ``n_vis`` (no pre-LLM loss)."""
+        return self.plan_for(n_vis, n_vis, n_layers)
+
+    def plan_for(self, n_grid: int, n_in: int, n_layers: int) -> list[Stage]:
+        """In-LLM stages after the pre-LLM selection kept ``n_in`` of the tower's ``n_grid`` tokens: the
+        official ``min(image_token_list[s], tokens present)``."""
+        if self.prune_ratio == 0.0 and self.budget != "official":
+            return []
+        if self.qwen:  # original 3-D positions kept; counts from the tokens present (official int(ratio * n))
+            return [Stage(layer, max(1, q), False) for layer, q in zip(self.qwen_layers(n_layers), self.qwen_stage_counts(n_in))]
+        _, qs = self.counts(n_grid)
+        out, cur = [], n_in
+        for layer, q in zip(self.layers_for(n_layers), qs):
+            cur = min(q, cur)
+            out.append(Stage(layer, cur, True))
+        return out
