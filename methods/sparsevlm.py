@@ -40,6 +40,7 @@ from methods.ranking import topk_rank, topk_sorted
 from methods.sparsevlm_parts import (  # noqa: F401 (merge_counts, pairwise_dist re-exported)
     cluster_and_merge,
     density_jitter,
+    recycling_setup,
     merge_counts,
     pairwise_dist,
     scaled_selected,
@@ -192,16 +193,8 @@ class SparseVLM(InLLMMethod):
 
     def runtime_setup(self, plan: list[Stage], prepared, device) -> dict:
         """Per stage, built once outside the forward: the density jitter (``1e-6 * rand`` in the official
-        code, seeded per sample from its seed) and the cluster ids."""
-        if not self.merging:
-            return {}
-        seeds = prepared.extras.get("sample_seeds", torch.zeros(prepared.input_ids.shape[0], dtype=torch.long))
-        spans = prepared.extras["image_spans"]
-        counts = stage_counts([s.n_selected for s in plan], int(spans[0, 1] - spans[0, 0]), True)
-        dtype = prepared.inputs_embeds.dtype
-        return {"jitter": {i: density_jitter(seeds, cand, i, dtype, device) for i, (_, cand, _) in enumerate(counts)},
-                "cluster_ids": {i: torch.arange(c, device=device) for i, (_, _, c) in enumerate(counts)},
-                "zero": torch.zeros((), dtype=dtype, device=device)}
+        code, seeded per sample from its seed) and the cluster ids (:func:`recycling_setup`)."""
+        return recycling_setup(plan, prepared, device) if self.merging else {}
 
     # -------------------------------------------------------------- selection
     def scores(self, view: StageView, layer: int) -> torch.Tensor:

@@ -152,3 +152,15 @@ def scores_v2(view, layer: int, attn: torch.Tensor, w: torch.Tensor, count: torc
     heads = per_head.topk(min(n_heads, h), dim=1).indices
     a = a.gather(1, heads.view(b, -1, 1, 1).expand(-1, -1, q, a.shape[-1])).mean(1)
     return (a * w.unsqueeze(-1)).sum(1) / count
+
+
+def recycling_setup(plan, prepared, device) -> dict:
+    """What the recycling stages of ``plan`` read, built once per context outside the forward: per stage the
+    ``(B, candidates)`` density jitter (:func:`density_jitter`) and the cluster ids, and a 0-dim zero."""
+    seeds = prepared.extras.get("sample_seeds", torch.zeros(prepared.input_ids.shape[0], dtype=torch.long))
+    spans = prepared.extras["image_spans"]
+    counts = stage_counts([s.n_selected for s in plan], int(spans[0, 1] - spans[0, 0]), True)
+    dtype = prepared.inputs_embeds.dtype
+    return {"jitter": {i: density_jitter(seeds, cand, i, dtype, device) for i, (_, cand, _) in enumerate(counts)},
+            "cluster_ids": {i: torch.arange(c, device=device) for i, (_, _, c) in enumerate(counts)},
+            "zero": torch.zeros((), dtype=dtype, device=device)}
