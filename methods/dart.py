@@ -25,21 +25,8 @@ import torch
 
 from methods.fastv import one_stage_count
 from methods.inllm import InLLMMethod, Stage, StageOut, StageView, scale_layer, visual_block
+from methods.dart_parts import dart_layout, pivot_counts
 from methods.pyset import set_order
-
-
-def dart_layout(valid: torch.Tensor, vis_start: torch.Tensor, n_vis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tensors of :func:`dart_select` that depend on the layout only (built once per context).
-
-    Returns ``text_bias`` ``(B, T)`` fp32 (0 on the text tokens after the image, ``-inf`` elsewhere),
-    ``pad`` ``(B, 1)`` (left padding) and ``img_offset`` ``(B, 1)`` (``vis_start - pad``: a visual index
-    to its position in the unpadded sample).
-    """
-    t = valid.shape[1]
-    is_text = (torch.arange(t, device=valid.device).view(1, t) >= (vis_start + n_vis).view(-1, 1)) & valid
-    text_bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(~is_text, float("-inf"))
-    pad = (~valid).sum(1, keepdim=True)
-    return text_bias, pad, vis_start.view(-1, 1) - pad
 
 
 def dart_select(
@@ -126,13 +113,6 @@ def pivot_picks(cos: torch.Tensor, img_piv: torch.Tensor, per_pivot: list[int]) 
             neg[:, j + 1 :].scatter_(2, top.unsqueeze(1).expand(-1, p - j - 1, -1), float("-inf"))
         parts.append(top)
     return torch.cat(parts, dim=1).sort(dim=1).values
-
-
-def pivot_counts(n_keep: int, n_pivots: int, n_image_pivots: int) -> list[int]:
-    """Per-pivot counts so that ``n_image_pivots + sum == n_keep`` (remainder to the first visited)."""
-    rest = max(n_keep - n_image_pivots, 0)
-    base, extra = divmod(rest, n_pivots)
-    return [base + (1 if j < extra else 0) for j in range(n_pivots)]
 
 
 @dataclass

@@ -23,26 +23,12 @@ the head-mean CLS attention ``a`` of CLIP layer -2 (patch columns, ``.float()``)
 
 The official ``new_image_token_num = 64`` is hard-coded; here ``T = round(N (1 - prune_ratio))``.
 
-Qwen2.5-VL port (official ``qwen-model-HoloV/modeling_qwen2_5_vl.py`` + ``utils.py``; the tower has no
-[CLS]): the same rule on the merged (2x2 merger) tokens, with two substitutes the official port computes,
-both given by the adapter, never by this file:
+The Qwen2.5-VL port (no [CLS]: the attention merged tokens receive in the last tower block, the official chunk
+count, the official window-order scores by default) is described in :mod:`methods.holov_ports`.
 
-* the attention score of a merged token is the attention each patch *receives* in the tower's last block
-  (head mean, then mean over all query patches: the column mean), averaged over the 2x2 patches it merges
-  (``VisionContext`` key ``merged_attn_received:<order>``, ``(B, N)``);
-* the chunk count is ``max(1, int(1024 / 576 * N / T))`` (official ``num_patches``; 16 for 576 -> 64),
-  ``qwen_chunks: official``; ``qwen_chunks: fixed`` uses ``chunks`` instead.
-
-The official port keeps those scores in the tower's *window-attention order* while the merged tokens are
-in raster order (it reverses the window permutation for the features only), so chunk ``c``'s tokens are
-ranked by the scores of other tokens whenever the image spans more than one 112 px window. That is the
-faithful default (``qwen_order: window``); ``qwen_order: raster`` is the named correction (each token its own
-score). Not reproduced (recorded in :attr:`HoloV.deviations`): the official port slices the image block from
-``<|vision_start|>`` (one token early: the marker is a candidate and the last image token always stays) and
-floors the budget (``int(N * keep)``); here the block is the image tokens and ``T`` is the harness's ``round``.
-The official loop runs per sample; this version is batched (same arithmetic per chunk). The output is
-not a raster-ordered pure selection, so ``kept_index`` is ``None``; ``extras["source_index"]`` holds each
-row's token index, ``-1`` for the zero rows.
+The official loop runs per sample; this version is batched (same arithmetic per chunk). The output is not a
+raster-ordered pure selection, so ``kept_index`` is ``None``; ``extras["source_index"]`` holds each row's token
+index, ``-1`` for the zero rows.
 """
 
 from __future__ import annotations
@@ -54,6 +40,7 @@ import torch
 
 from bench.errors import ConfigError, IncompatibleMethodError
 from methods.base import PruningMethod, VisionContext, VisualSelection
+from methods.holov_ports import qwen_chunk_count, received_attention_flops
 
 
 def chunk_layout(n: int, chunks: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +169,7 @@ class HoloV(PruningMethod):
         Qwen2.5-VL port's ``max(1, int(1024 / 576 * n / t))`` without one (``qwen_chunks: official``)."""
         if has_cls or self.qwen_chunks == "fixed":
             return int(self.chunks)
-        return max(1, int(((1024 / 576) * n) / t))
+        return qwen_chunk_count(n, t)
 
     @property
     def graph_safe(self) -> bool:  # type: ignore[override]
@@ -222,9 +209,5 @@ class HoloV(PruningMethod):
         has_cls = getattr(cost, "has_cls", True)
         c = self.n_chunks(cost.n_visual, self.n_keep(cost.n_visual), has_cls)
         m = -(-cost.n_visual // c)
-        if has_cls:
-            extras = cost.vision_extras(self.needs)
-        else:
-            patches, w = cost.n_visual * getattr(cost, "vision_merge", 2) ** 2, cost.vision_width
-            extras = 2 * patches * w * 3 * w + 2 * patches * patches * w
+        extras = cost.vision_extras(self.needs) if has_cls else received_attention_flops(cost)
         return cost.batch * (extras + c * 2 * m * m * cost.llm_width)

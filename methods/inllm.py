@@ -212,6 +212,12 @@ def solve_monotone(f: Callable[[float], float], target: float, lo: float, hi: fl
     return hi
 
 
+def solve_layer_mean(make: Callable[[float], list[int]], layers: list[int], n0: int, n_layers: int, target: float, hi: float) -> float:
+    """The factor ``alpha`` in ``[0, hi]`` whose schedule ``zip(layers, make(alpha))`` (counts per stage, starting from
+    ``n0`` tokens) has a layer mean of ``target`` over ``n_layers`` layers (:func:`solve_monotone`)."""
+    return solve_monotone(lambda alpha: layer_mean(list(zip(layers, make(alpha))), n0, n_layers), target, 0.0, hi)
+
+
 @dataclass
 class InLLMMethod(PruningMethod):
     """Base of the in-LLM methods.

@@ -18,31 +18,18 @@ Budget (``budget`` field, recorded in the resolved config):
   *each sample's* scores; ``prune_ratio`` is then ignored except that 0 reproduces the unpruned model.
   PruMerge+ adds the spatial samples ``arange(0, N - 1, int(int(1 / ratio) / 3))`` not already kept.
 * ``fixed`` (for equal-ratio tables; the default here): the LLM sees exactly ``T = round(N(1 - prune_ratio))``
-  tokens: PruMerge keeps the top ``T - 1`` plus the extra token. PruMerge+ reproduces the official fixed
-  mode (``if_adaptive=False``): the top ``L`` by score (descending), then the spatial samples
-  ``arange(int(s / 2), N - 1, s)`` with ``s = int(1 / ρ)``, ``ρ = L / N``, taken from **all** tokens, so a
-  sample already in the top-``L`` is kept twice (its two centres are equal) and, as the official
-  ``complement_idx`` drops as many entries as there are kept ones, the ``d`` lowest-index tokens of the
-  complement (``d`` = the number of duplicates) silently vanish: they are neither kept, merged into the
-  extra token, nor anyone's neighbour. The official code only runs where the number of samples equals
-  ``L`` (``2L + 1`` tokens, e.g. ``ρ = 1/8``: 72 + 72 + 1 = 145 on LLaVA-1.5); for other budgets the stride
-  is the ``s`` with ``s = int(N / L)`` and ``L + len(samples) + 1 = T`` (:func:`plus_split`), the same rule
-  at the budget asked for. ``spatial: dedup`` is the corrected variant instead: ``floor((T - 1) / 2)``
-  samples evenly spaced (half-stride offset) over the *not yet kept* tokens, no duplicates, nothing lost.
+  tokens: PruMerge keeps the top ``T - 1`` plus the extra token; PruMerge+ reproduces the official fixed mode
+  (``if_adaptive=False``, duplicates and the tokens its ``complement_idx`` loses included) at the budget asked
+  for, or with ``spatial: dedup`` the corrected variant (:mod:`methods.prumerge_parts`).
 Official defects handled per sample (methods.md policy): the outlier ratio is computed over the whole
 batch flattened and PruMerge+'s "not already kept" filter uses the whole batch's indices (here: per
 sample); adaptive PruMerge+ crashes without outliers (here ``int(1 / ratio)`` is taken as ``N``, and
 the top-k part is empty) and for ``ratio > 1/3`` (stride 0; here the stride is at least 1).
 Adaptive outputs differ in length per sample: rows past ``n_kept`` are zero padding.
-
-CUDA graphs: the fixed budget is capturable (``graph_safe``) and the adapter replays it from a graph;
-the adaptive budget reads each sample's outlier count on the host and its output length depends on
-the values, so it always runs eager.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -52,6 +39,7 @@ import torch.nn.functional as F
 
 from bench.errors import ConfigError
 from methods.base import PruningMethod, VisionContext, VisualSelection
+from methods.prumerge_parts import adaptive_plus_samples, official_plus_fixed, plus_split, spatial_fill  # noqa: F401 (plus_split re-exported)
 
 
 def prumerge_cls_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -113,65 +101,6 @@ def merge_centres(feats: torch.Tensor, keys: torch.Tensor, cls: torch.Tensor, id
     w.scatter_(2, nb, w_pool.gather(1, nb.flatten(1)).view_as(nb).to(feats.dtype))
     fp = feats.gather(1, pool.unsqueeze(-1).expand(-1, -1, c))
     return torch.cat([fp[:, :l] + w @ fp, extra], dim=1)
-
-
-@functools.lru_cache(maxsize=None)
-def plus_split(n: int, total: int) -> tuple[int, int]:
-    """PruMerge+'s official fixed split for ``total`` LLM tokens: ``(L, s)`` with ``L`` top tokens and the
-    ``len(range(s // 2, n - 1, s))`` stride samples, ``L + samples + 1 = total`` and ``s = int(n / L)`` (the
-    official ``s = int(1 / ρ)`` for ``ρ = L / n``). Where no stride satisfies that exactly, the stride whose
-    ``int(n / L)`` is nearest (then the larger ``L``)."""
-    m = total - 1
-    best = None
-    for s in range(1, n + 1):
-        c = len(range(s // 2, n - 1, s))
-        l = m - c
-        if l < 1:
-            continue
-        key = (abs(n // l - s), -l)
-        if best is None or key < best[0]:
-            best = (key, l, s)
-    if best is None:  # a budget of 1-2 tokens: no stride leaves a top token
-        return max(m, 0), 0
-    return best[1], best[2]
-
-
-def official_plus_fixed(cls: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """PruMerge+'s official fixed-mode selection: ``(B, N)`` scores -> ``idx`` ``(B, L + S)`` (top ``L`` by
-    descending score, then the stride samples ``arange(s // 2, N - 1, s)`` of all tokens, duplicates kept)
-    and ``rest`` ``(B, N - L - S)``: the official ``complement_idx`` (the tokens not in ``idx``, ascending,
-    minus as many of the lowest as ``idx`` has duplicates)."""
-    b, n = cls.shape
-    l, s = plus_split(n, total)
-    top = cls.topk(l, dim=1).indices
-    if s == 0:
-        samples = top.new_zeros(b, 0)
-    else:
-        samples = torch.arange(s // 2, n - 1, s, device=cls.device).expand(b, -1)
-    idx = torch.cat([top, samples], dim=1)
-    # complement_idx: zero the kept positions of arange(N), sort, drop the first len(idx) entries
-    masked = torch.arange(n, device=cls.device).expand(b, n).scatter(1, idx, 0)
-    rest = masked.sort(dim=1).values[:, idx.shape[1]:]
-    return idx, rest
-
-
-def spatial_fill(kept: torch.Tensor, n: int, count: int) -> torch.Tensor:
-    """``count`` evenly spaced (half-stride offset) tokens of those not in ``kept`` ``(B, L)``, raster order."""
-    b = kept.shape[0]
-    if count <= 0:
-        return kept.new_zeros(b, 0)
-    free = torch.ones(b, n, dtype=torch.bool, device=kept.device).scatter_(1, kept, False)
-    rest = (~free).to(torch.int8).sort(dim=1, stable=True).indices[:, : n - kept.shape[1]]
-    m = rest.shape[1]
-    pos = ((torch.arange(count, device=kept.device, dtype=torch.float64) + 0.5) * (m / count)).long().clamp(max=m - 1)
-    return rest[:, pos]
-
-
-def adaptive_plus_samples(top: torch.Tensor, ratio: float, n: int) -> torch.Tensor:
-    """PruMerge+'s spatial samples for one sample ``top`` ``(L,)``: ``arange(0, N-1, int(int(1/r)/3))`` minus ``top``."""
-    step_length = int(1 / ratio) if ratio > 0 else n
-    seq = torch.arange(0, n - 1, max(1, int(step_length / 3)), device=top.device)
-    return seq[~torch.isin(seq, top)]
 
 
 @dataclass

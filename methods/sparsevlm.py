@@ -35,34 +35,24 @@ from typing import ClassVar
 import torch
 
 from bench.errors import ConfigError
-from methods.inllm import InLLMMethod, Stage, StageOut, StageView, per_layer_counts, scale_layer, solve_monotone
-from methods.ranking import dpc_scores, smallest_sorted, topk_rank, topk_sorted
+from methods.inllm import InLLMMethod, Stage, StageOut, StageView, scale_layer
+from methods.ranking import topk_rank, topk_sorted
+from methods.sparsevlm_parts import (  # noqa: F401 (merge_counts, pairwise_dist re-exported)
+    cluster_and_merge,
+    density_jitter,
+    recycling_setup,
+    merge_counts,
+    pairwise_dist,
+    scaled_selected,
+    scores_v2,
+    stage_counts,
+)
 
 #: official selected counts per stage, by budget (v1.5 / v2.0)
 SCHEDULES = {
     "1.5": {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)},
     "2.0": {192: (300, 200, 118), 128: (238, 108, 60), 64: (66, 34, 20)},
 }
-
-
-def merge_counts(n_vis: int, k: int) -> tuple[int, int]:
-    """``(candidates, clusters)`` recycled when ``k`` of ``n_vis`` tokens are selected (official formulas)."""
-    dropped = n_vis - k
-    if dropped <= 0:
-        return 0, 0
-    cand = int(dropped * 0.3) + 1
-    return cand, int(cand / 10) + 1
-
-
-def stage_counts(selected: list[int], n_vis: int, merge: bool) -> list[tuple[int, int, int]]:
-    """Per stage ``(selected, candidates, clusters)``; selection is capped at ``n_vis - 1`` as officially."""
-    out, v = [], n_vis
-    for s in selected:
-        k = max(1, min(int(s), v - 1))
-        cand, c = merge_counts(v, k) if merge else (0, 0)
-        out.append((k, cand, c))
-        v = k + c
-    return out
 
 
 def text_raters(embeds: torch.Tensor, vis_start: torch.Tensor, n_vis: int, n_text: int, uniform_start: int | None = None,
@@ -94,86 +84,6 @@ def text_raters(embeds: torch.Tensor, vis_start: torch.Tensor, n_vis: int, n_tex
     mean = (m * text_valid).sum(1, keepdim=True) / text_valid.sum(1, keepdim=True)
     r = (m > mean) & text_valid
     return r if dtype is None else r.to(dtype)
-
-
-def pairwise_dist(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``(B, M, C) -> (B, M, M)`` fp64 Euclidean distances (in ``dtype`` when given: the fp64 square root
-    rounded once on store, what ``.to(dtype)`` of the fp64 result gives, in the same kernel): the official ``(x1 - x2).norm()`` without its
-    ``(B, M, M, C)`` difference tensor, from one fp64 GEMM (``|a|^2 + |b|^2 - 2 a.b``).
-
-    Why fp64 is as faithful as summing the exact differences in fp32 (``cdist``'s
-    ``donot_use_mm_for_euclid_dist``, ~1.7 ms at batch 16 on an H100): the inputs (fp16/bf16/fp32) are
-    exact in fp64 and every product and sum is rounded at 2^-53, so ``|a|^2 + |b|^2 - 2 a.b`` is off by at
-    most ~``C * 2^-53 * (|a|^2 + |b|^2)`` (1e-12 of the squared norms for C = 4096, typically far less): the
-    distance is then closer to the exact one than the fp32 direct sum (rounded at 6e-8) unless two tokens
-    are ~300x closer than their norms, and both round to the same model-dtype value except where the exact
-    distance sits within ~1e-7 of a rounding midpoint (CPU check, random fp16/bf16/fp32 inputs with
-    C = 4096: the fp64 distances equal the exact ones rounded to the dtype in 260/300 matrices, the fp32
-    ``cdist`` ones in 133/300). The cancellation the expansion is known for in fp32 is what fp64 removes.
-    Self-distances are exactly 0 (the squared norms are the Gram diagonal, so ``2 G_ii - 2 G_ii = 0``), as in
-    the official code; tiny negatives from rounding are clamped. Six small kernels (cast, GEMM, two adds, clamp, sqrt) instead of a slow ``cdist``.
-    """
-    xd = x.double()
-    gram = torch.bmm(xd, xd.transpose(1, 2))  # (B, M, M); H100 fp64 tensor cores
-    sq = gram.diagonal(dim1=1, dim2=2)  # (B, M) squared norms, the very values on the diagonal
-    d2 = torch.add(sq.unsqueeze(2) + sq.unsqueeze(1), gram, alpha=-2.0).clamp_min_(0.0)
-    if dtype is None or dtype == d2.dtype:
-        return d2.sqrt_()
-    return torch.sqrt(d2, out=torch.empty(d2.shape, dtype=dtype, device=d2.device))
-
-
-def cluster_and_merge(x: torch.Tensor, n_clusters: int, jitter: torch.Tensor | None = None,
-                      cluster_ids: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> torch.Tensor:
-    """DPC-kNN clustering of ``x`` ``(B, M, C)`` into ``n_clusters`` means, as the official ``cluster_and_merge``.
-
-    ``jitter`` ``(B, M)`` is the density jitter already scaled (``1e-6 * rand`` in ``x``'s dtype, see
-    :func:`density_jitter`); ``None``: no jitter. ``cluster_ids``: ``arange(n_clusters)`` on ``x``'s device
-    (built once outside the forward; made here when not given); ``zero``: a 0-dim zero in ``x``'s dtype on
-    its device (likewise). Clusters are ordered by their centre's
-    score (``topk`` order). Every step is a batched tensor op with static shapes (no host sync): the
-    official code's masked arithmetic ``dist * mask + max * (1 - mask)`` is written as the equal ``where``.
-    """
-    b, m, c = x.shape
-    if n_clusters == 1:  # every token joins the only cluster: no distances needed, the same weighted mean
-        w = (torch.tensor(float(m), dtype=x.dtype) + 1e-6).reciprocal()  # ``weight`` below, as a host scalar
-        return x.new_full((b, m, 1), float(w)).transpose(1, 2) @ x
-    dist = pairwise_dist(x, x.dtype) / (c**0.5)
-    nearest = smallest_sorted(dist, n_clusters)  # ``dist.topk(n, largest=False).values``, one kernel on CUDA
-    if zero is None:
-        zero = x.new_zeros(())
-    # ``0 + (-1) * n * n`` is ``-(n**2)`` in one kernel (the product of two model-dtype values is exact in
-    # the fp32 opmath, so both round it once), and the mean of the negated values is the negated mean
-    density = torch.addcmul(zero, nearest, nearest, value=-1).mean(-1).exp()
-    if jitter is not None:
-        density = density + jitter.to(density.dtype)
-    # ``density * min(dist to a denser token, else the max dist)``: one kernel on CUDA, bit for bit
-    centres = dpc_scores(dist, density).topk(n_clusters, dim=-1).indices  # (B, c)
-    assign = dist.gather(1, centres.unsqueeze(-1).expand(-1, -1, m)).argmin(1)  # (B, M)
-    if cluster_ids is None:
-        cluster_ids = torch.arange(n_clusters, device=x.device)
-    assign.scatter_(1, centres, cluster_ids.view(1, -1).expand(b, -1))
-    # (B, M, c) 1.0 / 0.0 in x's dtype, written by the comparison itself (no zeros + scatter), no device sync
-    onehot = torch.eq(assign.unsqueeze(-1), cluster_ids.view(1, 1, -1), out=x.new_empty(b, m, n_clusters))
-    weight = (onehot.sum(1) + 1e-6).reciprocal()  # (B, c); ``1.0 / t`` would add a multiply by 1
-    return (onehot * weight.unsqueeze(1)).transpose(1, 2) @ x
-
-
-def density_jitter(seeds: torch.Tensor, n: int, stage: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """``(B, n)`` SparseVLM's density jitter ``rand * 1e-6`` in ``dtype``, seeded per sample and stage."""
-    g = torch.Generator(device="cpu")
-    rows = []
-    for s in seeds.tolist():
-        g.manual_seed(int(s) * 1009 + stage)
-        rows.append(torch.rand(n, generator=g))
-    return torch.stack(rows).to(device).to(dtype) * 1e-6
-
-
-def rope_only_bias(cos: torch.Tensor, sin: torch.Tensor, q_first: int, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``softmax(rope(1)_q · rope(1)_k^T * scaling)`` over the allowed keys: ``(B, 1, Q, T)`` (SparseVLM 2.0)."""
-    ones = cos + torch.cat((-sin[..., : sin.shape[-1] // 2], sin[..., sin.shape[-1] // 2 :]), dim=-1)  # rope(1) = cos + rot(1)*sin
-    logits = (ones[:, q_first:] @ ones.transpose(1, 2)).unsqueeze(1) * scaling
-    logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
-    return torch.softmax(logits, dim=-1, dtype=torch.float32)
 
 
 @dataclass
@@ -268,24 +178,8 @@ class SparseVLM(InLLMMethod):
             if round(ref_b * scale_n) == target:
                 return [max(1, round(s * scale_n)) for s in shape]
             return [max(1, round(s * target / ref_b)) for s in shape]
-        layers = self.layers_for(n_layers)
-
-        def counts(alpha: float) -> list[tuple[int, int, int]]:
-            return stage_counts([max(1, round(s * scale_n * alpha)) for s in shape], n_vis, self.merging)
-
-        if self.budget == "after_prune":
-            def first(alpha: float) -> float:
-                k, _, c = counts(alpha)[0]
-                return k + c
-            alpha = solve_monotone(first, target, 0.0, n_vis / shape[0])
-        else:
-            def mean(alpha: float) -> float:
-                per = [(layer, k + c) for layer, (k, _, c) in zip(layers, counts(alpha))]
-                return sum(per_layer_counts(per, n_vis, n_layers)) / n_layers
-            alpha = solve_monotone(mean, target, 0.0, n_vis / min(shape))
-            per = [(layer, k + c) for layer, (k, _, c) in zip(layers, counts(alpha))]
-            self._warn_infeasible(sum(per_layer_counts(per, n_vis, n_layers)) / n_layers, target, n_layers)
-        return [k for k, _, _ in counts(alpha)]
+        return scaled_selected(shape, scale_n, n_vis, self.layers_for(n_layers), n_layers, target, self.budget, self.merging,
+                               self._warn_infeasible)
 
     def plan(self, n_vis: int, n_layers: int) -> list[Stage]:
         if self.prune_ratio == 0.0:
@@ -299,16 +193,8 @@ class SparseVLM(InLLMMethod):
 
     def runtime_setup(self, plan: list[Stage], prepared, device) -> dict:
         """Per stage, built once outside the forward: the density jitter (``1e-6 * rand`` in the official
-        code, seeded per sample from its seed) and the cluster ids."""
-        if not self.merging:
-            return {}
-        seeds = prepared.extras.get("sample_seeds", torch.zeros(prepared.input_ids.shape[0], dtype=torch.long))
-        spans = prepared.extras["image_spans"]
-        counts = stage_counts([s.n_selected for s in plan], int(spans[0, 1] - spans[0, 0]), True)
-        dtype = prepared.inputs_embeds.dtype
-        return {"jitter": {i: density_jitter(seeds, cand, i, dtype, device) for i, (_, cand, _) in enumerate(counts)},
-                "cluster_ids": {i: torch.arange(c, device=device) for i, (_, _, c) in enumerate(counts)},
-                "zero": torch.zeros((), dtype=dtype, device=device)}
+        code, seeded per sample from its seed) and the cluster ids (:func:`recycling_setup`)."""
+        return recycling_setup(plan, prepared, device) if self.merging else {}
 
     # -------------------------------------------------------------- selection
     def scores(self, view: StageView, layer: int) -> torch.Tensor:
@@ -323,22 +209,9 @@ class SparseVLM(InLLMMethod):
             raters = view.state["sparsevlm_raters"] = (w, w.sum(1, keepdim=True).clamp(min=1))
         w, count = raters
         if self.version == "2.0":
-            return self._scores_v2(view, layer, attn, w, count)
+            return scores_v2(view, layer, attn, w, count, self.n_heads)
         a = view.visual(attn.mean(1), dim=-1)  # (B, Q, n), the model's dtype
         return (a * w.unsqueeze(-1)).sum(1) / count  # fp32: ``w`` promotes the product (no separate cast)
-
-    def _scores_v2(self, view, layer, attn, w, count):
-        b, h, q, t = attn.shape
-        cos, sin = view.rope(layer)
-        cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
-        allowed = view.rows_allowed("after_image")
-        scaling = getattr(view._attn_module(layer), "scaling", cos.shape[-1] ** -0.5)
-        bias = rope_only_bias(cos.float(), sin.float(), t - q, allowed, scaling)
-        a = view.visual(attn.float() / bias.clamp(min=1e-12), dim=-1)  # (B, H, Q, n)
-        per_head = (a * w.view(b, 1, q, 1)).sum((2, 3))  # (B, H) text->visual attention
-        heads = per_head.topk(min(self.n_heads, h), dim=1).indices
-        a = a.gather(1, heads.view(b, -1, 1, 1).expand(-1, -1, q, a.shape[-1])).mean(1)
-        return (a * w.unsqueeze(-1)).sum(1) / count
 
     def prune(self, i: int, stage: Stage, view: StageView) -> StageOut:
         s = self.scores(view, stage.layer - 1)

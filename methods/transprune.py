@@ -26,25 +26,15 @@ The hooks keep each sublayer's input and output; at each stage :func:`sublayer_s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from typing import ClassVar
 
 import torch
 
 from bench.errors import ConfigError
 from kernels import HALF, fast_path
-from methods.inllm import (
-    InLLMMethod,
-    Stage,
-    StageOut,
-    StageView,
-    per_layer_counts,
-    scale_layer,
-    solve_monotone,
-    visual_block,
-    visual_columns,
-)
+from methods.inllm import InLLMMethod, Stage, StageOut, StageView, layer_mean, scale_layer, solve_layer_mean, visual_block, visual_columns
 from methods.ranking import topk_sorted
+from methods.transprune_parts import install_ttv_hooks
 
 _EPS = 1e-8
 BACKENDS = ("auto", "torch", "triton")
@@ -121,21 +111,6 @@ def transprune_score(stats: torch.Tensor | None, valid: torch.Tensor | None, vis
     return ttv, score
 
 
-def _ttv_hook(kind: str, slot: tuple[int, int, int], runner, module, args, kwargs, output):
-    """Forward hook on ``self_attn`` (``kind="attn"``) or ``mlp``: keep the sublayer's input and output.
-
-    ``slot = (stage layer, index, count)``: the pair goes to entry ``index`` of that stage's list (the
-    decoder layer never writes into these tensors); the stage computes the statistics of all of its
-    sublayers at once (:func:`sublayer_stats`).
-    """
-    if not runner.prefill:
-        return
-    x_in = kwargs["hidden_states"] if kind == "attn" and "hidden_states" in kwargs else args[0]
-    x_out = output[0] if isinstance(output, tuple) else output
-    layer, j, count = slot
-    runner.state.setdefault(("tp_io", layer), [None] * count)[j] = (x_in, x_out)
-
-
 @dataclass
 class TransPrune(InLLMMethod):
     """TransPrune: keep the visual tokens with the largest TTV + IGA, in three stages.
@@ -202,7 +177,7 @@ class TransPrune(InLLMMethod):
             return out
 
         target = self.target(n_vis)
-        if self.budget == "official" and abs(sum(per_layer_counts(list(zip(layers, make(1.0))), n_vis, n_layers)) / n_layers - target) <= 1.0:
+        if self.budget == "official" and abs(layer_mean(list(zip(layers, make(1.0))), n_vis, n_layers) - target) <= 1.0:
             return make(1.0)  # the published ratios where they meet the budget (236 of 576)
         if self.budget == "after_prune":
             alpha = target / (n_vis * ratios[0])
@@ -212,11 +187,8 @@ class TransPrune(InLLMMethod):
                 out[i] = min(out[i], out[i - 1])
             return out
 
-        def mean(alpha: float) -> float:
-            return sum(per_layer_counts(list(zip(layers, make(alpha))), n_vis, n_layers)) / n_layers
-
-        alpha = solve_monotone(mean, target, 0.0, 1.0 / min(ratios))
-        self._warn_infeasible(mean(alpha), target, n_layers)
+        alpha = solve_layer_mean(make, layers, n_vis, n_layers, target, 1.0 / min(ratios))
+        self._warn_infeasible(layer_mean(list(zip(layers, make(alpha))), n_vis, n_layers), target, n_layers)
         return make(alpha)
 
     def plan(self, n_vis: int, n_layers: int) -> list[Stage]:
@@ -225,20 +197,8 @@ class TransPrune(InLLMMethod):
         return [Stage(layer, c, self.renumber_positions) for layer, c in zip(self.layers_for(n_layers), self.counts(n_vis, n_layers))]
 
     def install_hooks(self, lm, runner) -> list:
-        n_layers = len(lm.layers)
-        stages = sorted(set(self.layers_for(n_layers)))
-        groups: dict[int, list[int]] = {}  # stage layer -> the TTV layers it finishes (those since the last stage)
-        for layer in self.ttv_layers(n_layers):
-            groups.setdefault(min(s for s in stages if s > layer), []).append(layer)
-        handles = []
-        for stage_layer, members in groups.items():
-            for pos, layer in enumerate(members):
-                dec = lm.layers[layer]
-                for sub, (kind, mod) in enumerate((("attn", dec.self_attn), ("mlp", dec.mlp))):
-                    slot = (stage_layer, 2 * pos + sub, 2 * len(members))
-                    hook = partial(runner.sub_hook, partial(_ttv_hook, kind, slot))
-                    handles.append(mod.register_forward_hook(hook, with_kwargs=True))
-        return handles
+        """Hooks keeping the (input, output) of every TTV sublayer for the stage that reads them."""
+        return install_ttv_hooks(lm, runner, self.ttv_layers(len(lm.layers)), self.layers_for(len(lm.layers)))
 
     def prune(self, i: int, stage: Stage, view: StageView) -> StageOut:
         attn, q_valid = view.attn_rows(stage.layer, "after_image")  # (B, H, Q, T), layer ℓ on its input

@@ -41,22 +41,7 @@ import torch
 from bench.errors import ConfigError
 from kernels import fast_path
 from methods.base import PruningMethod, VisionContext
-
-
-def dedup_rounds(n_res: int, n_div: int, step: int) -> list[int]:
-    """Tokens dropped per de-duplication round, from ``n_res`` residual tokens down to ``n_div``.
-
-    A round asks for ``r = min(step, L - n_div)`` and can drop at most the ``ceil(L / 2)`` even-position
-    tokens; the count of rounds and their sizes depend on lengths only, never on values.
-    """
-    out, length = [], n_res
-    while n_div > 0:
-        r = min(step, length - n_div)
-        if r <= 0:
-            break
-        out.append(r)
-        length -= min(r, (length + 1) // 2)
-    return out
+from methods.vispruner_parts import CUDA_BITONIC_MAX, dedup_rounds, handover_length  # noqa: F401 (re-exported)
 
 
 def dedup(sim: torch.Tensor, res: torch.Tensor, n_div: int, step: int) -> torch.Tensor:
@@ -75,22 +60,6 @@ def dedup(sim: torch.Tensor, res: torch.Tensor, n_div: int, step: int) -> torch.
         survivors = best.argsort(dim=-1, descending=True)[:, r:]
         res = torch.cat([ev.gather(1, survivors), od], dim=1)
     return res
-
-
-#: torch's CUDA sort ranks rows of up to this many entries with a bitonic network (not stable)
-CUDA_BITONIC_MAX = 32
-
-
-def handover_length(n_res: int, n_div: int, step: int) -> int:
-    """The residual-list length from which the rounds run in torch rather than in the CUDA kernel: the first
-    length of the rounds' sequence whose round sorts ``CUDA_BITONIC_MAX`` or fewer maxima (``ceil(L / 2)``
-    evens), or ``n_div`` when none does."""
-    length = n_res
-    for r in dedup_rounds(n_res, n_div, step):
-        if (length + 1) // 2 <= CUDA_BITONIC_MAX:
-            return length
-        length -= min(r, (length + 1) // 2)
-    return length if n_div > 0 else 0
 
 
 @fast_path("kernels.vispruner:head_rounds", on=("score", "sim"), nvrtc=True, name="cuda")

@@ -59,3 +59,13 @@ def test_methods_hold_no_kernels_and_no_names():
                 raise AssertionError(f"{path.name} repeats a name property (the registry names methods)")
         text = path.read_text()
         assert "__global__" not in text and "@triton.jit" not in text, f"{path.name} holds kernel source"
+
+
+def test_helper_modules_are_not_methods():
+    """``methods/<x>_parts.py`` and ``<x>_ports.py`` hold what is not the rule (options, schedules, family ports):
+    the registry never lists them, and each sits beside the registered method ``x`` it serves."""
+    helpers = sorted(p.stem for p in (ROOT / "methods").glob("*.py") if p.stem.endswith(("_parts", "_ports")))
+    assert {"vscan_ports", "sparsevlm_parts", "prumerge_parts"} <= set(helpers)
+    for h in helpers:
+        assert h not in registry.names(), f"{h} is a helper module, not a method"
+        assert h.rpartition("_")[0] in registry.names(), f"{h}: no method {h.rpartition('_')[0]!r} beside it"

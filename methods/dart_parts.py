@@ -1,0 +1,29 @@
+"""DART's plumbing: the prompt-layout tensors built once per context, and the per-pivot counts of a budget.
+
+The rule that uses them is :func:`methods.dart.dart_select`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def dart_layout(valid: torch.Tensor, vis_start: torch.Tensor, n_vis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tensors of :func:`dart_select` that depend on the layout only (built once per context).
+
+    Returns ``text_bias`` ``(B, T)`` fp32 (0 on the text tokens after the image, ``-inf`` elsewhere),
+    ``pad`` ``(B, 1)`` (left padding) and ``img_offset`` ``(B, 1)`` (``vis_start - pad``: a visual index
+    to its position in the unpadded sample).
+    """
+    t = valid.shape[1]
+    is_text = (torch.arange(t, device=valid.device).view(1, t) >= (vis_start + n_vis).view(-1, 1)) & valid
+    text_bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(~is_text, float("-inf"))
+    pad = (~valid).sum(1, keepdim=True)
+    return text_bias, pad, vis_start.view(-1, 1) - pad
+
+
+def pivot_counts(n_keep: int, n_pivots: int, n_image_pivots: int) -> list[int]:
+    """Per-pivot counts so that ``n_image_pivots + sum == n_keep`` (remainder to the first visited)."""
+    rest = max(n_keep - n_image_pivots, 0)
+    base, extra = divmod(rest, n_pivots)
+    return [base + (1 if j < extra else 0) for j in range(n_pivots)]
