@@ -92,6 +92,18 @@ class Run:
     dir: Path  # <results_dir>/runs/<run_id>
 
 
+def run_fingerprints(cfg: dict[str, Any], method, adapter, model_fingerprint: str | None = None) -> dict[str, str]:
+    """The content identities a run id hashes besides the config: the model's weights, the benchmark's data and,
+    for question-conditioned methods, the CLIP text tower's weights. ``bench status`` names runs with this too."""
+    from bench.models.clip_text import needs_text
+
+    fingerprints = {"model": model_fingerprint or adapter.fingerprint(), "benchmark": benchmark_fingerprint(cfg["benchmark"])}
+    if needs_text(method) and hasattr(adapter, "text_tower_fingerprint"):
+        # model.text_tower is not in the identity (runs of other methods never read it): its weights are, here
+        fingerprints["text_tower"] = adapter.text_tower_fingerprint()
+    return fingerprints
+
+
 def build_run(cfg: dict[str, Any]) -> Run:
     """Check ``cfg``, build its method and adapter (and check the adapter can run the method), name it."""
     validate(cfg)
@@ -99,12 +111,7 @@ def build_run(cfg: dict[str, Any]) -> Run:
     method = build_method(cfg)
     adapter = build_adapter(cfg)
     adapter.check_method(method)
-    fingerprints = {"model": adapter.fingerprint(), "benchmark": benchmark_fingerprint(cfg["benchmark"])}
-    from bench.models.clip_text import needs_text
-
-    if needs_text(method) and hasattr(adapter, "text_tower_fingerprint"):
-        # model.text_tower is not in the identity (runs of other methods never read it): its weights are, here
-        fingerprints["text_tower"] = adapter.text_tower_fingerprint()
+    fingerprints = run_fingerprints(cfg, method, adapter)
     rid = run_id(cfg, fingerprints)
     return Run(cfg, method, adapter, fingerprints, rid, run_dir(cfg["results_dir"], rid))
 

@@ -73,7 +73,8 @@ def status(args: list[str], results_dir: str | None = None) -> dict[str, Any]:
     dead or expired, ``bench.claims``); ``refused``: a combination ``run`` would reject with exit
     code 2 before any work, so it will never have a record.
     """
-    from bench.build import benchmark_fingerprint, build_adapter
+    from bench.build import benchmark_fingerprint, build_adapter, build_method, run_fingerprints
+    from bench.errors import BenchError
     from bench.claims import claim_state
     from bench.records import read_record, run_dir, run_id
 
@@ -85,7 +86,12 @@ def status(args: list[str], results_dir: str | None = None) -> dict[str, Any]:
         if mkey not in adapters:
             adapters[mkey] = build_adapter(cfg)
             fps[mkey] = adapters[mkey].fingerprint()
-        rid = run_id(cfg, {"model": fps[mkey], "benchmark": benchmark_fingerprint(cfg["benchmark"])})
+        try:
+            method = build_method(cfg)
+        except BenchError:  # a bad method setting: the run is refused below, its id needs no text tower
+            method = None
+        rid = run_id(cfg, run_fingerprints(cfg, method, adapters[mkey], fps[mkey]) if method is not None
+                     else {"model": fps[mkey], "benchmark": benchmark_fingerprint(cfg["benchmark"])})
         rdir = run_dir(results_dir or cfg["results_dir"], rid)
         rec = read_record(rdir / "record.json")
         state = "missing" if rec is None else rec.get("status", "corrupt")

@@ -117,3 +117,14 @@ def test_status_of_a_real_sweep_dir(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     st = bench("status", str(mr))
     assert st.returncode == 0 and "2 runs: 2 done, 0 failed, 0 running, 0 missing" in st.stdout, st.stdout + st.stderr
+
+
+def test_status_names_a_question_conditioned_run_as_run_does(tmp_path):
+    """CDPruner's run id also hashes the CLIP text tower's weights: status must compute the same id as `run`,
+    or a recorded CDPruner run reads as missing."""
+    from bench.build import build_run, compose_config
+
+    st = status(["method=cdpruner,random", "ratio=0.5", f"results_dir={tmp_path}"])
+    for method in ("cdpruner", "random"):
+        want = build_run(compose_config([f"method={method}", "ratio=0.5", f"results_dir={tmp_path}"])).run_id
+        assert _rows(st)[method]["run_id"] == want
