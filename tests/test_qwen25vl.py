@@ -16,14 +16,15 @@ PAD, EOS, IMG, VSTART, VEND = 0, 2, 150, 151, 152
 GRIDS = [(8, 8), (6, 10), (10, 4), (8, 12), (4, 4), (12, 8), (6, 6), (10, 10)]  # patch grids (H, W), even
 
 
-def tiny_qwen(seed: int = 0):
+def tiny_qwen(seed: int = 0, vision_depth: int = 2, llm_layers: int = 2):
+    """A random tiny Qwen2.5-VL (SDPA, fp32) with the test token ids; windowed tower with block 1 full-attention."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
     cfg = Qwen2_5_VLConfig(
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+        vision_config=dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]),
-        text_config=dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        text_config=dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=llm_layers, num_attention_heads=4,
                          num_key_value_heads=2, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
         image_token_id=IMG, video_token_id=153, vision_start_token_id=VSTART, vision_end_token_id=VEND,

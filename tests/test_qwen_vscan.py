@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from bench.errors import IncompatibleMethodError
 from methods.registry import create
 from methods.vscan import window_greedy_picks
-from test_qwen25vl import EOS, IMG, PAD, VEND, VSTART, make_batch, seeds
+from test_qwen25vl import IMG, make_batch, seeds, tiny_qwen
 from test_qwen_inllm import _one, _stage_rows, manual_pruned_decode
 from test_qwen_ports import ref_received_attention
 
@@ -25,23 +25,10 @@ VGRIDS = [(8, 8), (8, 12), (12, 8), (16, 10), (12, 12), (16, 12), (10, 16), (18,
 
 @pytest.fixture(scope="module")
 def adapter():
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     from bench.models.qwen25vl import Qwen25VLAdapter
 
-    torch.manual_seed(2)
-    cfg = Qwen2_5_VLConfig(
-        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]),
-        text_config=dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
-        image_token_id=IMG, video_token_id=153, vision_start_token_id=VSTART, vision_end_token_id=VEND,
-    )
-    for c in (cfg, cfg.vision_config, cfg.text_config):
-        c._attn_implementation = "sdpa"
     a = Qwen25VLAdapter(name="tiny_qwen3", source="none", weights="random", device="cpu", dtype="float32")
-    a.model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    a.model = tiny_qwen(seed=2, vision_depth=3, llm_layers=2)
     with torch.no_grad():  # attention far from uniform
         for blk in a.model.model.visual.blocks:
             blk.attn.qkv.weight.mul_(20.0)
