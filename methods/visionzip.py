@@ -12,13 +12,15 @@ methods.md 1 and 1b, at CLIP layer ``layer`` (-2, index 22 of 24):
   ``max(1, R // C)``-th remaining token, the first ``C`` of them. Every other token joins the target of
   highest cosine (first-index ties, ``argmax``), and a contextual token is
   ``h_target + mean(h_assigned)`` (target *plus* the mean, counts clamped at 1), on the layer's output.
-* *Output*: ``[dominant; contextual]`` through the projector (merging happens in the tower's space); only
+* *Output*: ``[dominant; contextual]`` (:func:`methods.visionzip_ports.contextual_merge`) through the projector (merging happens in the tower's space); only
   these ``D + C`` tokens are projected, as in the official code (:attr:`VisionZip.projects_own_tokens`:
   the adapter does not project all ``N`` first).
 
 Budget split: the official settings 162+30, 108+20, 54+10 all give ``C = T * 30 / 192``; for any budget
 ``T`` this module uses ``C = round(T * contextual_share)`` and ``D = T - C`` unless ``dominant`` and
 ``contextual`` are given explicitly.
+
+On Qwen2.5-VL (no [CLS]) the same rule runs on received attention and the merged tokens: :mod:`methods.visionzip_ports`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from bench.errors import ConfigError
 from methods.base import PruningMethod, VisionContext, VisualSelection
+from methods.visionzip_ports import KEYS_KEY, contextual_merge, SCORE_KEY, visionzip_received, visionzip_received_flops
 
 
 def visionzip_merge(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, dominant: int, contextual: int,
@@ -67,29 +70,9 @@ def visionzip_merge(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Te
     index = torch.cat([dom_idx, dom_idx.new_full((b, max(contextual, 0)), -1)], dim=1)
     if contextual <= 0:
         return (dom, index) if return_index else dom
-    r = s - dominant
     metric = keys.gather(1, rem_idx.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    rem_h = hidden.gather(1, rem_idx.unsqueeze(-1).expand(-1, -1, c))
-    step = max(1, r // contextual)
-    n_t = len(range(0, r, step)[:contextual])
-    tgt = torch.arange(n_t, device=dev) * step
-    # the non-target positions in order, in closed form (no data-dependent nonzero, so no host sync):
-    # the first n_t blocks of `step` positions each lose their first, the tail after them is whole
-    i = torch.arange(r - n_t, device=dev)
-    oth = i + n_t if step == 1 else torch.where(i < n_t * (step - 1), i // (step - 1) * step + i % (step - 1) + 1, i + n_t)
-    sim = torch.bmm(metric[:, oth], metric[:, tgt].transpose(1, 2))  # (B, R - C, C)
-    assign = sim.argmax(dim=2)  # (B, R - C): first index among ties
-    # the official one-hot matmul, deterministic on CUDA (a float scatter_add there is an atomic add
-    # whose order changes from run to run); one GEMM per sample, because a batched GEMM may pick another
-    # kernel, and so another summation order, for another batch size: a sample's tokens must not depend
-    # on its batch neighbours
-    one_hot = torch.zeros(b, n_t, r - n_t, dtype=hidden.dtype, device=dev).scatter_(1, assign.unsqueeze(1), 1.0)
-    rem_o = rem_h[:, oth]
-    agg = torch.stack([one_hot[i] @ rem_o[i] for i in range(b)])
-    counts = one_hot.sum(dim=2)  # integers, exact in any float type at these sizes
-    agg = agg / counts.clamp(min=1).unsqueeze(-1)
-    out = torch.cat([dom, rem_h[:, tgt] + agg], dim=1)
+    tokens, _ = contextual_merge(metric, hidden.gather(1, rem_idx.unsqueeze(-1).expand(-1, -1, c)), contextual)
+    out = torch.cat([dom, tokens], dim=1)
     return (out, index) if return_index else out
 
 
@@ -116,6 +99,11 @@ class VisionZip(PruningMethod):
 
     requires_cls: ClassVar[bool] = True
     graph_safe: ClassVar[bool] = True
+    deviations: ClassVar[tuple[str, ...]] = (
+        "qwen_port (Qwen2.5-VL runs only): the official JIA-Lab-research/VisionZip Qwen2.5-VL code could not be read; the "
+        "port follows ModelTC/LightCompress (received attention of the last tower block, merging on the merged tokens), "
+        "with the LLaVA budget split (C = round(T * 30/192)) instead of its fractions of N (methods.visionzip_ports)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -124,11 +112,19 @@ class VisionZip(PruningMethod):
         if not 0.0 <= float(self.contextual_share) < 1.0:
             raise ConfigError(f"visionzip: contextual_share must be in [0, 1), got {self.contextual_share}")
 
+    def check_compatible(self, ctx: VisionContext) -> None:
+        """Without [CLS], the Qwen2.5-VL port runs where the adapter serves its received attention and keys."""
+        if not ctx.has_cls and SCORE_KEY in ctx.extras and KEYS_KEY in ctx.extras:
+            return
+        super().check_compatible(ctx)
+
     def selection_flops(self, cost) -> int:
         """CLS row and keys of the layer, contextual-token similarity and merge, the projector on the ``D + C`` tokens."""
         if self.prune_ratio == 0.0 and self.dominant is None:
             return 0
         dom, ctxn = self.counts(cost.n_visual)
+        if not getattr(cost, "has_cls", True):
+            return cost.batch * visionzip_received_flops(cost, dom, ctxn)
         total = cost.vision_extras(self.needs) + (dom + ctxn) * cost.projector_per_token
         if ctxn > 0:
             r = cost.n_visual + int(cost.has_cls) - dom
@@ -162,6 +158,9 @@ class VisionZip(PruningMethod):
             return VisualSelection(vis, torch.arange(n, device=vis.device).expand(b, n), torch.full((b,), n, dtype=torch.long))
         self.check_compatible(ctx)
         d, c = self.counts(n)
+        if not ctx.has_cls:
+            feats, pos = visionzip_received(ctx.get(SCORE_KEY), ctx.get(KEYS_KEY), vis, d, c)
+            return VisualSelection(feats, None, torch.full((b,), feats.shape[1], dtype=torch.long), {"source_index": pos})
         hidden = ctx.get(f"hidden:{self.layer}")
         if hidden.shape[1] != n + 1:
             raise ValueError(f"visionzip: layer features have {hidden.shape[1]} rows, expected CLS + {n}")

@@ -94,7 +94,8 @@ def test_cli_refuses_an_inapplicable_method_with_exit_2(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("model,method", [("tiny_qwen25vl_random", "divprune"), ("tiny_llava_next_random", "random")])
+@pytest.mark.parametrize("model,method", [("tiny_qwen25vl_random", "divprune"), ("tiny_qwen25vl_random", "visionzip"),
+                                          ("tiny_llava_next_random", "random")])
 def test_cli_efficiency_run_end_to_end(tmp_path, model, method):
     r = bench(f"model={model}", "model.weights=random", f"method={method}", "ratio=0.778", "measure=efficiency", "measure.warmup=0",
               "measure.repeats=1", "device=cpu", f"results_dir={tmp_path}", "logger=none")

@@ -160,7 +160,7 @@ def test_kept_tokens_keep_their_3d_positions(adapter):
 
 
 def test_refusals(adapter):
-    for name in ("fastervlm", "vispruner", "visionzip", "prumerge"):
+    for name in ("fastervlm", "vispruner", "prumerge"):
         with pytest.raises(IncompatibleMethodError):
             adapter.check_method(create(name, 0.5))
     with pytest.raises(IncompatibleMethodError, match="renumbers positions"):

@@ -210,7 +210,7 @@ def test_holov_allowed_on_qwen_and_other_cls_methods_refused(adapter):
     from bench.errors import IncompatibleMethodError
 
     adapter.check_method(create("holov", 0.5))
-    for name in ("fastervlm", "visionzip"):
+    for name in ("fastervlm", "vispruner"):
         with pytest.raises(IncompatibleMethodError):
             adapter.check_method(create(name, 0.5))
     assert math.isfinite(create("holov", 0.5).n_chunks(256, 28, False))

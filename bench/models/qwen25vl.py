@@ -57,21 +57,27 @@ from methods.base import PruningMethod, VisionContext
 #: * ``flowcut`` (``TungChintao/FlowCut``, ``FlowCut_Qwen/modeling_qwen2_vl_flowcut.py``: the tower's ``forward`` cuts
 #:   patches between its blocks): no extra quantity; the adapter runs the tower itself (:meth:`Qwen25VLAdapter.encode_flowcut`)
 #:   and hands each block's rotated q/k and values to the method; its ``port: auto`` is resolved to ``qwen25vl`` here.
+#: * ``visionzip`` (no official port could be read, see :mod:`methods.visionzip_ports`: it follows ModelTC/LightCompress):
+#:   ``merged_attn_received_sum:raster`` (the received attention summed, not averaged, over query patches) and
+#:   ``merged_keys:raster``, ``(1, N, d_head)``: the last block's rotated keys averaged over heads and each 2x2 group.
 QWEN_PORTS: dict[str, dict[str, Any]] = {
     "holov": {"needs": ("merged_attn_received:window", "merged_attn_received:raster")},
+    "visionzip": {"needs": ("merged_attn_received_sum:raster", "merged_keys:raster"), "reads_all": True},
     "vscan": {"needs": ("merged_attn_received@first_full:raster", "merged_attn_received:raster")},
     "flowcut": {"needs": (), "tower": True},
 }
 
 
-def received_attention(attn_module, hidden: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings) -> torch.Tensor:
+def received_attention(attn_module, hidden: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings,
+                       keys: bool = False, reduce: str = "mean"):
     """The attention each patch receives in one vision block, as HoloV's official Qwen2.5-VL port computes it.
 
     ``hidden`` ``(L, D)`` is the block's normed input (window order), ``cu_seqlens`` its attention segments
     (the whole image for a full-attention block, windows otherwise). The official port materialises the
     ``(H, L, L)`` softmax with the segments as a mask, averages over heads and then over *all* ``L`` query
     rows (zero outside a query's segment): ``(L,)`` in window order, the model's dtype. Here one segment at
-    a time (no ``L x L`` over the whole image), the same sums.
+    a time (no ``L x L`` over the whole image), the same sums. ``reduce``: ``mean`` (HoloV), ``sum`` over the
+    query rows (VisionZip's port) or ``raw``, the float32 sum; ``keys``: also the block's rotated keys ``(H, L, d)``.
     """
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
@@ -85,7 +91,9 @@ def received_attention(attn_module, hidden: torch.Tensor, cu_seqlens: torch.Tens
     for s, e in zip(bounds[:-1], bounds[1:]):
         p = torch.softmax((q[:, s:e] @ k[:, s:e].transpose(-1, -2)) * attn_module.scaling, dim=-1)  # (H, l, l)
         col[s:e] = p.mean(dim=0).float().sum(dim=0)
-    return (col / n).to(hidden.dtype)
+    if reduce != "raw":
+        col = (col / n if reduce == "mean" else col).to(hidden.dtype)
+    return (col, k) if keys else col
 
 
 class Qwen25VLAdapter(LlavaAdapter):
@@ -260,7 +268,9 @@ class Qwen25VLAdapter(LlavaAdapter):
 
         def grab(block, module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            seen[block] = received_attention(module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"])
+            col, k = received_attention(module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"], keys=True, reduce="raw")
+            # the same casts as received_attention's "mean" (HoloV, VScan) and "sum" (VisionZip)
+            seen[block] = ((col / col.shape[0]).to(hidden.dtype), col.to(hidden.dtype), k)
 
         handles = [visual.blocks[i].attn.register_forward_pre_hook(partial(grab, i), with_kwargs=True) for i in set(blocks.values())]
         try:
@@ -274,7 +284,12 @@ class Qwen25VLAdapter(LlavaAdapter):
         back = torch.argsort(index.to(feats.device))
         out = {}
         for k, block in blocks.items():
-            window = seen[block].view(-1, unit).mean(dim=1)  # (N,) window order, official: view(N, 4).mean(1)
+            mean, total, keys = seen[block]
+            if k.startswith("merged_keys"):  # (H, L, d) -> per merged token, head mean (LightCompress's order of means)
+                out[k] = keys.reshape(keys.shape[0], -1, unit, keys.shape[-1]).mean(dim=2)[:, back].mean(dim=0).unsqueeze(0)
+                continue
+            score = total if k.startswith("merged_attn_received_sum") else mean
+            window = score.view(-1, unit).mean(dim=1)  # (N,) window order, official: view(N, 4).mean(1)
             out[k] = (window if k.endswith(":window") else window[back]).unsqueeze(0)
         return feats, out
 
@@ -444,6 +459,8 @@ class Qwen25VLAdapter(LlavaAdapter):
         served = QWEN_PORTS[method.name]["needs"]
         if method.name == "holov":  # its needs name the CLIP quantity; the port reads the order it is configured for
             return tuple(k for k in served if k.endswith(":" + method.qwen_order))
+        if QWEN_PORTS[method.name].get("reads_all"):
+            return served
         return tuple(k for k in served if k in method.needs)
 
     @staticmethod
