@@ -112,27 +112,22 @@ def row(rec: dict, requested: int, driver: str | None) -> dict:
 
 def write_table(rows: list[dict], path: Path, merge: Path | None = None, drop: tuple[str, ...] = ()):
     """Rows of this invocation, plus those of ``merge`` for (method, kept, batch) not measured here, less the
-    merged rows of the methods in ``drop`` (stale: measured under defaults that have changed since)."""
+    merged rows of the methods in ``drop`` (stale: measured under defaults that have changed since); the file
+    is replaced atomically. Rows measured on another GPU are never mixed in (``bench.measure.gpu_csv.rows_to_keep``:
+    exit 2, nothing written)."""
     import pandas as pd
+
+    from bench.measure.gpu_csv import replaced_atomically, rows_to_keep
 
     df = pd.DataFrame(rows)
     if merge is not None and merge.exists():
         old = pd.read_csv(merge)
         old = old.rename(columns={"kept_nominal": "budget_requested"})  # CSVs written before the budget fields
-        if not df.empty and "gpu" in old and "gpu" in df:
-            old_gpus, new_gpus = set(old["gpu"].dropna()), set(df["gpu"].dropna())
-            mixed = old_gpus and new_gpus - old_gpus
-            if mixed:  # timings are comparable only on one kind of card: never mix them in one table
-                raise SystemExit(f"--merge {merge}: its rows were measured on {sorted(set(old['gpu'].dropna()))}, these on "
-                                 f"{sorted(set(df['gpu'].dropna()))}; write a separate CSV per GPU")
-        old = old[~old["method"].isin(drop)]
-        key = ["method", "budget_requested", "batch"]
-        if not df.empty:
-            done = set(map(tuple, df[key].itertuples(index=False)))
-            old = old[[tuple(k) not in done for k in old[key].itertuples(index=False)]]
+        old = old.iloc[rows_to_keep(rows, old.to_dict("records"), key=["method", "budget_requested", "batch"], device="gpu",
+                                    drop=drop, source=f"--merge {merge}")]
         df = pd.concat([old, df], ignore_index=True).sort_values(["batch", "method", "budget_requested"], ascending=[True, True, False], ignore_index=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(path, index=False)
+    with replaced_atomically(path) as tmp:
+        df.to_csv(tmp, index=False)
     return df
 
 

@@ -28,7 +28,6 @@ Random weights: costs and latency do not depend on weight values; no accuracy is
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import os
 import re
@@ -81,22 +80,14 @@ KEY = ("model", "image_h", "image_w", "method", "ratio", "batch", "budget")
 
 def write_csv(path: Path, rows: list[dict], merge: Path | None = None) -> None:
     """All rows so far, plus those of ``merge`` (an earlier CSV of this model) not re-measured here, replacing
-    the file atomically (a reader never sees half a table). Rows timed on another device are never mixed in."""
+    the file atomically (a reader never sees half a table). Rows timed on another device are never mixed in
+    (``bench.measure.gpu_csv.rows_to_keep``: exit 2, nothing written)."""
+    from bench.measure.gpu_csv import read_rows, rows_to_keep, write_rows
+
     if merge is not None and merge.is_file():
-        with open(merge, newline="") as fh:
-            old = list(csv.DictReader(fh))
-        devices = {r["device"] for r in old} - {rows[0]["device"]}
-        if devices:
-            raise SystemExit(f"--merge {merge}: its rows were timed on {sorted(devices)}, these on {rows[0]['device']!r}; "
-                             "write a separate CSV per GPU")
-        done = {tuple(str(r[k]) for k in KEY) for r in rows}
-        rows = [r for r in old if tuple(str(r.get(k, "")) for k in KEY) not in done] + rows
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[-1]), restval="", extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+        old = read_rows(merge)
+        rows = [old[i] for i in rows_to_keep(rows, old, key=KEY, device="device", source=f"--merge {merge}")] + rows
+    write_rows(path, rows, fieldnames=list(rows[-1]))
 
 
 def measure_model(model: str, args) -> tuple[Path, list[dict]]:

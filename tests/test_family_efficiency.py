@@ -85,3 +85,19 @@ def test_bad_arguments_exit_2(fe, tmp_path):
 @pytest.mark.parametrize("name,tag", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-80GB", "a100"), ("cpu", "cpu")])
 def test_device_tag(fe, name, tag):
     assert fe.device_tag(name) == tag
+
+
+def test_merge_dir_of_another_card_exits_2_and_writes_nothing(fe, tmp_path):
+    """``--merge-dir`` holding this model's CSV from another kind of card: refused (exit 2) at the first row,
+    that CSV untouched, no CSV written under ``--out``."""
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    old = earlier / "tiny_qwen25vl_random_cpu.csv"
+    old.write_text("model,device,image_h,image_w,method,ratio,batch,budget,prefill_ms\n"
+                   "tiny_qwen25vl_random,NVIDIA H100 80GB HBM3,56,56,random,0.5,1,,1.0\n")
+    before = old.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        fe.main(["--tiny", "--device", "cpu", "--dtype", "float32", "--models", "tiny_qwen25vl_random", "--methods", "none",
+                 "--merge-dir", str(earlier), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "NVIDIA H100 80GB HBM3" in str(e.value)
+    assert old.read_bytes() == before and not any((tmp_path / "out").iterdir())
