@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -40,6 +39,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the harness is importable
     sys.path.insert(0, str(ROOT))
+
+from bench.measure.gpu_csv import device_tag, read_rows, rows_to_keep, write_rows  # noqa: E402
 
 #: image sizes (H, W) in pixels measured per model
 SIZES = {
@@ -69,12 +70,6 @@ def build(model: str, device: str, dtype: str, budget: str | None = None):
     return get_class(cfg.pop("_target_"))(**cfg).load()
 
 
-def device_tag(name: str) -> str:
-    """Short device name for file names: ``h100`` for "NVIDIA H100 80GB HBM3", ``cpu`` for "cpu"."""
-    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Za-z]?)\b", name)
-    return (m.group(1) if m else name.split()[-1]).lower()
-
-
 KEY = ("model", "image_h", "image_w", "method", "ratio", "batch", "budget")
 
 
@@ -82,8 +77,6 @@ def write_csv(path: Path, rows: list[dict], merge: Path | None = None) -> None:
     """All rows so far, plus those of ``merge`` (an earlier CSV of this model) not re-measured here, replacing
     the file atomically (a reader never sees half a table). Rows timed on another device are never mixed in
     (``bench.measure.gpu_csv.rows_to_keep``: exit 2, nothing written)."""
-    from bench.measure.gpu_csv import read_rows, rows_to_keep, write_rows
-
     if merge is not None and merge.is_file():
         old = read_rows(merge)
         rows = [old[i] for i in rows_to_keep(rows, old, key=KEY, device="device", source=f"--merge {merge}")] + rows

@@ -11,7 +11,7 @@ out=${OUT:?set OUT}
 eval "$(bash scripts/gpu_env.sh .whl 2>/dev/null)"
 export PYTHONPATH
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-tag=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oE '[A-Z][0-9]{2,4}' | head -1 | tr A-Z a-z)
+tag=$(python3 -m bench.measure.gpu_csv)  # h100, h200, ...: the one tag rule (bench/measure/gpu_csv.py)
 timeout ${QWEN_TIMEOUT:-100} python3 benchmarks/family_efficiency.py --models qwen25vl_7b --methods holov vscan fastv dart flowcut visionzip \
   --merge-dir results/efficiency --out "$out/fam" > "$out/fam_qwen.log" 2>&1; echo "qwen rc=$?"
 timeout ${SEL_TIMEOUT:-45} python3 benchmarks/bench_selection.py --methods "flowcut,cdpruner,cdpruner[kernel+dpp]" --batches 1 \

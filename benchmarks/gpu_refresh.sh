@@ -15,7 +15,7 @@ export PYTHONPATH
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 sel=${1:-}; inllm=${2:-}; eff=${3:-}
 # efficiency rows merge only into the CSV of the same kind of card (h100, h200, ...)
-tag=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oE '[A-Z][0-9]{2,4}' | head -1 | tr A-Z a-z)
+tag=$(python3 -m bench.measure.gpu_csv)  # h100, h200, ...: the one tag rule (bench/measure/gpu_csv.py)
 if [ "${FAMILIES:-0}" = 1 ]; then
   timeout ${TINY_TIMEOUT:-60} python3 benchmarks/family_efficiency.py --tiny --out "$out/families_tiny" > "$out/families_tiny.log" 2>&1; echo "families tiny rc=$?"
   timeout ${FAM_TIMEOUT:-240} python3 benchmarks/family_efficiency.py ${FAM_METHODS:+--methods $FAM_METHODS} --out "$out/families" > "$out/families.log" 2>&1; echo "families rc=$?"

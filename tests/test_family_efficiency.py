@@ -82,11 +82,6 @@ def test_bad_arguments_exit_2(fe, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("name,tag", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-80GB", "a100"), ("cpu", "cpu")])
-def test_device_tag(fe, name, tag):
-    assert fe.device_tag(name) == tag
-
-
 def test_merge_dir_of_another_card_exits_2_and_writes_nothing(fe, tmp_path):
     """``--merge-dir`` holding this model's CSV from another kind of card: refused (exit 2) at the first row,
     that CSV untouched, no CSV written under ``--out``."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
-from bench.measure.gpu_csv import MixedDevicesError, read_rows, replaced_atomically, rows_to_keep, write_rows
+from bench.measure.gpu_csv import MixedDevicesError, device_tag, read_rows, replaced_atomically, rows_to_keep, write_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 H100, H200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
@@ -94,3 +95,57 @@ def test_atomic_rewrite_leaves_the_old_file_on_error(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]  # no temporary file left behind
     write_rows(path, [{"a": 3, "c": 4}], ["a", "b"])  # missing cells empty, other keys left out
     assert read_rows(path) == [{"a": "3", "b": ""}]
+
+
+@pytest.mark.parametrize("name,tag", [
+    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100"), ("NVIDIA H100 NVL", "h100"), ("NVIDIA H200", "h200"),
+    ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA A100 80GB PCIe", "a100"), ("NVIDIA L40S", "l40s"), ("NVIDIA GeForce RTX 4090", "rtx4090"),
+    ("NVIDIA GeForce RTX 3090 Ti", "rtx3090ti"), ("Tesla V100-SXM2-16GB", "v100"), ("Tesla T4", "t4"), ("NVIDIA A10G", "a10g"),
+    ("NVIDIA RTX A6000", "a6000"), ("NVIDIA GH200 480GB", "gh200"), ("cpu", "cpu"), (" NVIDIA H200\n", "h200"),
+])
+def test_device_tag_of_real_card_names(name, tag):
+    """Names as ``nvidia-smi --query-gpu=name`` and ``torch.cuda.get_device_name`` print them; the tags of the
+    committed CSVs (``results/efficiency/*_h100.csv``) are unchanged."""
+    assert device_tag(name) == tag
+
+
+def test_device_tag_of_no_name_is_refused():
+    with pytest.raises(ValueError, match="no device tag"):
+        device_tag("NVIDIA ")
+
+
+FAKE_SMI = '#!/bin/sh\ncase "$*" in *--query-gpu=name*) printf "NVIDIA H200\\nNVIDIA H200\\n";; *) exit 9;; esac\n'
+
+
+@pytest.mark.parametrize("script", ["gpu_refresh.sh", "gpu_family_rows.sh"])
+def test_the_gpu_scripts_take_their_tag_from_device_tag(script, tmp_path):
+    """Each GPU script's ``tag=`` line, run as bash with a fake ``nvidia-smi`` on PATH and only the worktree on
+    PYTHONPATH (the GPU machine has no lmms-eval), gives ``device_tag``'s answer for the first GPU."""
+    import os
+    import re
+    import subprocess
+
+    lines = [ln for ln in (ROOT / "benchmarks" / script).read_text().splitlines() if re.match(r"\s*tag=", ln)]
+    assert len(lines) == 1 and "bench.measure.gpu_csv" in lines[0]
+    (tmp_path / "nvidia-smi").write_text(FAKE_SMI)
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    # python3 is the test's interpreter (its venv's bin first on PATH)
+    env = {**os.environ, "PATH": f"{tmp_path}:{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(["bash", "-c", f"set -uo pipefail\n{lines[0]}\necho \"$tag\""], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == device_tag("NVIDIA H200") == "h200"
+
+
+def test_the_tag_entry_point_imports_nothing_heavy():
+    """``python3 -m bench.measure.gpu_csv`` and importing the module load no torch, pandas, hydra or lmms-eval; bad
+    use exits 2."""
+    import subprocess
+
+    code = ("import sys, bench.measure.gpu_csv as g; g.main(['NVIDIA L40S']); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'pandas', 'hydra', 'lmms_eval', 'transformers'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.split() == ["l40s", "[]"], out.stderr
+    bad = subprocess.run([sys.executable, "-m", "bench.measure.gpu_csv", "a", "b"], cwd=ROOT, env={"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+    none = subprocess.run([sys.executable, "-m", "bench.measure.gpu_csv"], cwd=ROOT, env={"PATH": "/nonexistent", "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    assert none.returncode == 2 and "no GPU tag" in none.stderr and none.stdout == ""

@@ -1,11 +1,16 @@
-"""Efficiency CSVs of one kind of GPU: merging a re-measurement into an earlier CSV, and replacing a CSV atomically.
+"""Efficiency CSVs of one kind of GPU: the card's short tag in their file names, merging a re-measurement into an
+earlier CSV, and replacing a CSV atomically.
 
 The GPU benchmarks (``benchmarks/family_efficiency.py``, ``benchmarks/efficiency_leaderboard.py``) write one
 CSV per kind of card (``results/efficiency/llava15_7b_h100.csv``) and run in time-boxed calls, so a sweep is
 split over calls and joined: a merge keeps the earlier rows that this call does not re-measure and replaces
 those it does. Timings are comparable only on one kind of card, so a merge that would mix cards is refused.
 
-Imports only the standard library (the lent GPU machine has no lmms-eval, no hydra).
+Imports only the standard library: the shell scripts of the lent GPU machine (no lmms-eval, no hydra, PYTHONPATH
+from ``scripts/gpu_env.sh``) call ``python3 -m bench.measure.gpu_csv`` for the tag; torch is never imported.
+
+    python3 -m bench.measure.gpu_csv                           # the tag of nvidia-smi's first GPU: h100
+    python3 -m bench.measure.gpu_csv "NVIDIA A100-SXM4-80GB"   # a100
 """
 
 from __future__ import annotations
@@ -13,9 +18,39 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import re
+import subprocess
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+
+
+# A model code such as H100, A100, L40S, T4, A10G, GH200, MI300X: one or two capitals, then digits, an optional
+# letter suffix; a whole word (so HBM3, SXM4 and 80GB are not one).
+_MODEL_CODE = re.compile(r"\b([A-Z]{1,2}\d{1,4}[A-Za-z]?)\b")
+# words that name the vendor or product line, not the card (dropped from names without a model code)
+_LINE_WORDS = {"nvidia", "geforce", "tesla", "quadro", "amd", "radeon", "instinct", "generation", "graphics"}
+
+
+def device_tag(name: str) -> str:
+    """Short lower-case name of a device for file names, from its full name (``torch.cuda.get_device_name``
+    or ``nvidia-smi --query-gpu=name``): ``h100`` for "NVIDIA H100 80GB HBM3" and "NVIDIA H100 PCIe",
+    ``a100`` for "NVIDIA A100-SXM4-80GB", ``l40s`` for "NVIDIA L40S", ``cpu`` for "cpu". A name without such
+    a model code joins its remaining words: ``rtx4090`` for "NVIDIA GeForce RTX 4090"."""
+    name = name.strip()
+    m = _MODEL_CODE.search(name)
+    if m:
+        return m.group(1).lower()
+    words = [w for w in re.split(r"[^A-Za-z0-9]+", name.lower()) if w and w not in _LINE_WORDS]
+    if not words:
+        raise ValueError(f"no device tag in {name!r}")
+    return "".join(words)
+
+
+def nvidia_smi_name() -> str:
+    """The name of the first GPU ``nvidia-smi`` lists (the card the GPU scripts run on)."""
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=60, check=True)
+    return out.stdout.strip().splitlines()[0]
 
 
 class MixedDevicesError(SystemExit):
@@ -100,3 +135,22 @@ def write_rows(path: Path, rows: Sequence[Mapping], fieldnames: Sequence[str]) -
         w = csv.DictWriter(fh, fieldnames=list(fieldnames), restval="", extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python3 -m bench.measure.gpu_csv [NAME]``: print the tag of NAME, else of nvidia-smi's first GPU."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) > 1 or (argv and argv[0].startswith("-")):
+        print("usage: python3 -m bench.measure.gpu_csv [DEVICE_NAME]   (default: nvidia-smi's first GPU)", file=sys.stderr)
+        return 2
+    try:
+        name = argv[0] if argv else nvidia_smi_name()
+        print(device_tag(name))
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError) as e:
+        print(f"error: no GPU tag: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
