@@ -6,6 +6,9 @@ image sizes below make unpadding cut rows or columns, so token counts differ per
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -463,7 +466,11 @@ def test_gprune_generate_equals_the_official_base_and_grid_graphs_with_original_
         adapter.budget = "image"
 
 
-# ----------------------------------------------------------------------------- CDPruner (official LLaVA-NeXT port)
+# ----------------------------------------------------------------------------- the per-tile ports (official LLaVA-NeXT code)
+# CDPruner, VisPruner, FasterVLM and HiPrune run on LLaVA-NeXT as their official code does: selection on each full tile
+# (model.budget=tile). CDPruner and VisPruner then stitch and unpad the crops' index masks like the features and keep
+# every newline; FasterVLM and HiPrune lay the picks out in FasterVLM's hard-coded 'spatial' merge (stitched, not
+# unpadded, no newline). The tests below run once per port against that port's official layout built by hand.
 QUESTIONS = ["what colour is the square", "how many circles are there", "is there a red triangle",
              " ".join(["which shape is left of the blue circle"] * 12),  # > 77 tokens: two chunks, averaged
              "what is in the centre", "where is the star", "is the square above the circle", "what shape is green"]
@@ -521,155 +528,13 @@ def _official_unpadded_keep(adapter, mask, size):
     return torch.cat([mask[0], grid]).nonzero().flatten()
 
 
-@torch.no_grad()
-def test_cdpruner_generate_equals_the_official_tile_masks_built_by_hand(cd_adapter):
-    adapter = cd_adapter
-    batch = _with_texts(make_batch(adapter, SIZES[:4]), 4)
-    m = create("cdpruner", 0.5)
-    prepared = adapter.prepare(batch, m, seeds(4))
-    assert prepared.extras["budget"] == "tile" and prepared.extras["clip_text"]["chunks"] == [1, 1, 1, 2]
-    ours = adapter.generate(prepared, max_new_tokens=5)
-    packed = adapter.encode_images(batch["pixel_values"], batch["image_sizes"])
-    t = m.n_keep(adapter.tile_tokens)
-    for i in range(4):
-        size = batch["image_sizes"][i]
-        keep, per_tile = _official_cdpruner_keep(adapter, batch["pixel_values"][i], size, QUESTIONS[i], t)
-        assert per_tile.tolist() == [t] * adapter._num_tiles(size)  # T per full tile, before unpadding
-        src = adapter.source_map(size, adapter._num_tiles(size))
-        assert len(src) == len(packed[i]) and (src[keep] < 0).sum() == (src < 0).sum()  # every newline kept
-        assert prepared.visual_tokens_kept[i] == len(keep) and prepared.extras["newline_tokens_kept"][i] == int((src < 0).sum())
-        s0, s1 = prepared.extras["image_spans"][i].tolist()
-        assert torch.equal(prepared.inputs_embeds[i, s0:s1], packed[i][keep])  # the unpruned rows, in packed order
-        seq = batch["input_ids"][i][batch["attention_mask"][i].bool()]
-        start = int((seq == IMG).nonzero()[0])
-        text = adapter.model.get_input_embeddings()(seq)
-        emb = torch.cat([text[:start], packed[i][keep], text[start + len(src):]]).unsqueeze(0)
-        toks = _decode_by_hand(adapter, emb, 5)  # contiguous positions, as the official code renumbers them
-        assert ours[i].tolist()[: len(toks)] == toks
-
-
-def test_cdpruner_ratio_zero_and_batch_of_8_equals_batch_of_1(cd_adapter):
-    adapter = cd_adapter
-    batch = _with_texts(make_batch(adapter, SIZES[:3]), 3)
-    ref = adapter.model.generate(**{k: v for k, v in batch.items() if k != "texts"}, max_new_tokens=6, do_sample=False,
-                                 pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
-    assert torch.equal(adapter.generate(adapter.prepare(batch, create("cdpruner", 0.0), seeds(3)), max_new_tokens=6), ref)
-    batch = _with_texts(make_batch(adapter, SIZES), 8)
-    m = create("cdpruner", 0.75)
-    prepared = adapter.prepare(batch, m, seeds(8))
-    together = adapter.generate(prepared, max_new_tokens=4)
-    for i in range(8):
-        one = {k: v[i:i + 1] for k, v in batch.items()}
-        one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
-        one["attention_mask"] = torch.ones_like(one["input_ids"])
-        p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
-        assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()], prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
-        assert together[i].tolist() == adapter.generate(p1, max_new_tokens=4)[0].tolist()
-
-
-def test_cdpruner_question_changes_the_selection_and_is_required(cd_adapter):
-    adapter = cd_adapter
-    batch = make_batch(adapter, SIZES[2:3])
-    m = create("cdpruner", 0.75)
-    kept = {q: adapter.prepare({**batch, "texts": [q]}, m, seeds(1)).inputs_embeds for q in QUESTIONS[:4]}
-    assert len({tuple(v.flatten().tolist()) for v in kept.values()}) > 1
-    with pytest.raises(IncompatibleMethodError, match="question text"):
-        adapter.prepare(batch, m, seeds(1))
-
-
-def test_cdpruner_only_with_its_official_budget_and_a_text_tower(cd_adapter, adapter):
-    for budget in ("image", "base_grid"):
-        cd_adapter.budget = budget
-        try:
-            with pytest.raises(IncompatibleMethodError, match="model.budget=tile"):
-                cd_adapter.check_method(create("cdpruner", 0.5))
-        finally:
-            cd_adapter.budget = "tile"
-    cd_adapter.check_method(create("cdpruner", 0.5))
-    with pytest.raises(IncompatibleMethodError, match="text tower"):
-        adapter.check_method(create("cdpruner", 0.5))  # the fixture without model.text_tower
-
-
-# ----------------------------------------------------------------------------- VisPruner (official LLaVA-NeXT port)
-@torch.no_grad()
-def test_vispruner_generate_equals_the_official_tile_masks_built_by_hand(adapter):
-    """VisPruner's official LLaVA-NeXT code: ``encode_images`` on the image's tiles as one batch (T per full tile:
-    important by head-mean CLS attention at layer -2, diverse by de-duplicating layer -2 features), the crops'
-    index masks stitched and unpadded like the features, newlines kept. Rebuilt from the eager tower's attentions
-    and ``ref_vispruner_official``."""
-    from reference_vision import ref_vispruner_official
-
-    adapter.budget = "tile"
-    try:
-        batch = make_batch(adapter, SIZES[:4])
-        m = create("vispruner", 0.5)
-        prepared = adapter.prepare(batch, m, seeds(4))
-        assert prepared.extras["budget"] == "tile"
-        ours = adapter.generate(prepared, max_new_tokens=5)
-        packed = adapter.encode_images(batch["pixel_values"], batch["image_sizes"])
-        t = m.n_keep(adapter.tile_tokens)
-        for i in range(4):
-            size = batch["image_sizes"][i]
-            tiles = adapter._num_tiles(size)
-            attn = _eager_cls_attention(adapter, batch["pixel_values"][i], tiles, m.layer)  # (P, n)
-            hid = adapter.model.model.vision_tower(batch["pixel_values"][i][:tiles], output_hidden_states=True).hidden_states[m.layer][:, 1:]
-            mask = torch.zeros(tiles, adapter.tile_tokens, dtype=torch.bool)
-            for p in range(tiles):
-                mask[p, ref_vispruner_official(attn[p], hid[p], t, m.important_ratio, m.step)] = True
-            assert mask.sum(1).tolist() == [t] * tiles
-            keep = _official_unpadded_keep(adapter, mask, size)
-            src = adapter.source_map(size, tiles)
-            assert prepared.visual_tokens_kept[i] == len(keep) and prepared.extras["newline_tokens_kept"][i] == int((src < 0).sum())
-            s0, s1 = prepared.extras["image_spans"][i].tolist()
-            assert torch.equal(prepared.inputs_embeds[i, s0:s1], packed[i][keep])
-            seq = batch["input_ids"][i][batch["attention_mask"][i].bool()]
-            start = int((seq == IMG).nonzero()[0])
-            text = adapter.model.get_input_embeddings()(seq)
-            emb = torch.cat([text[:start], packed[i][keep], text[start + len(src):]]).unsqueeze(0)
-            toks = _decode_by_hand(adapter, emb, 5)
-            assert ours[i].tolist()[: len(toks)] == toks
-    finally:
-        adapter.budget = "image"
-
-
-def test_vispruner_ratio_zero_batch_of_8_and_budget(adapter):
-    adapter.budget = "tile"
-    try:
-        batch = make_batch(adapter, SIZES[:3])
-        ref = adapter.model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
-        assert torch.equal(adapter.generate(adapter.prepare(batch, create("vispruner", 0.0), seeds(3)), max_new_tokens=6), ref)
-        batch = make_batch(adapter, SIZES)
-        m = create("vispruner", 0.75)
-        prepared = adapter.prepare(batch, m, seeds(8))
-        together = adapter.generate(prepared, max_new_tokens=4)
-        for i in range(8):
-            one = {k: v[i:i + 1] for k, v in batch.items()}
-            one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
-            one["attention_mask"] = torch.ones_like(one["input_ids"])
-            p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
-            assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()], prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
-            assert together[i].tolist() == adapter.generate(p1, max_new_tokens=4)[0].tolist()
-        for budget in ("image", "base_grid"):
-            adapter.budget = budget
-            with pytest.raises(IncompatibleMethodError, match="model.budget=tile"):
-                adapter.check_method(m)
-    finally:
-        adapter.budget = "image"
-
-
-# ----------------------------------------------------------------------------- FasterVLM (official LLaVA-NeXT port)
-@torch.no_grad()
-def _official_fastervlm_image(adapter, pixels, size, t, layer):
-    """FasterVLM's official LLaVA-NeXT tokens for one image, rebuilt by hand: the eager tower's CLS attention at
-    ``layer``, ``topk`` T per full tile, the projector on every tile, and the hard-coded ``'spatial'`` merge: base
-    tile's picks, then ``image_feature.permute(0, 2, 1, 3, 4).flatten(0, 3)[index_mask]`` over the crops (no
-    unpadding, no newline)."""
+def _official_spatial_rows(adapter, pixels, size, mask):
+    """``(P, n)`` per-tile index masks -> the image's kept rows in FasterVLM's hard-coded ``'spatial'`` merge (HiPrune's
+    official LLaVA-NeXT code reuses it): the projector on every tile, the base tile's picks, then
+    ``image_feature.permute(0, 2, 1, 3, 4).flatten(0, 3)[index_mask]`` over the crops (no unpadding, no newline)."""
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
-    tiles = adapter._num_tiles(size)
-    attn = _eager_cls_attention(adapter, pixels, tiles, layer)  # (P, n)
-    mask = torch.zeros(tiles, adapter.tile_tokens, dtype=torch.bool)
-    mask.scatter_(1, torch.topk(attn, k=t, dim=1)[1], True)
+    tiles = mask.shape[0]
     hid = adapter.model.model.vision_tower(pixels[:tiles], output_hidden_states=True).hidden_states[-2][:, 1:]
     feats = adapter.model.model.multi_modal_projector(hid)
     nph, npw = get_anyres_image_grid_shape(size.tolist(), adapter.config.image_grid_pinpoints, adapter.config.vision_config.image_size)
@@ -680,58 +545,16 @@ def _official_fastervlm_image(adapter, pixels, size, t, layer):
 
 
 @torch.no_grad()
-def test_fastervlm_generate_equals_the_official_spatial_layout_built_by_hand(adapter):
-    adapter.budget = "tile"
-    try:
-        batch = make_batch(adapter, SIZES[:4])
-        m = create("fastervlm", 0.5)
-        prepared = adapter.prepare(batch, m, seeds(4))
-        ours = adapter.generate(prepared, max_new_tokens=5)
-        t = m.n_keep(adapter.tile_tokens)
-        for i in range(4):
-            size = batch["image_sizes"][i]
-            rows = _official_fastervlm_image(adapter, batch["pixel_values"][i], size, t, m.layer)
-            assert rows.shape[0] == prepared.visual_tokens_kept[i] == adapter._num_tiles(size) * t  # no unpadding
-            assert prepared.extras["newline_tokens_kept"][i] == 0 and prepared.extras["budget"] == "tile"
-            s0, s1 = prepared.extras["image_spans"][i].tolist()
-            assert torch.equal(prepared.inputs_embeds[i, s0:s1], rows)
-            seq = batch["input_ids"][i][batch["attention_mask"][i].bool()]
-            start = int((seq == IMG).nonzero()[0])
-            n = len(adapter.source_map(size, adapter._num_tiles(size)))
-            text = adapter.model.get_input_embeddings()(seq)
-            emb = torch.cat([text[:start], rows, text[start + n:]]).unsqueeze(0)
-            toks = _decode_by_hand(adapter, emb, 5)
-            assert ours[i].tolist()[: len(toks)] == toks
-    finally:
-        adapter.budget = "image"
+def _official_fastervlm_image(adapter, pixels, size, t, layer):
+    """FasterVLM's official LLaVA-NeXT tokens for one image, rebuilt by hand: the eager tower's CLS attention at
+    ``layer``, ``topk`` T per full tile, laid out by :func:`_official_spatial_rows`."""
+    tiles = adapter._num_tiles(size)
+    attn = _eager_cls_attention(adapter, pixels, tiles, layer)  # (P, n)
+    mask = torch.zeros(tiles, adapter.tile_tokens, dtype=torch.bool)
+    mask.scatter_(1, torch.topk(attn, k=t, dim=1)[1], True)
+    return _official_spatial_rows(adapter, pixels, size, mask)
 
 
-def test_fastervlm_ratio_zero_batch_of_8_and_budget(adapter):
-    adapter.budget = "tile"
-    try:
-        batch = make_batch(adapter, SIZES[:3])
-        ref = adapter.model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
-        assert torch.equal(adapter.generate(adapter.prepare(batch, create("fastervlm", 0.0), seeds(3)), max_new_tokens=6), ref)
-        batch = make_batch(adapter, SIZES)
-        m = create("fastervlm", 0.75)
-        prepared = adapter.prepare(batch, m, seeds(8))
-        together = adapter.generate(prepared, max_new_tokens=4)
-        for i in range(8):
-            one = {k: v[i:i + 1] for k, v in batch.items()}
-            one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
-            one["attention_mask"] = torch.ones_like(one["input_ids"])
-            p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
-            assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()], prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
-            assert together[i].tolist() == adapter.generate(p1, max_new_tokens=4)[0].tolist()
-        for budget in ("image", "base_grid"):
-            adapter.budget = budget
-            with pytest.raises(IncompatibleMethodError, match="model.budget=tile"):
-                adapter.check_method(m)
-    finally:
-        adapter.budget = "image"
-
-
-# ----------------------------------------------------------------------------- HiPrune (official LLaVA-NeXT port)
 def _eager_colmean(adapter, pixels, tiles, layer):
     """``(P, n)`` attention averaged over heads, then over all query rows, CLS column dropped, from an eager copy
     of the tower (the official ``.mean(dim=1).mean(dim=1)[:, 1:]``)."""
@@ -744,76 +567,189 @@ def _eager_colmean(adapter, pixels, tiles, layer):
     return att.mean(dim=1).mean(dim=1)[:, 1:]
 
 
-@torch.no_grad()
-def test_hiprune_generate_equals_the_official_split_budget_and_spatial_layout(adapter):
+# each port's official layout of image i: (kept rows, picks per full tile before unpadding, packed positions kept or
+# None where the rows are not packed rows in packed order)
+def _official_cdpruner(adapter, batch, i, m, packed):
+    keep, per_tile = _official_cdpruner_keep(adapter, batch["pixel_values"][i], batch["image_sizes"][i], batch["texts"][i], m.n_keep(adapter.tile_tokens))
+    return packed[keep], per_tile, keep
+
+
+def _official_vispruner(adapter, batch, i, m, packed):
+    """VisPruner's official LLaVA-NeXT code: ``encode_images`` on the image's tiles as one batch (T per full tile:
+    important by head-mean CLS attention at layer -2, diverse by de-duplicating layer -2 features), the crops'
+    index masks stitched and unpadded like the features, newlines kept. Rebuilt from the eager tower's attentions
+    and ``ref_vispruner_official``."""
+    from reference_vision import ref_vispruner_official
+
+    size, pixels, t = batch["image_sizes"][i], batch["pixel_values"][i], m.n_keep(adapter.tile_tokens)
+    tiles = adapter._num_tiles(size)
+    attn = _eager_cls_attention(adapter, pixels, tiles, m.layer)  # (P, n)
+    hid = adapter.model.model.vision_tower(pixels[:tiles], output_hidden_states=True).hidden_states[m.layer][:, 1:]
+    mask = torch.zeros(tiles, adapter.tile_tokens, dtype=torch.bool)
+    for p in range(tiles):
+        mask[p, ref_vispruner_official(attn[p], hid[p], t, m.important_ratio, m.step)] = True
+    keep = _official_unpadded_keep(adapter, mask, size)
+    return packed[keep], mask.sum(1), keep
+
+
+def _official_fastervlm(adapter, batch, i, m, packed):
+    size, t = batch["image_sizes"][i], m.n_keep(adapter.tile_tokens)
+    rows = _official_fastervlm_image(adapter, batch["pixel_values"][i], size, t, m.layer)
+    return rows, torch.full((adapter._num_tiles(size),), t), None  # topk: exactly T per tile
+
+
+def _official_hiprune(adapter, batch, i, m, packed):
     """HiPrune's official LLaVA-NeXT code: ``int(N' / P)`` per full tile of the image's ``P`` tiles (``N'`` of the
     largest pinpoint's 5 tiles: 80 on the tiny model), each tile by ``ref_hiprune`` on the eager tower's attentions
     (object layer 9 of 24 is layer 1 of the tiny 2-layer tower, the deep layer -2 is layer 0), laid out like
     FasterVLM's hard-coded ``'spatial'`` merge (stitched, not unpadded, no newline)."""
     from reference_vision import ref_hiprune
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
-    adapter.budget = "tile"
+    size, pixels = batch["image_sizes"][i], batch["pixel_values"][i]
+    tiles = adapter._num_tiles(size)
+    t = m.n_keep(5 * adapter.tile_tokens) // tiles  # N' = 40 of 80 at ratio 0.5
+    shallow, deep = _eager_colmean(adapter, pixels, tiles, 1), _eager_colmean(adapter, pixels, tiles, 0)
+    mask = torch.zeros(tiles, adapter.tile_tokens, dtype=torch.bool)
+    for p in range(tiles):
+        mask[p, ref_hiprune(shallow[p], deep[p], t, m.alpha, adapter.grid[1])] = True
+    return _official_spatial_rows(adapter, pixels, size, mask), mask.sum(1), None
+
+
+@dataclass(frozen=True)
+class TilePort:
+    official: Callable  # (adapter, batch, i, method, packed features of image i) -> (rows, picks per tile, kept positions | None)
+    unpadded: bool  # True: the unpadded grid with every newline kept (CDPruner, VisPruner); False: the 'spatial' merge
+    question: bool = False  # question-conditioned: runs on ``cd_adapter`` (a CLIP text tower) with ``texts``
+    split_per_image: bool = False  # HiPrune: N' per image (of the largest pinpoint) split over its tiles, else T per tile
+
+
+PORTS = {
+    "cdpruner": TilePort(_official_cdpruner, unpadded=True, question=True),
+    "vispruner": TilePort(_official_vispruner, unpadded=True),
+    "fastervlm": TilePort(_official_fastervlm, unpadded=False),
+    "hiprune": TilePort(_official_hiprune, unpadded=False, split_per_image=True),
+}
+
+
+@pytest.fixture(params=list(PORTS))
+def port(request):
+    """``(name, TilePort, adapter at model.budget=tile)``; the adapter's budget is restored afterwards."""
+    spec = PORTS[request.param]
+    a = request.getfixturevalue("cd_adapter" if spec.question else "adapter")
+    before, a.budget = a.budget, "tile"
+    yield request.param, spec, a
+    a.budget = before
+
+
+def _port_batch(spec, adapter, sizes):
+    batch = make_batch(adapter, sizes)
+    return _with_texts(batch, len(sizes)) if spec.question else batch
+
+
+def _unpruned_generate(adapter, batch, steps):
+    """The model's own greedy ``generate`` on the batch (no question text: the LLM never sees it)."""
+    inputs = {k: v for k, v in batch.items() if k != "texts"}
+    return adapter.model.generate(**inputs, max_new_tokens=steps, do_sample=False, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
+
+
+@torch.no_grad()
+def test_tile_port_generate_equals_the_official_layout_built_by_hand(port):
+    name, spec, adapter = port
+    batch = _port_batch(spec, adapter, SIZES[:4])
+    m = create(name, 0.5)
+    prepared = adapter.prepare(batch, m, seeds(4))
+    assert prepared.extras["budget"] == "tile"
+    if spec.question:
+        assert prepared.extras["clip_text"]["chunks"] == [1, 1, 1, 2]
+    ours = adapter.generate(prepared, max_new_tokens=5)
+    packed = adapter.encode_images(batch["pixel_values"], batch["image_sizes"])
+    per_tile = set()
+    for i in range(4):
+        size = batch["image_sizes"][i]
+        tiles = adapter._num_tiles(size)
+        src = adapter.source_map(size, tiles)
+        assert len(src) == len(packed[i])
+        rows, picks, keep = spec.official(adapter, batch, i, m, packed[i])
+        t = m.n_keep(5 * adapter.tile_tokens) // tiles if spec.split_per_image else m.n_keep(adapter.tile_tokens)
+        per_tile.add(t)
+        assert picks.tolist() == [t] * tiles  # T per full tile, before unpadding
+        if spec.unpadded:
+            assert (src[keep] < 0).sum() == (src < 0).sum()  # every newline kept
+            assert prepared.extras["newline_tokens_kept"][i] == int((src < 0).sum())
+        else:
+            assert rows.shape[0] == tiles * t  # no unpadding
+            assert prepared.extras["newline_tokens_kept"][i] == 0
+        assert prepared.visual_tokens_kept[i] == rows.shape[0]
+        s0, s1 = prepared.extras["image_spans"][i].tolist()
+        assert torch.equal(prepared.inputs_embeds[i, s0:s1], rows)  # unpadded ports: the unpruned rows, in packed order
+        seq = batch["input_ids"][i][batch["attention_mask"][i].bool()]
+        start = int((seq == IMG).nonzero()[0])
+        text = adapter.model.get_input_embeddings()(seq)
+        emb = torch.cat([text[:start], rows, text[start + len(src):]]).unsqueeze(0)
+        toks = _decode_by_hand(adapter, emb, 5)  # contiguous positions, as the official code renumbers them
+        assert ours[i].tolist()[: len(toks)] == toks
+    # 3-tile and 5-tile images: HiPrune's official split keeps more per tile on fewer tiles; the others T on each
+    assert (len(per_tile) > 1) == spec.split_per_image
+
+
+def test_tile_port_ratio_zero_is_the_unpruned_model(port):
+    name, spec, adapter = port
+    batch = _port_batch(spec, adapter, SIZES[:3])
+    ours = adapter.generate(adapter.prepare(batch, create(name, 0.0), seeds(3)), max_new_tokens=6)
+    assert torch.equal(ours, _unpruned_generate(adapter, batch, 6))
+
+
+def test_tile_port_batch_of_8_equals_batch_of_1(port):
+    name, spec, adapter = port
+    batch = _port_batch(spec, adapter, SIZES)
+    m = create(name, 0.75)
+    prepared = adapter.prepare(batch, m, seeds(8))
+    together = adapter.generate(prepared, max_new_tokens=4)
+    for i in range(8):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
+        one["attention_mask"] = torch.ones_like(one["input_ids"])
+        p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
+        assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()], prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
+        assert together[i].tolist() == adapter.generate(p1, max_new_tokens=4)[0].tolist()
+
+
+def test_tile_port_only_with_its_official_budget(port):
+    name, spec, adapter = port
+    for ratio in (0.5, 0.75):
+        for budget in ("image", "base_grid"):
+            adapter.budget = budget
+            with pytest.raises(IncompatibleMethodError, match="model.budget=tile"):
+                adapter.check_method(create(name, ratio))
+        adapter.budget = "tile"
+        adapter.check_method(create(name, ratio))
+
+
+def test_cdpruner_question_changes_the_selection_and_is_required(cd_adapter):
+    adapter = cd_adapter
+    batch = make_batch(adapter, SIZES[2:3])
+    m = create("cdpruner", 0.75)
+    kept = {q: adapter.prepare({**batch, "texts": [q]}, m, seeds(1)).inputs_embeds for q in QUESTIONS[:4]}
+    assert len({tuple(v.flatten().tolist()) for v in kept.values()}) > 1
+    with pytest.raises(IncompatibleMethodError, match="question text"):
+        adapter.prepare(batch, m, seeds(1))
+
+
+def test_cdpruner_needs_a_text_tower(adapter):
     try:
-        batch = make_batch(adapter, SIZES[:4])
-        m = create("hiprune", 0.5)
-        n_img = m.n_keep(5 * adapter.tile_tokens)  # N' = 40 of 80
-        prepared = adapter.prepare(batch, m, seeds(4))
-        ours = adapter.generate(prepared, max_new_tokens=5)
-        counts = set()
-        for i in range(4):
-            size = batch["image_sizes"][i]
-            tiles = adapter._num_tiles(size)
-            t = n_img // tiles
-            counts.add(t)
-            shallow, deep = _eager_colmean(adapter, batch["pixel_values"][i], tiles, 1), _eager_colmean(adapter, batch["pixel_values"][i], tiles, 0)
-            mask = torch.zeros(tiles, adapter.tile_tokens, dtype=torch.bool)
-            for p in range(tiles):
-                mask[p, ref_hiprune(shallow[p], deep[p], t, m.alpha, adapter.grid[1])] = True
-            hid = adapter.model.model.vision_tower(batch["pixel_values"][i][:tiles], output_hidden_states=True).hidden_states[-2][:, 1:]
-            feats = adapter.model.model.multi_modal_projector(hid)
-            nph, npw = get_anyres_image_grid_shape(size.tolist(), adapter.config.image_grid_pinpoints, adapter.config.vision_config.image_size)
-            h = adapter.grid[1]
-            crops = feats[1:].view(nph, npw, h, h, -1).permute(0, 2, 1, 3, 4).contiguous().flatten(0, 3)
-            cmask = mask[1:].view(nph, npw, h, h).permute(0, 2, 1, 3).contiguous().flatten(0, 3)
-            rows = torch.cat([feats[0][mask[0]], crops[cmask]])
-            assert rows.shape[0] == prepared.visual_tokens_kept[i] == tiles * t and prepared.extras["newline_tokens_kept"][i] == 0
-            s0, s1 = prepared.extras["image_spans"][i].tolist()
-            assert torch.equal(prepared.inputs_embeds[i, s0:s1], rows)
-            seq = batch["input_ids"][i][batch["attention_mask"][i].bool()]
-            start = int((seq == IMG).nonzero()[0])
-            n = len(adapter.source_map(size, tiles))
-            text = adapter.model.get_input_embeddings()(seq)
-            toks = _decode_by_hand(adapter, torch.cat([text[:start], rows, text[start + n:]]).unsqueeze(0), 5)
-            assert ours[i].tolist()[: len(toks)] == toks
-        assert len(counts) > 1  # 3-tile and 5-tile images: the official split keeps more per tile on fewer tiles
+        for budget in ("image", "tile"):  # the fixture without model.text_tower
+            adapter.budget = budget
+            with pytest.raises(IncompatibleMethodError, match="text tower"):
+                adapter.check_method(create("cdpruner", 0.5))
     finally:
         adapter.budget = "image"
 
 
-def test_hiprune_ratio_zero_batch_of_8_budget_and_the_split_limit(adapter):
+def test_hiprune_split_beyond_a_tile_is_refused(adapter):
     adapter.budget = "tile"
     try:
-        batch = make_batch(adapter, SIZES[:3])
-        ref = adapter.model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
-        assert torch.equal(adapter.generate(adapter.prepare(batch, create("hiprune", 0.0), seeds(3)), max_new_tokens=6), ref)
-        batch = make_batch(adapter, SIZES)
-        m = create("hiprune", 0.75)
-        prepared = adapter.prepare(batch, m, seeds(8))
-        together = adapter.generate(prepared, max_new_tokens=4)
-        for i in range(8):
-            one = {k: v[i:i + 1] for k, v in batch.items()}
-            one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
-            one["attention_mask"] = torch.ones_like(one["input_ids"])
-            p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
-            assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()], prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
-            assert together[i].tolist() == adapter.generate(p1, max_new_tokens=4)[0].tolist()
         with pytest.raises(IncompatibleMethodError, match="exceeds a tile"):  # N' = 64 of 80 over 3 tiles: 21 > 16
             adapter.check_method(create("hiprune", 0.2))
-        for budget in ("image", "base_grid"):
-            adapter.budget = budget
-            with pytest.raises(IncompatibleMethodError, match="model.budget=tile"):
-                adapter.check_method(m)
     finally:
         adapter.budget = "image"
 
