@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the harness is importable
     sys.path.insert(0, str(ROOT))
 
-from bench.measure.gpu_csv import device_tag, read_rows, rows_to_keep, write_rows  # noqa: E402
+from bench.measure.gpu_csv import device_tag, read_rows, rows_to_keep, write_rows
 
 #: image sizes (H, W) in pixels measured per model
 SIZES = {

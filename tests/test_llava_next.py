@@ -715,7 +715,7 @@ def test_tile_port_batch_of_8_equals_batch_of_1(port):
 
 
 def test_tile_port_only_with_its_official_budget(port):
-    name, spec, adapter = port
+    name, _, adapter = port
     for ratio in (0.5, 0.75):
         for budget in ("image", "base_grid"):
             adapter.budget = budget

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import math
 import os
 import re
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-
 
 # A model code such as H100, A100, L40S, T4, A10G, GH200, MI300X: one or two capitals, then digits, an optional
 # letter suffix; a whole word (so HBM3, SXM4 and 80GB are not one).
@@ -67,7 +67,7 @@ class MixedDevicesError(SystemExit):
 
 def _blank(value) -> bool:
     """Empty cell: ``None``, ``""`` or NaN (pandas' reading of one)."""
-    return value is None or value == "" or (isinstance(value, float) and value != value)
+    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
 
 
 def _cell(value):
