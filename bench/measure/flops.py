@@ -442,8 +442,9 @@ def vision_image_flops(desc, block, segments: Sequence[Sequence[int]] | None = N
     * ``vision_window > 0`` (Qwen2.5-VL): one image of ``(m H) x (m W)`` patches for its merged ``H x W`` grid;
       layers in ``vision_full_layers`` attend over the whole image, the others within ``vision_window`` patch
       windows (the sum of the windows' squares); the merger runs on the ``H W`` merged tokens.
-    * ``segments`` (a tower cut between blocks, FlowCut's Qwen port): per block the lengths of its attention
-      segments (the surviving patches of each window, or of the image); the merger runs on ``merged`` tokens.
+    * ``segments`` (a tower cut between blocks, FlowCut's ports): per block the lengths of its attention segments (the
+      surviving patches of each window, or of the image; on CLIP each tile's tokens, [CLS] included, for the blocks
+      that ran); the merger or projector runs on ``merged`` tokens.
     """
     d, m = desc.vision_width, desc.vision_mlp
     dense = lambda n: 2 * n * (4 * d * d + desc.vision_mlp_matrices * d * m)  # noqa: E731 - q, k, v, o + MLP per token
@@ -451,6 +452,11 @@ def vision_image_flops(desc, block, segments: Sequence[Sequence[int]] | None = N
     if desc.vision_window == 0:
         t = desc.vision_tokens_per_tile
         patches = t - desc.vision_cls
+        if segments is not None:  # FlowCut's LLaVA-NeXT port: per block the tokens of each tile; projector on the survivors
+            tower = block.tiles * 2 * patches * desc.vision_patch_dim * d
+            for segs in segments:
+                tower += dense(sum(segs)) + 2 * 2 * d * sum(s * s for s in segs)
+            return tower, int(merged) * proj_per_token
         per_tile = 2 * patches * desc.vision_patch_dim * d + desc.vision_layers * (dense(t) + 2 * 2 * t * t * d)
         return block.tiles * per_tile, block.tiles * patches * proj_per_token
     (gh, gw), mm = block.grids[0], desc.vision_merge
@@ -510,7 +516,9 @@ def analytic_adapter(adapter, method, prepared, batch: dict, with_selection: boo
     bsz, t = len(prepared.visual_tokens_kept), int(prepared.attention_mask.shape[1])
     out = Breakdown(per_llm_layer=[0] * desc.llm_layers)
     segments = prepared.extras.get("vision_segments") or [None] * len(layouts)
-    for blocks, segs, kept in zip(layouts, segments, prepared.visual_tokens_kept):
+    # the tokens the projector ran on, where a tower cut sent fewer than it projected (FlowCut's LLaVA-NeXT port: unpadding)
+    projected = prepared.extras.get("vision_projected") or prepared.visual_tokens_kept
+    for blocks, segs, kept in zip(layouts, segments, projected):
         for b in blocks:
             tower, proj = vision_image_flops(desc, b, segs, kept)
             out.vision += tower

@@ -26,7 +26,7 @@ as ``bench.models.llava`` does (the official pre-LLM code). ``visual_tokens_in``
 count what reaches the LLM, newlines included; ``extras["newline_tokens"]`` says how many of them were in
 the packed input and ``extras["newline_tokens_kept"]`` how many were sent.
 
-In-LLM methods (FastV, PyramidDrop, SparseVLM, DART, TransPrune, VScan) run through
+In-LLM methods (FastV, PyramidDrop, SparseVLM, DART, TransPrune, VScan, FlowCut's LLaVA-NeXT port) run through
 :class:`bench.models.llava_next_inllm.NextInLLM` (its docstring: the span, budgets, VScan's official port).
 
 Methods that read vision-tower quantities (CLS attention) run only where this adapter follows their official
@@ -107,15 +107,6 @@ TOWER_PORTS: dict[str, dict[str, Any]] = {
 #: Methods with [CLS]-attention or in-tower rules whose official code was read for LLaVA-NeXT and is not followed
 #: here, with the reason (refused with it, exit 2).
 NOT_PORTED: dict[str, str] = {
-    "flowcut": (
-        "its official LLaVA-NeXT code (TungChintao/FlowCut, flowcut/main.py, image_aspect_ratio 'anyres') has two stages: "
-        "inside the vision tower it keeps int(target_num / 2) patches of every 336 px tile (the tiles one batch), stitches the crops' kept "
-        "patches and drops those outside the unpadded image without newlines (llava_arch.py::restore_image_features_sorted, "
-        "unpad_mask), and then prunes the image again to target_num at LLM layer 1 by relation and semantic attention of "
-        "the last instruction token (modeling_llama_flowcut.py); neither the per-tile in-CLIP cut feeding the tile-mask path "
-        "(which gathers rows of the unpruned tower) nor that layer-1 stage on the LLaVA-NeXT LLM runner is implemented here "
-        "(methods/flowcut.py holds the LLaVA-1.5 rule and the Qwen2.5-VL port)"
-    ),
     "prumerge": (
         "its official code (42Shawn/LLaVA-PruMerge) is built on LLaVA-1.5 only: prepare_inputs_labels_for_multimodal takes "
         "no image_sizes and flattens a batch of tiles without stitching, unpadding or newlines, and with more than one tile "
@@ -159,6 +150,8 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         return self.grid[0] * self.grid[1]
 
     def check_method(self, method: PruningMethod) -> None:
+        if method.name == "flowcut":  # its official LLaVA-NeXT code: the per-tile CLIP cut, then an LLM stage
+            self.resolve_flowcut(method)
         if method.name in NOT_PORTED and method.prune_ratio > 0:
             raise IncompatibleMethodError(f"method {method.name!r} is not run on LLaVA-NeXT: {NOT_PORTED[method.name]}")
         if method.stage == "in_llm":
@@ -590,6 +583,9 @@ class LlavaNextAdapter(NextInLLM, LlavaAdapter):
         return self.encode_images(batch["pixel_values"], batch["image_sizes"])
 
     def selection_stage(self, batch: dict[str, torch.Tensor], method: PruningMethod, sample_seeds: torch.Tensor):
+        if method.stage == "in_llm" and self.flowcut_active(method):
+            sizes = batch["image_sizes"].cpu()
+            return lambda: [self.flowcut_image(batch["pixel_values"][i], sizes[i], method)[0] for i in range(len(sizes))]
         if method.stage == "in_llm" and self.vscan_active(method):
             sizes = batch["image_sizes"].cpu()
             return lambda: [self.vscan_image(batch["pixel_values"][i], sizes[i], method, sample_seeds[i]) for i in range(len(sizes))]

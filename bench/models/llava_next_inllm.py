@@ -23,6 +23,15 @@
   which on LLaVA-NeXT are the base tile's tokens and a row ``N_i' - P`` tokens before the last prompt
   token: ``VScan.llm_span = "official"`` (default) does exactly that; ``"image"`` (named correction) scores
   the whole block with the last prompt token. On LLaVA-1.5 the two coincide.
+* ``flowcut`` (``TungChintao/FlowCut``, ``flowcut/main.py`` with ``image_aspect_ratio 'anyres'``; the rule and its
+  port differences: :mod:`methods.flowcut_ports`): ``port: auto`` resolves to ``llava_next`` with
+  ``target_num = round(N_ref (1 - ratio))``, ``N_ref`` the largest pinpoint's tiles x tile tokens (2,880 on the 7B).
+  The image's tiles run through the CLIP blocks as one batch with FlowCut's cut (``bench.models.vision_prune``),
+  ``int(target_num / 2)`` patches per tile; the cut tiles' projected patches are scattered back to their tile
+  positions and packed by ``LlavaNextAdapter.source_map`` (base tile, then the unpadded grid's raster), *without*
+  ``image_newline`` tokens, as the official ``restore_image_features_sorted`` + ``unpad_mask`` do
+  (``model.budget=tile``); the LLM stage (layer 1's last-token scores, ``target_num`` from layer 2 on, renumbered
+  positions) runs on the whole image span sent.
 
 Positions: each method's own rule (original ids or renumbered), on the packed sequence's contiguous ids.
 A batch runs in groups of samples with one visual count (``llm_pruning`` plans one schedule per count):
@@ -62,11 +71,35 @@ class NextInLLM:
         return 5 * n + rows
 
     def vscan_active(self, method: PruningMethod) -> bool:
-        return bool(getattr(method, "pre_llm_selection", False)) and not (method.prune_ratio == 0.0 and method.budget != "official")
+        return (method.name == "vscan" and bool(getattr(method, "pre_llm_selection", False))
+                and not (method.prune_ratio == 0.0 and method.budget != "official"))
+
+    def flowcut_active(self, method: PruningMethod) -> bool:
+        """Whether FlowCut's LLaVA-NeXT port cuts the tiles in CLIP (ratio > 0; ratio 0 is the unpruned model)."""
+        return getattr(method, "port", None) == "llava_next" and method.prune_ratio > 0
+
+    def resolve_flowcut(self, method: PruningMethod) -> None:
+        """FlowCut's ``port: auto`` (or ``llava_next``) becomes its LLaVA-NeXT port, bound to ``N_ref`` (module
+        docstring), in place so that the record and FLOPs read the rule that ran; another port is refused."""
+        if method.port not in ("auto", "llava_next"):
+            raise IncompatibleMethodError(
+                f"method 'flowcut' with port={method.port!r}: on LLaVA-NeXT its official anyres code runs (port=auto or llava_next)")
+        method.bind_next(self.pinpoint_tiles()[1] * self.tile_tokens)
 
     def check_inllm(self, method: PruningMethod) -> None:
         """Refuse in-LLM methods (and settings) this adapter cannot run as :data:`INLLM_SPAN`'s notes say."""
         method.check_compatible(VisionContext(self.grid, self.has_cls, torch.zeros(1, dtype=torch.long)))
+        if getattr(method, "port", None) == "llava_next":
+            if method.prune_ratio > 0 and self.budget != "tile":
+                raise IncompatibleMethodError(
+                    f"method {method.name!r}: its official LLaVA-NeXT code keeps int(target_num / 2) patches per 336 px tile "
+                    "(use model.budget=tile)")
+            if not isinstance(self.config.vision_feature_layer, int):
+                raise IncompatibleMethodError(f"method {method.name!r}: a list of vision feature layers is not ported")
+            if method.prune_ratio > 0 and method.layers_for(self.num_llm_layers)[0] >= self.num_llm_layers:
+                raise IncompatibleMethodError(
+                    f"method {method.name!r}: its LLM stage prunes after layer 1, and this LLM has {self.num_llm_layers} layers")
+            return
         if getattr(method, "pre_llm_selection", False):
             if method.name != "vscan":
                 raise IncompatibleMethodError(f"method {method.name!r} selects before the LLM and prunes inside it; on LLaVA-NeXT only VScan's official port exists")
@@ -125,18 +158,49 @@ class NextInLLM:
         return feats, pos, method.counts(n)[0]
 
     @torch.no_grad()
+    def flowcut_image(self, pixel_values: torch.Tensor, image_size: torch.Tensor, method: PruningMethod):
+        """FlowCut's official LLaVA-NeXT pre-LLM stage for one image: ``(P_t, 3, H, W)`` pixels -> ``(features (K, D_llm),
+        packed positions kept (K,), patches entering each block per tile, tiles)``.
+
+        The image's ``P`` tiles run through the CLIP blocks as one batch, ``int(target_num / 2)`` patches kept per tile
+        (:func:`bench.models.vision_prune.pruning_encoder`); the projected survivors go back to their tile positions and
+        a packed token is sent when its tile kept it; no ``image_newline`` is sent.
+        """
+        from bench.models.vision_prune import pruning_encoder
+
+        tiles, n = self._num_tiles(image_size), self.tile_tokens
+        px = pixel_values[:tiles].to(self.device, self.dtype)
+        x, kept, counts = pruning_encoder(self.model, px, method, n, keep=method.next_tile_keep())
+        if self.config.vision_feature_select_strategy == "default":
+            x = x[:, 1:]
+        proj = self.model.model.multi_modal_projector(x)  # (P, k, D): the survivors only
+        full = proj.new_zeros(tiles, n, proj.shape[-1]).scatter_(1, kept.unsqueeze(-1).expand_as(proj), proj)
+        mask = torch.zeros(tiles, n, dtype=torch.bool, device=kept.device).scatter_(1, kept, True).flatten().cpu()
+        src = self.source_map(image_size, tiles)
+        vis = (src >= 0).nonzero().flatten()
+        pos = vis[mask[src[vis]]]
+        return full.flatten(0, 1)[src[pos].to(full.device)], pos, counts, tiles
+
+    @torch.no_grad()
     def prepare_inllm(self, batch: dict[str, torch.Tensor], method: PruningMethod, sample_seeds: torch.Tensor) -> PreparedBatch:
         """An ``in_llm`` method's inputs: every packed token (VScan: its official per-tile selection first)."""
         ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
         sizes = batch["image_sizes"].cpu()
-        vscan = self.vscan_active(method)
-        if vscan:
+        vscan, cut = self.vscan_active(method), self.flowcut_active(method)
+        if vscan or cut:
             self.check_method(method)
-        packed = None if vscan else self.encode_images(batch["pixel_values"], sizes)
+        packed = None if vscan or cut else self.encode_images(batch["pixel_values"], sizes)
         feats, n_in, newlines, sent, p_tile = [], [], [], [], 0
+        tower: dict[str, list] = {"vision_tokens_per_layer": [], "vision_segments": [], "vision_projected": []}
         for i in range(len(sizes)):
             src = self.source_map(sizes[i], self._num_tiles(sizes[i]))
-            if vscan:
+            if cut:  # FlowCut: the per-tile cut's survivors, no newline; the cut tower's shape for the FLOPs model
+                f, pos, counts, tiles = self.flowcut_image(batch["pixel_values"][i], sizes[i], method)
+                sent.append(0)
+                tower["vision_tokens_per_layer"].append([c for _ in range(tiles) for c in counts])
+                tower["vision_segments"].append([[c + int(self.has_cls)] * tiles for c in counts])
+                tower["vision_projected"].append(tiles * counts[-1] if len(counts) else 0)
+            elif vscan:
                 f, pos, p_tile = self.vscan_image(batch["pixel_values"][i], sizes[i], method, sample_seeds[i])
                 sent.append(int((src[pos] < 0).sum()))
             else:
@@ -151,6 +215,8 @@ class NextInLLM:
         kept = [int(f.shape[0]) for f in feats]
         extras = {"image_spans": spans, "sample_seeds": sample_seeds, "budget": self.budget, "newline_tokens": newlines,
                   "newline_tokens_kept": sent, "inllm_span": INLLM_SPAN}
+        if cut:
+            extras.update(tower)
         if vscan:
             extras["llm_plan_tokens"] = self.tile_tokens  # VScan's counts are the per-tile P's schedule
             if getattr(method, "llm_span", "official") == "official":  # the official layer_prune's image: the first min(P, K)

@@ -45,13 +45,14 @@ def block_with_cls_row(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def pruning_encoder(model, pixel_values: torch.Tensor, method, n_visual: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def pruning_encoder(model, pixel_values: torch.Tensor, method, n_visual: int, keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """``(B, 3, H, W)`` -> feature-layer states ``(B, 1 + T, C)``, the kept patches' original indices
-    ``(B, T)`` and the visual tokens entering each block (one image: the batch is cut alike)."""
+    ``(B, T)`` and the visual tokens entering each block (one image, or one LLaVA-NeXT image's tiles: the batch is
+    cut alike). ``keep``: the patches to keep (default ``method.n_keep(n_visual)``; FlowCut's LLaVA-NeXT port: per tile)."""
     vm = vision_model(model)
     x = vm.pre_layrnorm(vm.embeddings(pixel_values))
     n_blocks = feature_block_count(model)
-    state = {"n": n_visual, "kept": torch.arange(n_visual, device=x.device).expand(x.shape[0], n_visual)}
+    state = {"n": n_visual, "keep": method.n_keep(n_visual) if keep is None else int(keep), "kept": torch.arange(n_visual, device=x.device).expand(x.shape[0], n_visual)}
     counts = []
     for i, layer in enumerate(vm.encoder.layers[:n_blocks]):
         counts.append(x.shape[1] - 1)
