@@ -19,6 +19,6 @@ timeout ${SEL_TIMEOUT:-45} python3 benchmarks/bench_selection.py --methods "flow
 timeout ${EFF_TIMEOUT:-130} python3 benchmarks/efficiency_leaderboard.py --methods visionzip gprune holov flowcut cdpruner --batches 1 \
   --modes eager graph --merge "results/efficiency/llava15_7b_${tag}.csv" --csv "$out/llava15_7b_${tag}.csv" \
   --plot "$out/llava15_7b_${tag}.png" --results-dir /tmp/effres > "$out/efficiency.log" 2>&1; echo "efficiency rc=$?"
-timeout ${NEXT_TIMEOUT:-90} python3 benchmarks/family_efficiency.py --models llava_next_7b --budget tile \
-  --methods visionzip vispruner fastervlm hiprune vscan --merge-dir results/efficiency --out "$out/fam" > "$out/fam_next.log" 2>&1; echo "next rc=$?"
+timeout ${NEXT_TIMEOUT:-110} python3 benchmarks/family_efficiency.py --models llava_next_7b --budget tile \
+  --methods visionzip vispruner fastervlm hiprune vscan flowcut --merge-dir results/efficiency --out "$out/fam" > "$out/fam_next.log" 2>&1; echo "next rc=$?"
 exit 0

@@ -56,7 +56,10 @@ tiles x tile tokens, 2,880 on LLaVA-NeXT-7B; the official argument is one number
 batches all tiles of all images of a call: a sample's cut would depend on its neighbours); during decoding layers 0
 and 1 keep the original positions (the official ``LlamaModel_forward`` shifts the decoding position of every layer
 by the dropped count, layers 0-1 included, whose caches hold all tokens); the unpadding is transformers'
-``unpad_image`` (``round(..., 7)``, where ``unpad_mask`` truncates).
+``unpad_image`` (``round(..., 7)``, where ``unpad_mask`` truncates). Where ``int(target_num / 2)`` reaches a tile's
+patches (ratio below about 0.6 on the 7B) nothing is cut in CLIP and every patch is sent, without newlines, before
+the LLM stage; the official code fails there (its keep index stays the 577-wide ``arange``, which
+``restore_image_features_sorted`` cannot scatter into 576 patches).
 """
 
 from __future__ import annotations

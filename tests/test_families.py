@@ -42,9 +42,10 @@ def test_refusals_name_the_stage_that_is_missing():
     from bench.families import support
 
     table = support()
-    for fam, name in (("LLaVA-NeXT", "tome"), ("LLaVA-NeXT", "flowcut"), ("Qwen2.5-VL", "tome")):
+    for fam, name in (("LLaVA-NeXT", "tome"), ("Qwen2.5-VL", "tome")):
         assert "vision tower" in table[name][fam] and "in-LLM" not in table[name][fam], (name, fam, table[name][fam])
     assert table["flowcut"]["Qwen2.5-VL"] == "yes"  # its official FlowCut_Qwen port (tower cut + LLM layer-1 stage)
+    assert table["flowcut"]["LLaVA-NeXT"] == "budget=tile"  # its official anyres code: int(target_num / 2) per tile, then layer 1
     for name in ("fastv", "pdrop", "sparsevlm", "dart", "transprune"):
         assert table[name]["LLaVA-NeXT"] == "budget=image", (name, table[name]["LLaVA-NeXT"])  # one budget per image
     assert table["vscan"]["LLaVA-NeXT"] == "budget=tile"  # its official per-tile P

@@ -92,8 +92,8 @@ class NextInLLM:
         if getattr(method, "port", None) == "llava_next":
             if method.prune_ratio > 0 and self.budget != "tile":
                 raise IncompatibleMethodError(
-                    f"method {method.name!r}: its official LLaVA-NeXT code keeps int(target_num / 2) patches per 336 px tile "
-                    "(use model.budget=tile)")
+                    f"method {method.name!r}: its official LLaVA-NeXT code has two stages, int(target_num / 2) patches kept per "
+                    "336 px tile inside CLIP, then target_num after LLM layer 1: it budgets per tile (use model.budget=tile)")
             if not isinstance(self.config.vision_feature_layer, int):
                 raise IncompatibleMethodError(f"method {method.name!r}: a list of vision feature layers is not ported")
             if method.prune_ratio > 0 and method.layers_for(self.num_llm_layers)[0] >= self.num_llm_layers:
