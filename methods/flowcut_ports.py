@@ -76,6 +76,15 @@ from methods.inllm import InLLMMethod, Stage, StageOut, StageView, per_layer_cou
 #: the LLM layer whose attention scores the image in the official LLaVA-NeXT code (``model.model.prune_layer = 1``)
 NEXT_PRUNE_LAYER = 1
 PORTS = ("auto", "llava", "qwen25vl", "llava_next")
+#: the LLaVA-NeXT port's differences from the official code, recorded in its runs (``method_deviations``)
+NEXT_DEVIATIONS = (
+    "tile batch: officially every tile of a call is one batch (the entropy cut is their maximum); here one image's tiles",
+    "decoding positions: officially every layer's decoding position shifts by the dropped count (layers 0-1 too); "
+    "here layers 0-1 keep original positions, layers 2+ the renumbered ones",
+    "entropy cut: a negative count (near-uniform attention), officially a top-k error, is clamped at 0",
+    "no tower cut: where int(target_num / 2) reaches a tile's patches every patch is sent (officially an index error)",
+    "unpadding: transformers' unpad_image (round(.., 7)) where the official unpad_mask truncates",
+)
 
 
 def qwen_tower_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,6 +191,10 @@ class FlowCutPorts:
     def pre_llm_selection(self) -> bool:  # type: ignore[override]
         """The ports' LLM stage follows the tower's cut (its counts depend on the image)."""
         return self.qwen or self.next_port
+
+    @property
+    def deviations(self) -> tuple[str, ...]:  # type: ignore[override]
+        return NEXT_DEVIATIONS if self.next_port else ()
 
     def bind_next(self, ref_tokens: int) -> None:
         """The LLaVA-NeXT adapter resolves ``auto`` to this port (in place, so that the record and FLOPs read the rule

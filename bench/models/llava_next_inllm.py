@@ -241,6 +241,8 @@ class NextInLLM:
         lead = int((mask.sum(0) == 0).cumprod(0).sum())  # columns that are padding in every row
         extras = {}
         for k, v in prepared.extras.items():
+            if k in ("llm_stages", "llm_stage_groups", "visual_tokens_per_layer", "visual_tokens_layer_mean"):
+                continue  # what an earlier prefill recorded (rewritten by this one; "llm_stages" is per stage, not per sample)
             v = _take(v, idx)
             if k in ("image_spans", "llm_spans"):
                 v = v - lead
