@@ -41,7 +41,13 @@ from typing import ClassVar
 import torch
 
 from bench.errors import ConfigError
-from methods.flowcut_ports import PORTS, FlowCutPorts, qwen_llm_scores, qwen_tower_scores, qwen_tower_step  # noqa: F401 (re-exported)
+from methods.flowcut_ports import (  # noqa: F401 (re-exported)
+    PORTS,
+    FlowCutPorts,
+    qwen_llm_scores,
+    qwen_tower_scores,
+    qwen_tower_step,
+)
 from methods.inllm import InLLMMethod
 
 

@@ -79,8 +79,8 @@ PORTS = ("auto", "llava", "qwen25vl", "llava_next")
 #: the LLaVA-NeXT port's differences from the official code, recorded in its runs (``method_deviations``)
 NEXT_DEVIATIONS = (
     "tile batch: officially every tile of a call is one batch (the entropy cut is their maximum); here one image's tiles",
-    "decoding positions: officially every layer's decoding position shifts by the dropped count (layers 0-1 too); "
-    "here layers 0-1 keep original positions, layers 2+ the renumbered ones",
+    ("decoding positions: officially every layer's decoding position shifts by the dropped count (layers 0-1 too); "
+     "here layers 0-1 keep original positions, layers 2+ the renumbered ones"),
     "entropy cut: a negative count (near-uniform attention), officially a top-k error, is clamped at 0",
     "no tower cut: where int(target_num / 2) reaches a tile's patches every patch is sent (officially an index error)",
     "unpadding: transformers' unpad_image (round(.., 7)) where the official unpad_mask truncates",

@@ -12,18 +12,23 @@ import math
 
 import pytest
 import torch
+from test_llava_next import EOS, IMG, PAD, SIZES, make_batch, seeds
+from test_llm_methods import _reference_generate, _reference_logits
 
 from bench.errors import IncompatibleMethodError
 from methods.registry import create
-from test_llava_next import EOS, IMG, PAD, SIZES, make_batch, seeds
-from test_llm_methods import _reference_generate, _reference_logits
 
 RATIO = 0.8
 STEPS = 4
 
 
 def tiny_next_deep(seed: int = 0, attn: str = "sdpa"):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
     vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=7, num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32)
@@ -100,8 +105,7 @@ def _official_tower(vm, px: torch.Tensor, target: int) -> tuple[torch.Tensor, to
         states.append(h)
         at = layer.self_attn
         x = layer.layer_norm1(h)
-        heads = lambda t: t.view(b, -1, at.num_heads, at.head_dim).transpose(1, 2)  # noqa: E731
-        q, k, v = heads(at.q_proj(x) * at.scale), heads(at.k_proj(x)), heads(at.v_proj(x))
+        q, k, v = (t.view(b, -1, at.num_heads, at.head_dim).transpose(1, 2) for t in (at.q_proj(x) * at.scale, at.k_proj(x), at.v_proj(x)))
         w = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # (P, H, S, S)
         sem = torch.softmax(v[:, :, :1] @ v.transpose(-1, -2), dim=-1)[:, :, 0].mean(1)  # (P, S)
         h = h + at.out_proj((w @ v).transpose(1, 2).reshape(b, -1, at.num_heads * at.head_dim))
@@ -133,7 +137,9 @@ def _official_tower(vm, px: torch.Tensor, target: int) -> tuple[torch.Tensor, to
 def _official_image(adapter, pixels: torch.Tensor, size: torch.Tensor, target_num: int) -> torch.Tensor:
     """``prepare_inputs_labels_for_multimodal_flowcut``'s anyres branch for one image: the base tile's kept rows, then
     ``restore_image_features_sorted`` + ``unpad_mask`` on the crops (no newline)."""
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+    )
 
     tiles, side = adapter._num_tiles(size), adapter.grid[1]
     from bench.models.clip_extras import vision_model
