@@ -191,7 +191,7 @@ def test_refusals(adapter):
     for name in ("prumerge", "prumerge_plus"):  # official code for LLaVA-1.5 only: the precise reason
         with pytest.raises(IncompatibleMethodError, match="LLaVA-1.5 only"):
             adapter.check_method(create(name, 0.5))
-    with pytest.raises(IncompatibleMethodError, match="two stages.*LLM layer 1"):  # FlowCut's official NeXT code
+    with pytest.raises(IncompatibleMethodError, match="use model.budget=tile"):  # FlowCut's official NeXT code budgets per tile
         adapter.check_method(create("flowcut", 0.5))
     with pytest.raises(IncompatibleMethodError, match="model.budget=image"):  # in-LLM: one budget per image
         adapter.budget = "tile"
