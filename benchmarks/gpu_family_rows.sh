@@ -1,24 +1,58 @@
 #!/usr/bin/env bash
-# One lent-GPU call that adds the rows the family ports and the wave-2 methods still miss, each step time-boxed
-# and every script writing its CSV after each row (a call cut short keeps what it measured). Results under $OUT:
-#   fam/qwen25vl_7b_<gpu>.csv, fam/llava_next_7b_<gpu>.csv  merged with results/efficiency/ (same card only)
-#   selection.csv                                          FlowCut / CDPruner selection overhead, batch 1
-#   llava15_7b_<gpu>.csv                                   LLaVA-1.5-7B efficiency rows merged into the committed CSV
+# Lent-GPU steps for the family ports, the wave-2 methods and the post-slimming checks, each time-boxed and every
+# script writing its CSV after each row (a call cut short keeps what it measured). Choose the steps with STEPS
+# (default: all, in this order; split them over two calls when one call's 600 s cannot hold them). Under $OUT:
+#   tests        gpu_tests.log                         the GPU equivalence tests (kernels == references, CUDA batch 8 == 1)
+#   selection    selection.csv                         every vision-side method's selection, batch 1, 64 kept (regression
+#                                                      check against results/selection_overhead.csv), then FlowCut /
+#                                                      CDPruner at 192 / 128 / 64 kept
+#   inllm        inllm.csv                             in-LLM overhead, batch 1 (against results/inllm_overhead.csv)
+#   qwen         fam/qwen25vl_7b_<gpu>.csv             Qwen2.5-VL ports, merged with results/efficiency/ (same card only)
+#   llava15      llava15_7b_<gpu>.csv                  LLaVA-1.5-7B efficiency rows of VisionZip and the wave-2 methods (b1),
+#                                                      then batch-16 rows of the in-LLM methods missing them, merged
+#   next         fam/llava_next_7b_<gpu>.csv           LLaVA-NeXT per-tile ports (--budget tile)
 #
-#   bash benchmarks/gpu_family_rows.sh
+#   STEPS="tests selection inllm qwen" bash benchmarks/gpu_family_rows.sh
 set -uo pipefail
 out=${OUT:?set OUT}
 eval "$(bash scripts/gpu_env.sh .whl 2>/dev/null)"
 export PYTHONPATH
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 tag=$(python3 -m bench.measure.gpu_csv)  # h100, h200, ...: the one tag rule (bench/measure/gpu_csv.py)
-timeout ${QWEN_TIMEOUT:-100} python3 benchmarks/family_efficiency.py --models qwen25vl_7b --methods holov vscan fastv dart flowcut visionzip \
-  --merge-dir results/efficiency --out "$out/fam" > "$out/fam_qwen.log" 2>&1; echo "qwen rc=$?"
-timeout ${SEL_TIMEOUT:-45} python3 benchmarks/bench_selection.py --methods "flowcut,cdpruner,cdpruner[kernel+dpp]" --batches 1 \
-  --kept 192,128,64 --repeats 20 --out "$out/selection.csv" > "$out/selection.log" 2>&1; echo "selection rc=$?"
-timeout ${EFF_TIMEOUT:-130} python3 benchmarks/efficiency_leaderboard.py --methods visionzip gprune holov flowcut cdpruner --batches 1 \
-  --modes eager graph --merge "results/efficiency/llava15_7b_${tag}.csv" --csv "$out/llava15_7b_${tag}.csv" \
-  --plot "$out/llava15_7b_${tag}.png" --results-dir /tmp/effres > "$out/efficiency.log" 2>&1; echo "efficiency rc=$?"
-timeout ${NEXT_TIMEOUT:-110} python3 benchmarks/family_efficiency.py --models llava_next_7b --budget tile \
-  --methods visionzip vispruner fastervlm hiprune vscan flowcut --merge-dir results/efficiency --out "$out/fam" > "$out/fam_next.log" 2>&1; echo "next rc=$?"
+steps=" ${STEPS:-tests selection inllm qwen llava15 next} "
+step() { [[ "$steps" == *" $1 "* ]]; }
+if step tests; then
+  timeout ${TEST_TIMEOUT:-170} python3 -m pytest -m gpu -q -p no:cacheprovider -rfE ${TESTS:-tests/test_vision_methods.py \
+    tests/test_wave2_methods.py tests/test_select_kernels.py tests/test_fused_kernels.py tests/test_transprune_kernels.py \
+    tests/test_llava_next.py tests/test_flowcut_next.py tests/test_batching.py} > "$out/gpu_tests.log" 2>&1
+  echo "gpu tests rc=$?" | tee -a "$out/gpu_tests.log"; tail -3 "$out/gpu_tests.log"
+fi
+if step selection; then
+  timeout ${SEL_TIMEOUT:-90} python3 benchmarks/bench_selection.py --batches 1 --kept 64 --repeats 20 \
+    --out "$out/selection.csv" > "$out/selection.log" 2>&1; echo "selection rc=$?"
+  timeout ${SEL2_TIMEOUT:-45} python3 benchmarks/bench_selection.py --methods "flowcut,cdpruner,cdpruner[kernel+dpp]" --batches 1 \
+    --kept 192,128 --repeats 20 --out "$out/selection_wave2.csv" > "$out/selection_wave2.log" 2>&1; echo "selection wave-2 rc=$?"
+fi
+if step inllm; then
+  timeout ${INLLM_TIMEOUT:-70} python3 benchmarks/bench_inllm_overhead.py --batches 1 --out "$out/inllm.csv" > "$out/inllm.log" 2>&1
+  echo "inllm rc=$?"
+fi
+if step qwen; then
+  timeout ${QWEN_TIMEOUT:-110} python3 benchmarks/family_efficiency.py --models qwen25vl_7b --methods holov vscan fastv dart flowcut visionzip \
+    --merge-dir results/efficiency --out "$out/fam" > "$out/fam_qwen.log" 2>&1; echo "qwen rc=$?"
+fi
+if step llava15; then
+  timeout ${EFF_TIMEOUT:-150} python3 benchmarks/efficiency_leaderboard.py --methods visionzip gprune holov flowcut cdpruner --batches 1 \
+    --modes eager graph --merge "results/efficiency/llava15_7b_${tag}.csv" --csv "$out/llava15_7b_${tag}.csv" \
+    --plot "$out/llava15_7b_${tag}.png" --results-dir /tmp/effres > "$out/efficiency.log" 2>&1; echo "efficiency rc=$?"
+  base="results/efficiency/llava15_7b_${tag}.csv"; [ -s "$out/llava15_7b_${tag}.csv" ] && base="$out/llava15_7b_${tag}.csv"
+  timeout ${B16_TIMEOUT:-100} python3 benchmarks/efficiency_leaderboard.py --methods dart transprune vscan sparsevlm --batches 16 \
+    --modes eager graph --merge "$base" --csv "$out/llava15_7b_${tag}_b16.csv" --plot "$out/llava15_7b_${tag}_b16.png" \
+    --results-dir /tmp/effres16 > "$out/efficiency_b16.log" 2>&1; echo "efficiency b16 rc=$?"
+fi
+if step next; then
+  timeout ${NEXT_TIMEOUT:-110} python3 benchmarks/family_efficiency.py --models llava_next_7b --budget tile \
+    --methods visionzip vispruner fastervlm hiprune vscan flowcut --merge-dir results/efficiency --out "$out/fam" > "$out/fam_next.log" 2>&1
+  echo "next rc=$?"
+fi
 exit 0
