@@ -84,6 +84,12 @@ class VisualSelection:
     extras: dict = field(default_factory=dict)
 
 
+def keep_all(vis: torch.Tensor) -> VisualSelection:
+    """``(B, N, D)`` features passed through unchanged: every token kept, in raster order (``prune_ratio == 0``)."""
+    b, n, _ = vis.shape
+    return VisualSelection(vis, torch.arange(n, device=vis.device).expand(b, n), torch.full((b,), n, dtype=torch.long))
+
+
 def gather_selection(vis: torch.Tensor, idx: torch.Tensor) -> VisualSelection:
     """The default :meth:`PruningMethod.reduce` on given picks: ``(B, N, D)`` features, ``(B, K)`` indices."""
     feats = vis.gather(1, idx.unsqueeze(-1).expand(-1, -1, vis.shape[-1]))
@@ -133,6 +139,9 @@ class PruningMethod:
     #: official behaviour is a defect, e.g. one sample's choice applied to a whole batch). Each entry is
     #: ``"name: what the official code does; what this harness does"``; runs record them (``method_deviations``).
     deviations: ClassVar[tuple[str, ...]] = ()
+    #: The allowed values of the method's string options, ``{field: choices}``, checked on construction
+    #: (a value outside them is a :class:`ConfigError`, exit code 2).
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __post_init__(self) -> None:
         try:
@@ -142,6 +151,9 @@ class PruningMethod:
         if not 0.0 <= ratio < 1.0:
             raise ConfigError(f"ratio must be in [0, 1) (the fraction of visual tokens removed), got {ratio}")
         self.prune_ratio = ratio
+        for key, allowed in self.choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{self.name}: {key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
 
     @property
     def name(self) -> str:
@@ -218,10 +230,8 @@ class PruningMethod:
 
     def reduce(self, vis: torch.Tensor, ctx: VisionContext) -> VisualSelection:
         """Map ``(B, N, D)`` features to what the LLM sees. Default: gather :meth:`select`'s indices."""
-        b, n, _ = vis.shape
         if self.prune_ratio == 0.0:
-            idx = torch.arange(n, device=vis.device).expand(b, n)
-            return VisualSelection(vis, idx, torch.full((b,), n, dtype=torch.long))
+            return keep_all(vis)
         return gather_selection(vis, self.select(vis, ctx))
 
     def describe(self) -> dict[str, Any]:

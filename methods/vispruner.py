@@ -11,24 +11,18 @@ drops the ``min(8, R - T_div)`` even-position tokens with the highest max-cosine
 descending-score order of that argsort, in front of the odd ones for the next round, until
 ``T - int(T * r)`` remain. Kept tokens reach the LLM in raster order.
 
-Ties: both rankings are ``argsort(dim=-1, descending=True)`` with torch's default (non-stable) sort, as
-the official code calls them, on tensors of the official shapes, so exact ties (common with fp16
-scores) break as the official code breaks them on the same device and torch build. On the CPU that is
-not index order (``std::sort``-style); on CUDA torch sorts rows of 33-4096 entries with stable
-algorithms (warp merge / block radix sort: ties to the lower index) and rows of up to 32 with a
-bitonic network (ties in the network's order). The CUDA kernel (:mod:`kernels.vispruner`) ranks stably,
-so it runs only the rounds whose sort is stable on CUDA and hands the residual list to these torch
-rounds from the first round that sorts 32 or fewer maxima (GPU-tested against this rule on tied inputs).
-
-Official defects handled here (methods.md policy): it crashes when the residual list has odd length
-(``int(T * r)`` odd): the even half then has one more token, which is used as such; and the official
-``prepare_inputs`` merges a batch of images into one sequence: every sample is separate here.
-
-The rounds' count and sizes depend on lengths only (:func:`dedup_rounds`), so nothing syncs with the
-host and the selection is CUDA-graph capturable. The cosine similarities of all token pairs are computed
-once (one GEMM) and every round indexes them, instead of one GEMM per round on the gathered halves as the
-official code does: the same dot products. On CUDA the selection after that GEMM is one kernel
-(:mod:`kernels.vispruner`), keeping the same tokens (tested).
+* Ties: both rankings are the official ``argsort(dim=-1, descending=True)`` (torch's non-stable sort) on
+  tensors of the official shapes, so exact ties (common with fp16 scores) break as the official code's on the
+  same device and torch build: on the CPU not index order; on CUDA rows of 33-4096 entries sort stably (ties
+  to the lower index), rows of up to 32 in a bitonic network. The CUDA kernel (:mod:`kernels.vispruner`)
+  ranks stably, so it runs only the rounds whose sort is stable on CUDA and hands the residual list to these
+  torch rounds from the first round that sorts 32 or fewer maxima (GPU-tested on tied inputs).
+* Official defects handled (methods.md policy): it crashes when ``int(T * r)`` is odd (the even half then
+  has one more token, used as such here); its ``prepare_inputs`` merges a batch of images into one
+  sequence (every sample is separate here).
+* The rounds' sizes depend on lengths only (:func:`dedup_rounds`): no host sync, CUDA-graph capturable.
+  The cosines of all token pairs are one GEMM that every round indexes (the official code runs one GEMM per
+  round on the gathered halves: the same dot products).
 """
 
 from __future__ import annotations
@@ -119,6 +113,7 @@ class VisPruner(PruningMethod):
     step: int = 8
     backend: str = "auto"
 
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"backend": BACKENDS}
     requires_cls: ClassVar[bool] = True
     graph_safe: ClassVar[bool] = True
     select_reads_shape_only: ClassVar[bool] = True
@@ -129,8 +124,6 @@ class VisPruner(PruningMethod):
             raise ConfigError(f"vispruner: important_ratio must be in [0, 1], got {self.important_ratio}")
         if int(self.step) < 1:
             raise ConfigError("vispruner: step must be >= 1")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"vispruner: backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
     def selection_flops(self, cost) -> int:
         """The CLS row and the cosine matrix of all ``N`` patch features (one GEMM whose entries every round
