@@ -12,15 +12,13 @@ The CLS token is never merged and stays row 0; token order is scrambled every bl
 tokens, then B); at most half of the non-CLS tokens merge per block; ``r = 0`` still returns
 ``x * size / size``. The per-block ``r`` is front-loaded so that the count lands exactly on
 ``round(N * (1 - prune_ratio))``: 576 -> 192 is ``[17] * 16 + [16] * 7``, -> 128 ``[20] * 11 + [19] * 12``,
--> 64 ``[23] * 6 + [22] * 17``. An explicit ``r`` (int or per-block list) may be configured instead.
+-> 64 ``[23] * 6 + [22] * 17`` (:mod:`methods.tome_parts`). An explicit ``r`` (int or per-block list) may be
+configured instead.
 
-The merge adds the sources into their destinations with a one-hot GEMM instead of ToMe's
-``scatter_reduce`` (a float atomic add on CUDA, whose summation order changes from run to run): the same
-sums, deterministic, so the merging tower can be replayed from a CUDA graph with bit-identical output.
-On CUDA the normalisation, the matching and the merge each run as one kernel (:mod:`kernels.tome`).
-
-This module holds the rule; the block loop that calls it inside the tower is
-``bench.models.vision_merge.encode_with_merging`` (``stage = "in_vision"``).
+The merge adds the sources into their destinations with a one-hot GEMM instead of ToMe's ``scatter_reduce``
+(a float atomic add on CUDA, whose order changes from run to run): the same sums, deterministic, so the
+merging tower replays from a CUDA graph bit for bit. The block loop that calls this rule inside the tower is
+``bench.models.vision_merge.encode_with_merging``; fast paths in :mod:`kernels.tome`.
 """
 
 from __future__ import annotations
@@ -31,29 +29,18 @@ from typing import ClassVar
 
 import torch
 
-from bench.errors import ConfigError
 from kernels import HALF, fast_path
 from methods.base import PruningMethod, VisionContext, VisualSelection
-from methods.tome_parts import tome_schedule
+from methods.tome_parts import per_block_r, tome_schedule  # noqa: F401 (tome_schedule re-exported)
 
 
 @dataclass
 class Match:
-    """One block's matching of A (even rows) to B (odd rows) of ``T`` tokens, ``T1 = ceil(T / 2)``.
+    """One block's matching of A (even rows) to B (odd rows) of ``T`` tokens, ``T1 = ceil(T / 2)``."""
 
-    Attributes
-    ----------
-    node_idx : torch.LongTensor
-        ``(B, T1)`` each A token's best B token.
-    unm_idx : torch.LongTensor
-        ``(B, T1 - r)`` the unmerged A tokens, in output order (by index with a CLS token, which stays first).
-    src_idx : torch.LongTensor
-        ``(B, r)`` the merged A tokens, best match first (ToMe's edge order).
-    """
-
-    node_idx: torch.Tensor
-    unm_idx: torch.Tensor
-    src_idx: torch.Tensor
+    node_idx: torch.Tensor  #: ``(B, T1)`` each A token's best B token
+    unm_idx: torch.Tensor  #: ``(B, T1 - r)`` unmerged A tokens in output order (by index with a CLS token, kept first)
+    src_idx: torch.Tensor  #: ``(B, r)`` the merged A tokens, best match first (ToMe's edge order)
 
 
 @fast_path("kernels.tome:normalize")
@@ -150,14 +137,7 @@ class ToMe(PruningMethod):
 
     def schedule(self, n_tokens: int, n_blocks: int, class_token: bool) -> list[int]:
         """Per-block ``r`` for ``n_blocks`` blocks on ``n_tokens`` patches (CLS not counted)."""
-        if self.r is None:
-            return tome_schedule(n_tokens, self.n_keep(n_tokens), n_blocks, class_token)
-        if isinstance(self.r, int):
-            return [int(self.r)] * n_blocks
-        rs = [int(v) for v in self.r]
-        if len(rs) != n_blocks:
-            raise ConfigError(f"tome: r has {len(rs)} entries for {n_blocks} blocks")
-        return rs
+        return per_block_r(self.r, n_tokens, self.n_keep(n_tokens), n_blocks, class_token)
 
     def reduce(self, vis: torch.Tensor, ctx: VisionContext) -> VisualSelection:
         raise NotImplementedError("tome merges inside the vision tower: the adapter runs it (bench.models.vision_merge)")

@@ -53,3 +53,17 @@ def tome_schedule(n_tokens: int, n_keep: int, n_blocks: int, class_token: bool) 
         out[i] -= cut
         extra -= cut
     return out
+
+
+def per_block_r(r: int | list[int] | None, n_tokens: int, n_keep: int, n_blocks: int,
+                class_token: bool) -> list[int]:
+    """:meth:`methods.tome.ToMe.schedule`: the configured ``r`` (an int for every block, or one per block), or,
+    when ``None``, :func:`tome_schedule` landing on ``n_keep``."""
+    if r is None:
+        return tome_schedule(n_tokens, n_keep, n_blocks, class_token)
+    if isinstance(r, int):
+        return [int(r)] * n_blocks
+    rs = [int(v) for v in r]
+    if len(rs) != n_blocks:
+        raise ConfigError(f"tome: r has {len(rs)} entries for {n_blocks} blocks")
+    return rs
