@@ -10,16 +10,13 @@ methods.md 1 and 1b, at CLIP layer ``layer`` (-2, index 22 of 24):
 * *Contextual*: the ``R = S - D`` remaining tokens (raster order) are compared by their head-averaged
   layer keys (computed from that layer's input), L2-normalised. Targets are chosen *by position*: every
   ``max(1, R // C)``-th remaining token, the first ``C`` of them. Every other token joins the target of
-  highest cosine (first-index ties, ``argmax``), and a contextual token is
-  ``h_target + mean(h_assigned)`` (target *plus* the mean, counts clamped at 1), on the layer's output.
-* *Output*: ``[dominant; contextual]`` (:func:`methods.visionzip_ports.contextual_merge`) through the projector (merging happens in the tower's space); only
-  these ``D + C`` tokens are projected, as in the official code (:attr:`VisionZip.projects_own_tokens`:
-  the adapter does not project all ``N`` first).
+  highest cosine (first-index ties, ``argmax``), and a contextual token is ``h_target + mean(h_assigned)``
+  (target *plus* the mean, counts clamped at 1), on the layer's output (:func:`methods.visionzip_ports.contextual_merge`).
+* *Output*: ``[dominant; contextual]`` through the projector (merging happens in the tower's space); only
+  these ``D + C`` tokens are projected, as officially (:attr:`VisionZip.projects_own_tokens`).
 
-Budget split: the official settings 162+30, 108+20, 54+10 all give ``C = T * 30 / 192``; for any budget
-``T`` this module uses ``C = round(T * contextual_share)`` and ``D = T - C`` unless ``dominant`` and
-``contextual`` are given explicitly.
-
+Budget split: the official 162+30, 108+20, 54+10 all give ``C = T * 30 / 192``; for any budget ``T``, here
+``C = round(T * contextual_share)`` and ``D = T - C``, unless ``dominant`` and ``contextual`` are given.
 On Qwen2.5-VL (no [CLS]) the same rule runs on received attention and the merged tokens: :mod:`methods.visionzip_ports`.
 """
 
@@ -31,31 +28,20 @@ from typing import ClassVar
 import torch
 
 from bench.errors import ConfigError
-from methods.base import PruningMethod, VisionContext, VisualSelection
-from methods.visionzip_ports import KEYS_KEY, contextual_merge, SCORE_KEY, visionzip_received, visionzip_received_flops
+from methods.base import PruningMethod, VisionContext, VisualSelection, keep_all
+from methods.visionzip_ports import (
+    KEYS_KEY, SCORE_KEY, VisionZipQwenPort, contextual_merge, visionzip_received, visionzip_received_flops)
 
 
 def visionzip_merge(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor, dominant: int, contextual: int,
                     return_index: bool = False):
-    """The VisionZip rule on one layer's tensors.
+    """The VisionZip rule on one layer's tensors -> ``(B, D + C, C_vis)``: CLS and dominant patches in raster
+    order, then the contextual tokens.
 
-    Parameters
-    ----------
-    cls_attn : torch.Tensor
-        ``(B, H, S)`` per-head CLS-row attention probabilities, CLS column first.
-    keys : torch.Tensor
-        ``(B, S, d)`` head-averaged keys of the same layer.
-    hidden : torch.Tensor
-        ``(B, S, C)`` that layer's output (CLS row first).
-    dominant, contextual : int
-        ``D`` (CLS included, ``>= 1``) and ``C``.
-
-    Returns
-    -------
-    torch.Tensor
-        ``(B, D + C, C_vis)``: CLS and dominant patches in raster order, then the contextual tokens.
-        With ``return_index`` also ``(B, D + C)`` long: each row's token index (``0`` = CLS, ``1..N`` the
-        patches) for the dominant rows, ``-1`` for the contextual ones.
+    ``cls_attn`` ``(B, H, S)`` per-head CLS-row attention (CLS column first); ``keys`` ``(B, S, d)`` head-averaged
+    keys of that layer; ``hidden`` ``(B, S, C_vis)`` its output (CLS row first); ``dominant`` ``D`` (CLS
+    included, ``>= 1``) and ``contextual`` ``C``. With ``return_index`` also ``(B, D + C)`` long: each row's token
+    (``0`` = CLS, ``1..N`` the patches) for the dominant rows, ``-1`` for the contextual ones.
     """
     b, s, c = hidden.shape
     dev = hidden.device
@@ -77,7 +63,7 @@ def visionzip_merge(cls_attn: torch.Tensor, keys: torch.Tensor, hidden: torch.Te
 
 
 @dataclass
-class VisionZip(PruningMethod):
+class VisionZip(VisionZipQwenPort, PruningMethod):
     """VisionZip on LLaVA: ``T = round(N * (1 - prune_ratio))`` tokens = ``D`` dominant (CLS included) + ``C`` contextual.
 
     Parameters
@@ -99,11 +85,6 @@ class VisionZip(PruningMethod):
 
     requires_cls: ClassVar[bool] = True
     graph_safe: ClassVar[bool] = True
-    deviations: ClassVar[tuple[str, ...]] = (
-        "qwen_port (Qwen2.5-VL runs only): the official JIA-Lab-research/VisionZip Qwen2.5-VL code could not be read; the "
-        "port follows ModelTC/LightCompress (received attention of the last tower block, merging on the merged tokens), "
-        "with the LLaVA budget split (C = round(T * 30/192)) instead of its fractions of N (methods.visionzip_ports)",
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,12 +92,6 @@ class VisionZip(PruningMethod):
             raise ConfigError("visionzip: give both dominant and contextual, or neither")
         if not 0.0 <= float(self.contextual_share) < 1.0:
             raise ConfigError(f"visionzip: contextual_share must be in [0, 1), got {self.contextual_share}")
-
-    def check_compatible(self, ctx: VisionContext) -> None:
-        """Without [CLS], the Qwen2.5-VL port runs where the adapter serves its received attention and keys."""
-        if not ctx.has_cls and SCORE_KEY in ctx.extras and KEYS_KEY in ctx.extras:
-            return
-        super().check_compatible(ctx)
 
     def selection_flops(self, cost) -> int:
         """CLS row and keys of the layer, contextual-token similarity and merge, the projector on the ``D + C`` tokens."""
@@ -128,8 +103,7 @@ class VisionZip(PruningMethod):
         total = cost.vision_extras(self.needs) + (dom + ctxn) * cost.projector_per_token
         if ctxn > 0:
             r = cost.n_visual + int(cost.has_cls) - dom
-            step = max(1, r // ctxn)
-            n_tgt = min(ctxn, -(-r // step))
+            n_tgt = len(range(0, r, max(1, r // ctxn))[:ctxn])  # as contextual_merge
             # key cosine of the others to the targets, then their one-hot assignment sums (a bmm)
             total += 2 * (r - n_tgt) * n_tgt * cost.vision_head_dim + 2 * n_tgt * (r - n_tgt) * cost.vision_width
         return cost.batch * total
@@ -155,7 +129,7 @@ class VisionZip(PruningMethod):
     def reduce(self, vis: torch.Tensor, ctx: VisionContext) -> VisualSelection:
         b, n, _ = vis.shape
         if self.prune_ratio == 0.0 and self.dominant is None:
-            return VisualSelection(vis, torch.arange(n, device=vis.device).expand(b, n), torch.full((b,), n, dtype=torch.long))
+            return keep_all(vis)
         self.check_compatible(ctx)
         d, c = self.counts(n)
         if not ctx.has_cls:

@@ -5,7 +5,7 @@ VisionZip's maintainers speak of an official Qwen2.5-VL implementation (``JIA-La
 one public implementation that could be read, ModelTC/LightCompress (``llmc/compression/token_reduction/
 visionzip.py``, Qwen2.5-VL support merged in PR #423): the same no-[CLS] substitute the VisionZip and VisPruner
 authors describe (attention each token *receives*, VisPruner issue #1: "adopted in VisionZip"). The record names
-it (:attr:`methods.visionzip.VisionZip.deviations`), since it is not checked against the JIA-Lab code.
+it (:attr:`VisionZipQwenPort.deviations`, recorded for :class:`methods.visionzip.VisionZip`), since it is not checked against the JIA-Lab code.
 
 The rule, per image of ``N`` merged tokens (raster order):
 
@@ -27,12 +27,30 @@ LightCompress takes ``D`` and ``C`` as fractions of ``N`` (``int(d * N)``, ``max
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from methods.holov_ports import received_attention_flops
 
 SCORE_KEY = "merged_attn_received_sum:raster"
 KEYS_KEY = "merged_keys:raster"
+
+
+class VisionZipQwenPort:
+    """The port's compatibility and recorded deviation, mixed into :class:`methods.visionzip.VisionZip`."""
+
+    deviations: ClassVar[tuple[str, ...]] = (
+        "qwen_port (Qwen2.5-VL runs only): the official JIA-Lab-research/VisionZip Qwen2.5-VL code could not be read; the "
+        "port follows ModelTC/LightCompress (received attention of the last tower block, merging on the merged tokens), "
+        "with the LLaVA budget split (C = round(T * 30/192)) instead of its fractions of N (methods.visionzip_ports)",
+    )
+
+    def check_compatible(self, ctx) -> None:
+        """Without [CLS], the Qwen2.5-VL port runs where the adapter serves its received attention and keys."""
+        if not ctx.has_cls and SCORE_KEY in ctx.extras and KEYS_KEY in ctx.extras:
+            return
+        super().check_compatible(ctx)
 
 
 def contextual_merge(metric: torch.Tensor, hidden: torch.Tensor, contextual: int) -> tuple[torch.Tensor, torch.Tensor]:
