@@ -23,58 +23,27 @@ from typing import ClassVar
 
 import torch
 
+from methods.dart_parts import dart_layout, key_l1_norms, pivot_counts, prompt_layout, stage_layout
 from methods.fastv import one_stage_count
 from methods.inllm import InLLMMethod, Stage, StageOut, StageView, scale_layer, visual_block
-from methods.dart_parts import dart_layout, pivot_counts
 from methods.pyset import set_order
 
 
-def dart_select(
-    keys: torch.Tensor,
-    hidden: torch.Tensor,
-    valid: torch.Tensor,
-    vis_start: torch.Tensor,
-    n_vis: int,
-    n_image_pivots: int,
-    n_text_pivots: int,
-    per_pivot: list[int],
-    uniform_start: int | None = None,
-    layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """DART's selection for a batch (batched tensor ops, no host sync: CUDA-graph capturable).
+def dart_select(keys: torch.Tensor, hidden: torch.Tensor, valid: torch.Tensor, vis_start: torch.Tensor, n_vis: int,
+                n_image_pivots: int, n_text_pivots: int, per_pivot: list[int], uniform_start: int | None = None,
+                layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """DART's selection for a batch -> ``(B, n_image_pivots + sum(per_pivot))`` sorted indices into the visual block.
 
-    Parameters
-    ----------
-    keys : torch.Tensor
-        ``(B, T, H*d)`` post-RoPE keys of layer ``K-1`` with heads concatenated (or ``(B, T, H, d)``, any strides).
-    hidden : torch.Tensor
-        ``(B, T, D)`` final-norm'd output of layer ``K-1``.
-    valid : torch.BoolTensor
-        ``(B, T)``, False on left padding.
-    vis_start : torch.LongTensor
-        ``(B,)``; the image is ``[vis_start, vis_start + n_vis)``, text is everything after it.
-    n_vis, n_image_pivots, n_text_pivots : int
-    per_pivot : list[int]
-        Tokens each pivot takes, by visiting rank (``floor(B/8)`` each in the official setting).
-    uniform_start : int, optional
-        The (host) image start shared by every sample, if any (slices instead of gathers).
-    layout : tuple, optional
-        :func:`dart_layout` of ``(valid, vis_start, n_vis)``, precomputed (built here when not given).
-
-    Returns
-    -------
-    torch.LongTensor
-        ``(B, n_image_pivots + sum(per_pivot))`` sorted indices into the visual block.
+    ``keys`` ``(B, T, H*d)`` post-RoPE keys of layer ``K-1``, heads concatenated (or ``(B, T, H, d)``, any
+    strides); ``hidden`` ``(B, T, D)`` the final-norm'd output of layer ``K-1``; ``valid`` ``(B, T)`` False on left
+    padding; ``vis_start`` ``(B,)``: the image is ``[vis_start, vis_start + n_vis)``, text everything after it.
+    ``per_pivot``: tokens each pivot takes, by visiting rank (``floor(B/8)`` each officially). ``uniform_start``:
+    the (host) image start shared by every sample, if any (slices, not gathers); ``layout``: :func:`dart_layout`,
+    precomputed. Batched, no host sync: CUDA-graph capturable.
     """
-    b, t = keys.shape[:2]
+    t = keys.shape[1]
     text_bias, pad, img_offset = layout if layout is not None else dart_layout(valid, vis_start, n_vis)
-    if keys.dim() == 4 and keys.dtype != torch.float32:
-        # one strided copy for the heads' concatenation and the cast (exact) instead of a copy then a cast
-        k32 = torch.empty(keys.shape, dtype=torch.float32, device=keys.device)
-        k32.copy_(keys)
-        norms = k32.view(b, t, -1).abs_().sum(-1)
-    else:
-        norms = keys.reshape(b, t, -1).float().abs().sum(-1)  # L1 norm, (B, T)
+    norms = key_l1_norms(keys)  # (B, T)
     img_norm = norms.narrow(1, uniform_start, n_vis) if uniform_start is not None else visual_block(norms, vis_start, n_vis)
     img_piv = img_norm.topk(n_image_pivots, dim=1).indices  # (B, pi), relative, by descending norm
     text_piv = (norms + text_bias).topk(n_text_pivots, dim=1).indices  # absolute
@@ -170,18 +139,11 @@ class DART(InLLMMethod):
         keys = view.keys(stage.layer - 1, heads_first=False)  # (B, T, Hkv, d), heads concatenated in dart_select
         hidden = view.final_norm(view.hidden)
         counts = pivot_counts(stage.n_keep, self.pivot_image_token + self.pivot_text_token, self.pivot_image_token)
-        layout = view.static.get("layout") if isinstance(getattr(view, "static", None), dict) else None
-        if layout is None or layout[0].shape != view.valid.shape:
-            layout = dart_layout(view.valid, view.vis_start, view.n_vis)
         keep = dart_select(keys, hidden, view.valid, view.vis_start, view.n_vis,
                            self.pivot_image_token, self.pivot_text_token, counts,
-                           view.vis_start_min if getattr(view, "uniform_start", False) else None, layout)
+                           view.vis_start_min if getattr(view, "uniform_start", False) else None, stage_layout(view))
         return StageOut(keep)
 
     def runtime_setup(self, plan: list[Stage], prepared, device) -> dict:
-        """:func:`dart_layout` of the prompt layout, built once outside the forward (DART prunes the original sequence)."""
-        if not plan:
-            return {}
-        spans = prepared.extras["image_spans"].to(device)
-        valid = prepared.attention_mask.to(device).bool()
-        return {"layout": dart_layout(valid, spans[:, 0], int(spans[0, 1] - spans[0, 0]))}
+        """:func:`dart_layout` of the prompt, built once outside the forward (DART prunes the original sequence)."""
+        return {"layout": prompt_layout(prepared, device)} if plan else {}
