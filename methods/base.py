@@ -142,6 +142,8 @@ class PruningMethod:
     #: The allowed values of the method's string options, ``{field: choices}``, checked on construction
     #: (a value outside them is a :class:`ConfigError`, exit code 2).
     choices: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: The method's integer options that must be at least 1 (counts, steps, sizes), checked on construction.
+    positive: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         try:
@@ -154,6 +156,9 @@ class PruningMethod:
         for key, allowed in self.choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{self.name}: {key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        for key in self.positive:
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"{self.name}: {key} must be >= 1, got {getattr(self, key)}")
 
     @property
     def name(self) -> str:

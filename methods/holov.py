@@ -3,32 +3,28 @@
 Paper: https://arxiv.org/abs/2510.02912 (code: obananas/HoloV, ``llava/model/utils.py::HoloV``,
 called at ``llava/model/llava_arch.py:239`` with ``num_patches=16, new_image_token_num=64``).
 
-What the official code does, per image, on the projected tokens ``x`` (``(N, D)``, model dtype) and
-the head-mean CLS attention ``a`` of CLIP layer -2 (patch columns, ``.float()``):
+What the official code does, per image, on the projected tokens ``x`` (``(N, D)``, model dtype) and the head-mean
+CLS attention ``a`` of CLIP layer -2 (patch columns, ``.float()``):
 
-* the ``N`` tokens are cut into ``C = 16`` chunks of consecutive raster tokens (36 each on LLaVA-1.5;
-  when ``C`` does not divide ``N`` the first ``N % C`` chunks get one more);
-* in a chunk of ``n`` tokens: cosine similarities ``S`` (``x / (|x| + 1e-6)``, in ``x``'s dtype) with
-  the diagonal zeroed; ``var_i = sum_j (S_ij - mean_i)^2 / (n - 1)`` with ``mean_i = sum_j S_ij / (n - 1)``
-  (the zeroed diagonal entry included in the variance sum); token score
-  ``1e3 a_i + 0.09 var_i * mean|1e3 a| / (mean|var| + 1e-6)`` and chunk score = its mean;
-* quotas ``floor(w_c T)`` with ``w = score / (sum + 1e-6)``; the ``T - sum`` left over go one each to
-  the chunks of largest ``w``;
-* a chunk whose quota is below its size keeps its ``quota`` tokens of highest attention, in
-  *descending attention* order (``topk``); a chunk whose quota reaches its size keeps all its tokens
-  in raster order and the excess quota is lost;
-* output chunk by chunk, then all-zero rows up to ``T``: the LLM receives those zero rows as image
-  tokens (faithful default, ``overflow: zero_pad``). ``overflow: drop`` is the named correction: the
-  zero rows are not sent, so fewer than ``T`` tokens may reach the LLM (recorded per sample).
+* the ``N`` tokens are cut into ``C = 16`` chunks of consecutive raster tokens (36 each on LLaVA-1.5; when ``C``
+  does not divide ``N`` the first ``N % C`` chunks get one more);
+* in a chunk of ``n`` tokens: cosine similarities ``S`` (``x / (|x| + 1e-6)``, in ``x``'s dtype) with the diagonal
+  zeroed; ``var_i = sum_j (S_ij - mean_i)^2 / (n - 1)`` with ``mean_i = sum_j S_ij / (n - 1)`` (the zeroed
+  diagonal entry included in the variance sum); token score ``1e3 a_i + 0.09 var_i * mean|1e3 a| / (mean|var| +
+  1e-6)`` and chunk score = its mean;
+* quotas ``floor(w_c T)`` with ``w = score / (sum + 1e-6)``; the ``T - sum`` left over go one each to the chunks
+  of largest ``w``;
+* a chunk whose quota is below its size keeps its ``quota`` tokens of highest attention, in *descending
+  attention* order (``topk``); a chunk whose quota reaches its size keeps all its tokens in raster order and the
+  excess quota is lost;
+* output chunk by chunk, then all-zero rows up to ``T``: the LLM receives those zero rows as image tokens
+  (faithful default, ``overflow: zero_pad``). ``overflow: drop`` is the named correction: the zero rows are not
+  sent, so fewer than ``T`` tokens may reach the LLM (recorded per sample).
 
-The official ``new_image_token_num = 64`` is hard-coded; here ``T = round(N (1 - prune_ratio))``.
-
-The Qwen2.5-VL port (no [CLS]: the attention merged tokens receive in the last tower block, the official chunk
-count, the official window-order scores by default) is described in :mod:`methods.holov_ports`.
-
-The official loop runs per sample; this version is batched (same arithmetic per chunk). The output is not a
-raster-ordered pure selection, so ``kept_index`` is ``None``; ``extras["source_index"]`` holds each row's token
-index, ``-1`` for the zero rows.
+The official ``new_image_token_num = 64`` is hard-coded; here ``T = round(N (1 - prune_ratio))``. The official loop
+runs per sample; here it is batched (same arithmetic per chunk). The output is not a raster-ordered selection:
+``kept_index`` is ``None`` and ``extras["source_index"]`` holds each row's token index (``-1``: a zero row). The
+Qwen2.5-VL port (no [CLS]: received attention, its own chunk count) is :mod:`methods.holov_ports`.
 """
 
 from __future__ import annotations
@@ -38,37 +34,15 @@ from typing import ClassVar
 
 import torch
 
-from bench.errors import ConfigError, IncompatibleMethodError
-from methods.base import PruningMethod, VisionContext, VisualSelection
-from methods.holov_ports import qwen_chunk_count, received_attention_flops
-
-
-def chunk_layout(n: int, chunks: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(C, M)`` token index of each chunk slot (``M = ceil(N / C)``; the first ``N % C`` chunks hold one
-    more) and its validity mask; invalid slots point at token 0."""
-    base, rem = divmod(n, chunks)
-    c = torch.arange(chunks, device=device)
-    sizes = base + (c < rem).long()  # device arithmetic only: no host-to-device copy inside a graph capture
-    starts = c * base + c.clamp(max=rem)
-    m = base + (rem > 0)
-    r = torch.arange(m, device=device)
-    valid = r.unsqueeze(0) < sizes.unsqueeze(1)
-    return torch.where(valid, starts.unsqueeze(1) + r, 0), valid
-
-
-def _chunk_mean(t: torch.Tensor, valid: torch.Tensor, even: bool) -> torch.Tensor:
-    """``(B, C, M) -> (B, C)`` mean over each chunk's valid slots (``mean`` itself when every chunk is
-    full, as the official per-chunk ``mean``)."""
-    if even:
-        return t.mean(dim=-1)
-    return (t * valid.to(t.dtype)).sum(dim=-1) / valid.sum(dim=-1).to(t.dtype)
+from bench.errors import ConfigError
+from methods.base import PruningMethod, VisionContext, VisualSelection, keep_all
+from methods.holov_parts import chunk_layout, chunk_mean
+from methods.holov_ports import HoloVQwenPort, received_attention_flops
 
 
 def holov_select(x: torch.Tensor, attn: torch.Tensor, budget: int, chunks: int = 16, alpha: float = 0.09, eps: float = 1e-6) -> torch.Tensor:
-    """The HoloV rule: ``(B, N, D)`` tokens and ``(B, N)`` fp32 attention -> ``(B, T)`` kept indices.
-
-    Rows are in output order (chunk by chunk); ``-1`` marks the zero rows that pad the output to ``T``.
-    """
+    """The HoloV rule: ``(B, N, D)`` tokens and ``(B, N)`` fp32 attention -> ``(B, T)`` kept indices in output order
+    (chunk by chunk); ``-1`` marks the zero rows that pad the output to ``T``."""
     b, n, d = x.shape
     idx, valid = chunk_layout(n, chunks, x.device)  # (C, M)
     c, m = idx.shape
@@ -84,11 +58,11 @@ def holov_select(x: torch.Tensor, attn: torch.Tensor, budget: int, chunks: int =
     mean = s.sum(dim=-1) / den
     var = (((s - mean.unsqueeze(-1)) ** 2) * valid.view(1, c, 1, m).to(s.dtype)).sum(dim=-1) / den  # (B, C, M)
     a_scaled = ac * 1e3
-    mean_abs_a = _chunk_mean(a_scaled.abs(), valid, even)  # (B, C), fp32
-    mean_abs_v = _chunk_mean(var.abs(), valid, even) + eps
+    mean_abs_a = chunk_mean(a_scaled.abs(), valid, even)  # (B, C), fp32
+    mean_abs_v = chunk_mean(var.abs(), valid, even) + eps
     scaling = (mean_abs_a / mean_abs_v).to(var.dtype)  # official: a 0-dim fp32 factor on an x-dtype vector
     token = a_scaled + alpha * (var * scaling.unsqueeze(-1))
-    chunk_score = _chunk_mean(token, valid, even)  # (B, C)
+    chunk_score = chunk_mean(token, valid, even)  # (B, C)
     w = chunk_score / (chunk_score.sum(dim=-1, keepdim=True) + eps)
     alloc = (w * budget).floor().long()
     rest = budget - alloc.sum(dim=-1, keepdim=True)  # (B, 1), < C
@@ -108,9 +82,8 @@ def holov_select(x: torch.Tensor, attn: torch.Tensor, budget: int, chunks: int =
 
 
 @dataclass
-class HoloV(PruningMethod):
-    """HoloV with the official defaults (16 chunks, alpha 0.09, CLS attention of CLIP layer -2; on Qwen2.5-VL
-    the official port's substitutes, see the module docstring).
+class HoloV(HoloVQwenPort, PruningMethod):
+    """HoloV with the official defaults (16 chunks, alpha 0.09, CLS attention of CLIP layer -2).
 
     Parameters
     ----------
@@ -123,11 +96,8 @@ class HoloV(PruningMethod):
     overflow : {"zero_pad", "drop"}
         ``zero_pad`` (official): quota lost to full chunks becomes all-zero rows sent to the LLM;
         ``drop``: those rows are not sent (fewer tokens reach the LLM).
-    qwen_order : {"window", "raster"}
-        On a tower without [CLS] (Qwen2.5-VL): ``window`` (official) reads the last block's received attention
-        in the tower's window order against raster-ordered tokens; ``raster``: each token its own score.
-    qwen_chunks : {"official", "fixed"}
-        On a tower without [CLS]: ``official`` cuts ``max(1, int(1024 / 576 * N / T))`` chunks; ``fixed``: ``chunks``.
+    qwen_order : {"window", "raster"}, qwen_chunks : {"official", "fixed"}
+        The no-[CLS] (Qwen2.5-VL) port's score order and chunk count (:mod:`methods.holov_ports`).
     """
 
     chunks: int = 16
@@ -137,39 +107,9 @@ class HoloV(PruningMethod):
     qwen_order: str = "window"
     qwen_chunks: str = "official"
 
-    #: the no-[CLS] substitute (Qwen2.5-VL's official port), served by the adapter
-    NO_CLS_SCORE: ClassVar[str] = "merged_attn_received"
-    deviations: ClassVar[tuple[str, ...]] = (
-        "qwen_block_slice (Qwen2.5-VL runs only): the official Qwen2.5-VL port cuts the image block from <|vision_start|> (one token early: the "
-        "marker is a candidate, the last image token is always kept); here the block is exactly the image tokens",
-        "qwen_budget_rounding (Qwen2.5-VL runs only): the official Qwen2.5-VL port keeps int(N * keep) tokens; here round(N * (1 - ratio))",
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.overflow not in ("zero_pad", "drop"):
-            raise ConfigError(f"holov: overflow must be zero_pad or drop, got {self.overflow!r}")
-        if int(self.chunks) < 1:
-            raise ConfigError(f"holov: chunks must be >= 1, got {self.chunks}")
-        if self.qwen_order not in ("window", "raster"):
-            raise ConfigError(f"holov: qwen_order must be window or raster, got {self.qwen_order!r}")
-        if self.qwen_chunks not in ("official", "fixed"):
-            raise ConfigError(f"holov: qwen_chunks must be official or fixed, got {self.qwen_chunks!r}")
-
-    def check_compatible(self, ctx: VisionContext) -> None:
-        """A tower without [CLS] is accepted only where the adapter serves the official port's substitute."""
-        if not ctx.has_cls and self.NO_CLS_SCORE + ":" + self.qwen_order not in ctx.extras:
-            raise IncompatibleMethodError(
-                f"method {self.name!r} scores by CLS attention, but this vision tower has no CLS token "
-                "(and the adapter does not serve HoloV's official no-CLS substitute)"
-            )
-
-    def n_chunks(self, n: int, t: int, has_cls: bool) -> int:
-        """Chunks for ``n`` tokens and budget ``t``: ``chunks`` with a [CLS] tower (official LLaVA code); the official
-        Qwen2.5-VL port's ``max(1, int(1024 / 576 * n / t))`` without one (``qwen_chunks: official``)."""
-        if has_cls or self.qwen_chunks == "fixed":
-            return int(self.chunks)
-        return qwen_chunk_count(n, t)
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        "overflow": ("zero_pad", "drop"), "qwen_order": ("window", "raster"), "qwen_chunks": ("official", "fixed")}
+    positive: ClassVar[tuple[str, ...]] = ("chunks",)
 
     @property
     def graph_safe(self) -> bool:  # type: ignore[override]
@@ -183,21 +123,16 @@ class HoloV(PruningMethod):
         """``(B, N, D)`` projected tokens -> ``(B, T, D)``: kept tokens chunk by chunk, then zero rows."""
         b, n, d = vis.shape
         if self.prune_ratio == 0.0:
-            return VisualSelection(vis, torch.arange(n, device=vis.device).expand(b, n), torch.full((b,), n, dtype=torch.long))
+            return keep_all(vis)
         self.check_compatible(ctx)
         t = self.n_keep(n)
         chunks = self.n_chunks(n, t, ctx.has_cls)
         if n < 2 * chunks:
             raise ConfigError(f"holov: {n} visual tokens cannot be cut into {chunks} chunks of at least 2")
-        if ctx.has_cls:
-            attn = ctx.get(f"cls_attn:{self.layer}")[:, :, 1:].mean(dim=1).float()
-        else:
-            attn = ctx.get(f"{self.NO_CLS_SCORE}:{self.qwen_order}").float()
-        idx = holov_select(vis, attn, t, chunks, float(self.alpha))
+        idx = holov_select(vis, self.attention(ctx), t, chunks, float(self.alpha))
         real = idx >= 0
         feats = vis.gather(1, idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, d)) * real.unsqueeze(-1).to(vis.dtype)
         n_kept = torch.full((b,), idx.shape[1], dtype=torch.long) if self.overflow == "zero_pad" else real.sum(dim=1).cpu()
-        # not a raster-ordered pure selection (zero rows, chunk-major order): kept_index stays None
         return VisualSelection(feats, None, n_kept, {"source_index": idx})
 
     def selection_flops(self, cost) -> int:

@@ -114,6 +114,7 @@ class VisPruner(PruningMethod):
     backend: str = "auto"
 
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"backend": BACKENDS}
+    positive: ClassVar[tuple[str, ...]] = ("step",)
     requires_cls: ClassVar[bool] = True
     graph_safe: ClassVar[bool] = True
     select_reads_shape_only: ClassVar[bool] = True
@@ -122,8 +123,6 @@ class VisPruner(PruningMethod):
         super().__post_init__()
         if not 0.0 <= float(self.important_ratio) <= 1.0:
             raise ConfigError(f"vispruner: important_ratio must be in [0, 1], got {self.important_ratio}")
-        if int(self.step) < 1:
-            raise ConfigError("vispruner: step must be >= 1")
 
     def selection_flops(self, cost) -> int:
         """The CLS row and the cosine matrix of all ``N`` patch features (one GEMM whose entries every round
