@@ -1,26 +1,23 @@
 """TransPrune (Li et al., CVPR'26, https://arxiv.org/abs/2507.20630): token transition + instruction attention.
 
-Official code: ``liaolea/TransPrune``, ``llava/model/modeling_llama_transprune.py``
-(``LlamaModel.transprune_forward``, ``transprune_rank_drop``, ``LlamaDecoderLayer_TransPrune.compute_transf_weight``)
-and its scripts (``--accmulating_layer_list [7..12] --pruning_layer_list [7,9,12]
---image_token_ratio_list [0.875,0.625,0.125]``). What it does (``docs/methods.md`` 1 and 1b):
+Official code: ``liaolea/TransPrune``, ``llava/model/modeling_llama_transprune.py`` (``LlamaModel.transprune_forward``,
+``transprune_rank_drop``, ``LlamaDecoderLayer_TransPrune.compute_transf_weight``) and its scripts
+(``--accmulating_layer_list [7..12] --pruning_layer_list [7,9,12] --image_token_ratio_list [0.875,0.625,0.125]``).
+What it does (``docs/methods.md`` 1 and 1b):
 
-* *TTV* (token transition variation): for the attention and the FFN sublayer of every accumulating
-  layer (rank ``r`` = layer ``r - 1`` for ``r`` in 7..12), ``(‖out‖ / ‖in‖) · softmax_seq(1 - cos(in, out))``
-  with ``in`` the sublayer's normed input and ``out`` its output; the softmax runs over **all**
-  tokens of the sequence (here: of the sample, padding excluded); the two are summed, and the
-  per-token values accumulate over layers **without reset across stages** (carried over to the kept
-  tokens at each stage);
-* *IGA*: before layer ``ℓ`` (= rank), that layer's input norm, q/k projections and RoPE (current,
-  renumbered positions) score the rows of **all tokens after the image**; head-mean, then
-  query-mean, of their attention to the image tokens;
-* both normalised to sum 1 over the image tokens (``+1e-8``); ``score = TTV + IGA``; keep
-  ``int(N r_s)`` (``r = 0.875, 0.625, 0.125``: 504/360/72, 236.25 on average), sorted; positions
-  renumbered (shifted by the dropped count when decoding).
+* *TTV* (token transition variation): for the attention and the FFN sublayer of every accumulating layer (rank
+  ``r`` = layer ``r - 1`` for ``r`` in 7..12), ``(‖out‖ / ‖in‖) · softmax_seq(1 - cos(in, out))`` with ``in`` the
+  sublayer's normed input and ``out`` its output; the softmax runs over **all** tokens of the sequence (here: of
+  the sample, padding excluded); the two are summed, and the per-token values accumulate over layers **without
+  reset across stages** (carried over to the kept tokens at each stage);
+* *IGA*: before layer ``ℓ`` (= rank), that layer's input norm, q/k and RoPE (current, renumbered positions) score
+  the rows of **all tokens after the image**; head-mean, then query-mean, of their attention to the image tokens;
+* both normalised to sum 1 over the image tokens (``+1e-8``); ``score = TTV + IGA``; keep ``int(N r_s)`` (``r =
+  0.875, 0.625, 0.125``: 504/360/72, 236.25 on average), sorted; positions renumbered (shifted by the dropped
+  count when decoding).
 
-The hooks keep each sublayer's input and output; at each stage :func:`sublayer_stats` and
-:func:`transprune_score` turn them into the score (on CUDA fp16/bf16 two Triton launches,
-:mod:`kernels.transprune`).
+The hooks keep each sublayer's input and output; at each stage :func:`sublayer_stats` and :func:`transprune_score`
+turn them into the score (on CUDA fp16/bf16 two Triton launches, :mod:`kernels.transprune`).
 """
 
 from __future__ import annotations
@@ -30,11 +27,10 @@ from typing import ClassVar
 
 import torch
 
-from bench.errors import ConfigError
 from kernels import HALF, fast_path
-from methods.inllm import InLLMMethod, Stage, StageOut, StageView, layer_mean, scale_layer, solve_layer_mean, visual_block, visual_columns
+from methods.inllm import InLLMMethod, Stage, StageOut, StageView, scale_layer, visual_block, visual_columns
 from methods.ranking import topk_sorted
-from methods.transprune_parts import install_ttv_hooks
+from methods.transprune_parts import install_ttv_hooks, stage_counts, sublayer_stats, token_stats  # noqa: F401 (re-exported)
 
 _EPS = 1e-8
 BACKENDS = ("auto", "torch", "triton")
@@ -49,30 +45,9 @@ def _transition_from_stats(n_in: torch.Tensor, n_out: torch.Tensor, dot: torch.T
     return (n_out / n_in) * (e / e.sum(-1, keepdim=True))
 
 
-def token_stats(x_in: torch.Tensor, x_out: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``(3, B, T)``: per-token ``‖in‖``, ``‖out‖``, ``in·out`` in fp32 (products and sums: no fp16 overflow,
-    and the same arithmetic as the Triton kernel); written into ``out`` (a ``(3, B, T)`` fp32 slot of the
-    stage's statistics buffer) when given."""
-    st = x_in.new_empty((3, *x_in.shape[:-1]), dtype=torch.float32) if out is None else out
-    torch.linalg.vector_norm(x_in, dim=-1, dtype=torch.float32, out=st[0])
-    torch.linalg.vector_norm(x_out, dim=-1, dtype=torch.float32, out=st[1])
-    torch.sum(x_in.float() * x_out.float(), dim=-1, out=st[2])  # .float(): a no-op on fp32 (CPU tests)
-    return st
-
-
 def transition_weight(x_in: torch.Tensor, x_out: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """``(B, T)``: ``(‖out‖/‖in‖) · exp(1 - cos) / Σ_seq exp(1 - cos)`` (sum over each sample's valid tokens)."""
     return _transition_from_stats(*token_stats(x_in, x_out), valid)
-
-
-@fast_path("kernels.transprune:sublayer_stats", on=("pairs",), auto_dtypes=HALF)
-def sublayer_stats(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """``(3, L, B, T)``: :func:`token_stats` of the ``L`` (input, output) pairs of ``(B, T, D)`` sublayer tensors."""
-    x0 = pairs[0][0]
-    stats = x0.new_empty((3, len(pairs), *x0.shape[:-1]), dtype=torch.float32)
-    for j, (x_in, x_out) in enumerate(pairs):
-        token_stats(x_in, x_out, out=stats[:, j])
-    return stats
 
 
 @fast_path("kernels.transprune:transprune_score", on=("head_mean",), auto_dtypes=HALF)
@@ -80,21 +55,12 @@ def transprune_score(stats: torch.Tensor | None, valid: torch.Tensor | None, vis
                      head_mean: torch.Tensor, q_valid: torch.Tensor, n: int, uniform: bool = False):
     """The stage's accumulated TTV ``(B, n)`` (``None`` without TTV layers so far) and score ``(B, n)``.
 
-    Parameters
-    ----------
-    stats : torch.Tensor or None
-        ``(3, L, B, T)`` :func:`sublayer_stats` of the sublayers since the last stage.
-    valid : torch.BoolTensor or None
-        ``(B, T)``, False on left padding (``None``: no padding).
-    vis_start : torch.LongTensor
-        ``(B,)``; the visual block is ``[vis_start, vis_start + n)``.
-    prev : tuple or None
-        ``(ttv, keep)`` of the previous stage: its accumulated TTV ``(B, n_prev)`` and kept indices ``(B, n)``.
-    head_mean : torch.Tensor
-        ``(B, Q, T)`` head-mean attention of the rows after the image; ``q_valid`` ``(B, Q)`` marks the
-        rows after each sample's own image.
-    uniform : bool
-        Every sample's image starts alike (every row valid): the query mean is a plain mean.
+    ``stats`` ``(3, L, B, T)``: :func:`sublayer_stats` of the sublayers since the last stage (or ``None``);
+    ``valid`` ``(B, T)`` False on left padding (``None``: none); ``vis_start`` ``(B,)``: the visual block is
+    ``[vis_start, vis_start + n)``; ``prev``: ``(ttv, keep)`` of the previous stage, its accumulated TTV
+    ``(B, n_prev)`` and kept indices ``(B, n)`` (or ``None``); ``head_mean`` ``(B, Q, T)``: head-mean attention of
+    the rows after the image, ``q_valid`` ``(B, Q)`` marking those after each sample's own image; ``uniform``: every
+    image starts alike (every row valid), so the query mean is a plain mean.
     """
     a = visual_columns(head_mean, vis_start, n).float()  # (B, Q, n)
     if uniform:
@@ -122,21 +88,18 @@ class TransPrune(InLLMMethod):
     accmulating_layer_list : list[int]
         Ranks whose layer (``rank - 1``) contributes TTV.
     image_token_ratio_list : list[float]
-        Kept fraction of the original ``N`` after each stage (``int(N r)``): the official scripts' setting,
-        the only one published (a layer mean of 236.25 on LLaVA-1.5-7B).
+        Kept fraction of the original ``N`` after each stage (``int(N r)``): the official scripts', the only one published.
     budget : str
-        ``official`` (default): the official stages and ratios, scaled by one factor so the layer mean (the
-        count TransPrune's setting is described by) is ``B = round(N (1 - ratio))``; at ``B = 236`` the
-        ratios as published. ``layer_mean``: the same schedule (the two differ in name only, kept so runs
-        say which was asked for); ``after_prune``: scaled so the first stage keeps ``B``. A budget below
-        what the first pruning layer allows (126.8 with layers 7/9/12 of 32) is refused.
+        ``official`` (default): the official stages and ratios, scaled by one factor so the layer mean (the count
+        TransPrune's setting is described by) is ``B = round(N (1 - ratio))``; at ``B = 236`` the ratios as published.
+        ``layer_mean``: the same schedule (named apart so runs say which was asked for); ``after_prune``: scaled so
+        the first stage keeps ``B``. A budget below what the first pruning layer allows (126.8 at 7/9/12 of 32) is refused.
     renumber_positions : bool
         Official: renumber (True).
     backend : {"auto", "torch", "triton"}
-        Statistics and scoring: ``auto`` runs the Triton kernels (:mod:`kernels.transprune`) on CUDA
-        fp16/bf16 and torch elsewhere; ``torch`` / ``triton`` force one (``triton`` needs CUDA, or
-        ``TRITON_INTERPRET=1`` on CPU). Both compute the same fp32 quantities up to summation order
-        (selections agree but for exact ties).
+        Statistics and scoring: ``auto`` runs the Triton kernels (:mod:`kernels.transprune`) on CUDA fp16/bf16 and
+        torch elsewhere; ``torch`` / ``triton`` force one (``triton`` needs CUDA, or ``TRITON_INTERPRET=1`` on CPU).
+        Both compute the same fp32 quantities up to summation order (selections agree but for exact ties).
     """
 
     pruning_layer_list: list[int] = field(default_factory=lambda: [7, 9, 12])
@@ -146,16 +109,11 @@ class TransPrune(InLLMMethod):
     backend: str = "auto"
 
     official_measure: ClassVar[str] = "layer_mean"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"transprune: backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"backend": BACKENDS}
 
     def selection_flops(self, cost) -> int:
         """Rows of every token after the image at each stage's layer (its k/q projections run again)."""
-        q = cost.after_image_rows
-        return cost.batch * sum(cost.attention_rows(t, q, True) for _, _, t, _ in cost.llm_stages(self))
+        return cost.batch * sum(cost.attention_rows(t, cost.after_image_rows, True) for _, _, t, _ in cost.llm_stages(self))
 
     def layers_for(self, n_layers: int) -> list[int]:
         return [scale_layer(x, n_layers, self.ref_layers) for x in self.pruning_layer_list]
@@ -165,31 +123,9 @@ class TransPrune(InLLMMethod):
         return sorted({scale_layer(r, n_layers, self.ref_layers) - 1 for r in self.accmulating_layer_list} & set(range(last)))
 
     def counts(self, n_vis: int, n_layers: int) -> list[int]:
-        ratios = [float(r) for r in self.image_token_ratio_list]
-        layers = self.layers_for(n_layers)
-
-        def make(alpha: float) -> list[int]:
-            out, prev = [], n_vis
-            for r in ratios:
-                c = max(1, min(prev, int(round(n_vis * r * alpha, 9))))
-                out.append(c)
-                prev = c
-            return out
-
-        target = self.target(n_vis)
-        if self.budget == "official" and abs(layer_mean(list(zip(layers, make(1.0))), n_vis, n_layers) - target) <= 1.0:
-            return make(1.0)  # the published ratios where they meet the budget (236 of 576)
-        if self.budget == "after_prune":
-            alpha = target / (n_vis * ratios[0])
-            out = make(alpha)
-            out[0] = target
-            for i in range(1, len(out)):
-                out[i] = min(out[i], out[i - 1])
-            return out
-
-        alpha = solve_layer_mean(make, layers, n_vis, n_layers, target, 1.0 / min(ratios))
-        self._warn_infeasible(layer_mean(list(zip(layers, make(alpha))), n_vis, n_layers), target, n_layers)
-        return make(alpha)
+        """Visual tokens kept after each stage: the published ratios scaled to the budget mode (``budget``)."""
+        return stage_counts([float(r) for r in self.image_token_ratio_list], self.layers_for(n_layers), n_vis, n_layers,
+                            self.target(n_vis), self.budget, self._warn_infeasible)
 
     def plan(self, n_vis: int, n_layers: int) -> list[Stage]:
         if self.prune_ratio == 0.0:
