@@ -1,4 +1,5 @@
-"""PruMerge+'s spatial samples: the official fixed and adaptive modes, and the ``dedup`` correction, in plain torch.
+"""PruMerge's adaptive (IQR) budget and PruMerge+'s spatial samples: the official fixed and adaptive modes, and the
+``dedup`` correction, in plain torch.
 
 The rule that calls them is :class:`methods.prumerge.PruMergePlus` (official
 ``clip_encoder.py::token_prune_merge_advanced_plus``).
@@ -13,13 +14,21 @@ official code only runs where the number of samples equals ``L`` (``2L + 1`` tok
 T`` (:func:`plus_split`), the same rule at the budget asked for. ``spatial: dedup`` is the corrected variant
 instead: ``floor((T - 1) / 2)`` samples evenly spaced (half-stride offset) over the *not yet kept* tokens, no
 duplicates, nothing lost.
+
+The adaptive mode's official defects are handled per sample (methods.md policy): the official code computes the
+outlier ratio over the whole batch flattened and PruMerge+'s "not already kept" filter against the whole batch's
+indices (here per sample); adaptive PruMerge+ crashes without outliers (here ``int(1 / ratio)`` is taken as ``N``,
+the top-k part empty) and for ``ratio > 1/3`` (stride 0; here at least 1).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
+
+from methods.base import VisualSelection
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,3 +88,57 @@ def adaptive_plus_samples(top: torch.Tensor, ratio: float, n: int) -> torch.Tens
     step_length = int(1 / ratio) if ratio > 0 else n
     seq = torch.arange(0, n - 1, max(1, int(step_length / 3)), device=top.device)
     return seq[~torch.isin(seq, top)]
+
+
+def outlier_ratio(scores: torch.Tensor) -> float:
+    """Share of ``(N,)`` scores above ``Q3 + 1.5 * IQR`` (linear-interpolated percentiles as ``np.percentile``,
+    here in float64): the official ``outlier_dectection``."""
+    v = scores.detach().float().double()
+    q1, q3 = torch.quantile(v, torch.tensor([0.25, 0.75], dtype=torch.float64, device=v.device)).tolist()
+    upper = q3 + 1.5 * (q3 - q1)
+    return int((v > upper).sum()) / v.numel()
+
+
+def adaptive_kept(cls: torch.Tensor, plus: bool) -> list[torch.Tensor]:
+    """The adaptive budget's kept tokens per sample, in output order: ``(B, N)`` scores -> ``B`` tensors ``(L_b,)``,
+    the top ``int(N * outlier_ratio)`` by descending score (then PruMerge+'s :func:`adaptive_plus_samples`)."""
+    out = []
+    for i in range(cls.shape[0]):
+        ratio = outlier_ratio(cls[i])
+        top = cls[i : i + 1].topk(int(cls.shape[1] * ratio), dim=1).indices[0]
+        out.append(torch.cat([top, adaptive_plus_samples(top, ratio, cls.shape[1])]) if plus else top)
+    return out
+
+
+def padded_selection(rows: list[torch.Tensor], like: torch.Tensor) -> VisualSelection:
+    """``B`` merged outputs ``(K_b, D)`` -> ``(B, max K_b, D)`` features in ``like``'s dtype and device, zero rows
+    past each ``K_b`` (``n_kept``)."""
+    out = like.new_zeros(len(rows), max(r.shape[0] for r in rows), rows[0].shape[-1])
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r.to(like.dtype)
+    return VisualSelection(out, None, torch.tensor([r.shape[0] for r in rows], dtype=torch.long))
+
+
+def plus_fixed(cls: torch.Tensor, total: int, spatial: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PruMerge+'s fixed-budget picks for ``total`` LLM tokens (the extra token included): ``spatial="official"``
+    :func:`official_plus_fixed` (with its ``complement_idx``), ``"dedup"`` the top ``ceil(m / 2)`` of ``m = total - 1``
+    by descending score then :func:`spatial_fill` of the rest (``rest`` ``None``: every token not kept)."""
+    if spatial == "official":
+        return official_plus_fixed(cls, total)
+    m = total - 1
+    top = cls.topk(math.ceil(m / 2), dim=1).indices
+    return torch.cat([top, spatial_fill(top, cls.shape[1], m - math.ceil(m / 2))], dim=1), None
+
+
+class AdaptiveBudget:
+    """The adaptive budget's record keys and eagerness, mixed into :class:`methods.prumerge.PruMerge`."""
+
+    @property
+    def budget_mode(self) -> str:
+        """``adaptive``: the official IQR budget (the kept count is the method's, not ``n_keep(N)``)."""
+        return "pre_llm_exact" if self.budget == "fixed" else "adaptive"
+
+    @property
+    def graph_safe(self) -> bool:
+        """The adaptive budget reads each sample's outlier count on the host (a value-dependent length): eager."""
+        return self.budget == "fixed"
