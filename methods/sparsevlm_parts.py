@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from bench.errors import ConfigError
 from methods.inllm import per_layer_counts, solve_monotone
 from methods.ranking import dpc_scores, smallest_sorted
 
@@ -35,11 +36,19 @@ def stage_counts(selected: list[int], n_vis: int, merge: bool) -> list[tuple[int
     return out
 
 
-def scaled_selected(shape: tuple[int, ...], scale_n: float, n_vis: int, layers: list[int], n_layers: int, target: int,
-                    budget: str, merging: bool, warn: Callable[[float, float, int], None]) -> list[int]:
-    """Selected counts per stage for ``budget: after_prune`` / ``layer_mean``: the published ``shape`` (scaled by
-    ``scale_n = N / 576``) times the one factor that meets ``target`` (recycled tokens counted); ``warn(achieved,
-    target, n_layers)`` where no factor reaches it."""
+def scheduled_selected(table: dict[int, tuple[int, ...]], ref_tokens: int, n_vis: int, layers: list[int], n_layers: int,
+                       target: int, budget: str, merging: bool, warn: Callable[[float, float, int], None]) -> list[int]:
+    """Selected counts per stage from the published ``table`` (``{budget: counts}`` counted from ``ref_tokens``
+    visual tokens, scaled by ``N / ref_tokens``), its entry nearest ``target``: under ``budget: official`` as
+    published (other budgets scale it by ``target / B_ref``); for ``after_prune`` / ``layer_mean`` times the one
+    factor that meets ``target`` (recycled tokens counted), ``warn(achieved, target, n_layers)`` where none does."""
+    ref_b = min(table, key=lambda x: (abs(x * n_vis / ref_tokens - target), x))
+    shape, scale_n = table[ref_b], n_vis / ref_tokens
+    if budget == "official":
+        if round(ref_b * scale_n) == target:
+            return [max(1, round(s * scale_n)) for s in shape]
+        return [max(1, round(s * target / ref_b)) for s in shape]
+
     def counts(alpha: float) -> list[tuple[int, int, int]]:
         return stage_counts([max(1, round(s * scale_n * alpha)) for s in shape], n_vis, merging)
 
@@ -164,3 +173,59 @@ def recycling_setup(plan, prepared, device) -> dict:
     return {"jitter": {i: density_jitter(seeds, cand, i, dtype, device) for i, (_, cand, _) in enumerate(counts)},
             "cluster_ids": {i: torch.arange(c, device=device) for i, (_, _, c) in enumerate(counts)},
             "zero": torch.zeros((), dtype=dtype, device=device)}
+
+
+def recycle_inputs(static: dict, stage: int, dtype: torch.dtype) -> tuple:
+    """``(jitter, cluster_ids, zero)`` of :func:`cluster_and_merge` for ``stage``, from what :func:`recycling_setup`
+    built (``None`` for what it did not, or a zero of another dtype: built in the call then)."""
+    zero = static.get("zero")
+    if zero is not None and zero.dtype != dtype:
+        zero = None
+    return static.get("jitter", {}).get(stage), static.get("cluster_ids", {}).get(stage), zero
+
+
+def recycling_flops(n_vis: int, n_selected: int, n_merged: int, width: int) -> int:
+    """A stage's recycling: the cluster means ``(c x M) @ (M x D)`` of the ``M`` candidates and, with more than one
+    cluster, their pairwise distances (one ``(M x D) @ (D x M)`` fp64 Gram matrix)."""
+    if n_merged <= 0:
+        return 0
+    cand, _ = merge_counts(n_vis, n_selected)
+    return 2 * n_merged * cand * width + (2 * cand * cand * width if n_merged > 1 else 0)
+
+
+def padded_text_raters(embeds: torch.Tensor, vis_start: torch.Tensor, n_vis: int, n_text: int,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`methods.sparsevlm.text_raters` of a batch whose images start apart (left padding): each sample's
+    visual block gathered, its softmax and mean over its own text only; positions of the last ``Q`` that lie before
+    a sample's text are never raters."""
+    b, t, _ = embeds.shape
+    idx = vis_start.view(-1, 1) + torch.arange(n_vis, device=embeds.device).view(1, -1)
+    v = embeds.gather(1, idx.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+    text_valid = torch.arange(t - n_text, t, device=embeds.device).view(1, -1) >= (vis_start + n_vis).view(-1, 1)
+    logits = (v @ embeds[:, t - n_text :].transpose(1, 2)).masked_fill(~text_valid.unsqueeze(1), float("-inf"))
+    m = logits.softmax(2).mean(1)  # (B, Q)
+    mean = (m * text_valid).sum(1, keepdim=True) / text_valid.sum(1, keepdim=True)
+    r = (m > mean) & text_valid
+    return r if dtype is None else r.to(dtype)
+
+
+class VersionOptions:
+    """SparseVLM's version-dependent options, mixed into :class:`methods.sparsevlm.SparseVLM`."""
+
+    def normalise_options(self, versions: tuple[str, ...], default_layers: list[int]) -> None:
+        """``version`` as a string among ``versions`` (YAML may give ``1.5`` as a float), ``scoring_layers`` as ints
+        (``None``: ``default_layers``)."""
+        self.version = str(self.version)
+        if self.version not in versions:
+            raise ConfigError(f"sparsevlm: version must be one of {', '.join(versions)}, got {self.version!r}")
+        self.scoring_layers = [int(x) for x in (default_layers if self.scoring_layers is None else self.scoring_layers)]
+
+    @property
+    def merging(self) -> bool:
+        """Recycling: ``merge``, else on for 1.5 and off for 2.0."""
+        return (self.version == "1.5") if self.merge is None else bool(self.merge)
+
+    @property
+    def renumber(self) -> bool:
+        """Renumbered positions: ``renumber_positions``, else on for 1.5 and off for 2.0."""
+        return (self.version == "1.5") if self.renumber_positions is None else bool(self.renumber_positions)
