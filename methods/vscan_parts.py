@@ -7,17 +7,56 @@ the 32 layers. ``layer_mean`` (default) scales both counts by one factor so that
 local scan floors, as in the official code). ``after_prune``: ``P = round(N (1 - ratio))`` and the LLM
 counts in the official proportion. ``official``: ``visual_token_num`` and ``image_token_list`` as given
 (the ratio is not used).
+
+Ports (documented): the official code runs one image per batch (its merge stacks per-sample tensors); here the
+selection is batched and the merge runs per sample (:func:`common_count`). Its CLIP attention is the eager one of
+``output_attentions``; here the CLS rows are recomputed from the layer's q/k (``bench.models.clip_extras``, tested
+equal). The official ``window_cls_selection`` asserts a 24 x 24 grid; here any grid with at least one full window runs
+(:func:`check_window`; windows that do not fit are left out, as the official loop's ``H // window_size``). The merge
+uses the official ``scatter_add_``: on CUDA its float atomics make the merged features' last bits run-dependent, as
+in the official code (the kept indices are deterministic).
 """
 
 from __future__ import annotations
 
-from bench.errors import ConfigError
+import torch
+
+from bench.errors import ConfigError, IncompatibleMethodError
 from methods.inllm import Stage, per_layer_counts, scale_layer
 from methods.vscan_ports import VScanQwenPort
 
 
+def check_window(grid: tuple[int, int], window: int) -> int:
+    """``window`` where the ``(H, W)`` patch grid holds at least one ``window x window`` window, else refused."""
+    if grid[0] < window or grid[1] < window:
+        raise IncompatibleMethodError(f"vscan: a {grid[0]}x{grid[1]} patch grid holds no {window}x{window} window")
+    return window
+
+
+def common_count(mask: torch.Tensor) -> int:
+    """The kept count shared by every sample of a ``(B, N)`` kept mask; refused where they differ (only when a deep
+    attention underflows to 0 next to the local picks: the global picks then fall on local ones)."""
+    k = mask.sum(dim=1)
+    if bool((k != k[0]).any()):
+        raise IncompatibleMethodError(f"vscan: the samples of this batch keep {k.tolist()} tokens (global picks fell on local ones); run it with batch size 1")
+    return int(k[0])
+
+
+def nearest_matmul(rest: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``merge_similarity: matmul`` (named deviation): ``(1, R, D)`` dropped and ``(1, K, D)`` kept tokens -> ``(1, R)``
+    each dropped token's kept token of highest cosine from one ``R x K`` product of normalised rows (the official
+    ``F.cosine_similarity`` over ``(R, K, D)``'s cosines up to the last bits: a near-tie may assign differently)."""
+    kn = kept / kept.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    rn = rest / rest.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    return (rn @ kn.transpose(1, 2)).argmax(dim=2)
+
+
 class VScanBudget(VScanQwenPort):
     """The pre-LLM budget ``P`` and the in-LLM stages of both ports, and what a run's budget counts."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_settings()
 
     def check_settings(self) -> None:
         """Refuse (:class:`ConfigError`, exit code 2) settings the rule cannot run."""
@@ -60,6 +99,15 @@ class VScanBudget(VScanQwenPort):
             mean = sum(per_layer_counts(list(zip(self.layers_for(n_layers), qs)), p, n_layers)) / n_layers
             self._warn_infeasible(mean, target, n_layers)
         return p, qs
+
+    def last_row_flops(self, cost, kept: int) -> int:
+        """One image's in-LLM stages: the last token's attention row with each stage layer's k/q projections run on
+        its input (``cost``: :class:`bench.measure.flops.CostModel`), from ``kept`` tokens after the pre-LLM selection."""
+        total, cur_t, cur = 0, cost.shapes.seq_len, kept  # the sequence entering the first stage: the LLM input
+        for st in self.plan_for(cost.n_visual, kept, int(self.qwen_ref_layers if self.qwen else self.ref_layers)):  # counts only: any depth
+            total += cost.attention_rows(cur_t, 1, True)
+            cur_t, cur = cur_t - (cur - st.n_keep), st.n_keep
+        return total
 
     def planned_counts(self, n_vis: int, n_layers: int) -> list[int]:
         """Visual tokens entering each layer: ``P`` from the first layer (the pre-LLM selection), then the stages."""

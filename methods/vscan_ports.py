@@ -34,7 +34,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from bench.errors import ConfigError
+from bench.errors import ConfigError, IncompatibleMethodError
 from methods.holov_ports import received_attention_flops
 from methods.inllm import per_layer_counts, scale_layer
 
@@ -76,6 +76,26 @@ class VScanQwenPort:
 
     #: the Qwen2.5-VL port's scores, served by the adapter
     QWEN_NEEDS: ClassVar[tuple[str, ...]] = ("merged_attn_received@first_full:raster", "merged_attn_received:raster")
+
+    @property
+    def qwen(self) -> bool:
+        """Whether the Qwen2.5-VL port's rule runs (``port: qwen25vl``)."""
+        return self.port == "qwen25vl"
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """The port's scores: the two CLS rows (``llava``) or the adapter's received attention (``qwen25vl``)."""
+        if self.qwen:
+            return frozenset(self.QWEN_NEEDS)
+        return frozenset({f"cls_attn:{self.shallow_layer}", f"cls_attn:{self.deep_layer}"})
+
+    def check_compatible(self, ctx) -> None:
+        """The LLaVA rule needs a [CLS] tower; the Qwen2.5-VL port a tower without one whose adapter serves its scores."""
+        if not self.qwen:
+            return super().check_compatible(ctx)
+        if ctx.has_cls or any(k not in ctx.extras for k in self.QWEN_NEEDS):
+            raise IncompatibleMethodError(
+                f"method {self.name!r} with port=qwen25vl runs on Qwen2.5-VL's tower only (received-attention scores, no [CLS])")
 
     def check_qwen_settings(self) -> None:
         if len(self.qwen_layer_list) != len(self.qwen_image_token_ratio_list) or not self.qwen_layer_list:
