@@ -48,8 +48,8 @@ class HoloVQwenPort:
     #: the no-[CLS] substitute (Qwen2.5-VL's official port), served by the adapter
     NO_CLS_SCORE: ClassVar[str] = "merged_attn_received"
     deviations: ClassVar[tuple[str, ...]] = (
-        "qwen_block_slice (Qwen2.5-VL runs only): the official Qwen2.5-VL port cuts the image block from <|vision_start|> (one token early: the "
-        "marker is a candidate, the last image token is always kept); here the block is exactly the image tokens",
+        ("qwen_block_slice (Qwen2.5-VL runs only): the official Qwen2.5-VL port cuts the image block from <|vision_start|> (one token early: the "
+         "marker is a candidate, the last image token is always kept); here the block is exactly the image tokens"),
         "qwen_budget_rounding (Qwen2.5-VL runs only): the official Qwen2.5-VL port keeps int(N * keep) tokens; here round(N * (1 - ratio))",
     )
 

@@ -198,7 +198,7 @@ def padded_text_raters(embeds: torch.Tensor, vis_start: torch.Tensor, n_vis: int
     """:func:`methods.sparsevlm.text_raters` of a batch whose images start apart (left padding): each sample's
     visual block gathered, its softmax and mean over its own text only; positions of the last ``Q`` that lie before
     a sample's text are never raters."""
-    b, t, _ = embeds.shape
+    t = embeds.shape[1]
     idx = vis_start.view(-1, 1) + torch.arange(n_vis, device=embeds.device).view(1, -1)
     v = embeds.gather(1, idx.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
     text_valid = torch.arange(t - n_text, t, device=embeds.device).view(1, -1) >= (vis_start + n_vis).view(-1, 1)

@@ -30,7 +30,7 @@ import torch
 from kernels import HALF, fast_path
 from methods.inllm import InLLMMethod, Stage, StageOut, StageView, scale_layer, visual_block, visual_columns
 from methods.ranking import topk_sorted
-from methods.transprune_parts import install_ttv_hooks, stage_counts, sublayer_stats, token_stats  # noqa: F401 (re-exported)
+from methods.transprune_parts import install_ttv_hooks, stage_counts, sublayer_stats, token_stats
 
 _EPS = 1e-8
 BACKENDS = ("auto", "torch", "triton")

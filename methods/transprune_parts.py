@@ -4,8 +4,8 @@ the TTV is computed from (fast path: :mod:`kernels.transprune`), and the stage c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 
