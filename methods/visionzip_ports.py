@@ -41,9 +41,9 @@ class VisionZipQwenPort:
     """The port's compatibility and recorded deviation, mixed into :class:`methods.visionzip.VisionZip`."""
 
     deviations: ClassVar[tuple[str, ...]] = (
-        "qwen_port (Qwen2.5-VL runs only): the official JIA-Lab-research/VisionZip Qwen2.5-VL code could not be read; the "
-        "port follows ModelTC/LightCompress (received attention of the last tower block, merging on the merged tokens), "
-        "with the LLaVA budget split (C = round(T * 30/192)) instead of its fractions of N (methods.visionzip_ports)",
+        ("qwen_port (Qwen2.5-VL runs only): the official JIA-Lab-research/VisionZip Qwen2.5-VL code could not be read; the "
+         "port follows ModelTC/LightCompress (received attention of the last tower block, merging on the merged tokens), "
+         "with the LLaVA budget split (C = round(T * 30/192)) instead of its fractions of N (methods.visionzip_ports)"),
     )
 
     def check_compatible(self, ctx) -> None:
