@@ -38,9 +38,8 @@ CASES = [(m, r) for m in METHODS for r in ((0.0,) if m == "none" else RATIOS)]
 # grouped-query attention (in-LLM stages land on distinct layers: PDrop 2/4/6, SparseVLM 2/3/5).
 DEEP_SIZES = {"vision_hidden": 32, "vision_layers": 12, "vision_heads": 2, "vision_mlp": 64, "text_hidden": 64, "text_layers": 8, "text_heads": 4, "text_mlp": 128}
 DEEP_KV_HEADS = 2
-# methods whose selection runs no matrix product: a permutation, pooling, DART (keys are the captured
-# k_proj output; its pivot cosines are elementwise)
-NO_SELECTION_MATMULS = {"none", "random", "pool", "dart"}
+# methods whose selection runs no matrix product: a permutation, pooling
+NO_SELECTION_MATMULS = {"none", "random", "pool"}
 # non-default settings whose selection cost takes another branch of a formula
 VARIANTS = [
     ("sparsevlm", 0.75, ["method.version='2.0'"]),

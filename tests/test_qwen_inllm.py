@@ -199,15 +199,29 @@ def test_inllm_refusals_name_the_reason(adapter):
         adapter.check_method(create(name, 0.5, **kw))
 
 
-def test_inllm_analytic_flops_equal_the_counter(adapter):
-    """The analytic model counts each LLM layer on the tokens it receives (FastV: K/V of the kept ones)."""
+@pytest.fixture(scope="module")
+def deep_adapter():
+    from bench.models.qwen25vl import Qwen25VLAdapter
+
+    a = Qwen25VLAdapter(name="tiny_qwen", source="none", weights="random", device="cpu", dtype="float32")
+    a.model = tiny_qwen(seed=4, llm_layers=4)  # layers after every method's scoring layer
+    return a
+
+
+@pytest.mark.parametrize("name,kw", METHODS + [("divprune", {}), ("random", {}), ("gprune", {}), ("holov", {}),
+                                               ("holov", {"qwen_order": "raster"}), ("vscan", {}), ("visionzip", {})])
+def test_analytic_flops_equal_the_counter(deep_adapter, name, kw):
+    """Every method Qwen2.5-VL runs: the analytic model (tower, merger, selection, each LLM layer on the tokens it
+    receives) equals the counter on the whole prepare + prefill, exactly."""
     from bench.measure.flops import analytic_adapter, count_flops
 
-    batch = adapter.probe_batch(batch_size=2, size=(112, 112))
-    m = create("fastv", 0.5)
-    prepared = adapter.prepare(batch, m, seeds(2))
-    counted, _ = count_flops(lambda: adapter.prefill(prepared, m))
-    got = analytic_adapter(adapter, m, prepared, batch)
+    batch = deep_adapter.probe_batch(batch_size=2, size=(224, 224))
+    m = create(name, 0.5, **kw)
+    deep_adapter.check_method(m)
+    prepared = deep_adapter.prepare(batch, m, seeds(2))
+    counted, _ = count_flops(lambda: deep_adapter.prefill(prepared, m))
+    got = analytic_adapter(deep_adapter, m, prepared, batch)
     assert got.vision + got.projector + got.llm + got.lm_head + got.selection == pytest.approx(
-        count_flops(lambda: adapter.prepare(batch, m, seeds(2)))[0] + counted, rel=1e-9)
-    assert got.per_llm_layer[0] > got.per_llm_layer[-1]
+        count_flops(lambda: deep_adapter.prepare(batch, m, seeds(2)))[0] + counted, rel=1e-9)
+    if m.stage == "in_llm":
+        assert got.per_llm_layer[0] > got.per_llm_layer[-1]
