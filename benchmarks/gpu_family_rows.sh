@@ -27,13 +27,21 @@ if step tests; then
     tests/test_llava_next.py tests/test_flowcut_next.py tests/test_batching.py} > "$out/gpu_tests.log" 2>&1
   echo "gpu tests rc=$?" | tee -a "$out/gpu_tests.log"; tail -3 "$out/gpu_tests.log"
 fi
+# PREV=<dir>: an earlier checkout of the code (e.g. `git archive <commit> bench methods kernels benchmarks conf | tar -x -C
+# <dir>`, carried as an ignored path): its selection and in-LLM overhead are timed in the same call, before this
+# tree's, so that a regression check compares like with like on whatever card came
+prev=${PREV:-}
 if step selection; then
+  [ -n "$prev" ] && { PYTHONPATH=/tmp/site:$PWD/$prev timeout ${SEL_TIMEOUT:-90} python3 $prev/benchmarks/bench_selection.py --batches 1 \
+    --kept 64 --repeats 20 --out "$out/selection_prev.csv" > "$out/selection_prev.log" 2>&1; echo "selection (prev) rc=$?"; }
   timeout ${SEL_TIMEOUT:-90} python3 benchmarks/bench_selection.py --batches 1 --kept 64 --repeats 20 \
     --out "$out/selection.csv" > "$out/selection.log" 2>&1; echo "selection rc=$?"
   timeout ${SEL2_TIMEOUT:-45} python3 benchmarks/bench_selection.py --methods "flowcut,cdpruner,cdpruner[kernel+dpp]" --batches 1 \
     --kept 192,128 --repeats 20 --out "$out/selection_wave2.csv" > "$out/selection_wave2.log" 2>&1; echo "selection wave-2 rc=$?"
 fi
 if step inllm; then
+  [ -n "$prev" ] && { PYTHONPATH=/tmp/site:$PWD/$prev timeout ${INLLM_TIMEOUT:-70} python3 $prev/benchmarks/bench_inllm_overhead.py --batches 1 \
+    --out "$out/inllm_prev.csv" > "$out/inllm_prev.log" 2>&1; echo "inllm (prev) rc=$?"; }
   timeout ${INLLM_TIMEOUT:-70} python3 benchmarks/bench_inllm_overhead.py --batches 1 --out "$out/inllm.csv" > "$out/inllm.log" 2>&1
   echo "inllm rc=$?"
 fi
