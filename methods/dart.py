@@ -113,8 +113,7 @@ class DART(InLLMMethod):
     official_is_table: ClassVar[bool] = True
 
     def selection_flops(self, cost) -> int:
-        """Keys come from the captured ``k_proj``; the cosines of the ``N`` image tokens to the 8 pivots are one
-        matmul on the final-norm'd hidden states (``2 * 8 * N * D``)."""
+        """Keys come from the captured ``k_proj``; the ``N`` tokens' cosines to the 8 pivots are one matmul (``2 * 8 * N * D``)."""
         if self.prune_ratio == 0.0:
             return 0
         return cost.batch * 2 * (self.pivot_image_token + self.pivot_text_token) * cost.n_visual * cost.llm_width
