@@ -138,7 +138,7 @@ class FlowCut(FlowCutPorts, InLLMMethod):
             return self._next_selection_flops(cost)
         if self.prune_ratio == 0.0 or cost.shapes.vision_tokens is None:
             return 0
-        return self._clip_rows_flops(cost, self.n_keep(cost.n_visual))
+        return self._clip_rows_flops(cost, self.n_keep(cost.n_visual), every_cls_row=True)
 
     def _clip_rows_flops(self, cost, target: int, every_cls_row: bool = False) -> int:
         """Every block that scores (its input holds more than ``target`` patches): the recomputed CLS attention row

@@ -97,13 +97,13 @@ class PruMerge(AdaptiveBudget, PruningMethod):
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"budget": ("fixed", "adaptive"), "spatial": ("official", "dedup")}
 
     def selection_flops(self, cost) -> int:
-        """Layer ``attn_layer``'s q/k, the single-head CLS row, the extra token, key similarity of the ``L``
-        kept tokens to all ``N``, their neighbour merge (``(L x N) @ (N x C)``) and the projector on ``L + 1``."""
+        """Layer ``attn_layer``'s q/k, the single-head CLS row, the extra token (the ``N - L`` others), key similarity
+        of the ``L`` kept tokens to all ``N``, their neighbour merge (``(L x N) @ (N x C)``), the projector on ``L + 1``."""
         if self.prune_ratio == 0.0:
             return 0
         d, n, s = cost.vision_width, cost.n_visual, cost.n_visual + int(cost.has_cls)
-        # adaptive budgets differ per sample; L = kept - 1 (the extra token)
-        total = sum(2 * s * d + 2 * n * d + 4 * max(kept - 1, 0) * n * d + kept * cost.projector_per_token for kept in cost.kept)
+        kl = [(k, max(k - 1, 0)) for k in cost.kept]  # adaptive budgets differ per sample; L = kept - 1 (the extra token)
+        total = sum(2 * s * d + 2 * (n - l) * d + 4 * l * n * d + k * cost.projector_per_token for k, l in kl)
         return cost.batch * cost.vision_extras({f"q_proj:{self.attn_layer}"}) + total
 
     @property
