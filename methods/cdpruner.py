@@ -139,12 +139,12 @@ class CDPruner(PruningMethod):
     def selection_flops(self, cost) -> int:
         """Per image: the CLIP text tower on the question's chunks (``cost.shapes.text_tower_flops``, from the
         adapter), the visual projection into CLIP's joint space (``2 N D_vis C``), the relevance (``2 N C M``),
-        the ``N x N`` cosine matrix of the projected tokens (``2 N^2 D_llm``) and the greedy DPP's ``einsum``
-        (step ``i`` is a ``1 x i`` by ``i x N`` product: ``2 N sum_i i = N T (T - 1)``)."""
+        the ``N x N`` cosine matrix of the projected tokens (``2 N^2 D_llm``) and the greedy DPP's ``einsum`` (step ``i``
+        is a ``1 x i`` by ``i x N`` product: ``N T (T - 1)``, less step 1's, which torch runs elementwise)."""
         if self.prune_ratio == 0.0:
             return 0
         n, t, sh = cost.n_visual, self.n_keep(cost.n_visual), cost.shapes
         proj = getattr(sh, "clip_projection_dim", 0) or 0
         chunks = getattr(sh, "text_chunks", None) or (1,) * cost.batch
-        per_image = 2 * n * cost.vision_width * proj + 2 * n * n * cost.llm_width + n * t * (t - 1)
+        per_image = 2 * n * cost.vision_width * proj + 2 * n * n * cost.llm_width + n * t * (t - 1) - 2 * n * int(t >= 2)
         return int(cost.batch * per_image + sum(2 * n * proj * m for m in chunks) + (getattr(sh, "text_tower_flops", 0) or 0))
