@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Lent-GPU steps for the family ports, the wave-2 methods and the post-slimming checks, each time-boxed and every
 # script writing its CSV after each row (a call cut short keeps what it measured). Choose the steps with STEPS
-# (default: all, in this order; split them over two calls when one call's 600 s cannot hold them). Under $OUT:
+# (default: all, in this order; split them over two calls when one call's 600 s cannot hold them). Step logs go to
+# /tmp/gpu_rows_*.log (the lent machine returns at most 8 files from $OUT; each step prints its return code). Under $OUT:
 #   tests        gpu_tests.log                         the GPU equivalence tests (kernels == references, CUDA batch 8 == 1)
 #   selection    selection.csv                         every vision-side method's selection, batch 1, 64 kept (regression
 #                                                      check against results/selection_overhead.csv), then FlowCut /
@@ -33,34 +34,35 @@ fi
 prev=${PREV:-}
 if step selection; then
   [ -n "$prev" ] && { PYTHONPATH=/tmp/site:$PWD/$prev timeout ${SEL_TIMEOUT:-90} python3 $prev/benchmarks/bench_selection.py --batches 1 \
-    --kept 64 --repeats 20 --out "$out/selection_prev.csv" > "$out/selection_prev.log" 2>&1; echo "selection (prev) rc=$?"; }
+    --kept 64 --repeats 20 --out "$out/selection_prev.csv" > "/tmp/gpu_rows_selection_prev.log" 2>&1; echo "selection (prev) rc=$?"; }
   timeout ${SEL_TIMEOUT:-90} python3 benchmarks/bench_selection.py --batches 1 --kept 64 --repeats 20 \
-    --out "$out/selection.csv" > "$out/selection.log" 2>&1; echo "selection rc=$?"
+    --out "$out/selection.csv" > "/tmp/gpu_rows_selection.log" 2>&1; echo "selection rc=$?"
   timeout ${SEL2_TIMEOUT:-45} python3 benchmarks/bench_selection.py --methods "flowcut,cdpruner,cdpruner[kernel+dpp]" --batches 1 \
-    --kept 192,128 --repeats 20 --out "$out/selection_wave2.csv" > "$out/selection_wave2.log" 2>&1; echo "selection wave-2 rc=$?"
+    --kept 192,128 --repeats 20 --out "$out/selection_wave2.csv" > "/tmp/gpu_rows_selection_wave2.log" 2>&1; echo "selection wave-2 rc=$?"
 fi
 if step inllm; then
   [ -n "$prev" ] && { PYTHONPATH=/tmp/site:$PWD/$prev timeout ${INLLM_TIMEOUT:-70} python3 $prev/benchmarks/bench_inllm_overhead.py --batches 1 \
-    --out "$out/inllm_prev.csv" > "$out/inllm_prev.log" 2>&1; echo "inllm (prev) rc=$?"; }
-  timeout ${INLLM_TIMEOUT:-70} python3 benchmarks/bench_inllm_overhead.py --batches 1 --out "$out/inllm.csv" > "$out/inllm.log" 2>&1
+    --out "$out/inllm_prev.csv" > "/tmp/gpu_rows_inllm_prev.log" 2>&1; echo "inllm (prev) rc=$?"; }
+  timeout ${INLLM_TIMEOUT:-70} python3 benchmarks/bench_inllm_overhead.py --batches 1 --out "$out/inllm.csv" > "/tmp/gpu_rows_inllm.log" 2>&1
   echo "inllm rc=$?"
 fi
 if step qwen; then
   timeout ${QWEN_TIMEOUT:-110} python3 benchmarks/family_efficiency.py --models qwen25vl_7b --methods holov vscan fastv dart flowcut visionzip \
-    --merge-dir results/efficiency --out "$out/fam" > "$out/fam_qwen.log" 2>&1; echo "qwen rc=$?"
+    --merge-dir results/efficiency --out "$out/fam" > "/tmp/gpu_rows_fam_qwen.log" 2>&1; echo "qwen rc=$?"
 fi
 if step llava15; then
   timeout ${EFF_TIMEOUT:-150} python3 benchmarks/efficiency_leaderboard.py --methods visionzip gprune holov flowcut cdpruner --batches 1 \
     --modes eager graph --merge "results/efficiency/llava15_7b_${tag}.csv" --csv "$out/llava15_7b_${tag}.csv" \
-    --plot "$out/llava15_7b_${tag}.png" --results-dir /tmp/effres > "$out/efficiency.log" 2>&1; echo "efficiency rc=$?"
+    --plot "$out/llava15_7b_${tag}.png" --results-dir /tmp/effres > "/tmp/gpu_rows_efficiency.log" 2>&1; echo "efficiency rc=$?"
   base="results/efficiency/llava15_7b_${tag}.csv"; [ -s "$out/llava15_7b_${tag}.csv" ] && base="$out/llava15_7b_${tag}.csv"
   timeout ${B16_TIMEOUT:-100} python3 benchmarks/efficiency_leaderboard.py --methods dart transprune vscan sparsevlm --batches 16 \
     --modes eager graph --merge "$base" --csv "$out/llava15_7b_${tag}_b16.csv" --plot "$out/llava15_7b_${tag}_b16.png" \
-    --results-dir /tmp/effres16 > "$out/efficiency_b16.log" 2>&1; echo "efficiency b16 rc=$?"
+    --results-dir /tmp/effres16 > "/tmp/gpu_rows_efficiency_b16.log" 2>&1; echo "efficiency b16 rc=$?"
 fi
 if step next; then
   timeout ${NEXT_TIMEOUT:-110} python3 benchmarks/family_efficiency.py --models llava_next_7b --budget tile \
-    --methods visionzip vispruner fastervlm hiprune vscan flowcut --merge-dir results/efficiency --out "$out/fam" > "$out/fam_next.log" 2>&1
+    --methods visionzip vispruner fastervlm hiprune vscan flowcut --merge-dir results/efficiency --out "$out/fam" > "/tmp/gpu_rows_fam_next.log" 2>&1
   echo "next rc=$?"
 fi
+tail -n 3 /tmp/gpu_rows_*.log 2>/dev/null | tail -n 60
 exit 0
