@@ -62,6 +62,17 @@ def make_batch(grids, seed=0):
             "image_grid_thw": torch.tensor([[1, h, w] for h, w in grids]), "mm_token_type_ids": (ids == IMG).int()}
 
 
+def one_sample(batch, i):
+    """Sample ``i`` of a :func:`make_batch` batch as a batch of one (its padding dropped, its own patches)."""
+    offs = [0] + batch["image_grid_thw"].prod(-1).cumsum(0).tolist()
+    valid = batch["attention_mask"][i].bool()
+    one = {"input_ids": batch["input_ids"][i:i + 1, valid], "pixel_values": batch["pixel_values"][offs[i]:offs[i + 1]],
+           "image_grid_thw": batch["image_grid_thw"][i:i + 1]}
+    one["attention_mask"] = torch.ones_like(one["input_ids"])
+    one["mm_token_type_ids"] = (one["input_ids"] == IMG).int()
+    return one
+
+
 def seeds(n):
     return torch.arange(n, dtype=torch.long) + 5
 
@@ -129,14 +140,8 @@ def test_batch_of_8_equals_batch_of_1(adapter):
     m = create("divprune", 0.6)
     prepared = adapter.prepare(batch, m, seeds(8))
     together = adapter.generate(prepared, max_new_tokens=4)
-    offs = [0] + batch["image_grid_thw"].prod(-1).cumsum(0).tolist()
     for i in range(8):
-        valid = batch["attention_mask"][i].bool()
-        one = {"input_ids": batch["input_ids"][i:i + 1, valid], "pixel_values": batch["pixel_values"][offs[i]:offs[i + 1]],
-               "image_grid_thw": batch["image_grid_thw"][i:i + 1]}
-        one["attention_mask"] = torch.ones_like(one["input_ids"])
-        one["mm_token_type_ids"] = (one["input_ids"] == IMG).int()
-        p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
+        p1 = adapter.prepare(one_sample(batch, i), m, seeds(8)[i:i + 1])
         assert p1.visual_tokens_kept[0] == prepared.visual_tokens_kept[i]
         assert together[i].tolist() == adapter.generate(p1, max_new_tokens=4)[0].tolist()
 

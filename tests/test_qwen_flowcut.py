@@ -16,8 +16,8 @@ import torch
 
 from bench.errors import IncompatibleMethodError
 from methods.registry import create
-from test_qwen25vl import IMG, make_batch, seeds, tiny_qwen
-from test_qwen_inllm import _one, _stage_rows, manual_pruned_decode
+from test_qwen25vl import IMG, make_batch, one_sample, seeds, tiny_qwen
+from test_qwen_inllm import _stage_rows, manual_pruned_decode
 
 #: patch grids: the 16 x 16 and 16 x 12 ones hold several 4 x 4-patch windows (the tower's window is 56 px)
 FGRIDS = [(16, 16), (12, 16), (16, 12), (8, 8), (12, 12), (8, 16), (16, 10), (10, 8)]
@@ -139,7 +139,7 @@ def test_llm_stage_equals_the_official_rule_and_physical_removal(adapter):
     m = create("flowcut", 0.8)
     lm = adapter.model.model.language_model
     for i, grid in enumerate(FGRIDS[:4]):
-        one = _one(make_batch([grid], seed=i), 0)
+        one = one_sample(make_batch([grid], seed=i), 0)
         prepared = adapter.prepare(one, m, seeds(1))
         ours = adapter.generate(prepared, max_new_tokens=5, method=m)[0].tolist()
         (st,) = prepared.extras["llm_stages"]
@@ -190,7 +190,7 @@ def test_batch_of_8_mixed_sizes_equals_batch_of_1(adapter):
     prepared = adapter.prepare(batch, m, seeds(8))
     together = adapter.generate(prepared, max_new_tokens=4, method=m)
     for i in range(8):
-        p1 = adapter.prepare(_one(batch, i), m, seeds(8)[i:i + 1])
+        p1 = adapter.prepare(one_sample(batch, i), m, seeds(8)[i:i + 1])
         alone = adapter.generate(p1, max_new_tokens=4, method=m)[0].tolist()
         assert together[i].tolist()[: len(alone)] == alone
         assert prepared.extras["visual_tokens_per_layer"][i].tolist() == p1.extras["visual_tokens_per_layer"][0].tolist()
@@ -198,7 +198,7 @@ def test_batch_of_8_mixed_sizes_equals_batch_of_1(adapter):
 
 
 def test_ratio_zero_is_the_unpruned_model_bit_for_bit(adapter):
-    one = _one(make_batch(FGRIDS[:1]), 0)
+    one = one_sample(make_batch(FGRIDS[:1]), 0)
     with torch.no_grad():
         full = adapter.model(**one, logits_to_keep=1)
     m = create("flowcut", 0.0)

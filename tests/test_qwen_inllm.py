@@ -12,7 +12,7 @@ import torch
 
 from bench.errors import IncompatibleMethodError
 from methods.registry import create
-from test_qwen25vl import EOS, GRIDS, IMG, make_batch, seeds, tiny_qwen
+from test_qwen25vl import EOS, GRIDS, make_batch, one_sample, seeds, tiny_qwen
 
 METHODS = [("fastv", {}), ("dart", {}), ("sparsevlm", {"version": "2.0"}), ("transprune", {"renumber_positions": False}),
            ("pdrop", {"renumber_positions": False, "budget": "layer_mean"})]
@@ -25,16 +25,6 @@ def adapter():
     a = Qwen25VLAdapter(name="tiny_qwen", source="none", weights="random", device="cpu", dtype="float32")
     a.model = tiny_qwen(seed=1)
     return a
-
-
-def _one(batch, i):
-    offs = [0] + batch["image_grid_thw"].prod(-1).cumsum(0).tolist()
-    valid = batch["attention_mask"][i].bool()
-    one = {"input_ids": batch["input_ids"][i:i + 1, valid], "pixel_values": batch["pixel_values"][offs[i]:offs[i + 1]],
-           "image_grid_thw": batch["image_grid_thw"][i:i + 1]}
-    one["attention_mask"] = torch.ones_like(one["input_ids"])
-    one["mm_token_type_ids"] = (one["input_ids"] == IMG).int()
-    return one
 
 
 @torch.no_grad()
@@ -86,7 +76,7 @@ def test_inllm_generate_equals_physical_removal(adapter, name, kw):
     m = create(name, 0.5, **kw)
     adapter.check_method(m)
     for i in range(3):
-        one = _one(batch, i)
+        one = one_sample(batch, i)
         prepared = adapter.prepare(one, m, seeds(3)[i:i + 1])
         ours = adapter.generate(prepared, max_new_tokens=5, method=m)[0].tolist()
         rec = prepared.extras["llm_stages"]
@@ -100,7 +90,7 @@ def test_inllm_generate_equals_physical_removal(adapter, name, kw):
 
 
 def test_inllm_ratio_zero_is_the_unpruned_model_bit_for_bit(adapter):
-    one = _one(make_batch(GRIDS[1:2]), 0)
+    one = one_sample(make_batch(GRIDS[1:2]), 0)
     with torch.no_grad():
         full = adapter.model(**one, logits_to_keep=1)
     for name, kw in METHODS:
@@ -117,7 +107,7 @@ def test_fastv_selection_equals_the_official_rule(adapter):
     m = create("fastv", 0.6)
     lm = adapter.model.model.language_model
     for i, grid in enumerate(GRIDS[:4]):
-        one = _one(make_batch([grid], seed=i), 0)
+        one = one_sample(make_batch([grid], seed=i), 0)
         prepared = adapter.prepare(one, m, seeds(1))
         adapter.prefill(prepared, m)
         (st,) = prepared.extras["llm_stages"]
@@ -154,7 +144,7 @@ def test_inllm_batch_of_8_mixed_sizes_equals_batch_of_1(adapter, name, kw):
     together = adapter.generate(prepared, max_new_tokens=4, method=m)
     vpl = prepared.extras["visual_tokens_per_layer"]
     for i in range(8):
-        p1 = adapter.prepare(_one(batch, i), m, seeds(8)[i:i + 1])
+        p1 = adapter.prepare(one_sample(batch, i), m, seeds(8)[i:i + 1])
         alone = adapter.generate(p1, max_new_tokens=4, method=m)[0].tolist()
         assert together[i].tolist()[: len(alone)] == alone
         assert vpl[i].tolist() == p1.extras["visual_tokens_per_layer"][0].tolist()
@@ -166,7 +156,7 @@ def test_inllm_kept_tokens_keep_their_3d_positions(adapter):
     m = create("fastv", 0.5)
     lm = adapter.model.model.language_model
     for i in range(2):
-        one = _one(batch, i)
+        one = one_sample(batch, i)
         prepared = adapter.prepare(one, m, seeds(1))
         seen = {}
         with adapter.llm_pruning(m, prepared) as runner:

@@ -15,7 +15,7 @@ import torch
 
 from methods.registry import create
 from reference_vision import ref_holov
-from test_qwen25vl import IMG, PAD, make_batch, manual_decode, seeds, tiny_qwen
+from test_qwen25vl import IMG, PAD, make_batch, manual_decode, one_sample, seeds, tiny_qwen
 
 #: patch grids (H, W); merged N = 16..36 tokens: every image has >= 2 windows of 2 x 2 merged tokens
 HGRIDS = [(8, 8), (6, 10), (10, 8), (8, 12), (12, 12), (12, 8), (8, 10), (10, 10)]
@@ -178,14 +178,8 @@ def test_holov_batch_of_8_equals_batch_of_1(adapter):
     m = create("holov", 0.5)
     prepared = adapter.prepare(batch, m, seeds(8))
     together = adapter.generate(prepared, max_new_tokens=4)
-    offs = [0] + batch["image_grid_thw"].prod(-1).cumsum(0).tolist()
     for i in range(8):
-        valid = batch["attention_mask"][i].bool()
-        one = {"input_ids": batch["input_ids"][i:i + 1, valid], "pixel_values": batch["pixel_values"][offs[i]:offs[i + 1]],
-               "image_grid_thw": batch["image_grid_thw"][i:i + 1]}
-        one["attention_mask"] = torch.ones_like(one["input_ids"])
-        one["mm_token_type_ids"] = (one["input_ids"] == IMG).int()
-        p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
+        p1 = adapter.prepare(one_sample(batch, i), m, seeds(8)[i:i + 1])
         s0, s1 = prepared.extras["image_spans"][i].tolist()
         t0, t1 = p1.extras["image_spans"][0].tolist()
         assert torch.equal(prepared.extras["position_ids"][:, i, s0:s1], p1.extras["position_ids"][:, 0, t0:t1])

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from bench.errors import IncompatibleMethodError
 from methods.registry import create
 from methods.vscan import window_greedy_picks
-from test_qwen25vl import IMG, make_batch, seeds, tiny_qwen
-from test_qwen_inllm import _one, _stage_rows, manual_pruned_decode
+from test_qwen25vl import IMG, make_batch, one_sample, seeds, tiny_qwen
+from test_qwen_inllm import _stage_rows, manual_pruned_decode
 from test_qwen_ports import ref_received_attention
 
 #: patch grids; merged grids of at least 4 x 4 (one local-scan window), leftover rows / columns included
@@ -128,7 +128,7 @@ def test_generate_equals_physical_removal_with_the_unrotated_stage(adapter):
     lm = adapter.model.model.language_model
     batch = make_batch(VGRIDS[:4])
     for i in range(4):
-        one = _one(batch, i)
+        one = one_sample(batch, i)
         prepared = adapter.prepare(one, m, seeds(1))
         ours = adapter.generate(prepared, max_new_tokens=5, method=m)[0].tolist()
         (st,) = prepared.extras["llm_stages"]
@@ -164,7 +164,7 @@ def test_kept_tokens_keep_their_3d_positions(adapter):
     pos_full = adapter.rope_positions(batch)
     keys = ("merged_attn_received@first_full:raster", "merged_attn_received:raster")
     for i, grid in enumerate(VGRIDS[:3]):
-        one = _one(batch, i)
+        one = one_sample(batch, i)
         feats, extras = adapter.encode_images(one["pixel_values"], one["image_grid_thw"], keys)
         keep = m.reduce(feats[0].unsqueeze(0), adapter.image_context((grid[0] // 2, grid[1] // 2), seeds(1), extras[0])).kept_index[0]
         at = (batch["input_ids"][i] == IMG).nonzero().flatten()
@@ -178,14 +178,14 @@ def test_batch_of_8_mixed_sizes_equals_batch_of_1(adapter):
     prepared = adapter.prepare(batch, m, seeds(8))
     together = adapter.generate(prepared, max_new_tokens=4, method=m)
     for i in range(8):
-        p1 = adapter.prepare(_one(batch, i), m, seeds(8)[i:i + 1])
+        p1 = adapter.prepare(one_sample(batch, i), m, seeds(8)[i:i + 1])
         alone = adapter.generate(p1, max_new_tokens=4, method=m)[0].tolist()
         assert together[i].tolist()[: len(alone)] == alone
         assert prepared.extras["visual_tokens_per_layer"][i].tolist() == p1.extras["visual_tokens_per_layer"][0].tolist()
 
 
 def test_ratio_zero_is_the_unpruned_model_bit_for_bit(adapter):
-    one = _one(make_batch(VGRIDS[1:2]), 0)
+    one = one_sample(make_batch(VGRIDS[1:2]), 0)
     with torch.no_grad():
         full = adapter.model(**one, logits_to_keep=1)
     m = create("vscan", 0.0)
