@@ -68,16 +68,15 @@ QWEN_PORTS: dict[str, dict[str, Any]] = {
 }
 
 
-def received_attention(attn_module, hidden: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings,
-                       keys: bool = False, reduce: str = "mean"):
+def received_attention(attn_module, hidden: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings):
     """The attention each patch receives in one vision block, as HoloV's official Qwen2.5-VL port computes it.
 
     ``hidden`` ``(L, D)`` is the block's normed input (window order), ``cu_seqlens`` its attention segments
     (the whole image for a full-attention block, windows otherwise). The official port materialises the
-    ``(H, L, L)`` softmax with the segments as a mask, averages over heads and then over *all* ``L`` query
-    rows (zero outside a query's segment): ``(L,)`` in window order, the model's dtype. Here one segment at
-    a time (no ``L x L`` over the whole image), the same sums. ``reduce``: ``mean`` (HoloV), ``sum`` over the
-    query rows (VisionZip's port) or ``raw``, the float32 sum; ``keys``: also the block's rotated keys ``(H, L, d)``.
+    ``(H, L, L)`` softmax with the segments as a mask and averages over heads; here one segment at a time (no
+    ``L x L`` over the whole image), the same sums. Returns the float32 column sums over *all* ``L`` query rows
+    (zero outside a query's segment), ``(L,)`` in window order, which HoloV and VScan divide by ``L`` and
+    VisionZip's port keeps as sums (each then in the model's dtype), and the block's rotated keys ``(H, L, d)``.
     """
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
@@ -91,9 +90,7 @@ def received_attention(attn_module, hidden: torch.Tensor, cu_seqlens: torch.Tens
     for s, e in zip(bounds[:-1], bounds[1:]):
         p = torch.softmax((q[:, s:e] @ k[:, s:e].transpose(-1, -2)) * attn_module.scaling, dim=-1)  # (H, l, l)
         col[s:e] = p.mean(dim=0).float().sum(dim=0)
-    if reduce != "raw":
-        col = (col / n if reduce == "mean" else col).to(hidden.dtype)
-    return (col, k) if keys else col
+    return col, k
 
 
 class Qwen25VLAdapter(LlavaAdapter):
@@ -264,13 +261,11 @@ class Qwen25VLAdapter(LlavaAdapter):
         # key "merged_attn_received[@first_full]:<order>": the last block, or the first full-attention one (VScan's local scan)
         blocks = {k: (visual.fullatt_block_indexes[0] if k.partition(":")[0].endswith("@first_full") else len(visual.blocks) - 1)
                   for k in needs}
-        seen: dict[int, torch.Tensor] = {}
+        seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def grab(block, module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            col, k = received_attention(module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"], keys=True, reduce="raw")
-            # the same casts as received_attention's "mean" (HoloV, VScan) and "sum" (VisionZip)
-            seen[block] = ((col / col.shape[0]).to(hidden.dtype), col.to(hidden.dtype), k)
+            seen[block] = received_attention(module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"])
 
         handles = [visual.blocks[i].attn.register_forward_pre_hook(partial(grab, i), with_kwargs=True) for i in set(blocks.values())]
         try:
@@ -284,11 +279,11 @@ class Qwen25VLAdapter(LlavaAdapter):
         back = torch.argsort(index.to(feats.device))
         out = {}
         for k, block in blocks.items():
-            mean, total, keys = seen[block]
+            col, keys = seen[block]
             if k.startswith("merged_keys"):  # (H, L, d) -> per merged token, head mean (LightCompress's order of means)
                 out[k] = keys.reshape(keys.shape[0], -1, unit, keys.shape[-1]).mean(dim=2)[:, back].mean(dim=0).unsqueeze(0)
                 continue
-            score = total if k.startswith("merged_attn_received_sum") else mean
+            score = (col if k.startswith("merged_attn_received_sum") else col / col.shape[0]).to(keys.dtype)  # the block's dtype
             window = score.view(-1, unit).mean(dim=1)  # (N,) window order, official: view(N, 4).mean(1)
             out[k] = (window if k.endswith(":window") else window[back]).unsqueeze(0)
         return feats, out
