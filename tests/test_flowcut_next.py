@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from test_llava_next import EOS, IMG, PAD, SIZES, make_batch, seeds
+from test_llava_next import EOS, IMG, PAD, SIZES, make_batch, one_sample, seeds
 from test_llm_methods import _reference_generate, _reference_logits
 
 from bench.errors import IncompatibleMethodError
@@ -60,13 +60,6 @@ def _adapter(attn: str = "sdpa", budget: str = "tile", device: str = "cpu", dtyp
 @pytest.fixture(scope="module")
 def adapter():
     return _adapter()
-
-
-def _one(batch, i):
-    one = {k: v[i:i + 1] for k, v in batch.items()}
-    one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
-    one["attention_mask"] = torch.ones_like(one["input_ids"])
-    return one
 
 
 def _flowcut(adapter, ratio=RATIO):
@@ -238,9 +231,9 @@ def test_ratio_zero_is_the_unpruned_model_bit_for_bit(adapter):
     ours = adapter.generate(prepared, max_new_tokens=STEPS, method=m)
     ref = adapter.model.generate(**batch, max_new_tokens=STEPS, do_sample=False, pad_token_id=PAD, eos_token_id=None)[:, batch["input_ids"].shape[1]:]
     assert torch.equal(ours, ref)
-    one = adapter.prepare(_one(batch, 1), m, seeds(1))
+    one = adapter.prepare(one_sample(batch, 1), m, seeds(1))
     with torch.no_grad():
-        full = adapter.model(**_one(batch, 1), logits_to_keep=1)
+        full = adapter.model(**one_sample(batch, 1), logits_to_keep=1)
     assert torch.equal(adapter.prefill(one, m).logits, full.logits)
     # a second prefill of the same inputs (the efficiency pass repeats it) reads no per-stage record of the first as per sample
     assert torch.equal(adapter.prefill(one, m).logits, full.logits)
@@ -254,7 +247,7 @@ def test_batch_of_8_equals_batch_of_1(adapter):
     together = adapter.generate(prepared, max_new_tokens=STEPS, method=m)
     groups = prepared.extras["llm_stage_groups"]
     for i in range(8):
-        p1 = adapter.prepare(_one(batch, i), m, seeds(8)[i:i + 1])
+        p1 = adapter.prepare(one_sample(batch, i), m, seeds(8)[i:i + 1])
         s0, s1 = prepared.extras["image_spans"][i].tolist()
         r0, r1 = p1.extras["image_spans"][0].tolist()
         assert torch.equal(p1.inputs_embeds[0, r0:r1], prepared.inputs_embeds[i, s0:s1])
@@ -309,7 +302,7 @@ def test_cuda_batch_of_8_equals_batch_of_1():
     prepared = a.prepare(batch, m, seeds(8))
     together = a.generate(prepared, max_new_tokens=STEPS, method=m)
     for i in range(8):
-        p1 = a.prepare(_one(batch, i), m, seeds(8)[i:i + 1])
+        p1 = a.prepare(one_sample(batch, i), m, seeds(8)[i:i + 1])
         s0, s1 = prepared.extras["image_spans"][i].tolist()
         r0, r1 = p1.extras["image_spans"][0].tolist()
         assert torch.equal(p1.inputs_embeds[0, r0:r1], prepared.inputs_embeds[i, s0:s1])

@@ -69,6 +69,14 @@ def make_batch(adapter, sizes, seed=0):
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.stack(pix), "image_sizes": torch.tensor(sizes)}
 
 
+def one_sample(batch, i):
+    """Sample ``i`` of a :func:`make_batch` batch as a batch of one (its left padding dropped)."""
+    one = {k: v[i:i + 1] for k, v in batch.items()}
+    one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
+    one["attention_mask"] = torch.ones_like(one["input_ids"])
+    return one
+
+
 def seeds(n):
     return torch.arange(n, dtype=torch.long) + 11
 
@@ -153,9 +161,7 @@ def test_batch_of_8_equals_batch_of_1(adapter, budget):
         prepared = adapter.prepare(batch, m, seeds(8))
         together = adapter.generate(prepared, max_new_tokens=4)
         for i in range(8):
-            one = {k: v[i:i + 1] for k, v in batch.items()}
-            one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
-            one["attention_mask"] = torch.ones_like(one["input_ids"])
+            one = one_sample(batch, i)
             p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
             assert p1.visual_tokens_kept[0] == prepared.visual_tokens_kept[i]
             alone = adapter.generate(p1, max_new_tokens=4)
@@ -291,9 +297,7 @@ def test_holov_batch_of_8_equals_batch_of_1(adapter):
     prepared = adapter.prepare(batch, m, seeds(8))
     together = adapter.generate(prepared, max_new_tokens=4)
     for i in range(8):
-        one = {k: v[i:i + 1] for k, v in batch.items()}
-        one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
-        one["attention_mask"] = torch.ones_like(one["input_ids"])
+        one = one_sample(batch, i)
         p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
         assert p1.visual_tokens_kept[0] == prepared.visual_tokens_kept[i]
         assert together[i].tolist() == adapter.generate(p1, max_new_tokens=4)[0].tolist()
@@ -386,9 +390,7 @@ def test_visionzip_ratio_zero_and_batch_of_8_equals_batch_of_1(adapter):
         prepared = adapter.prepare(batch, m, seeds(8))
         together = adapter.generate(prepared, max_new_tokens=4)
         for i in range(8):
-            one = {k: v[i:i + 1] for k, v in batch.items()}
-            one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
-            one["attention_mask"] = torch.ones_like(one["input_ids"])
+            one = one_sample(batch, i)
             p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
             assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()],
                                prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
@@ -455,9 +457,7 @@ def test_gprune_generate_equals_the_official_base_and_grid_graphs_with_original_
         prepared = adapter.prepare(batch, m, seeds(8))
         together = adapter.generate(prepared, max_new_tokens=4)
         for i in range(8):
-            one = {k: v[i:i + 1] for k, v in batch.items()}
-            one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
-            one["attention_mask"] = torch.ones_like(one["input_ids"])
+            one = one_sample(batch, i)
             assert together[i].tolist() == adapter.generate(adapter.prepare(one, m, seeds(8)[i:i + 1]), max_new_tokens=4)[0].tolist()
         batch = make_batch(adapter, SIZES[:3])
         ref = adapter.model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
@@ -706,9 +706,7 @@ def test_tile_port_batch_of_8_equals_batch_of_1(port):
     prepared = adapter.prepare(batch, m, seeds(8))
     together = adapter.generate(prepared, max_new_tokens=4)
     for i in range(8):
-        one = {k: v[i:i + 1] for k, v in batch.items()}
-        one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
-        one["attention_mask"] = torch.ones_like(one["input_ids"])
+        one = one_sample(batch, i)
         p1 = adapter.prepare(one, m, seeds(8)[i:i + 1])
         assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()], prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
         assert together[i].tolist() == adapter.generate(p1, max_new_tokens=4)[0].tolist()
@@ -773,9 +771,7 @@ def test_tile_ports_cuda_batch_of_8_equals_batch_of_1(name, ratio):
     m = create(name, 0.5)
     prepared = a.prepare(batch, m, seeds(8))
     for i in range(8):
-        one = {k: v[i:i + 1] for k, v in batch.items()}
-        one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
-        one["attention_mask"] = torch.ones_like(one["input_ids"])
+        one = one_sample(batch, i)
         p1 = a.prepare(one, m, seeds(8)[i:i + 1])
         assert torch.equal(p1.inputs_embeds[0, p1.attention_mask[0].bool()], prepared.inputs_embeds[i, prepared.attention_mask[i].bool()])
 

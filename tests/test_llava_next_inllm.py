@@ -15,7 +15,7 @@ import torch
 
 from bench.errors import IncompatibleMethodError
 from methods.registry import create
-from test_llava_next import EOS, IMG, PAD, SIZES, make_batch, seeds
+from test_llava_next import EOS, IMG, PAD, SIZES, make_batch, one_sample, seeds
 from test_llm_methods import METHOD_NAMES, _methods, _reference_generate, _reference_logits
 
 STEPS = 5
@@ -56,13 +56,6 @@ def adapter():
     return _adapter()
 
 
-def _one(batch, i):
-    one = {k: v[i:i + 1] for k, v in batch.items()}
-    one["input_ids"] = one["input_ids"][:, batch["attention_mask"][i].bool()]
-    one["attention_mask"] = torch.ones_like(one["input_ids"])
-    return one
-
-
 def _vscan(**kw):
     # 2 x 2 windows (a 4 x 4 tile holds no 6 x 6 one); P = 8 per tile: 4 local (1 per window) + 4 global
     return create("vscan", 0.5, budget="official", visual_token_num=8, image_token_list=[3], layer_list=[16], window_size=2, **kw)
@@ -78,9 +71,9 @@ def test_ratio_zero_is_the_unpruned_model_bit_for_bit(adapter, name):
     # the adapter has no processor here, so no EOS stop (as LlavaAdapter.generate passes eos_token_id=None)
     ref = adapter.model.generate(**batch, max_new_tokens=STEPS, do_sample=False, pad_token_id=PAD, eos_token_id=None)[:, batch["input_ids"].shape[1]:]
     assert torch.equal(ours, ref)
-    one = adapter.prepare(_one(batch, 1), m, seeds(1))
+    one = adapter.prepare(one_sample(batch, 1), m, seeds(1))
     with torch.no_grad():
-        full = adapter.model(**_one(batch, 1), logits_to_keep=1)
+        full = adapter.model(**one_sample(batch, 1), logits_to_keep=1)
     assert torch.equal(adapter.prefill(one, m).logits, full.logits)
     assert prepared.extras["visual_tokens_per_layer"].tolist() == [[n] * 8 for n in prepared.visual_tokens_in]
 
@@ -123,7 +116,7 @@ def test_batch_of_8_equals_batch_of_1(adapter, name):
     assert sorted(i for g in groups for i in g["samples"]) == list(range(8))
     vpl = prepared.extras["visual_tokens_per_layer"]
     for i in range(8):
-        p1 = adapter.prepare(_one(batch, i), m, seeds(8)[i:i + 1])
+        p1 = adapter.prepare(one_sample(batch, i), m, seeds(8)[i:i + 1])
         single = adapter.generate(p1, max_new_tokens=4, method=m)[0].tolist()
         assert together[i].tolist()[: len(single)] == single
         g = next(g for g in groups if i in g["samples"])
@@ -250,7 +243,7 @@ def test_vscan_ratio_zero_and_batch_of_8_equals_batch_of_1():
     prepared = a.prepare(batch, m, seeds(8))
     together = a.generate(prepared, max_new_tokens=4, method=m)
     for i in range(8):
-        p1 = a.prepare(_one(batch, i), m, seeds(8)[i:i + 1])
+        p1 = a.prepare(one_sample(batch, i), m, seeds(8)[i:i + 1])
         assert p1.visual_tokens_kept[0] == prepared.visual_tokens_kept[i]
         single = a.generate(p1, max_new_tokens=4, method=m)[0].tolist()
         assert together[i].tolist()[: len(single)] == single
