@@ -81,7 +81,7 @@ def execute(cfg: dict[str, Any], refresh: bool = True, models: ModelCache | None
         return RunResult(existing)
     adapter = models.load(cfg, run.adapter)  # missing/corrupt weights raise a BenchError here: nothing written yet
 
-    base = _base_record(cfg, rid, started=now(), deviations=run.method.deviations)
+    base = _base_record(cfg, rid, started=now(), deviations=run.method.deviations, resolved=run.method.resolved_options())
     if not claim(rdir, overwrite=bool(cfg.get("overwrite", False))):
         st = claim_state(rdir)
         hint = "" if st.state == "alive" else "; overwrite=true takes it over"
@@ -114,7 +114,7 @@ def _completed(record: dict[str, Any] | None) -> bool:
     return record is not None and record.get("status") == "completed"
 
 
-def _base_record(cfg: dict[str, Any], rid: str, started: str, deviations: tuple[str, ...] = ()) -> dict[str, Any]:
+def _base_record(cfg: dict[str, Any], rid: str, started: str, deviations: tuple[str, ...] = (), resolved: dict[str, Any] | None = None) -> dict[str, Any]:
     """The keys every record of this run carries: running marker, failed and completed alike."""
     return {
         "schema_version": SCHEMA_VERSION,
@@ -129,6 +129,7 @@ def _base_record(cfg: dict[str, Any], rid: str, started: str, deviations: tuple[
         "limit": cfg["benchmark"].get("limit"),
         "primary_metric": cfg["benchmark"]["metric"],
         "method_deviations": list(deviations),
+        "method_resolved": dict(resolved or {}),
         "config": cfg,
         "started_at": started,
     }

@@ -101,6 +101,7 @@ class Record(TypedDict, total=False):
     n_samples: int | None  # samples evaluated
     primary_metric: str | None  # the metric the leaderboard ranks by
     method_deviations: list[str]  # the method's deliberate departures from its official code ("name: official; here"), e.g. DivPrune's per-sample selection
+    method_resolved: dict[str, Any]  # options given as auto and the value each took on this model (VScan/FlowCut: {"port": "qwen25vl"}); {} for most methods
     accuracy_measured: bool  # false for efficiency-only or random-weight runs (metrics is then {})
     metrics: dict[str, MetricValue]
     efficiency: Efficiency

@@ -145,6 +145,11 @@ class PruningMethod:
     #: The method's integer options that must be at least 1 (counts, steps, sizes), checked on construction.
     positive: ClassVar[tuple[str, ...]] = ()
 
+    def resolved_options(self) -> dict[str, Any]:
+        """The options given as ``auto`` and the value each took for the model that ran (``{"port": "qwen25vl"}``):
+        runs record them (``method_resolved``), so that a record names the rule that ran. Empty by default."""
+        return {}
+
     def __post_init__(self) -> None:
         try:
             ratio = float(self.prune_ratio)

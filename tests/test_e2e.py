@@ -49,7 +49,7 @@ def test_records_follow_the_schema(ratio0_runs):
     e = r["efficiency"]
     assert e["visual_tokens_in"] == 576 and e["visual_tokens_kept"] == 576
     assert (e["budget_mode"], e["budget_tokens"], e["budget_measure"], e["budget_met"]) == ("pre_llm_exact", 576, "kept", True)
-    assert r["method_deviations"] == [] and isinstance(e["paper_convention_text_tokens"], float)
+    assert r["method_deviations"] == [] and r["method_resolved"] == {} and isinstance(e["paper_convention_text_tokens"], float)
     assert len(e["visual_tokens_per_layer"]) == 2 and e["tflops_prefill"] > 0 and e["prefill_ms"] > 0
     assert e["kv_cache_bytes"] == sum(e["kv_cache_bytes_per_layer"]) > 0
     assert e["peak_mem_bytes"] is None and any("peak_mem_bytes" in n for n in r["notes"])  # CPU: not measured, and said so

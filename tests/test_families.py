@@ -96,7 +96,7 @@ def test_cli_refuses_an_inapplicable_method_with_exit_2(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("model,method", [("tiny_qwen25vl_random", "divprune"), ("tiny_qwen25vl_random", "visionzip"),
-                                          ("tiny_llava_next_random", "random")])
+                                          ("tiny_qwen25vl_random", "vscan"), ("tiny_llava_next_random", "random")])
 def test_cli_efficiency_run_end_to_end(tmp_path, model, method):
     r = bench(f"model={model}", "model.weights=random", f"method={method}", "ratio=0.778", "measure=efficiency", "measure.warmup=0",
               "measure.repeats=1", "device=cpu", f"results_dir={tmp_path}", "logger=none")
@@ -105,6 +105,7 @@ def test_cli_efficiency_run_end_to_end(tmp_path, model, method):
     rec = json.loads(rec_path.read_text())
     eff = rec["efficiency"]
     assert rec["status"] == "completed" and rec["model"] == model and not rec["accuracy_measured"]
+    assert rec["method_resolved"] == ({"port": "qwen25vl"} if method == "vscan" else {})
     assert eff["visual_tokens_kept"] < eff["visual_tokens_in"]
     # the analytic model equals the counter on the whole prepare + prefill (towers, merger/projector, selection, LLM)
     assert eff["tflops_prefill_analytic"] == pytest.approx(eff["tflops_prefill"], rel=1e-9)

@@ -286,6 +286,7 @@ def test_refusals_and_record(adapter):
         adapter.check_method(create("flowcut", RATIO, budget="layer_mean"))
     m = _flowcut(adapter)
     assert m.describe()["port"] == "llava_next" and "next_ref_tokens" not in m.describe()
+    assert m.resolved_options() == {"port": "llava_next"} and create("flowcut", RATIO).resolved_options() == {"port": "llava"}
     assert any("decoding positions" in d for d in m.deviations) and create("flowcut", RATIO).deviations == ()
     fields = m.budget_fields(88, 4, 16.0, [40, 40, 16, 16])
     assert fields["budget_tokens"] == 16 and fields["budget_measured"] == 16 and fields["budget_met"]

@@ -193,6 +193,10 @@ def test_ratio_zero_is_the_unpruned_model_bit_for_bit(adapter):
 
 
 def test_ports_are_refused_on_the_other_family(adapter):
+    auto = create("vscan", 0.5)
+    assert auto.resolved_options() == {"port": "llava"}  # what runs where no adapter resolves auto (LLaVA)
+    adapter.check_method(auto)
+    assert auto.resolved_options() == {"port": "qwen25vl"} and create("divprune", 0.5).resolved_options() == {}
     with pytest.raises(IncompatibleMethodError, match="port"):
         adapter.check_method(create("vscan", 0.5, port="llava"))
     from methods.base import VisionContext
