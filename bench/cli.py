@@ -178,9 +178,9 @@ def _hydra_app(session: Session):
             # W&B groups a sweep's runs by its directory name (unique per submission)
             resolved["logger"]["group"] = Path(HydraConfig.get().sweep.dir).name if multirun else "single-runs"
         # under a cluster launcher every job is its own process: a failure must reach the launcher
-        # (which reports it and fails the sweep); the local launcher runs jobs in this process and
-        # must carry on past a failed one
-        remote = "submitit" in str(HydraConfig.get().launcher.get("_target_", ""))
+        # (which reports it and fails the sweep); Hydra's basic launcher, the only one that runs its
+        # jobs in this process, must carry on past a failed one
+        remote = not str(HydraConfig.get().launcher.get("_target_", "")).endswith(".BasicLauncher")
         # a local sweep rebuilds the leaderboard (CSVs, tables, plots) once at its end, not per run
         defer = multirun and not remote
         try:

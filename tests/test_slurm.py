@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -51,10 +52,9 @@ def read_records(results: Path) -> dict[str, dict]:
     return out
 
 
-def test_slurm_sweep_kill_and_resume(slurm_env, tiny_model_dir, tmp_path):
-    results = tmp_path / "results"
-    sweep = ["method=none,random,pool", "ratio=0.5,0.9"]  # none collapses to ratio 0: 5 runs
-    common = [
+def sweep_args(tmp_path: Path, tiny_model_dir, results: Path) -> list[str]:
+    """The Slurm launcher and a small CPU run of the tiny model, shared by the sweeps here."""
+    return [
         "hydra/launcher=slurm",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
         "+slurm.timeout_min=15",
@@ -68,6 +68,12 @@ def test_slurm_sweep_kill_and_resume(slurm_env, tiny_model_dir, tmp_path):
         "device=cpu",
         "measure.repeats=2",
     ]
+
+
+def test_slurm_sweep_kill_and_resume(slurm_env, tiny_model_dir, tmp_path):
+    results = tmp_path / "results"
+    sweep = ["method=none,random,pool", "ratio=0.5,0.9"]  # none collapses to ratio 0: 5 runs
+    common = sweep_args(tmp_path, tiny_model_dir, results)
     status_args = ["status", *sweep, *[c for c in common if not c.startswith(("hydra", "+slurm"))]]
     st = bench(status_args, slurm_env)
     assert st.returncode == 0 and "5 runs: 0 done, 0 failed, 0 running, 5 missing" in st.stdout, st.stdout + st.stderr
@@ -106,6 +112,43 @@ def test_slurm_sweep_kill_and_resume(slurm_env, tiny_model_dir, tmp_path):
     assert "5 runs: 5 done, 0 failed, 0 running, 0 missing" in st.stdout, st.stdout
     lb = (results / "leaderboard.csv").read_text().splitlines()
     assert len(lb) == 1 + 5
+
+
+def wait_running(results: Path, proc: subprocess.Popen, timeout: float = 600) -> dict | None:
+    """The first ``running`` record that names its Slurm job, while the sweep command lives."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        for rec in read_records(results).values():
+            if rec.get("status") == "running" and (rec.get("job") or {}).get("slurm_job_id"):
+                return rec
+        time.sleep(0.5)
+    return None
+
+
+def test_a_job_killed_without_a_word_fails_the_sweep(slurm_env, tiny_model_dir, tmp_path):
+    """SIGKILL leaves no result file, and this cluster keeps no accounting (``sacct`` fails), as many small ones:
+    the sweep learns from ``squeue`` that the job ended (bench.submitit_slurm) and fails with submitit's message,
+    instead of waiting forever for a job it can no longer see."""
+    results = tmp_path / "results"
+    common = sweep_args(tmp_path, tiny_model_dir, results)
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "-m", "method=random", "ratio=0.5", *common], cwd=ROOT,
+                            env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rec = wait_running(results, proc)
+    assert rec is not None, "the job was never seen running:\n" + (proc.communicate()[0] or "")[-4000:]
+    os.kill(int(rec["job"]["pid"]), signal.SIGKILL)  # as the OOM killer would (`scancel -s KILL` is a plain scancel)
+    t0 = time.time()
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the sweep still waits for a job killed with SIGKILL 300 s ago")
+    assert proc.returncode != 0 and "has not produced any output" in out, out[-4000:]
+    assert time.time() - t0 < 300
+    assert "sacct" in out  # the cluster has no accounting: the answer came from squeue
+    status_args = ["status", "method=random", "ratio=0.5", *[c for c in common if not c.startswith(("hydra", "+slurm"))]]
+    st = bench(status_args, slurm_env)
+    # the job left its claim behind, and status names it as gone: re-running the sweep takes it over
+    assert "1 stale claim(s)" in st.stdout and "its job is gone" in st.stdout, st.stdout + st.stderr
 
 
 def test_status_reports_a_silently_killed_job(tmp_path):
