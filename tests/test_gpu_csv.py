@@ -117,7 +117,7 @@ def test_device_tag_of_no_name_is_refused():
 FAKE_SMI = '#!/bin/sh\ncase "$*" in *--query-gpu=name*) printf "NVIDIA H200\\nNVIDIA H200\\n";; *) exit 9;; esac\n'
 
 
-@pytest.mark.parametrize("script", ["gpu_refresh.sh", "gpu_family_rows.sh"])
+@pytest.mark.parametrize("script", ["gpu_family_rows.sh"])
 def test_the_gpu_scripts_take_their_tag_from_device_tag(script, tmp_path):
     """Each GPU script's ``tag=`` line, run as bash with a fake ``nvidia-smi`` on PATH and only the worktree on
     PYTHONPATH (the GPU machine has no lmms-eval), gives ``device_tag``'s answer for the first GPU."""
