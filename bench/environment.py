@@ -88,3 +88,24 @@ def summary() -> dict[str, object]:
         "env_digest": digest(dists),
         "distributions": dists,
     }
+
+
+@cache
+def cpu() -> str:
+    """The host CPU as ``<model name> / <torch's vector ISA>`` (``AMD EPYC / AVX512``): float rounding of CPU runs
+    depends on it (its kernels' reduction order), so answers re-checked on another CPU may differ in near ties."""
+    import torch
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model", "CPU part")):
+                name = line.split(":", 1)[1].strip() or name
+                break
+    except OSError:
+        pass
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # older torch
+        isa = "unknown ISA"
+    return f"{name} / {isa}"

@@ -70,4 +70,5 @@ def provenance(cfg: dict[str, Any], adapter, fingerprints: dict[str, str], batch
         **({"text_tower_fingerprint": fingerprints["text_tower"]} if "text_tower" in fingerprints else {}),
         "date": now(),
         "hostname": socket.gethostname(),
+        "cpu": environment.cpu(),
     }

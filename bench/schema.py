@@ -68,6 +68,7 @@ class Provenance(TypedDict):
     text_tower_fingerprint: NotRequired[str]  # question-conditioned methods (CDPruner) only: model.text_tower's content hash or hub:<id>
     date: str  # ISO-8601 UTC time the record was written
     hostname: str
+    cpu: NotRequired[str]  # host CPU and torch's vector ISA ("AMD EPYC / AVX512"): CPU answers may round differently on another (absent in older records)
 
 
 class Data(TypedDict, total=False):

@@ -74,9 +74,33 @@ def verify_run(run: Run, existing: dict[str, Any], models: ModelCache) -> dict[s
         line = "; ".join(parts)
         print(head + "NOT reproduced: " + line)
         _print_environment_difference(existing)
+        _print_cpu_difference(existing, adapter)
         mismatch = f"{rid}: {line}"
     return {"run_id": rid, "reproduced": ok, "answers": len(old), "differ": differ, "metrics": metrics,
-            "environment_differs": None if ok else environment_difference(existing), "mismatch": mismatch}
+            "environment_differs": None if ok else environment_difference(existing),
+            "cpu_differs": None if ok else cpu_difference(existing, adapter), "mismatch": mismatch}
+
+
+def cpu_difference(record: dict[str, Any], adapter) -> bool | None:
+    """Whether a CPU record was made on another CPU than this one (None: not a CPU run on both sides, or the record
+    names no CPU). Kernels reduce in another order on another CPU, so a near tie may round the other way."""
+    recorded = (record.get("provenance") or {}).get("cpu")
+    if recorded is None or (record.get("efficiency") or {}).get("device") != "cpu" or str(getattr(adapter, "device", "cpu")) != "cpu":
+        return None
+    return recorded != environment.cpu()
+
+
+def _print_cpu_difference(existing: dict[str, Any], adapter) -> None:
+    differs = cpu_difference(existing, adapter)
+    here = environment.cpu()
+    if differs is None and (existing.get("efficiency") or {}).get("device") == "cpu":
+        print(f"[bench]   the record names no CPU (recorded before CPUs were recorded); re-answered on {here}: another CPU's "
+              "float rounding can flip near-tied answers")
+    elif differs:
+        print(f"[bench]   recorded on another CPU ({existing['provenance']['cpu']}), re-answered on {here}: its float rounding "
+              "can flip near-tied answers")
+    elif differs is False:
+        print(f"[bench]   recorded on this CPU ({here}): the difference is not the machine")
 
 
 def _print_environment_difference(existing: dict[str, Any]) -> None:

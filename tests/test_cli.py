@@ -175,6 +175,8 @@ def test_verify_reanswers_a_record_and_catches_a_changed_answer(tmp_path):
     r = bench(*args, "verify=true")
     assert r.returncode == 3, r.stderr[-2000:]
     assert "NOT reproduced: 1 of 6 answers differ (documents 2)" in r.stdout and "not reproduced" in r.stderr
+    # the record names this CPU, so the difference is not another machine's float rounding
+    assert "recorded on this CPU" in r.stdout and "the difference is not the machine" in r.stdout
     assert _tree(results) == tampered, "a failed verification leaves the record as it was"
 
     (run / "samples.jsonl").unlink()
@@ -184,6 +186,23 @@ def test_verify_reanswers_a_record_and_catches_a_changed_answer(tmp_path):
     # verify is not part of the run's identity, and a run without a record simply runs
     r = bench(*args[:-1], f"results_dir={tmp_path / 'other'}", "verify=true")
     assert r.returncode == 0 and (tmp_path / "other" / "runs" / run.name / "record.json").exists()
+
+
+def test_cpu_difference_tells_another_cpu_from_this_one():
+    """Only CPU records that name their CPU are compared; another CPU's rounding is named as a possible cause."""
+    from types import SimpleNamespace
+
+    from bench import environment
+    from bench.verify import cpu_difference
+
+    here = environment.cpu()
+    assert " / " in here and here.split(" / ")[0]
+    cpu_adapter = SimpleNamespace(device="cpu")
+    rec = {"efficiency": {"device": "cpu"}, "provenance": {"cpu": here}}
+    assert cpu_difference(rec, cpu_adapter) is False
+    assert cpu_difference({**rec, "provenance": {"cpu": "Some Other CPU / AVX2"}}, cpu_adapter) is True
+    assert cpu_difference({**rec, "provenance": {}}, cpu_adapter) is None  # older records name no CPU
+    assert cpu_difference({"efficiency": {"device": "cuda"}, "provenance": {"cpu": "x"}}, cpu_adapter) is None
 
 
 @pytest.mark.integration

@@ -3,14 +3,23 @@ recorded run with today's code and compares the answers one by one (issue 22: be
 
 A method whose selection changes without a config change keeps its run id, so only re-answering catches a stale
 record. Slow (the whole sweep, about 3 minutes on 2 cores): run by ``make test``, not ``make check``.
+
+Records made on this CPU must reproduce exactly. On another CPU (or one the record does not name) kernels reduce in
+another order, and a near-tied answer can round the other way: re-answered on an AMD EPYC / AVX512 host with every
+package the record's, 6 of the 58 records made elsewhere differed, in 1 or 2 answers each and always at the same two
+yes/no documents (44 and 94), the near ties of the tiny model. So there a record may differ in at most 2 answers, all
+records together at no more than 3 distinct documents and in at most 10 records, each reported as a warning; a
+change of a rule, which moves other answers than the same few near ties, still fails.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -28,10 +37,28 @@ def test_committed_demo_records_reproduce(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
     )
     out = proc.stdout + proc.stderr
-    reproduced = [line for line in out.splitlines() if ": reproduced: 100/100 answers identical" in line]
-    assert "NOT reproduced" not in out, [line for line in out.splitlines() if "NOT reproduced" in line]
+    lines = out.splitlines()
+    reproduced = [line for line in lines if ": reproduced: 100/100 answers identical" in line]
+    rounding, different, documents = [], [], set()
+    for i, line in enumerate(lines):
+        if "NOT reproduced" not in line:
+            continue
+        hint = " ".join(lines[i + 1 : i + 4])  # verify's environment and CPU lines
+        n = re.search(r"NOT reproduced: (\d+) of \d+ answers differ \(documents ([\d, ]+)\)", line)
+        other_cpu = "recorded on another CPU" in hint or "names no CPU" in hint
+        if other_cpu and n and int(n.group(1)) <= 2:
+            rounding.append(f"{line} {hint}")
+            documents |= {d.strip() for d in n.group(2).split(",")}
+        else:
+            different.append(f"{line} {hint}")
+    assert not different, different
+    assert len(rounding) <= 10 and len(documents) <= 3, (sorted(documents), rounding)
+    for line in rounding:
+        warnings.warn(f"answers differ on this CPU, within float rounding: {line}", stacklevel=1)
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     # the demo sweep holds one combination `run` refuses by design (TransPrune's official schedule cannot reach 0.9
     # on the tiny model's 6 layers): exit 2 for that refusal only
-    assert proc.returncode == 0 or (proc.returncode == 2 and errors and all("cannot reach" in e for e in errors)), out[-3000:]
-    assert len(reproduced) >= 57, f"only {len(reproduced)} records verified:\n{out[-3000:]}"
+    refused_only = bool(errors) and all("cannot reach" in e for e in errors)
+    # a record not reproduced outweighs refusals in the exit code (3); here only when every difference is rounding
+    assert proc.returncode == 0 or (proc.returncode == 2 and refused_only) or (proc.returncode == 3 and rounding), out[-3000:]
+    assert len(reproduced) + len(rounding) >= 57, f"only {len(reproduced)} records verified:\n{out[-3000:]}"
