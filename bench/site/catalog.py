@@ -43,6 +43,18 @@ def _summary(config_text: str, doc: str) -> str:
     return doc.strip().split("\n\n")[0].replace("\n", " ")
 
 
+def _stage(name: str, cls: type) -> str:
+    """Where the method prunes with its shipped settings on LLaVA-1.5. A method whose stage depends on its port
+    (FlowCut: in the tower on LLaVA-1.5, tower + LLM on its Qwen/NeXT ports) has it as a property, which only an
+    instance answers; the class attribute would print as ``<property object at 0x...>``."""
+    stage = getattr(cls, "stage", "pre_llm")
+    if isinstance(stage, property):
+        from methods.registry import create
+
+        stage = create(name, 0.5).stage
+    return str(stage)
+
+
 def method_info(path: Path) -> MethodInfo:
     text = path.read_text()
     cfg = yaml.safe_load(text) or {}
@@ -60,7 +72,7 @@ def method_info(path: Path) -> MethodInfo:
             elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
                 defaults[f.name] = f.default_factory()  # type: ignore[misc]
     return MethodInfo(
-        name=cfg.get("name", path.stem), target=target, stage=str(getattr(cls, "stage", "pre_llm")),
+        name=cfg.get("name", path.stem), target=target, stage=_stage(cfg.get("name", path.stem), cls),
         summary=_summary(text, doc), doc=(importlib.import_module(mod_name).__doc__ or "").strip(),
         paper=paper.group(0) if paper else None, code=f"https://github.com/{code.group(1)}" if code else None,
         config_text=text, defaults=defaults,
