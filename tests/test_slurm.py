@@ -94,6 +94,11 @@ def test_slurm_sweep_kill_and_resume(slurm_env, tiny_model_dir, tmp_path):
     out, _ = proc.communicate(timeout=900)
     assert killed is not None, "no job was seen running:\n" + out[-4000:]
     assert proc.returncode != 0, "a killed job must make the sweep command fail"
+    # the sweep command returns at the first failed job it reaches; the jobs after it run on (a failure stops
+    # no other job), so their records may still be `running` for a moment
+    deadline = time.time() + 300
+    while time.time() < deadline and sum(r["status"] == "completed" for r in read_records(results).values()) < 4:
+        time.sleep(1)
     recs = read_records(results)
     assert recs[killed]["status"] == "failed" and "SIGTERM" in recs[killed]["error"], recs[killed]
     assert sum(r["status"] == "completed" for r in recs.values()) == 4, {k: r["status"] for k, r in recs.items()}
