@@ -64,7 +64,7 @@ def verify_run(run: Run, existing: dict[str, Any], models: ModelCache) -> dict[s
     ok = not differ and not changed
     pm = existing.get("primary_metric")
     head = f"[bench] verify {rid} ({existing.get('model')} / {existing.get('method')} / ratio={existing.get('ratio')} / {existing.get('benchmark')}): "
-    mismatch = None
+    mismatch = env_diff = cpu_diff = None
     if ok:
         print(head + f"reproduced: {len(new)}/{len(old)} answers identical, {pm}={metrics.get(pm, {}).get('now')} as recorded ({time.time() - t0:.0f} s)")
     else:
@@ -73,12 +73,12 @@ def verify_run(run: Run, existing: dict[str, Any], models: ModelCache) -> dict[s
         parts += [f"{k}: recorded {metrics[k]['recorded']}, now {metrics[k]['now']}" for k in changed]
         line = "; ".join(parts)
         print(head + "NOT reproduced: " + line)
-        _print_environment_difference(existing)
-        _print_cpu_difference(existing, adapter)
+        env_diff, cpu_diff = environment_difference(existing), cpu_difference(existing, adapter)
+        _print_environment_difference(env_diff)
+        _print_cpu_difference(existing, cpu_diff)
         mismatch = f"{rid}: {line}"
     return {"run_id": rid, "reproduced": ok, "answers": len(old), "differ": differ, "metrics": metrics,
-            "environment_differs": None if ok else environment_difference(existing),
-            "cpu_differs": None if ok else cpu_difference(existing, adapter), "mismatch": mismatch}
+            "environment_differs": env_diff, "cpu_differs": cpu_diff, "mismatch": mismatch}
 
 
 def cpu_difference(record: dict[str, Any], adapter) -> bool | None:
@@ -90,10 +90,10 @@ def cpu_difference(record: dict[str, Any], adapter) -> bool | None:
     return recorded != environment.cpu()
 
 
-def _print_cpu_difference(existing: dict[str, Any], adapter) -> None:
-    differs = cpu_difference(existing, adapter)
+def _print_cpu_difference(existing: dict[str, Any], differs: bool | None) -> None:
+    """What :func:`cpu_difference` found (``differs``), in words; nothing where neither side ran on a CPU."""
     here = environment.cpu()
-    if differs is None and (existing.get("efficiency") or {}).get("device") == "cpu":
+    if differs is None and (existing.get("efficiency") or {}).get("device") == "cpu" and not (existing.get("provenance") or {}).get("cpu"):
         print(f"[bench]   the record names no CPU (recorded before CPUs were recorded); re-answered on {here}: another CPU's "
               "float rounding can flip near-tied answers")
     elif differs:
@@ -103,8 +103,8 @@ def _print_cpu_difference(existing: dict[str, Any], adapter) -> None:
         print(f"[bench]   recorded on this CPU ({here}): the difference is not the machine")
 
 
-def _print_environment_difference(existing: dict[str, Any]) -> None:
-    env_diff = environment_difference(existing)
+def _print_environment_difference(env_diff: list[str] | None) -> None:
+    """What :func:`environment_difference` found, in words."""
     if env_diff is None:
         print("[bench]   the record names no installed distributions (recorded before environments were recorded)")
     elif env_diff:
