@@ -147,8 +147,11 @@ class PruningMethod:
 
     def resolved_options(self) -> dict[str, Any]:
         """The options given as ``auto`` and the value each took for the model that ran (``{"port": "qwen25vl"}``):
-        runs record them (``method_resolved``), so that a record names the rule that ran. Empty by default."""
-        return {}
+        runs record them (``method_resolved``), so that a record names the rule that ran. A ``port`` option (VScan,
+        FlowCut) is resolved in place by the adapters of the families with a port; ``auto`` left unresolved runs the
+        LLaVA (CLIP) rule. Empty for methods without ``auto`` options."""
+        port = getattr(self, "port", None)
+        return {} if port is None else {"port": "llava" if port == "auto" else port}
 
     def __post_init__(self) -> None:
         try:

@@ -183,11 +183,6 @@ class FlowCutPorts:
         """Whether the LLaVA-NeXT port's rule runs (``port: llava_next``, bound by the adapter: :meth:`bind_next`)."""
         return self.port == "llava_next"
 
-    def resolved_options(self) -> dict[str, str]:
-        """``port`` as it ran: the Qwen2.5-VL and LLaVA-NeXT adapters resolve ``auto`` in place; on LLaVA-1.5 ``auto`` is
-        the CLIP rule (``llava``)."""
-        return {"port": "llava" if self.port == "auto" else self.port}
-
     @property
     def stage(self) -> str:  # type: ignore[override]
         return "in_llm" if self.qwen or self.next_port else "in_vision"

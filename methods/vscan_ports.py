@@ -82,10 +82,6 @@ class VScanQwenPort:
         """Whether the Qwen2.5-VL port's rule runs (``port: qwen25vl``)."""
         return self.port == "qwen25vl"
 
-    def resolved_options(self) -> dict[str, str]:
-        """``port`` as it ran: the Qwen2.5-VL adapter resolves ``auto`` in place; elsewhere ``auto`` runs the LLaVA rule."""
-        return {"port": "llava" if self.port == "auto" else self.port}
-
     @property
     def needs(self) -> frozenset[str]:
         """The port's scores: the two CLS rows (``llava``) or the adapter's received attention (``qwen25vl``)."""
