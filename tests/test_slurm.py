@@ -70,6 +70,18 @@ def sweep_args(tmp_path: Path, tiny_model_dir, results: Path) -> list[str]:
     ]
 
 
+def wait_running(results: Path, proc: subprocess.Popen, timeout: float = 600, skip_method: str | None = None) -> dict | None:
+    """The first ``running`` record that names its Slurm job (of another method than ``skip_method``), while the sweep
+    command lives."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        for rec in read_records(results).values():
+            if rec.get("status") == "running" and (rec.get("job") or {}).get("slurm_job_id") and rec.get("method") != skip_method:
+                return rec
+        time.sleep(0.5)
+    return None
+
+
 def test_slurm_sweep_kill_and_resume(slurm_env, tiny_model_dir, tmp_path):
     results = tmp_path / "results"
     sweep = ["method=none,random,pool", "ratio=0.5,0.9"]  # none collapses to ratio 0: 5 runs
@@ -80,17 +92,11 @@ def test_slurm_sweep_kill_and_resume(slurm_env, tiny_model_dir, tmp_path):
 
     # first submission; kill one job while it is running
     proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "-m", *sweep, *common], cwd=ROOT, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed = None
-    deadline = time.time() + 600
-    while time.time() < deadline and killed is None and proc.poll() is None:
-        for rid, rec in read_records(results).items():
-            job = rec.get("job") or {}
-            # not `none`: its duplicate job (none collapses across ratios) could legitimately redo it
-            if rec.get("status") == "running" and job.get("slurm_job_id") and rec.get("method") != "none":
-                subprocess.run(["scancel", str(job["slurm_job_id"])], env=slurm_env, check=True)
-                killed = rid
-                break
-        time.sleep(0.5)
+    # not `none`: its duplicate job (none collapses across ratios) could legitimately redo it
+    victim = wait_running(results, proc, skip_method="none")
+    killed = victim["run_id"] if victim else None
+    if victim:
+        subprocess.run(["scancel", str(victim["job"]["slurm_job_id"])], env=slurm_env, check=True)
     out, _ = proc.communicate(timeout=900)
     assert killed is not None, "no job was seen running:\n" + out[-4000:]
     assert proc.returncode != 0, "a killed job must make the sweep command fail"
@@ -117,17 +123,6 @@ def test_slurm_sweep_kill_and_resume(slurm_env, tiny_model_dir, tmp_path):
     assert "5 runs: 5 done, 0 failed, 0 running, 0 missing" in st.stdout, st.stdout
     lb = (results / "leaderboard.csv").read_text().splitlines()
     assert len(lb) == 1 + 5
-
-
-def wait_running(results: Path, proc: subprocess.Popen, timeout: float = 600) -> dict | None:
-    """The first ``running`` record that names its Slurm job, while the sweep command lives."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        for rec in read_records(results).values():
-            if rec.get("status") == "running" and (rec.get("job") or {}).get("slurm_job_id"):
-                return rec
-        time.sleep(0.5)
-    return None
 
 
 def test_a_job_killed_without_a_word_fails_the_sweep(slurm_env, tiny_model_dir, tmp_path):
