@@ -197,6 +197,46 @@ def test_site_and_tables_are_a_pure_function_of_the_records(tmp_path, monkeypatc
     assert [p for p in files if files[p] != again[p]] == []
 
 
+def test_a_shipped_site_keeps_its_pictures_on_any_cpu_and_redraws_a_tampered_one(tmp_path, monkeypatch):
+    """A site directory whose ``kept/manifest.json`` has this code's key is reused without drawing (another CPU may
+    round the tiny model's near ties otherwise, and would rewrite the committed pictures); a picture whose bytes differ
+    from the manifest, or a manifest of other code, is drawn again. Every picture names the CPU that drew it."""
+    from bench.environment import cpu
+    from bench.site import kept as kept_mod
+
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache"))
+    res = write_results(tmp_path / "results", [rec("none", 0.0, "b0", first(90)), rec("random", 0.5, "r0", first(80))])
+    aggregate(res, quiet=True, kept=["random"])
+    kdir = res / "site" / "kept"
+    man = json.loads((kdir / "manifest.json").read_text())
+    pics = man["pictures"]["random"]
+    assert man["key"] == kept_mod.cache_key() and len(pics) == 9 and {p["cpu"] for p in pics} == {cpu()}
+    assert f"Drawn on {cpu()}" in (res / "site" / "methods" / "random.html").read_text()
+    before = {p: p.read_bytes() for p in kdir.iterdir()}
+
+    # a fresh machine: empty cache; the shipped pictures are used as they are, whatever this CPU would draw
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache2"))
+    drawn = []
+    real = kept_mod._compute
+    monkeypatch.setattr(kept_mod, "_compute", lambda methods, cache: drawn.append(list(methods)) or real(methods, cache))
+    (kdir / "random__r0.5__doc0.png").write_bytes(b"\x89PNG other machine's picture")  # stands for a different rounding
+    man["pictures"]["random"][0]["sha256"] = __import__("hashlib").sha256(b"\x89PNG other machine's picture").hexdigest()
+    (kdir / "manifest.json").write_text(json.dumps(man))
+    aggregate(res, quiet=True, kept=["random"])
+    assert drawn == [] and (kdir / "random__r0.5__doc0.png").read_bytes() == b"\x89PNG other machine's picture"
+
+    # tampered bytes (the manifest's hash no longer matches): drawn again, and the drawing is the original one
+    (kdir / "random__r0.5__doc0.png").write_bytes(b"corrupt")
+    aggregate(res, quiet=True, kept=["random"])
+    assert drawn == [["random"]] and {p: p.read_bytes() for p in kdir.iterdir()} == before
+
+    # a manifest of other code (another key): not reused
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "cache3"))
+    (kdir / "manifest.json").write_text(json.dumps({**json.loads((kdir / "manifest.json").read_text()), "key": "0" * 16}))
+    aggregate(res, quiet=True, kept=["random"])
+    assert drawn == [["random"], ["random"]] and {p: p.read_bytes() for p in kdir.iterdir()} == before
+
+
 def test_wandb_summary_gets_tables_figures_and_kept_pictures(tmp_path, monkeypatch):
     from bench.wandb_sink import read_offline_run
 

@@ -23,7 +23,7 @@ from bench.records import atomic_write_bytes, atomic_write_text, is_temp_file
 from bench.report import REFERENCE, _bench_key, latency_left_out, reported_gap
 from bench.site.catalog import method_catalog
 from bench.site.figures import PARETO_X, efficiency_figures, efficiency_frames, pareto_figure, published_figure
-from bench.site.kept import IMAGES, PANEL, RATIOS, kept_pictures
+from bench.site.kept import IMAGES, MANIFEST, PANEL, RATIOS, kept_pictures
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "site"
 PLOTLY_CONFIG = {"displaylogo": False}  # fixed-size figures: a responsive one drawn before the page settles keeps a wrong width
@@ -161,6 +161,8 @@ def build_site(full: pd.DataFrame, records: list[dict[str, Any]], results_dir: s
     # method pages
     want = list(catalog) if kept is True else ([] if kept is False else [m for m in kept if m in catalog])
     pictures = kept_pictures(want, site_dir / "kept") if want else {}
+    if want:
+        out.files.append(site_dir / "kept" / MANIFEST)
     for name, pics in pictures.items():
         for p in pics:
             if p.file:
@@ -179,8 +181,10 @@ def build_site(full: pd.DataFrame, records: list[dict[str, Any]], results_dir: s
         elif not kept_ctx:
             note = "Kept-token pictures were not drawn in this build."
         else:
+            cpus = ", ".join(sorted({p.cpu or "a CPU it did not record" for p in pics}))
             note = (f"SynthVQA test documents {', '.join(map(str, IMAGES))} on the embedded tiny model (bench:tiny-llava-synth), through the harness's own "
-                    "LlavaAdapter.visual_selection (and, in-LLM, one prefill with the adapter's pruning hooks). Dimmed patches are not kept.")
+                    "LlavaAdapter.visual_selection (and, in-LLM, one prefill with the adapter's pruning hooks). Dimmed patches are not kept. "
+                    f"Drawn on {cpus}: on another CPU a near tie may round the other way (a kept count one off).")
         defaults = [(k, html.unescape(repr(v))) for k, v in info.defaults.items()]
         page(f"methods/{name}.html", "method.html", title=f"method {name}", m=info, rows=mrows, kept=kept_ctx, kept_note=note,
              models=sorted({r["model"] for r in mrows}), defaults=defaults)

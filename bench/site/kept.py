@@ -14,7 +14,12 @@ patch subset exists instead of drawing one.
 
 Pictures depend on code and weights, not on records, so they are cached under
 ``<cache>/kept-pictures/<key>/`` where ``key`` hashes every input (method and model code, configs,
-weights, this file); a build reuses them byte for byte.
+weights, this file); a build reuses them byte for byte. The site directory ships them too, with
+``kept/manifest.json`` (the key, each picture's SHA-256 and the CPU that drew it): a build whose key
+matches reuses the shipped pictures rather than drawing them again. The CPU is not part of the key on
+purpose: the tiny model's near ties (CDPruner's DPP once its kernel's rank is spent, VisPruner's tied
+scores) round differently on another CPU's kernels, so a kept count can come out one off there, and
+redrawing would make a committed site differ per machine. Every picture names the CPU that drew it.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ RATIOS = (0.5, 0.75, 0.9)
 MODEL_CONF = "tiny_llava_synth"
 #: output panel size in pixels (the 336 px image at half size: 7 px per patch)
 PANEL = 168
-VERSION = 1
+VERSION = 2
+#: the site directory's record of its pictures: ``{"version", "key", "pictures": {method: [Picture...]}}``
+MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -55,6 +62,8 @@ class Picture:
     file: str | None  # relative to the pictures' directory; None when nothing can be drawn
     panels: list[Panel] = field(default_factory=list)
     note: str = ""
+    cpu: str = ""  # the CPU that drew it (``bench.environment.cpu``): near ties may round otherwise on another
+    sha256: str = ""  # of the PNG, checked before a shipped picture is reused
 
 
 def _inputs() -> list[Path]:
@@ -128,6 +137,7 @@ def _compute(methods: list[str], cache: Path) -> dict[str, list[Picture]]:
     from omegaconf import OmegaConf
     from PIL import Image
 
+    from bench.environment import cpu
     from bench.lmms_model import sample_seed
     from bench.models.llava import LlavaAdapter
     from bench.synthvqa.generator import TEST_SEED, make_example
@@ -162,7 +172,7 @@ def _compute(methods: list[str], cache: Path) -> dict[str, list[Picture]]:
                     eye = torch.eye(n).unsqueeze(0)  # (1, N, N): token j has feature e_j
                     owner = method.reduce(eye, ad.vision_context(seeds[:1])).features[0].argmax(dim=0).numpy()  # (N,)
             for b, doc in enumerate(IMAGES):
-                pic = Picture(name, ratio, doc, rows[b]["question"], None)
+                pic = Picture(name, ratio, doc, rows[b]["question"], None, cpu=cpu())
                 if stages is not None:
                     arrs = [base[b]]
                     pic.panels.append(Panel("LLM input: all visual tokens", n))
@@ -191,7 +201,9 @@ def _compute(methods: list[str], cache: Path) -> dict[str, list[Picture]]:
                     pics.append(pic)
                     continue
                 pic.file = f"{name}__r{ratio}__doc{doc}.png"
-                atomic_write_bytes(out / pic.file, _png(_strip(arrs)))
+                png = _png(_strip(arrs))
+                pic.sha256 = hashlib.sha256(png).hexdigest()
+                atomic_write_bytes(out / pic.file, png)
                 pics.append(pic)
     return result
 
@@ -200,19 +212,46 @@ def _from_json(d: dict[str, Any]) -> Picture:
     return Picture(**{**d, "panels": [Panel(**p) for p in d["panels"]]})
 
 
-def kept_pictures(methods: list[str], dest: Path) -> dict[str, list[Picture]]:
-    """Write every method's pictures under ``dest`` (``<method>__r<ratio>__doc<id>.png``); ``method -> pictures``.
+def _shipped(dest: Path, key: str) -> dict[str, list[Picture]]:
+    """The pictures ``dest`` already holds from a build with this ``key``: a method's whole set, or none of it where a
+    file is missing or its bytes differ from the manifest (a corrupt or unreadable manifest ships nothing)."""
+    try:
+        man = json.loads((dest / MANIFEST).read_text())
+        if man.get("version") != VERSION or man.get("key") != key:
+            return {}
+        shipped = {name: [_from_json(d) for d in pics] for name, pics in man["pictures"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
-    ``none`` has no pictures (it keeps everything). Cached per method under the cache key.
+    def intact(p: Picture) -> bool:
+        try:
+            return not p.file or hashlib.sha256((dest / p.file).read_bytes()).hexdigest() == p.sha256
+        except OSError:
+            return False
+
+    return {name: pics for name, pics in shipped.items() if all(intact(p) for p in pics)}
+
+
+def kept_pictures(methods: list[str], dest: Path) -> dict[str, list[Picture]]:
+    """Write every method's pictures under ``dest`` (``<method>__r<ratio>__doc<id>.png``) and ``dest/manifest.json``;
+    ``method -> pictures``.
+
+    ``none`` has no pictures (it keeps everything). Reused from ``dest`` (a shipped site) or the cache where their
+    key matches; drawn otherwise.
     """
+    key = cache_key()
+    shipped = _shipped(dest, key)
     cache = _cache_dir()
     out: dict[str, list[Picture]] = {}
-    todo = [m for m in methods if m != "none" and not (cache / m / "manifest.json").exists()]
+    todo = [m for m in methods if m != "none" and m not in shipped and not (cache / m / "manifest.json").exists()]
     if todo:
         for name, pics in _compute(todo, cache).items():
             atomic_write_text(cache / name / "manifest.json", json.dumps([asdict(p) for p in pics], indent=1))
     for name in methods:
         if name == "none":
+            continue
+        if name in shipped:
+            out[name] = shipped[name]
             continue
         mdir = cache / name
         pics = [_from_json(d) for d in json.loads((mdir / "manifest.json").read_text())]
@@ -220,4 +259,6 @@ def kept_pictures(methods: list[str], dest: Path) -> dict[str, list[Picture]]:
             if p.file:
                 atomic_write_bytes(dest / p.file, (mdir / p.file).read_bytes())
         out[name] = pics
+    manifest = {"version": VERSION, "key": key, "pictures": {name: [asdict(p) for p in pics] for name, pics in sorted(out.items())}}
+    atomic_write_text(dest / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return out
