@@ -5,11 +5,18 @@ A method whose selection changes without a config change keeps its run id, so on
 record. Slow (the whole sweep, about 3 minutes on 2 cores): run by ``make test``, not ``make check``.
 
 Records made on this CPU must reproduce exactly. On another CPU (or one the record does not name) kernels reduce in
-another order, and a near-tied answer can round the other way: re-answered on an AMD EPYC / AVX512 host with every
-package the record's, 6 of the 58 records made elsewhere differed, in 1 or 2 answers each and always at the same two
-yes/no documents (44 and 94), the near ties of the tiny model. So there a record may differ in at most 2 answers, all
-records together at no more than 3 distinct documents and in at most 10 records, each reported as a warning; a
-change of a rule, which moves other answers than the same few near ties, still fails.
+another order (their vector width: AVX2, AVX512), and a near-tied answer can round the other way. Observed with every
+package the record's, on the 58 records made elsewhere:
+
+* AMD EPYC / AVX512: 6 records differed, in 1 or 2 answers each, always at the same two yes/no documents (44 and 94),
+  the near ties of the tiny model;
+* AMD EPYC / AVX2: 9 records, 1 or 2 answers each, at 5 documents: 44 and 94 again (FlowCut, G-Prune, HoloV,
+  PruMerge, PruMerge+), and 7, 62 and 67 for VisPruner alone, whose official ``argsort`` breaks exact score ties in
+  the order of the device's (here the CPU's vector) sort.
+
+So there a record may differ in at most 2 answers, all records together in at most 15 records and at no more than 10
+distinct documents, each reported as a warning. A change of a rule moves more than the same few near ties of a
+record (and fails exactly on the record's own CPU).
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ def test_committed_demo_records_reproduce(tmp_path):
         else:
             different.append(f"{line} {hint}")
     assert not different, different
-    assert len(rounding) <= 10 and len(documents) <= 3, (sorted(documents), rounding)
+    assert len(rounding) <= 15 and len(documents) <= 10, (sorted(documents), rounding)
     for line in rounding:
         warnings.warn(f"answers differ on this CPU, within float rounding: {line}", stacklevel=1)
     errors = [line for line in out.splitlines() if line.startswith("error:")]
