@@ -201,6 +201,8 @@ def test_a_shipped_site_keeps_its_pictures_on_any_cpu_and_redraws_a_tampered_one
     """A site directory whose ``kept/manifest.json`` has this code's key is reused without drawing (another CPU may
     round the tiny model's near ties otherwise, and would rewrite the committed pictures); a picture whose bytes differ
     from the manifest, or a manifest of other code, is drawn again. Every picture names the CPU that drew it."""
+    import hashlib
+
     from bench.environment import cpu
     from bench.site import kept as kept_mod
 
@@ -219,11 +221,12 @@ def test_a_shipped_site_keeps_its_pictures_on_any_cpu_and_redraws_a_tampered_one
     drawn = []
     real = kept_mod._compute
     monkeypatch.setattr(kept_mod, "_compute", lambda methods, cache: drawn.append(list(methods)) or real(methods, cache))
-    (kdir / "random__r0.5__doc0.png").write_bytes(b"\x89PNG other machine's picture")  # stands for a different rounding
-    man["pictures"]["random"][0]["sha256"] = __import__("hashlib").sha256(b"\x89PNG other machine's picture").hexdigest()
+    other = b"\x89PNG other machine's picture"  # stands for a different rounding
+    (kdir / "random__r0.5__doc0.png").write_bytes(other)
+    man["pictures"]["random"][0]["sha256"] = hashlib.sha256(other).hexdigest()
     (kdir / "manifest.json").write_text(json.dumps(man))
     aggregate(res, quiet=True, kept=["random"])
-    assert drawn == [] and (kdir / "random__r0.5__doc0.png").read_bytes() == b"\x89PNG other machine's picture"
+    assert drawn == [] and (kdir / "random__r0.5__doc0.png").read_bytes() == other
 
     # tampered bytes (the manifest's hash no longer matches): drawn again, and the drawing is the original one
     (kdir / "random__r0.5__doc0.png").write_bytes(b"corrupt")
